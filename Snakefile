@@ -1,0 +1,27 @@
+# lmdynamics: how the layers of language models converge during pretraining.
+# Default: the embedded tiny suite (offline). The paper's Pythia grid: --configfile config/config.yaml
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/tiny.yaml"
+
+
+include: "workflow/rules/common.smk"
+
+
+if config["source"] == "tiny":
+
+    include: "workflow/rules/tiny.smk"
+
+
+include: "workflow/rules/extract.smk"
+include: "workflow/rules/reduce.smk"
+include: "workflow/rules/figures.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        all_outputs(),

@@ -1,0 +1,3 @@
+from lmdynamics.cli import main
+
+raise SystemExit(main())

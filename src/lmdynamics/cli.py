@@ -1,0 +1,211 @@
+"""Command line of lmdynamics: one subcommand per workflow rule.
+
+Each subcommand parses its flags and calls one function of the package, so a rule's
+``shell:`` is a single ``lmdynamics <subcommand> ...`` line and a user can run any step by
+hand. Logging goes to stderr (the rules redirect it to ``results/<suite>/logs/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+log = logging.getLogger("lmdynamics")
+
+COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable]] = {}
+
+
+def command(name: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
+    """Register ``func(args)`` as subcommand ``name``."""
+    def wrap(func: Callable[[argparse.Namespace], None]):
+        COMMANDS[name] = (add_arguments, func)
+        return func
+    return wrap
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--size", required=True)
+    p.add_argument("--hidden-size", type=int, required=True)
+    p.add_argument("--num-layers", type=int, required=True)
+    p.add_argument("--num-heads", type=int, required=True)
+    p.add_argument("--final-step", type=int, required=True)
+    p.add_argument("--log-until", type=int, required=True)
+    p.add_argument("--interval", type=int, required=True)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out-dir", type=Path, required=True)
+    p.add_argument("--loss-csv", type=Path, required=True)
+
+
+@command("train-tiny", _train_args)
+def _train(a: argparse.Namespace) -> None:
+    from lmdynamics.tiny import train_tiny_model
+
+    spec = {"hidden_size": a.hidden_size, "num_layers": a.num_layers, "num_heads": a.num_heads}
+    train_tiny_model(spec, size=a.size, out_dir=a.out_dir, loss_csv=a.loss_csv,
+                     final_step=a.final_step, log_until=a.log_until, interval=a.interval,
+                     batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr, warmup=a.warmup,
+                     seed=a.seed, threads=a.threads)
+
+
+def _eval_batch_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--final-step", type=int, required=True)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True)
+
+
+@command("tiny-eval-batch", _eval_batch_args)
+def _tiny_eval_batch(a: argparse.Namespace) -> None:
+    from lmdynamics.store import write_array_atomic
+    from lmdynamics.tiny import eval_batch, load_corpus
+
+    batch = eval_batch(load_corpus(), final_step=a.final_step, batch_size=a.batch_size,
+                       seq_len=a.seq_len, seed=a.seed)
+    write_array_atomic(batch, a.out)
+    log.info("eval batch (last training batch, update %d): %s -> %s", a.final_step - 1,
+             batch.shape, a.out)
+
+
+def _training_loss_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("csvs", nargs="+", type=Path)
+    p.add_argument("--out-csv", type=Path, required=True)
+    p.add_argument("--out-stem", type=Path, required=True)
+
+
+@command("training-loss", _training_loss_args)
+def _training_loss(a: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from lmdynamics.figures import training_loss_figure
+    from lmdynamics.store import write_text_atomic
+
+    loss = pd.concat([pd.read_csv(p) for p in a.csvs], ignore_index=True)
+    write_text_atomic(loss.to_csv(index=False), a.out_csv)
+    training_loss_figure(loss, a.out_stem)
+
+
+def _extract_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", type=Path, required=True, help="HF model directory")
+    p.add_argument("--eval-batch", type=Path, required=True, help=".npy (sequences, positions)")
+    p.add_argument("--tokens", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", required=True)
+    p.add_argument("--step", type=int, required=True)
+    p.add_argument("--model", required=True, help="model name recorded in the store")
+    p.add_argument("--revision", required=True)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--micro-batch", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", type=Path, required=True)
+
+
+@command("extract", _extract_args)
+def _extract(a: argparse.Namespace) -> None:
+    import torch
+
+    from lmdynamics.extract import extract_checkpoint
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    extract_checkpoint(a.checkpoint, a.eval_batch, a.out, tokens=a.tokens, seed=a.seed,
+                       size=a.size, step=a.step, model_name=a.model, revision=a.revision,
+                       device=a.device, dtype=a.dtype, micro_batch=a.micro_batch)
+
+
+def _reduce_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("stores", nargs="+", type=Path)
+    p.add_argument("--final-step", type=int, required=True)
+    p.add_argument("--per-divisor", default="min_dim")
+    p.add_argument("--out", type=Path, required=True)
+
+
+@command("reduce", _reduce_args)
+def _reduce(a: argparse.Namespace) -> None:
+    from lmdynamics.reduce import reduce_size
+
+    reduce_size(a.stores, a.out, final_step=a.final_step, per_divisor_kind=a.per_divisor)
+
+
+def _combine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("stores", nargs="+", type=Path)
+    p.add_argument("--out-zarr", type=Path, required=True)
+    p.add_argument("--out-csv", type=Path, required=True)
+
+
+@command("combine", _combine_args)
+def _combine(a: argparse.Namespace) -> None:
+    from lmdynamics.reduce import write_combined
+
+    write_combined(a.stores, a.out_zarr, a.out_csv)
+
+
+def _figure_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name")
+    p.add_argument("--metrics", type=Path, required=True)
+    p.add_argument("--x-axis", default="step")
+    p.add_argument("--out-stem", type=Path, required=True)
+
+
+@command("figure", _figure_args)
+def _figure(a: argparse.Namespace) -> None:
+    from lmdynamics.figures import render
+    from lmdynamics.store import open_store
+
+    render(a.name, open_store(a.metrics).load(), a.out_stem, x_axis=a.x_axis)
+
+
+def _mcc_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metrics", type=Path, required=True)
+    p.add_argument("--cka-threshold", type=float, default=0.45)
+    p.add_argument("--early-fraction", type=float, default=0.1)
+    p.add_argument("--per-weight-threshold", type=float, default=0.95)
+    p.add_argument("--per-grad-fraction", type=float, default=0.9)
+    p.add_argument("--csv", type=Path, required=True)
+    p.add_argument("--md", type=Path, required=True)
+
+
+@command("mcc", _mcc_args)
+def _mcc(a: argparse.Namespace) -> None:
+    from lmdynamics.store import open_store
+    from lmdynamics.tables import mcc_table, write_mcc_table
+
+    table = mcc_table(open_store(a.metrics).load(), cka_threshold=a.cka_threshold,
+                      early_fraction=a.early_fraction,
+                      per_weight_threshold=a.per_weight_threshold,
+                      per_grad_fraction=a.per_grad_fraction)
+    write_mcc_table(table, a.csv, a.md)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmdynamics", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (add_arguments, func) in COMMANDS.items():
+        p = sub.add_parser(name, help=(func.__doc__ or "").strip().splitlines()[0]
+                           if func.__doc__ else None)
+        add_arguments(p)
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.info("lmdynamics %s", " ".join(sys.argv[1:] if argv is None else argv))
+    args.func(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

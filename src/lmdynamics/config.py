@@ -1,0 +1,148 @@
+"""Checks of a workflow configuration, run before any job.
+
+The JSON schema (``workflow/schemas/config.schema.yaml``) states types, ranges and enums;
+:func:`check_config` reports its violations one per line as ``key: value — what is allowed``
+and adds the checks a schema cannot express (steps in the suite's schedule, sizes known to
+the source, the final step among the steps, enough eval tokens).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from lmdynamics.schedule import checkpoint_schedule, pythia_schedule
+
+#: Pythia sizes published as ``EleutherAI/pythia-<size>-deduped`` on the hub.
+PYTHIA_SIZES = ("14m", "31m", "70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b", "12b")
+#: Pythia's training sequence length (2049 tokens per sequence in the data files).
+PYTHIA_SEQUENCE_TOKENS = 2049
+
+
+class ConfigError(ValueError):
+    """A configuration value is not allowed; the message names key, value and what is allowed."""
+
+
+def _key(path: Any) -> str:
+    parts = [str(p) for p in path]
+    return ".".join(parts) if parts else "<top level>"
+
+
+def _allowed(error: jsonschema.ValidationError) -> str:
+    v, kind = error.validator_value, error.validator
+    if kind == "enum":
+        return "one of " + ", ".join(map(str, v))
+    if kind == "pattern":
+        return ("a plain name: letters, digits, '_', '.', '+', '-', not starting with '.' or '-', "
+                "no path separators")
+    if kind == "not":
+        return "a plain name without '..'"
+    if kind in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
+        ops = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=",
+               "exclusiveMaximum": "<"}
+        return f"a value {ops[kind]} {v}"
+    if kind == "type":
+        return f"a value of type {v}"
+    if kind == "required":
+        return f"the key {error.message.split(' ')[0]} to be set"
+    if kind == "additionalProperties":
+        return "only the keys the schema defines"
+    if kind in ("minItems", "uniqueItems", "minProperties", "maxLength"):
+        return f"{kind} {v}"
+    return error.message
+
+
+def schema_errors(config: Mapping[str, Any], schema: Mapping[str, Any]) -> list[str]:
+    """Messages for every schema violation, each naming the key, the value and what is allowed."""
+    validator = jsonschema.Draft202012Validator(schema)
+    messages = []
+    for err in sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.path))):
+        if err.validator == "additionalProperties":
+            messages.append(f"{_key(err.path)}: {err.message}")
+            continue
+        messages.append(f"config key '{_key(err.path)}': {err.instance!r} is not allowed; "
+                        f"allowed: {_allowed(err)}")
+    return messages
+
+
+def schedule_for(config: Mapping[str, Any]) -> list[int]:
+    """Checkpoint steps the configured source provides (the tiny schedule or Pythia's)."""
+    if config["source"] == "tiny":
+        sched = config["tiny"]["schedule"]
+        return checkpoint_schedule(config["final_step"], sched["log_until"], sched["interval"])
+    return pythia_schedule()
+
+
+def _short(values: list[int], limit: int = 30) -> str:
+    shown = ", ".join(map(str, values[:limit]))
+    return shown + (f", ... ({len(values)} in all)" if len(values) > limit else "")
+
+
+def semantic_errors(config: Mapping[str, Any]) -> list[str]:
+    """Checks the schema cannot express; assumes the config passed the schema."""
+    errors: list[str] = []
+    source = config["source"]
+    if source == "tiny":
+        if "tiny" not in config:
+            return ["config key 'tiny': missing; allowed: a 'tiny' section (schedule, models) "
+                    "when source is 'tiny'"]
+        known = list(config["tiny"]["models"])
+    else:
+        known = list(PYTHIA_SIZES)
+    for size in config["sizes"]:
+        if size not in known:
+            errors.append(f"config key 'sizes': {size!r} is not a known size for source "
+                          f"'{source}'; allowed: {', '.join(known)}")
+    final = config["final_step"]
+    try:
+        schedule = schedule_for(config)
+    except ValueError as exc:
+        return [*errors, f"config key 'tiny.schedule': {exc}"]
+    if final not in schedule:
+        errors.append(f"config key 'final_step': {final} is not in the {source} schedule; "
+                      f"allowed: {_short(schedule)}")
+    for step in config["steps"]:
+        if step not in schedule:
+            errors.append(f"config key 'steps': {step} is not in the {source} suite's "
+                          f"checkpoint schedule; allowed: {_short(schedule)}")
+        elif step > final:
+            errors.append(f"config key 'steps': {step} is after final_step {final}; "
+                          f"allowed: steps <= {final}")
+    if final not in config["steps"]:
+        errors.append(f"config key 'steps': the final step {final} is missing; allowed: a list "
+                      f"that includes final_step {final} (the CKA reference)")
+    available = eval_positions(config)
+    if config["tokens"] > available:
+        errors.append(f"config key 'tokens': {config['tokens']} exceeds the {available} token "
+                      f"positions of the eval batch; allowed: 2..{available}")
+    return errors
+
+
+def eval_positions(config: Mapping[str, Any]) -> int:
+    """Number of token positions in the eval batch the config feeds to extraction."""
+    if config["source"] == "tiny":
+        tiny = config["tiny"]
+        return tiny.get("batch_size", 16) * tiny.get("seq_len", 128)
+    return config.get("hub", {}).get("sequences", 8) * PYTHIA_SEQUENCE_TOKENS
+
+
+def check_config(config: Mapping[str, Any], schema: Mapping[str, Any] | Path | str) -> None:
+    """Raise :class:`ConfigError` listing every bad value, or return None when all is well."""
+    if not isinstance(schema, Mapping):
+        schema = yaml.safe_load(Path(schema).read_text())
+    errors = schema_errors(config, schema)
+    if not errors:
+        errors = semantic_errors(config)
+    if errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+
+
+def load_config(path: Path | str, schema: Path | str) -> dict[str, Any]:
+    """Read a YAML config file and check it (used by tests and the ``plan`` command)."""
+    config = yaml.safe_load(Path(path).read_text())
+    check_config(config, schema)
+    return config

@@ -1,0 +1,301 @@
+"""Pure metric functions: linear CKA, effective rank, PER, singular values, Matthews correlation.
+
+Inputs are numpy arrays or torch tensors (any float dtype, any device) where stated; every
+result is computed in float64 and returned as a Python ``float`` or a numpy ``float64`` array.
+Undefined values (zero variance, non-finite input, all-zero spectra, one-class labels) are NaN,
+never an exception or a warning: callers know the size, step and layer and add that context.
+Sources for the choices below: ``shared/notes/reference-facts.md`` (what the paper's code and
+pico-analyze do) and ``shared/notes/ecosystem-facts.md`` ("Numerics": what is fast and exact).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "DEFAULT_PER_DIVISOR",
+    "PER_DIVISORS",
+    "CKAReference",
+    "centre",
+    "effective_rank",
+    "linear_cka",
+    "linear_cka_to_reference",
+    "matthews_corrcoef",
+    "mcc_undefined_reason",
+    "per_divisor",
+    "proportional_effective_rank",
+    "singular_values",
+]
+
+#: Allowed divisors of the proportional effective rank (see :func:`per_divisor`).
+PER_DIVISORS: tuple[str, ...] = ("min_dim", "head_dim", "hidden")
+#: pico-analyze's choice: divide by the number of singular values, min(m, n).
+DEFAULT_PER_DIVISOR = "min_dim"
+
+
+def _to_float64(x: Any) -> np.ndarray:
+    """numpy float64 copy-or-view of a numpy array / torch tensor (any dtype or device)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().to(device="cpu", dtype=torch.float64).numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _as_2d(x: Any, name: str) -> np.ndarray:
+    arr = _to_float64(x)
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (samples, features); got shape {arr.shape}")
+    return arr
+
+
+def _undefined(x: np.ndarray) -> bool:
+    """True when ``x`` (n, d) has non-finite entries or zero variance (every row identical).
+
+    Compared exactly, row against row: the centred copy of a constant column such as 0.1 need
+    not be exactly zero, so testing the centred matrix for zeros would miss it.
+    """
+    if x.size == 0 or x.shape[0] < 2 or not np.isfinite(x).all():
+        return True
+    return bool((x == x[:1]).all())
+
+
+def centre(x: Any) -> np.ndarray:
+    """Subtract column means: ``x - x.mean(axis=0)`` in float64.
+
+    ``x``: numpy array or torch tensor of shape (n samples, d features), any float dtype.
+    Returns a new float64 numpy array of shape (n, d) whose columns have mean zero.
+    """
+    arr = _as_2d(x, "x")
+    return arr - arr.mean(axis=0, keepdims=True)
+
+
+@dataclass(frozen=True, eq=False)
+class CKAReference:
+    """Reference activations for many linear-CKA evaluations against the same matrix.
+
+    Holds the centred reference ``centred`` (n, d2) float64 (read-only) and its self-product
+    norm ``self_norm`` = ||Yc^T Yc||_F, computed once, so comparing every training step with
+    the final step does not recentre and re-multiply the final step each time.
+    ``defined`` is False when the reference has zero variance or non-finite values; every
+    CKA against it is then NaN. Build with :meth:`from_activations`.
+    """
+
+    centred: np.ndarray
+    self_norm: float
+    defined: bool
+
+    @classmethod
+    def from_activations(cls, y: Any) -> CKAReference:
+        """Centre ``y`` (n, d2) (numpy or torch, any float dtype) and compute ||Yc^T Yc||_F."""
+        arr = _as_2d(y, "y")
+        defined = not _undefined(arr)
+        with np.errstate(all="ignore"):  # inf - inf when undefined: NaN, reported as NaN CKA
+            yc = arr - arr.mean(axis=0, keepdims=True)
+        norm = float(np.linalg.norm(yc.T @ yc)) if defined else math.nan
+        yc.setflags(write=False)
+        return cls(centred=yc, self_norm=norm, defined=defined and norm > 0.0)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Shape (n samples, d2 features) of the reference activations."""
+        return self.centred.shape  # type: ignore[return-value]
+
+
+def linear_cka_to_reference(x: Any, ref: CKAReference) -> float:
+    """Linear CKA of activations ``x`` (n, d1) against a precomputed :class:`CKAReference`.
+
+    Same value as ``linear_cka(x, y)`` for ``ref = CKAReference.from_activations(y)`` (that
+    function is this one). Raises ValueError if ``x`` is not 2-D or its n differs from the
+    reference's; returns NaN when either side has zero variance or non-finite values.
+    """
+    arr = _as_2d(x, "x")
+    if arr.shape[0] != ref.shape[0]:
+        raise ValueError(f"linear CKA needs the same number of samples (rows): x has shape "
+                         f"{arr.shape}, y has shape {ref.shape}")
+    if not ref.defined or _undefined(arr):
+        return math.nan
+    xc = arr - arr.mean(axis=0, keepdims=True)
+    x_norm = float(np.linalg.norm(xc.T @ xc))
+    if x_norm == 0.0:
+        return math.nan
+    cross = ref.centred.T @ xc  # (d2, d1): feature-space form, memory O(d1 d2), never O(n^2)
+    return float(np.vdot(cross, cross) / (x_norm * ref.self_norm))
+
+
+def linear_cka(x: Any, y: Any) -> float:
+    """Linear CKA (Kornblith et al. 2019), biased HSIC estimator, in feature-space form.
+
+    ``CKA = ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)`` with ``Xc``, ``Yc`` the
+    column-centred inputs. ``x``: (n, d1), ``y``: (n, d2), numpy arrays or torch tensors of
+    any float dtype (float16/bfloat16/float32/float64); everything is cast to float64 and
+    centred before any product. Dimensionless, in [0, 1]. The biased estimator is inflated
+    when n is not much larger than d (reference-facts: "Known estimator issues").
+
+    Returns NaN (no warning) when either input has zero variance (all columns constant) or
+    non-finite values; raises ValueError when the inputs are not 2-D or differ in n.
+    """
+    arr = _as_2d(x, "x")
+    other = _as_2d(y, "y")
+    if arr.shape[0] != other.shape[0]:
+        raise ValueError(f"linear CKA needs the same number of samples (rows): x has shape "
+                         f"{arr.shape}, y has shape {other.shape}")
+    return linear_cka_to_reference(arr, CKAReference.from_activations(other))
+
+
+def effective_rank(singular_values: Any) -> float:
+    """Effective rank (Roy & Vetterli 2007) of a 1-D array of non-negative singular values.
+
+    ``p = s / sum(s)``, ``H = -sum(p log p)`` (natural log, 0 log 0 = 0), result ``exp(H)``,
+    a real number between 1 and the number of non-zero values. Empty, all-zero or non-finite
+    input gives NaN (an all-zero matrix has no defined rank, never 0 or 1). Raises
+    ValueError for input that is not 1-D or has negative entries.
+    """
+    s = _to_float64(singular_values)
+    if s.ndim != 1:
+        raise ValueError(f"singular_values must be 1-D; got shape {s.shape}")
+    if s.size == 0 or not np.isfinite(s).all():
+        return math.nan
+    if s.min() < 0:
+        raise ValueError(f"singular values must be non-negative; the smallest is {s.min()!r}")
+    top = s.max()
+    if top == 0.0:
+        return math.nan
+    p = s / top  # scale first: the sum of huge values must not overflow
+    p /= p.sum()
+    p = p[p > 0]  # after dividing: tiny (subnormal) values may underflow to 0
+    return float(np.exp(-np.sum(p * np.log(p))))
+
+
+def proportional_effective_rank(singular_values: Any, divisor: int) -> float:
+    """Proportional effective rank (PER): effective rank of the top ``divisor`` values / divisor.
+
+    ``singular_values``: 1-D, non-negative. As in the paper's code (reference-facts, "What the
+    paper's code measured"), the values are sorted descending and truncated to the first
+    ``divisor`` before the effective rank, so PER lies in (0, 1]. With the default divisor
+    (``min_dim`` = number of singular values) the truncation keeps every value; with
+    ``head_dim`` it changes the result (Gaussian 512x2048: 0.966 untruncated vs 0.999).
+    If ``divisor`` exceeds the number of values, all are kept (PER <= count / divisor).
+    Raises ValueError unless ``divisor`` is a positive integer. NaN as in
+    :func:`effective_rank`.
+    """
+    if (isinstance(divisor, bool) or not isinstance(divisor, int | np.integer)
+            or divisor <= 0):
+        raise ValueError(f"divisor must be a positive integer; got {divisor!r}")
+    s = _to_float64(singular_values)
+    if s.ndim == 1 and s.size > divisor:
+        s = np.sort(s)[::-1][:divisor]
+    return effective_rank(s) / int(divisor)
+
+
+def per_divisor(kind: str, *, n_singular_values: int, hidden_size: int,
+                num_attention_heads: int) -> int:
+    """The divisor (and truncation) of the proportional effective rank, by name.
+
+    - ``"min_dim"`` (default, pico-analyze): ``n_singular_values`` = min(m, n) of the matrix;
+    - ``"head_dim"`` (the paper's code, attention and MLP alike): hidden_size //
+      num_attention_heads, e.g. 64 for pythia-70m, 80 for pythia-2.8b;
+    - ``"hidden"``: ``hidden_size``.
+
+    Raises ValueError for an unknown ``kind`` (naming the allowed ones, :data:`PER_DIVISORS`)
+    or when the resulting divisor is not positive.
+    """
+    if kind not in PER_DIVISORS:
+        raise ValueError(f"unknown PER divisor {kind!r}; allowed: {', '.join(PER_DIVISORS)}")
+    if kind == "min_dim":
+        value = n_singular_values
+    elif kind == "hidden":
+        value = hidden_size
+    else:
+        if num_attention_heads <= 0:
+            raise ValueError(f"num_attention_heads must be positive; got {num_attention_heads}")
+        value = hidden_size // num_attention_heads
+    if int(value) <= 0:
+        raise ValueError(f"PER divisor {kind!r} is {value} (n_singular_values="
+                         f"{n_singular_values}, hidden_size={hidden_size}, "
+                         f"num_attention_heads={num_attention_heads}); it must be positive")
+    return int(value)
+
+
+def _as_bool_1d(x: Any, name: str) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D; got shape {arr.shape}")
+    if arr.dtype != np.bool_:
+        if arr.size and not np.isin(arr, (0, 1)).all():
+            raise ValueError(f"{name} must be boolean (or 0/1); got dtype {arr.dtype}")
+        arr = arr.astype(bool)
+    return arr
+
+
+def _bool_pair(a: Any, b: Any) -> tuple[np.ndarray, np.ndarray]:
+    a, b = _as_bool_1d(a, "a"), _as_bool_1d(b, "b")
+    if a.shape != b.shape:
+        raise ValueError(f"a and b must have the same length; got {a.size} and {b.size}")
+    return a, b
+
+
+def matthews_corrcoef(a: Any, b: Any) -> float:
+    """Matthews correlation (phi coefficient) of two boolean 1-D arrays of equal length.
+
+    ``(TP TN - FP FN) / sqrt((TP+FP)(TP+FN)(TN+FP)(TN+FN))``, the same as ``np.corrcoef`` of
+    the booleans (the paper's code), in [-1, 1]. NaN when undefined: empty input or either
+    variable constant (see :func:`mcc_undefined_reason`). Raises ValueError on a length
+    mismatch or non-boolean values.
+    """
+    a, b = _bool_pair(a, b)
+    tp, tn = int(np.sum(a & b)), int(np.sum(~a & ~b))
+    fp, fn = int(np.sum(~a & b)), int(np.sum(a & ~b))
+    denom = (tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)  # exact integer arithmetic
+    if denom == 0:
+        return math.nan
+    return float((tp * tn - fp * fn) / math.sqrt(denom))
+
+
+def mcc_undefined_reason(a: Any, b: Any, *, a_name: str = "a", b_name: str = "b",
+                         item: str = "layer") -> str | None:
+    """Short reason why :func:`matthews_corrcoef` of ``a`` and ``b`` is undefined, else None.
+
+    ``a_name``/``b_name`` name the properties the booleans mark and ``item`` what they are
+    counted over: ``a_name="early convergence"``, ``b_name="large PER"`` give reasons such as
+    "all 6 layers have early convergence" or "no layer has large PER".
+    """
+    a, b = _bool_pair(a, b)
+    if a.size == 0:
+        return f"no {item}s to compare"
+    for name, x in ((a_name, a), (b_name, b)):
+        if x.all():
+            return f"all {x.size} {item}s have {name}" if x.size > 1 else f"the {item} has {name}"
+        if not x.any():
+            return f"no {item} has {name}"
+    return None
+
+
+def singular_values(matrix: Any) -> np.ndarray:
+    """Singular values, descending, float64, of a 2-D numpy array or torch tensor (m, n).
+
+    Computed as the square roots of the eigenvalues (``eigvalsh``) of the Gram matrix of the
+    smaller side in float64, on the tensor's own device; tiny negative eigenvalues from
+    rounding are clipped to 0. Within ~1e-13 of ``svdvals`` for well-conditioned matrices
+    and 4-16x faster for D x 4D (ecosystem-facts, "Numerics"); values far below
+    ``sqrt(eps) * max`` lose relative accuracy, which effective ranks do not feel.
+    Returns shape (min(m, n),); all NaN if the input has non-finite entries.
+    """
+    if isinstance(matrix, torch.Tensor):
+        t = matrix.detach()
+    else:  # a copy: torch warns on read-only arrays (e.g. loaded from zarr)
+        t = torch.from_numpy(np.array(matrix, dtype=np.float64))
+    if t.ndim != 2:
+        raise ValueError(f"matrix must be 2-D; got shape {tuple(t.shape)}")
+    t = t.to(torch.float64)
+    k = min(t.shape)
+    if k == 0:
+        return np.empty(0, dtype=np.float64)
+    if not bool(torch.isfinite(t).all()):
+        return np.full(k, np.nan)
+    gram = t @ t.T if t.shape[0] <= t.shape[1] else t.T @ t
+    eig = torch.linalg.eigvalsh(gram).flip(0).clamp_(min=0.0)
+    return eig.sqrt_().cpu().numpy()

@@ -1,0 +1,113 @@
+"""Zarr stores written atomically and opened with a completeness check.
+
+A store is written to a hidden temporary sibling, marked complete in its attrs, and only
+then renamed into place, so a store at its final path is always complete: an interrupted
+job leaves at most a ``.<name>.tmp-<pid>`` directory, which the next write removes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+import zarr
+
+#: Attribute set last, just before the rename; its absence marks an incomplete store.
+COMPLETE_ATTR = "complete"
+
+
+class IncompleteStoreError(RuntimeError):
+    """A store is missing, half-written or inconsistent; the message says how to redo it."""
+
+
+def redo_hint(path: Path | str) -> str:
+    """How a user redoes the job that writes ``path``."""
+    return (f"delete {path} and rerun, or rerun with `snakemake --forcerun` on the rule "
+            f"that writes it (e.g. `snakemake --forcerun {path} ...`)")
+
+
+def string_coords(ds: xr.Dataset) -> xr.Dataset:
+    """Cast fixed-width string coordinates to variable-length strings (zarr v3 specifies these)."""
+    casts = {name: c.astype(object) for name, c in ds.coords.items() if c.dtype.kind == "U"}
+    return ds.assign_coords(casts) if casts else ds
+
+
+def tmp_path_for(path: Path) -> Path:
+    """Temporary sibling of ``path`` for this process."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def remove_stale_tmp(path: Path) -> None:
+    """Remove temporary siblings left by killed writers of ``path``."""
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def write_store(ds: xr.Dataset, path: Path | str,
+                encoding: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
+    """Write ``ds`` as a zarr v3 group at ``path`` atomically; return ``path``.
+
+    ``encoding`` is passed to :meth:`xarray.Dataset.to_zarr` (e.g. chunks per variable).
+    An existing store at ``path`` is replaced.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(path)
+    tmp = tmp_path_for(path)
+    ds = string_coords(ds.drop_encoding())
+    ds.attrs.pop(COMPLETE_ATTR, None)
+    ds.to_zarr(tmp, mode="w", encoding=dict(encoding or {}), consolidated=False,
+               zarr_format=3)
+    group = zarr.open_group(tmp, mode="r+")
+    group.attrs[COMPLETE_ATTR] = True
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    return path
+
+
+def open_store(path: Path | str, *, required: tuple[str, ...] = ()) -> xr.Dataset:
+    """Open a store written by :func:`write_store`, refusing incomplete ones.
+
+    Raises :class:`IncompleteStoreError` naming the store and how to redo it when the
+    store is missing, lacks the completion mark, or lacks a ``required`` variable.
+    """
+    path = Path(path)
+    if not (path / "zarr.json").exists():
+        raise IncompleteStoreError(f"{path} is not a zarr store (no zarr.json); {redo_hint(path)}")
+    ds = xr.open_zarr(path, consolidated=False)
+    if not ds.attrs.get(COMPLETE_ATTR, False):
+        raise IncompleteStoreError(f"{path} is incomplete (no '{COMPLETE_ATTR}' mark: its "
+                                   f"writer was interrupted); {redo_hint(path)}")
+    missing = [v for v in required if v not in ds.variables]
+    if missing:
+        raise IncompleteStoreError(f"{path} lacks {', '.join(missing)}; {redo_hint(path)}")
+    return ds
+
+
+def write_array_atomic(array: np.ndarray, path: Path | str) -> Path:
+    """Save a small numpy array to ``path`` (.npy) through a temporary file and rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        np.save(fh, array)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def write_text_atomic(text: str, path: Path | str) -> Path:
+    """Write text to ``path`` through a temporary file and rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,47 @@
+# Figures 1-5 and Table 1 of the paper, from the combined metrics.
+
+
+rule figure:
+    input:
+        f"{RESULTS}/metrics.zarr",
+    output:
+        png=report(
+            f"{RESULTS}/figures/{{figure}}.png",
+            caption="../report/figure.rst",
+            category="{figure}",
+        ),
+        pdf=f"{RESULTS}/figures/{{figure}}.pdf",
+    log:
+        f"{RESULTS}/logs/figure/{{figure}}.log",
+    conda:
+        ENV
+    params:
+        x_axis=config["figures"]["x_axis"],
+        stem=lambda wc, output: os.path.splitext(output.png)[0],
+    shell:
+        "lmdynamics figure {wildcards.figure} --metrics {input} --x-axis {params.x_axis}"
+        " --out-stem {params.stem} > {log} 2>&1"
+
+
+rule mcc_table:
+    input:
+        f"{RESULTS}/metrics.zarr",
+    output:
+        csv=report(
+            f"{RESULTS}/tables/mcc.csv",
+            caption="../report/mcc.rst",
+            category="Table 1",
+        ),
+        md=f"{RESULTS}/tables/mcc.md",
+    log:
+        f"{RESULTS}/logs/mcc_table.log",
+    conda:
+        ENV
+    params:
+        mcc=config["mcc"],
+    shell:
+        "lmdynamics mcc --metrics {input} --cka-threshold {params.mcc[cka_threshold]}"
+        " --early-fraction {params.mcc[early_fraction]}"
+        " --per-weight-threshold {params.mcc[per_weight_threshold]}"
+        " --per-grad-fraction {params.mcc[per_grad_fraction]}"
+        " --csv {output.csv} --md {output.md} > {log} 2>&1"

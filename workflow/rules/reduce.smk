@@ -1,0 +1,41 @@
+# Per size: CKA and PER over (component, layer, step). Across sizes: one dataset and a CSV.
+
+
+rule reduce_size:
+    input:
+        size_stores,
+    output:
+        directory(f"{RESULTS}/metrics/{{size}}.zarr"),
+    log:
+        f"{RESULTS}/logs/reduce_size/{{size}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/reduce_size/{{size}}.tsv"
+    conda:
+        ENV
+    params:
+        final_step=FINAL_STEP,
+        per_divisor=config["metrics"]["per_divisor"],
+    shell:
+        "lmdynamics reduce {input} --final-step {params.final_step}"
+        " --per-divisor {params.per_divisor} --out {output} > {log} 2>&1"
+
+
+rule combine:
+    input:
+        expand(f"{RESULTS}/metrics/{{size}}.zarr", size=SIZES),
+    output:
+        zarr=directory(f"{RESULTS}/metrics.zarr"),
+        csv=report(
+            f"{RESULTS}/metrics.csv",
+            caption="../report/metrics.rst",
+            category="Tables",
+        ),
+    log:
+        f"{RESULTS}/logs/combine.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/combine.tsv"
+    conda:
+        ENV
+    shell:
+        "lmdynamics combine {input} --out-zarr {output.zarr} --out-csv {output.csv}"
+        " > {log} 2>&1"

@@ -1,0 +1,76 @@
+# The embedded tiny suite: trained locally, one job per size, checkpoints on a Pythia-like
+# schedule; the eval batch is the last training batch.
+
+
+rule train_tiny:
+    output:
+        expand(
+            f"{RESULTS}/checkpoints/{{size}}/step{{step}}/{{file}}",
+            step=SCHEDULE,
+            file=["config.json", "model.safetensors"],
+            allow_missing=True,
+        ),
+        loss=f"{RESULTS}/training/{{size}}/loss.csv",
+    log:
+        f"{RESULTS}/logs/train_tiny/{{size}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/train_tiny/{{size}}.tsv"
+    conda:
+        ENV
+    threads: 1
+    params:
+        spec=lambda wc: config["tiny"]["models"][wc.size],
+        tiny=lambda wc: {k: v for k, v in config["tiny"].items() if k != "models"},
+        out_dir=lambda wc: f"{RESULTS}/checkpoints/{wc.size}",
+        final_step=FINAL_STEP,
+        seed=config["seed"],
+    shell:
+        "lmdynamics train-tiny --size {wildcards.size}"
+        " --hidden-size {params.spec[hidden_size]} --num-layers {params.spec[num_layers]}"
+        " --num-heads {params.spec[num_heads]} --final-step {params.final_step}"
+        " --log-until {params.tiny[schedule][log_until]}"
+        " --interval {params.tiny[schedule][interval]}"
+        " --batch-size {params.tiny[batch_size]} --seq-len {params.tiny[seq_len]}"
+        " --lr {params.tiny[lr]} --warmup {params.tiny[warmup]} --seed {params.seed}"
+        " --threads {threads} --out-dir {params.out_dir} --loss-csv {output.loss}"
+        " > {log} 2>&1"
+
+
+rule tiny_eval_batch:
+    output:
+        f"{RESULTS}/eval_batch.npy",
+    log:
+        f"{RESULTS}/logs/tiny_eval_batch.log",
+    conda:
+        ENV
+    params:
+        final_step=FINAL_STEP,
+        batch_size=config.get("tiny", {}).get("batch_size"),
+        seq_len=config.get("tiny", {}).get("seq_len"),
+        seed=config["seed"],
+    shell:
+        "lmdynamics tiny-eval-batch --final-step {params.final_step}"
+        " --batch-size {params.batch_size} --seq-len {params.seq_len} --seed {params.seed}"
+        " --out {output} > {log} 2>&1"
+
+
+rule training_loss:
+    input:
+        expand(f"{RESULTS}/training/{{size}}/loss.csv", size=SIZES),
+    output:
+        csv=f"{RESULTS}/training_loss.csv",
+        png=report(
+            f"{RESULTS}/figures/training_loss.png",
+            caption="../report/training_loss.rst",
+            category="Training",
+        ),
+        pdf=f"{RESULTS}/figures/training_loss.pdf",
+    log:
+        f"{RESULTS}/logs/training_loss.log",
+    conda:
+        ENV
+    params:
+        stem=lambda wc, output: os.path.splitext(output.png)[0],
+    shell:
+        "lmdynamics training-loss {input} --out-csv {output.csv}"
+        " --out-stem {params.stem} > {log} 2>&1"
