@@ -281,6 +281,7 @@ def figure2(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step") -> list[Pat
     flagged = False
     with plt.rc_context(_RC):
         fig, axes = _new_figure(len(components), len(METRICS), sharex=True, sharey="col")
+        fig.get_layout_engine().set(wspace=0.1)  # room for the y labels between columns
         for i, comp in enumerate(components):
             for j, metric in enumerate(METRICS):
                 ax = axes[i, j]

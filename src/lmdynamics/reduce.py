@@ -59,7 +59,7 @@ def check_consistent(stores: dict[int, xr.Dataset], final_step: int) -> xr.Datas
         raise IncompleteStoreError(f"no store for the final step {final_step} among steps "
                                    f"{sorted(stores)}")
     ref = stores[final_step]
-    for step, ds in stores.items():
+    for ds in stores.values():
         path = ds.attrs["path"]
         for attr in ("size", "num_layers", "hidden_size"):
             if ds.attrs.get(attr) != ref.attrs.get(attr):
