@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -203,6 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.info("lmdynamics %s", " ".join(sys.argv[1:] if argv is None else argv))
+    if os.environ.get("SLURM_JOB_ID"):
+        # which cluster job wrote this log (for sacct/seff, or the cluster's admins)
+        log.info("SLURM job %s on %s", os.environ["SLURM_JOB_ID"], socket.gethostname())
     args.func(args)
     return 0
 

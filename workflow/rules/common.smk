@@ -1,4 +1,6 @@
 # Configuration checks and input functions shared by every rule file.
+import importlib.util
+
 from snakemake.utils import validate
 
 from lmdynamics.config import check_config, schedule_for
@@ -20,6 +22,16 @@ FINAL_STEP = config["final_step"]
 SCHEDULE = schedule_for(config)
 ENV = "../../envs/lmdynamics.yaml"
 FIGURES = ["figure1", "figure2", "figure3", "figure4", "figure5"]
+# `snakemake --report`: one category per paper figure (the report's sidebar).
+REPORT_CATEGORIES = {
+    "figure1": "Figure 1: CKA, smallest vs largest size",
+    "figure2": "Figure 2: mean CKA and PER per size",
+    "figure3": "Figure 3: CKA per layer",
+    "figure4": "Figure 4: PER of the weights per layer",
+    "figure5": "Figure 5: PER of the gradients per layer",
+}
+# GPUs one extraction job asks for: `--resources gpu=N` locally, `--gpus=1` on SLURM.
+EXTRACTION_GPUS = 0 if config["extraction"]["device"] == "cpu" else 1
 
 
 wildcard_constraints:
@@ -37,6 +49,19 @@ def checkpoint_files(wildcards):
 def size_stores(wildcards):
     """Every analysed step's store of one size (the per-size reduction's inputs)."""
     return expand(f"{RESULTS}/extract/{wildcards.size}/step{{step}}.zarr", step=STEPS)
+
+
+def package_sources(*modules):
+    """Source files of ``lmdynamics.<module>``, used as inputs of the cheap rules (figures,
+    tables) so that editing a plotting module redraws the figures (mtime trigger). Costly
+    rules (training, downloads, extraction, reductions) do not depend on their code: rerun
+    them by hand after a change that alters results (``--forcerun extract``)."""
+    return [importlib.util.find_spec(f"lmdynamics.{m}").origin for m in modules]
+
+
+def report_category(wildcards):
+    """The report category of one paper figure."""
+    return REPORT_CATEGORIES[wildcards.figure]
 
 
 def model_name(size):

@@ -14,6 +14,8 @@ rule extract:
     conda:
         ENV
     threads: 1
+    resources:
+        gpu=EXTRACTION_GPUS,
     params:
         tokens=config["tokens"],
         seed=config["seed"],

@@ -3,12 +3,14 @@
 
 rule figure:
     input:
-        f"{RESULTS}/metrics.zarr",
+        metrics=f"{RESULTS}/metrics.zarr",
+        code=package_sources("figures"),
     output:
         png=report(
             f"{RESULTS}/figures/{{figure}}.png",
             caption="../report/figure.rst",
-            category="{figure}",
+            category=report_category,
+            labels={"result": "{figure}", "file": "figures/{figure}.png (also .pdf)"},
         ),
         pdf=f"{RESULTS}/figures/{{figure}}.pdf",
     log:
@@ -19,18 +21,20 @@ rule figure:
         x_axis=config["figures"]["x_axis"],
         stem=lambda wc, output: os.path.splitext(output.png)[0],
     shell:
-        "lmdynamics figure {wildcards.figure} --metrics {input} --x-axis {params.x_axis}"
+        "lmdynamics figure {wildcards.figure} --metrics {input.metrics} --x-axis {params.x_axis}"
         " --out-stem {params.stem} > {log} 2>&1"
 
 
 rule mcc_table:
     input:
-        f"{RESULTS}/metrics.zarr",
+        metrics=f"{RESULTS}/metrics.zarr",
+        code=package_sources("tables"),
     output:
         csv=report(
             f"{RESULTS}/tables/mcc.csv",
             caption="../report/mcc.rst",
-            category="Table 1",
+            category="Table 1: Matthews correlation, early convergence vs large PER",
+            labels={"result": "Table 1", "file": "tables/mcc.csv (also .md)"},
         ),
         md=f"{RESULTS}/tables/mcc.md",
     log:
@@ -40,7 +44,7 @@ rule mcc_table:
     params:
         mcc=config["mcc"],
     shell:
-        "lmdynamics mcc --metrics {input} --cka-threshold {params.mcc[cka_threshold]}"
+        "lmdynamics mcc --metrics {input.metrics} --cka-threshold {params.mcc[cka_threshold]}"
         " --early-fraction {params.mcc[early_fraction]}"
         " --per-weight-threshold {params.mcc[per_weight_threshold]}"
         " --per-grad-fraction {params.mcc[per_grad_fraction]}"

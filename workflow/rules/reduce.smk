@@ -28,7 +28,8 @@ rule combine:
         csv=report(
             f"{RESULTS}/metrics.csv",
             caption="../report/metrics.rst",
-            category="Tables",
+            category="Metrics",
+            labels={"result": "all metrics", "file": "metrics.csv"},
         ),
     log:
         f"{RESULTS}/logs/combine.log",

@@ -56,13 +56,23 @@ rule tiny_eval_batch:
 
 rule training_loss:
     input:
-        expand(f"{RESULTS}/training/{{size}}/loss.csv", size=SIZES),
+        csvs=expand(f"{RESULTS}/training/{{size}}/loss.csv", size=SIZES),
+        code=package_sources("figures"),
     output:
-        csv=f"{RESULTS}/training_loss.csv",
+        csv=report(
+            f"{RESULTS}/training_loss.csv",
+            caption="../report/training_loss.rst",
+            category="Training loss",
+            labels={"result": "training loss (table)", "file": "training_loss.csv"},
+        ),
         png=report(
             f"{RESULTS}/figures/training_loss.png",
             caption="../report/training_loss.rst",
-            category="Training",
+            category="Training loss",
+            labels={
+                "result": "training loss (figure)",
+                "file": "figures/training_loss.png (also .pdf)",
+            },
         ),
         pdf=f"{RESULTS}/figures/training_loss.pdf",
     log:
@@ -72,5 +82,5 @@ rule training_loss:
     params:
         stem=lambda wc, output: os.path.splitext(output.png)[0],
     shell:
-        "lmdynamics training-loss {input} --out-csv {output.csv}"
+        "lmdynamics training-loss {input.csvs} --out-csv {output.csv}"
         " --out-stem {params.stem} > {log} 2>&1"

@@ -1,0 +1,78 @@
+"""``snakemake --report`` after the tiny run: every figure and table, captioned, by paper figure."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import zipfile
+
+import pytest
+import yaml
+
+from conftest import REPO, snakemake
+
+pytestmark = pytest.mark.slow
+
+TINY = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
+RESULTS = "results/tiny"
+FIGURES = [f"figure{i}" for i in range(1, 6)]
+#: Every figure and table of a tiny run, with a phrase its caption must contain.
+REPORTED = {
+    **{f"{RESULTS}/figures/{f}.png": f"paper Fig. {f[-1]}" for f in FIGURES},
+    f"{RESULTS}/figures/training_loss.png": "Training loss",
+    f"{RESULTS}/training_loss.csv": "Training loss",
+    f"{RESULTS}/tables/mcc.csv": "Table 1 (paper Table 1)",
+    f"{RESULTS}/metrics.csv": "linear CKA",
+}
+
+
+def report_data(html: str) -> dict[str, object]:
+    """The JSON objects the report page embeds (``var results = {...};`` and the like)."""
+    found = re.findall(r"<script id=\"[\w-]+\">\s*var (\w+) = (.*);\s*</script>", html)
+    return {name: json.loads(value) for name, value in found}
+
+
+def check_report(data: dict[str, object]) -> None:
+    results, categories = data["results"], data["categories"]
+    assert set(results) == set(REPORTED), sorted(results)
+    for path, phrase in REPORTED.items():
+        assert phrase in results[path]["caption"], (path, results[path]["caption"])
+    # one category per paper figure, named after it and holding exactly that figure
+    for f in FIGURES:
+        (name,) = [c for c, sub in categories.items()
+                   if f"{RESULTS}/figures/{f}.png" in sum(sub.values(), [])]
+        assert name.startswith(f"Figure {f[-1]}:"), name
+        assert sum(categories[name].values(), []) == [f"{RESULTS}/figures/{f}.png"]
+    (table1,) = [c for c in categories if c.startswith("Table 1")]
+    assert sum(categories[table1].values(), []) == [f"{RESULTS}/tables/mcc.csv"]
+    # the front page describes this run's configuration
+    desc = " ".join(data["workflow_desc"].split())
+    assert "Tending Towards Stability" in desc
+    assert f"sizes {', '.join(TINY['sizes'])}, {len(TINY['steps'])} checkpoint steps" in desc
+
+
+def test_zip_report_has_every_figure_and_table_with_caption_and_category(tiny_run, tmp_path):
+    out = tmp_path / "report.zip"
+    snakemake(tiny_run, "--configfile", "config/tiny.yaml", "--report", str(out))
+    with zipfile.ZipFile(out) as z:
+        (page,) = [n for n in z.namelist() if n.endswith("/report.html")]
+        data = report_data(z.read(page).decode())
+        check_report(data)
+        # the files themselves, byte for byte
+        root = page.rsplit("/", 1)[0]
+        for path, entry in data["results"].items():
+            packed = z.read(f"{root}/{entry['data_uri']}")
+            assert packed == (tiny_run / path).read_bytes(), path
+
+
+def test_html_report_is_self_contained(tiny_run, tmp_path):
+    out = tmp_path / "report.html"
+    snakemake(tiny_run, "--configfile", "config/tiny.yaml", "--report", str(out))
+    data = report_data(out.read_text())
+    check_report(data)
+    for path, entry in data["results"].items():
+        uri = entry["data_uri"]
+        assert uri.startswith("data:"), (path, uri[:80])
+        payload = base64.b64decode(uri.split("base64,", 1)[1])
+        assert payload == (tiny_run / path).read_bytes(), path

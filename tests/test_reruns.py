@@ -1,0 +1,137 @@
+"""Incremental reruns of the tiny suite: what ``snakemake -n`` plans after a finished run.
+
+Each test works on a fresh copy of the session's finished tiny run (outputs, mtimes and
+Snakemake's metadata), so nothing leaks into other tests.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, copy_workflow, snakemake
+
+pytestmark = pytest.mark.slow
+
+TINY = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
+SIZES, STEPS = TINY["sizes"], TINY["steps"]
+FIGURES = [f"figure{i}" for i in range(1, 6)]
+RESULTS = "results/tiny"
+
+Job = tuple[str, tuple[tuple[str, str], ...]]
+
+
+def job(rule: str, **wildcards: object) -> Job:
+    return rule, tuple(sorted((k, str(v)) for k, v in wildcards.items()))
+
+
+def downstream_of_metrics() -> set[Job]:
+    """Jobs that read the combined metrics: the combine itself, every figure, Table 1."""
+    return {job("combine"), job("mcc_table"), *(job("figure", figure=f) for f in FIGURES)}
+
+
+def parse_plan(text: str) -> set[Job]:
+    """Jobs of a dry run's output as (rule, wildcards), without the target rule ``all``."""
+    jobs, rule, wildcards = set(), None, ()
+
+    def close():
+        if rule is not None and rule != "all":
+            jobs.add((rule, wildcards))
+
+    for line in text.splitlines():
+        if m := re.match(r"^(?:local)?rule (\w+):$", line):
+            close()
+            rule, wildcards = m.group(1), ()
+        elif rule is not None and (m := re.match(r"^\s+wildcards: (.*)$", line)):
+            wildcards = tuple(sorted(tuple(kv.split("=", 1)) for kv in m.group(1).split(", ")))
+    close()
+    return jobs
+
+
+def plan(workdir: Path, *args: str, pythonpath: Path | None = None) -> set[Job]:
+    """What ``snakemake -n`` would run in ``workdir``; ``pythonpath`` replaces the package."""
+    if pythonpath is None:
+        proc = snakemake(workdir, "-n", "--configfile", "config/tiny.yaml", *args)
+    else:
+        env = {**os.environ, "PYTHONPATH": str(pythonpath)}
+        proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "2",
+                               "--configfile", "config/tiny.yaml", *args], cwd=workdir,
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    jobs = parse_plan(out)
+    if not jobs:
+        assert "Nothing to be done" in out, out[-3000:]
+    return jobs
+
+
+def finished_copy(tiny_run: Path, dest: Path) -> Path:
+    """A new copy of the workflow holding tiny_run's outputs and metadata, mtimes kept."""
+    workdir = copy_workflow(dest)
+    shutil.copytree(tiny_run / "results", workdir / "results", symlinks=True)
+    shutil.copytree(tiny_run / ".snakemake", workdir / ".snakemake", symlinks=True,
+                    ignore=shutil.ignore_patterns("locks", "log", "incomplete", "slurm_logs"))
+    return workdir
+
+
+@pytest.fixture
+def finished(tiny_run, tmp_path) -> Path:
+    return finished_copy(tiny_run, tmp_path / "workflow")
+
+
+def test_a_copied_finished_run_is_up_to_date(finished):
+    assert plan(finished) == set()
+
+
+def test_adding_a_size_plans_only_that_size_and_what_combines_sizes(finished):
+    sizes = [*SIZES, "1m"]
+    jobs = plan(finished, "--config", f"sizes={sizes!r}".replace("'", '"'))
+    expected = {job("train_tiny", size="1m"), job("reduce_size", size="1m"),
+                *(job("extract", size="1m", step=s) for s in STEPS),
+                job("training_loss"), *downstream_of_metrics()}
+    assert jobs == expected
+
+
+def test_adding_a_step_plans_its_extractions_and_the_reductions(finished):
+    added = 192
+    # The state after a run without step 192: no stores for it, reductions made without it.
+    before = {**TINY, "steps": [s for s in STEPS if s != added]}
+    (finished / "config/before.yaml").write_text(yaml.safe_dump(before))
+    for size in SIZES:
+        shutil.rmtree(finished / RESULTS / f"extract/{size}/step{added}.zarr")
+    snakemake(finished, "--configfile", "config/before.yaml")
+    assert plan(finished, "--configfile", "config/before.yaml") == set()
+
+    jobs = plan(finished)  # the default steps again: 192 added
+    expected = {*(job("extract", size=s, step=added) for s in SIZES),
+                *(job("reduce_size", size=s) for s in SIZES), *downstream_of_metrics()}
+    assert jobs == expected
+
+
+def test_changing_a_figure_option_redraws_only_the_figures(finished):
+    jobs = plan(finished, "--config", "figures={x_axis: fraction}")
+    assert jobs == {job("figure", figure=f) for f in FIGURES}
+
+
+def test_editing_a_plotting_module_redraws_figures_and_never_extracts(finished, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(REPO / "src", src, ignore=shutil.ignore_patterns("__pycache__"))
+    # Unchanged code (mtimes kept by the copy): nothing to do.
+    assert plan(finished, "--rerun-triggers", "mtime", pythonpath=src) == set()
+
+    module = src / "lmdynamics/figures.py"
+    module.write_text(module.read_text() + "\n# an edit of the plotting code\n")
+    jobs = plan(finished, "--rerun-triggers", "mtime", pythonpath=src)
+    assert jobs == {job("training_loss"), *(job("figure", figure=f) for f in FIGURES)}
+    # With every default trigger too (here the code's path changed as well), no extraction,
+    # training or reduction.
+    jobs = plan(finished, pythonpath=src)
+    costly = {"train_tiny", "tiny_eval_batch", "extract", "reduce_size", "combine"}
+    assert not {rule for rule, _ in jobs} & costly, jobs
