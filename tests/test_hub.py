@@ -116,7 +116,8 @@ def test_truncated_or_corrupt_weights_fail_naming_the_file_and_are_fetched_again
 
 def test_not_enough_disk_fails_before_writing(server, tmp_path):
     out = tmp_path / "checkpoints/step0"
-    with pytest.raises(hb.NotEnoughDiskError, match=r"step0: it needs \d+\.\d\d kB \(hub metadata\)"):
+    need = r"step0: it needs \d+\.\d\d kB \(hub metadata\)"
+    with pytest.raises(hb.NotEnoughDiskError, match=need):
         hb.download_revision(REPO, "step0", out, min_free_bytes=10**18, **FAST)
     assert not (tmp_path / "checkpoints").exists()
     assert server.state.bytes_sent(r"model\.safetensors") == 0

@@ -212,3 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# Subcommands of the hub source register themselves on COMMANDS.
+from lmdynamics import cli_hub  # noqa: E402,F401
