@@ -13,6 +13,7 @@ from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
 
 from hub_server import HubServer, add_pythia, checkpoint_files, use_endpoint
 from lmdynamics import hub as hb
+from lmdynamics.audit import revision_attrs
 from lmdynamics.checkpoints import UntrustedCheckpointError, load_model, read_state_dict
 
 REPO = "EleutherAI/pythia-70m-deduped"
@@ -40,7 +41,7 @@ def test_download_writes_the_model_directory_and_a_record(server, tmp_path):
     assert record["sha256"] == sha and record["bytes"] == (out / "model.safetensors").stat().st_size
     assert record["commit"] == server.state.repo("models", REPO).branches["step0"]
     assert json.loads((out / "revision.json").read_text()) == record
-    assert hb.revision_attrs(out)["revision_commit"] == record["commit"]
+    assert revision_attrs(out)["revision_commit"] == record["commit"]
     expected = checkpoint_files("70m", seed=1000)["model.safetensors"]
     assert (out / "model.safetensors").read_bytes() == expected
     load_model(out)

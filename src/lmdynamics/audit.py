@@ -12,6 +12,7 @@ share a sha256, writes ``tables/checkpoint_audit.csv``, and gives the metrics th
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,6 +23,8 @@ import xarray as xr
 
 from lmdynamics.store import open_store, write_text_atomic
 
+#: The record the download writes next to the weights, copied into the store attrs.
+REVISION_FILE = "revision.json"
 #: Boolean (size, step) variables that mark a checkpoint in the figures (``flagged``).
 FLAG_VARIABLES = ("flag_duplicate", "flag_nonfinite")
 AUDIT_COLUMNS = ["size", "step", "model", "revision", "revision_commit", "weights_sha256",
@@ -78,3 +81,19 @@ def write_audit(stores: Sequence[Path | str], out_csv: Path | str) -> pd.DataFra
     table = audit_table([open_store(p).attrs for p in stores])
     write_text_atomic(table.to_csv(index=False), out_csv)
     return table
+
+
+def read_revision_record(checkpoint: Path | str) -> dict | None:
+    """The ``revision.json`` of a downloaded checkpoint, or None (tiny suite)."""
+    path = Path(checkpoint) / REVISION_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def revision_attrs(checkpoint: Path | str) -> dict:
+    """Store attrs from ``revision.json``: ``revision_commit``, ``hub_weights_sha256``,
+    ``hub_weights_bytes``, ``hub_repo`` (empty for checkpoints not from the hub)."""
+    record = read_revision_record(checkpoint)
+    if record is None:
+        return {}
+    return {"revision_commit": record["commit"], "hub_repo": record["repo"],
+            "hub_weights_sha256": record["sha256"], "hub_weights_bytes": int(record["bytes"])}

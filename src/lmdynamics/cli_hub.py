@@ -113,23 +113,32 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offline", action="store_true",
                    help="estimate downloads from parameter counts (also with HF_HUB_OFFLINE=1)")
     p.add_argument("--tflops", type=float, default=None,
-                   help="effective TFLOP/s for the hours column")
+                   help="effective TFLOP/s for the GPU hours (default: measured on an H100)")
+    p.add_argument("--download-mb-s", type=float, default=None,
+                   help="download speed in MB/s for the download hours")
 
 
 @command("plan", _plan_args)
 def _plan(a: argparse.Namespace) -> None:
     """Print, per size, bytes to download, bytes of the stores and compute, before a run."""
     from lmdynamics.config import load_config
-    from lmdynamics.plan import DEFAULT_TFLOPS, format_plan, offline_requested, plan
+    from lmdynamics.plan import (
+        DEFAULT_DOWNLOAD_MB_S,
+        DEFAULT_TFLOPS,
+        format_plan,
+        offline_requested,
+        plan,
+    )
 
     config = load_config(a.configfile, a.schema)
     tflops = a.tflops or DEFAULT_TFLOPS
+    speed = a.download_mb_s or DEFAULT_DOWNLOAD_MB_S
     online = not (a.offline or offline_requested())
     if online:
         from lmdynamics.hub import set_default_timeout
 
         set_default_timeout()
-    table = plan(config, online=online, tflops=tflops)
+    table = plan(config, online=online, tflops=tflops, download_mb_s=speed)
     print(f"plan for {a.configfile} (suite {config['suite']}, {config['tokens']} stored tokens "
           "per checkpoint)")
-    print(format_plan(table, tflops=tflops))
+    print(format_plan(table, tflops=tflops, download_mb_s=speed))

@@ -24,8 +24,8 @@ import torch
 import xarray as xr
 
 from lmdynamics import __version__
+from lmdynamics.audit import revision_attrs
 from lmdynamics.checkpoints import load_model, n_parameters, weights_sha256
-from lmdynamics.hub import revision_attrs
 from lmdynamics.metrics import singular_values
 from lmdynamics.store import write_store
 

@@ -40,6 +40,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
+from lmdynamics.audit import REVISION_FILE
 from lmdynamics.checkpoints import CONFIG_NAME, SAFETENSORS_NAME, read_model_config
 from lmdynamics.schedule import nearest_step
 from lmdynamics.store import write_text_atomic
@@ -51,8 +52,6 @@ T = TypeVar("T")
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 #: Transport errors worth retrying.
 TRANSIENT_ERRORS = (httpx2.TimeoutException, httpx2.NetworkError, httpx2.RemoteProtocolError)
-#: The record written next to the weights, copied into the store attrs by extraction.
-REVISION_FILE = "revision.json"
 #: Weight layouts in order of preference: (pattern, needs conversion to model.safetensors).
 WEIGHT_LAYOUTS = ((r"model\.safetensors", False), (r"model-\d+-of-\d+\.safetensors", True),
                   (r"pytorch_model\.bin", True), (r"pytorch_model-\d+-of-\d+\.bin", True))
@@ -375,19 +374,3 @@ def download_revision(repo: str, revision: str, out_dir: Path | str, *, retries:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return record
-
-
-def read_revision_record(checkpoint: Path | str) -> dict | None:
-    """The ``revision.json`` of a downloaded checkpoint, or None (tiny suite)."""
-    path = Path(checkpoint) / REVISION_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def revision_attrs(checkpoint: Path | str) -> dict:
-    """Store attrs from ``revision.json``: ``revision_commit``, ``hub_weights_sha256``,
-    ``hub_weights_bytes``, ``hub_repo`` (empty for checkpoints not from the hub)."""
-    record = read_revision_record(checkpoint)
-    if record is None:
-        return {}
-    return {"revision_commit": record["commit"], "hub_repo": record["repo"],
-            "hub_weights_sha256": record["sha256"], "hub_weights_bytes": int(record["bytes"])}

@@ -23,17 +23,23 @@ from lmdynamics.config import PYTHIA_CONTEXT, eval_sequences
 
 log = logging.getLogger(__name__)
 
-#: Pythia (layers, hidden) per size label; MLP width 4 x hidden, vocabulary 50304
-#: (shared/notes/reference-facts.md; the Pythia paper's Table 1 for 14m, 31m, 1b, 6.9b, 12b).
-PYTHIA_ARCHITECTURES = {"14m": (6, 128), "31m": (6, 256), "70m": (6, 512), "160m": (12, 768),
-                        "410m": (24, 1024), "1b": (16, 2048), "1.4b": (24, 2048),
-                        "2.8b": (32, 2560), "6.9b": (32, 4096), "12b": (36, 5120)}
-PYTHIA_VOCAB = 50304
+#: Pythia (layers, hidden, vocabulary) per size label, MLP width 4 x hidden
+#: (shared/notes/reference-facts.md; 14m, 31m, 1b, 6.9b, 12b from the Pythia README, whose
+#: parameter counts :func:`gpt_neox_parameters` reproduces exactly).
+PYTHIA_ARCHITECTURES = {"14m": (6, 128, 50304), "31m": (6, 256, 50304),
+                        "70m": (6, 512, 50304), "160m": (12, 768, 50304),
+                        "410m": (24, 1024, 50304), "1b": (16, 2048, 50304),
+                        "1.4b": (24, 2048, 50304), "2.8b": (32, 2560, 50304),
+                        "6.9b": (32, 4096, 50432), "12b": (36, 5120, 50688)}
 TINY_VOCAB = 256
 #: Bytes per parameter of the published weights (float16).
 PUBLISHED_BYTES_PER_PARAM = 2
-#: Effective throughput assumed for the time column (TFLOP/s); ``--tflops`` overrides it.
-DEFAULT_TFLOPS = 100.0
+#: Effective throughput for the compute hours (TFLOP/s, ``--tflops``): measured on one H100
+#: with bfloat16 and eager attention, 8 sequences x 2049 tokens, 6N-equivalent: 50 (70m) to
+#: 160 (1.4b) TFLOP/s.
+DEFAULT_TFLOPS = 50.0
+#: Download speed for the download hours (MB/s, ``--download-mb-s``).
+DEFAULT_DOWNLOAD_MB_S = 50.0
 
 
 def gpt_neox_parameters(layers: int, hidden: int, vocab: int) -> int:
@@ -63,8 +69,7 @@ def architecture(config: Mapping[str, Any], size: str) -> tuple[int, int, int]:
     if config["source"] == "tiny":
         spec = config["tiny"]["models"][size]
         return spec["num_layers"], spec["hidden_size"], TINY_VOCAB
-    layers, hidden = PYTHIA_ARCHITECTURES[size]
-    return layers, hidden, PYTHIA_VOCAB
+    return PYTHIA_ARCHITECTURES[size]
 
 
 def eval_tokens(config: Mapping[str, Any]) -> int:
@@ -87,9 +92,10 @@ def hub_revision_bytes(repo: str, revision: str) -> int:
 
 
 def plan(config: Mapping[str, Any], *, online: bool = True, tflops: float = DEFAULT_TFLOPS,
+         download_mb_s: float = DEFAULT_DOWNLOAD_MB_S,
          revision_bytes: Callable[[str, str], int] = hub_revision_bytes) -> pd.DataFrame:
-    """One row per size: parameters, steps, download bytes (and their source), store bytes,
-    FLOPs per checkpoint and in all, and hours at ``tflops``."""
+    """One row per size: parameters, steps, download bytes (and their source) and hours at
+    ``download_mb_s``, store bytes, FLOPs per checkpoint and in all, and hours at ``tflops``."""
     rows = []
     steps = sorted(config["steps"])
     n_tokens = eval_tokens(config)
@@ -117,33 +123,37 @@ def plan(config: Mapping[str, Any], *, online: bool = True, tflops: float = DEFA
         flops = extraction_flops(params, vocab, hidden, n_tokens)
         rows.append({"size": size, "parameters": params, "steps": len(steps),
                      "download_bytes": download, "download_source": source,
+                     "download_hours": download / (download_mb_s * 1e6) / 3600,
                      "store_bytes": len(steps) * store_bytes(config["tokens"], hidden, layers),
                      "flops_per_checkpoint": flops, "flops_total": flops * len(steps),
                      "hours": flops * len(steps) / (tflops * 1e12) / 3600})
     return pd.DataFrame(rows)
 
 
-def format_plan(table: pd.DataFrame, *, tflops: float = DEFAULT_TFLOPS) -> str:
+def format_plan(table: pd.DataFrame, *, tflops: float = DEFAULT_TFLOPS,
+                download_mb_s: float = DEFAULT_DOWNLOAD_MB_S) -> str:
     """The plan as a text table with totals and the notes a user needs."""
     from lmdynamics.hub import human_bytes
 
-    lines = [f"{'size':>6} {'params':>9} {'steps':>5} {'download':>10} {'stores':>10} "
-             f"{'PFLOP/ckpt':>10} {'PFLOP':>9} {'hours':>7}  download from"]
+    head = (f"{'size':>6} {'params':>9} {'steps':>5} {'download':>10} {'dl h':>6} "
+            f"{'stores':>10} {'PFLOP/ckpt':>10} {'PFLOP':>8} {'GPU h':>6}  download from")
+    lines = [head]
     for r in table.itertuples():
         lines.append(f"{r.size:>6} {r.parameters / 1e6:>8.1f}M {r.steps:>5} "
-                     f"{human_bytes(r.download_bytes):>10} {human_bytes(r.store_bytes):>10} "
-                     f"{r.flops_per_checkpoint / 1e15:>10.3f} {r.flops_total / 1e15:>9.2f} "
-                     f"{r.hours:>7.3f}  {r.download_source}")
+                     f"{human_bytes(r.download_bytes):>10} {r.download_hours:>6.2f} "
+                     f"{human_bytes(r.store_bytes):>10} {r.flops_per_checkpoint / 1e15:>10.3f} "
+                     f"{r.flops_total / 1e15:>8.2f} {r.hours:>6.3f}  {r.download_source}")
     lines.append(f"{'total':>6} {'':>9} {int(table.steps.sum()):>5} "
                  f"{human_bytes(table.download_bytes.sum()):>10} "
-                 f"{human_bytes(table.store_bytes.sum()):>10} {'':>10} "
-                 f"{table.flops_total.sum() / 1e15:>9.2f} {table.hours.sum():>7.3f}")
-    lines += ["", "download: bytes fetched from the hub (weights are deleted after extraction "
-              "unless hub.keep_weights); the largest single checkpoint must fit on disk "
-              "(x the downloads running at once).",
-              "stores: per-pair zarr stores, uncompressed upper bound.",
-              f"compute: 6 x (parameters - input embedding) x eval tokens per checkpoint; "
-              f"hours at {tflops:g} TFLOP/s effective (--tflops)."]
+                 f"{table.download_hours.sum():>6.2f} {human_bytes(table.store_bytes.sum()):>10} "
+                 f"{'':>10} {table.flops_total.sum() / 1e15:>8.2f} {table.hours.sum():>6.3f}")
+    lines += ["", f"download: bytes fetched from the hub; hours at {download_mb_s:g} MB/s "
+              "(--download-mb-s). Weights are deleted after extraction unless "
+              "hub.keep_weights; the largest checkpoint x the downloads running at once "
+              "(--resources network=N) must fit on disk.",
+              "stores: per-pair zarr stores (float32 activations), uncompressed upper bound.",
+              "compute: 6 x (parameters - input embedding) x eval tokens per checkpoint, an "
+              f"upper bound; GPU hours at {tflops:g} TFLOP/s effective (--tflops)."]
     return "\n".join(lines)
 
 
