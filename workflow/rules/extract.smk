@@ -14,6 +14,14 @@ rule extract:
     conda:
         ENV
     threads: 1
+    resources:
+        # one GPU per Pythia extraction: a workstation runs them one at a time with
+        # `--resources gpu=1`; the tiny suite and CPU runs ask for none
+        gpu=(
+            1
+            if config["source"] == "hub" and config["extraction"]["device"] != "cpu"
+            else 0
+        ),
     params:
         tokens=config["tokens"],
         seed=config["seed"],
