@@ -177,3 +177,21 @@ def test_converted_shards_merge_into_one_file(tmp_path):
                                tmp_path / "part.bin"], tmp_path / "model.safetensors")
     merged = read_state_dict(tmp_path / "model.safetensors")
     assert set(merged) == {"x", "y"} and torch.equal(merged["y"], b["y"])
+
+
+def test_weights_corrupted_on_disk_are_discarded_so_the_next_run_downloads_them(server,
+                                                                              tmp_path):
+    import numpy as np
+
+    from lmdynamics.checkpoints import CorruptCheckpointError
+    from lmdynamics.extract import extract_checkpoint
+
+    out = tmp_path / "checkpoints/70m/step0"
+    hb.download_revision(REPO, "step0", out, **FAST)
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated on disk after the download
+    np.save(tmp_path / "batch.npy", np.zeros((1, 8), dtype=np.int64))
+    with pytest.raises(CorruptCheckpointError, match="model.safetensors.*next run downloads"):
+        extract_checkpoint(out, tmp_path / "batch.npy", tmp_path / "s.zarr", tokens=4, seed=0,
+                           size="70m", step=0, model_name=REPO, revision="step0")
+    assert _listing(out) == ["config.json"]

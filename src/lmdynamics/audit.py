@@ -97,3 +97,16 @@ def revision_attrs(checkpoint: Path | str) -> dict:
         return {}
     return {"revision_commit": record["commit"], "hub_repo": record["repo"],
             "hub_weights_sha256": record["sha256"], "hub_weights_bytes": int(record["bytes"])}
+
+
+def discard_corrupt_download(checkpoint: Path | str, exc: Exception) -> Exception:
+    """A downloaded checkpoint whose files are corrupt is removed (weights and
+    ``revision.json``) so the next run downloads it again; returns the error to raise, which
+    says so. Checkpoints not from the hub are left alone."""
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / REVISION_FILE).is_file():
+        return exc
+    for name in ("model.safetensors", "pytorch_model.bin", REVISION_FILE):
+        (checkpoint / name).unlink(missing_ok=True)
+    return type(exc)(f"{exc}; deleted the downloaded weights of {checkpoint}: the next run "
+                     "downloads them again")

@@ -24,8 +24,13 @@ import torch
 import xarray as xr
 
 from lmdynamics import __version__
-from lmdynamics.audit import revision_attrs
-from lmdynamics.checkpoints import load_model, n_parameters, weights_sha256
+from lmdynamics.audit import discard_corrupt_download, revision_attrs
+from lmdynamics.checkpoints import (
+    CorruptCheckpointError,
+    load_model,
+    n_parameters,
+    weights_sha256,
+)
 from lmdynamics.metrics import singular_values
 from lmdynamics.store import write_store
 
@@ -236,7 +241,10 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
     dev = resolve_device(device)
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: allowed {', '.join(DTYPES)}")
-    model = load_model(checkpoint, dtype=DTYPES[dtype], device=dev)
+    try:
+        model = load_model(checkpoint, dtype=DTYPES[dtype], device=dev)
+    except CorruptCheckpointError as exc:
+        raise discard_corrupt_download(checkpoint, exc) from exc
     batch = torch.as_tensor(np.load(eval_batch), dtype=torch.long)
     check_vocabulary(batch, model.config.vocab_size, eval_batch)
     seq_idx, pos_idx = token_positions(sampling, *batch.shape, tokens, seed,
