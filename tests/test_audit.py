@@ -33,11 +33,12 @@ def test_flags_or_together_and_fill_missing_with_false():
     ds = xr.Dataset(
         {"flag_duplicate": (("size", "step"), np.array([[True, False, np.nan],
                                                         [False, False, False]], dtype=object)),
-         "flag_nonfinite": (("size", "step"), np.array([[False, False, False],
-                                                        [False, True, False]]))},
+         "flag_nonfinite": (("size", "layer", "step"), np.array([[[False, False, False]] * 2,
+                                                                 [[False, False, False],
+                                                                  [False, True, False]]]))},
         coords={"size": ["a", "b"], "step": [0, 1, 2]})
     out = audit.flags(ds)
-    assert out.flag_duplicate.dtype == bool
+    assert out.flag_duplicate.dtype == bool and out.flagged.dims == ("size", "step")
     np.testing.assert_array_equal(out.flagged.values, [[True, False, False],
                                                        [False, True, False]])
     assert "flagged" not in audit.flags(xr.Dataset())

@@ -51,14 +51,17 @@ def duplicate_flag(stores: Mapping[int, xr.Dataset]) -> xr.DataArray:
 
 def flags(ds: xr.Dataset) -> xr.Dataset:
     """Normalise the ``flag_*`` variables to booleans (NaN from the cross-size join ->
-    False) and set ``flagged`` = their logical or, which figures mark."""
+    False) and set ``flagged`` (size, step) = their logical or, any over other dims (e.g.
+    layers), which figures mark."""
     present = [v for v in FLAG_VARIABLES if v in ds]
     if not present:
         return ds
     ds = ds.assign({v: ds[v].fillna(False).astype(bool) for v in present})
-    flagged = ds[present[0]]
-    for v in present[1:]:
-        flagged = flagged | ds[v]
+    per_step = [ds[v].any([d for d in ds[v].dims if d not in ("size", "step")])
+                for v in present]  # a flag over layers marks the whole checkpoint
+    flagged = per_step[0]
+    for flag in per_step[1:]:
+        flagged = flagged | flag
     return ds.assign(flagged=flagged.assign_attrs(
         long_name="checkpoint flagged: " + " or ".join(present)))
 
