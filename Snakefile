@@ -19,9 +19,15 @@ if config["source"] == "tiny":
     include: "workflow/rules/tiny.smk"
 
 
+if config["source"] == "hub":
+
+    include: "workflow/rules/hub.smk"
+
+
 include: "workflow/rules/extract.smk"
 include: "workflow/rules/reduce.smk"
 include: "workflow/rules/figures.smk"
+include: "workflow/rules/audit.smk"
 
 
 rule all:

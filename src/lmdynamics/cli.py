@@ -107,6 +107,8 @@ def _extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--micro-batch", type=int, default=None)
+    p.add_argument("--sampling", default="random_positions",
+                   help="token sampling protocol: random_positions | paper_code")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, required=True)
 
@@ -121,7 +123,8 @@ def _extract(a: argparse.Namespace) -> None:
         torch.set_num_threads(a.threads)
     extract_checkpoint(a.checkpoint, a.eval_batch, a.out, tokens=a.tokens, seed=a.seed,
                        size=a.size, step=a.step, model_name=a.model, revision=a.revision,
-                       device=a.device, dtype=a.dtype, micro_batch=a.micro_batch)
+                       device=a.device, dtype=a.dtype, micro_batch=a.micro_batch,
+                       sampling=a.sampling)
 
 
 def _reduce_args(p: argparse.ArgumentParser) -> None:
@@ -214,3 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# Subcommands of the hub source register themselves on COMMANDS.
+from lmdynamics import cli_hub  # noqa: E402,F401

@@ -21,6 +21,8 @@ from lmdynamics.schedule import checkpoint_schedule, pythia_schedule
 PYTHIA_SIZES = ("14m", "31m", "70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b", "12b")
 #: Pythia's training sequence length (2049 tokens per sequence in the data files).
 PYTHIA_SEQUENCE_TOKENS = 2049
+#: Pythia's context: positions 0..2047 are inputs (the 2049th token is only a label).
+PYTHIA_CONTEXT = 2048
 
 
 class ConfigError(ValueError):
@@ -116,10 +118,23 @@ def semantic_errors(config: Mapping[str, Any]) -> list[str]:
         errors.append(f"config key 'steps': the final step {final} is missing; allowed: a list "
                       f"that includes final_step {final} (the CKA reference)")
     available = eval_positions(config)
-    if config["tokens"] > available:
+    if config.get("sampling", {}).get("protocol") == "paper_code":
+        n_seq = eval_sequences(config)
+        if config["tokens"] > n_seq:
+            errors.append(f"config key 'tokens': {config['tokens']} with sampling.protocol "
+                          f"paper_code (one token per sequence) exceeds the {n_seq} sequences "
+                          f"of the eval batch; allowed: 2..{n_seq}")
+    elif config["tokens"] > available:
         errors.append(f"config key 'tokens': {config['tokens']} exceeds the {available} token "
                       f"positions of the eval batch; allowed: 2..{available}")
     return errors
+
+
+def eval_sequences(config: Mapping[str, Any]) -> int:
+    """Number of sequences in the eval batch the config feeds to extraction."""
+    if config["source"] == "tiny":
+        return config["tiny"].get("batch_size", 16)
+    return config.get("hub", {}).get("sequences", 8)
 
 
 def eval_positions(config: Mapping[str, Any]) -> int:
@@ -127,7 +142,7 @@ def eval_positions(config: Mapping[str, Any]) -> int:
     if config["source"] == "tiny":
         tiny = config["tiny"]
         return tiny.get("batch_size", 16) * tiny.get("seq_len", 128)
-    return config.get("hub", {}).get("sequences", 8) * PYTHIA_SEQUENCE_TOKENS
+    return eval_sequences(config) * PYTHIA_CONTEXT
 
 
 def check_config(config: Mapping[str, Any], schema: Mapping[str, Any] | Path | str) -> None:

@@ -12,6 +12,7 @@ of the language-modelling loss (labels = inputs) on the same batch.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -23,7 +24,13 @@ import torch
 import xarray as xr
 
 from lmdynamics import __version__
-from lmdynamics.checkpoints import load_model, n_parameters, weights_sha256
+from lmdynamics.audit import discard_corrupt_download, revision_attrs
+from lmdynamics.checkpoints import (
+    CorruptCheckpointError,
+    load_model,
+    n_parameters,
+    weights_sha256,
+)
 from lmdynamics.metrics import singular_values
 from lmdynamics.store import write_store
 
@@ -46,6 +53,34 @@ def sample_token_positions(n_sequences: int, seq_len: int, n_tokens: int,
                          f"{n_sequences} sequences x {seq_len} positions)")
     flat = np.sort(np.random.default_rng(seed).choice(total, size=n_tokens, replace=False))
     return (flat // seq_len).astype(np.int64), (flat % seq_len).astype(np.int64)
+
+
+#: Token sampling protocols (config ``sampling.protocol``).
+SAMPLING_PROTOCOLS = ("random_positions", "paper_code")
+
+
+def token_positions(protocol: str, n_sequences: int, seq_len: int, n_tokens: int, seed: int,
+                    context: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The (sequence, position) pairs whose activations are stored, by sampling protocol.
+
+    ``random_positions``: :func:`sample_token_positions` over the positions inside the
+    model's context (``min(seq_len, context)``: Pythia's 2049-token sequences feed a
+    2048-position model, whose last input position only serves as a label).
+    ``paper_code``: the last position of each of the first ``n_tokens`` sequences, as the
+    paper's code did (``hidden_states[:, -1, :]`` of the first 128 sequences of the last
+    batch; shared/notes/reference-facts.md).
+    """
+    if protocol == "random_positions":
+        usable = seq_len if context is None else min(seq_len, context)
+        return sample_token_positions(n_sequences, usable, n_tokens, seed)
+    if protocol == "paper_code":
+        if not 1 <= n_tokens <= n_sequences:
+            raise ValueError(f"tokens={n_tokens} with sampling protocol paper_code (one token "
+                             f"per sequence): allowed 1..{n_sequences}, the eval batch's "
+                             "sequences")
+        return (np.arange(n_tokens, dtype=np.int64),
+                np.full(n_tokens, seq_len - 1, dtype=np.int64))
+    raise ValueError(f"sampling protocol {protocol!r}: allowed {', '.join(SAMPLING_PROTOCOLS)}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -100,6 +135,7 @@ def run_pass(model: torch.nn.Module, batch: torch.Tensor, seq_idx: np.ndarray,
     captured: dict[tuple[str, int], list[torch.Tensor]] = {
         (c, i): [] for c in COMPONENTS for i in range(n_layers)}
     loss_total = 0.0
+    grads: dict[tuple[str, int], torch.Tensor] = {}
     for start in range(0, n_seq, micro):
         stop = min(start + micro, n_seq)
         keep = (seq_idx >= start) & (seq_idx < stop)
@@ -113,6 +149,7 @@ def run_pass(model: torch.nn.Module, batch: torch.Tensor, seq_idx: np.ndarray,
             weight = (stop - start) / n_seq  # equal-length sequences: token-weighted mean
             (out.loss.float() * weight).backward()
             loss_total += out.loss.item() * weight
+            _accumulate_float32(grads, modules)
         finally:
             for h in handles:
                 h.remove()
@@ -120,9 +157,49 @@ def run_pass(model: torch.nn.Module, batch: torch.Tensor, seq_idx: np.ndarray,
                      for c in COMPONENTS])
     w_sv = np.stack([np.stack([singular_values(m.weight.detach()) for m in modules[c]])
                      for c in COMPONENTS])
-    g_sv = np.stack([np.stack([singular_values(m.weight.grad) for m in modules[c]])
+    g_sv = np.stack([np.stack([singular_values(grads[(c, i)]) for i in range(n_layers)])
                      for c in COMPONENTS])
     return Extraction(acts, w_sv, g_sv, loss_total)
+
+
+def _accumulate_float32(grads: dict[tuple[str, int], torch.Tensor],
+                        modules: dict[str, list[torch.nn.Linear]]) -> None:
+    """Add each write matrix's gradient of this micro-batch to a float32 sum and clear it,
+    so bfloat16/float16 models reduce gradients across micro-batches in float32."""
+    for c in COMPONENTS:
+        for i, m in enumerate(modules[c]):
+            g = m.weight.grad.float()
+            grads[(c, i)] = g if (c, i) not in grads else grads[(c, i)] + g
+            m.weight.grad = None
+
+
+def only_write_weights_train(model: torch.nn.Module) -> None:
+    """Require gradients for the write matrices only: their gradients are unchanged, and no
+    memory or time goes to the gradients of the other parameters."""
+    model.requires_grad_(False)
+    for mods in write_modules(model).values():
+        for m in mods:
+            m.weight.requires_grad_(True)
+
+
+def run_pass_fitting(model: torch.nn.Module, batch: torch.Tensor, seq_idx: np.ndarray,
+                     pos_idx: np.ndarray, *, micro_batch: int | None = None) -> Extraction:
+    """:func:`run_pass` with ``micro_batch`` sequences at a time (all by default), halved on
+    CUDA out-of-memory until it fits (an error only when one sequence does not fit)."""
+    micro = micro_batch or batch.shape[0]
+    while True:
+        try:
+            return run_pass(model, batch, seq_idx, pos_idx, micro_batch=micro)
+        except torch.cuda.OutOfMemoryError as exc:
+            model.zero_grad(set_to_none=True)
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if micro == 1:
+                raise RuntimeError("CUDA out of memory with a micro-batch of one sequence; "
+                                   "use a larger GPU or extraction.dtype bfloat16") from exc
+            micro = max(1, micro // 2)
+            log.warning("CUDA out of memory; retrying with micro-batches of %d sequences", micro)
 
 
 def extraction_dataset(result: Extraction, seq_idx: np.ndarray, pos_idx: np.ndarray,
@@ -157,18 +234,25 @@ def extraction_dataset(result: Extraction, seq_idx: np.ndarray, pos_idx: np.ndar
 def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path | str, *,
                        tokens: int, seed: int, size: str, step: int, model_name: str,
                        revision: str, device: str = "auto", dtype: str = "float32",
-                       micro_batch: int | None = None) -> Path:
+                       micro_batch: int | None = None,
+                       sampling: str = "random_positions") -> Path:
     """Load one checkpoint, run the eval batch through it and write its store to ``out``."""
     t0 = time.perf_counter()
     dev = resolve_device(device)
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: allowed {', '.join(DTYPES)}")
-    model = load_model(checkpoint, dtype=DTYPES[dtype], device=dev)
+    try:
+        model = load_model(checkpoint, dtype=DTYPES[dtype], device=dev)
+    except CorruptCheckpointError as exc:
+        raise discard_corrupt_download(checkpoint, exc) from exc
     batch = torch.as_tensor(np.load(eval_batch), dtype=torch.long)
-    seq_idx, pos_idx = sample_token_positions(*batch.shape, tokens, seed)
+    check_vocabulary(batch, model.config.vocab_size, eval_batch)
+    seq_idx, pos_idx = token_positions(sampling, *batch.shape, tokens, seed,
+                                       context=model.config.max_position_embeddings)
+    only_write_weights_train(model)
     log.info("loaded %s step %d (%s) on %s in %.1fs; eval batch %s, %d sampled tokens",
              size, step, checkpoint, dev, time.perf_counter() - t0, tuple(batch.shape), tokens)
-    result = run_pass(model, batch, seq_idx, pos_idx, micro_batch=micro_batch)
+    result = run_pass_fitting(model, batch, seq_idx, pos_idx, micro_batch=micro_batch)
     cfg = model.config
     attrs = {
         "model": model_name, "revision": revision, "size": size, "step": int(step),
@@ -177,9 +261,19 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
         "intermediate_size": cfg.intermediate_size, "num_layers": cfg.num_hidden_layers,
         "n_params": n_parameters(model), "weights_sha256": weights_sha256(checkpoint),
         "eval_batch_shape": list(batch.shape), "token_seed": seed,
+        "sampling_protocol": sampling, **revision_attrs(checkpoint),
     }
     ds = extraction_dataset(result, seq_idx, pos_idx, attrs)
     chunks = (1, 1, *result.activations.shape[2:])
     write_store(ds, out, encoding={"activations": {"chunks": chunks}})
     log.info("wrote %s (loss %.4f) in %.1fs", out, result.loss, time.perf_counter() - t0)
     return Path(out)
+
+
+def check_vocabulary(batch: torch.Tensor, vocab_size: int, source: Path | str) -> None:
+    """Refuse an eval batch with token ids the model's embedding does not have."""
+    top = int(batch.max())
+    if top >= vocab_size or int(batch.min()) < 0:
+        raise ValueError(f"{source}: token ids span {int(batch.min())}..{top}, the model's "
+                         f"vocabulary has {vocab_size}; the eval batch does not belong to "
+                         "this suite")

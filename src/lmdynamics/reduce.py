@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from lmdynamics.audit import duplicate_flag, flags
 from lmdynamics.metrics import (
     CKAReference,
     linear_cka_to_reference,
@@ -135,6 +136,7 @@ def reduce_size(paths: Sequence[Path | str], out: Path | str, *, final_step: int
                "final_step": int(final_step), "per_divisor": per_divisor_kind,
                "model": ref.attrs["model"]},
     )
+    ds["flag_duplicate"] = duplicate_flag(stores)
     write_store(ds, out)
     log.info("reduced %d steps of size %s into %s", len(steps), ref.attrs["size"], out)
     return ds
@@ -174,7 +176,7 @@ def tidy_metrics(ds: xr.Dataset) -> pd.DataFrame:
 def write_combined(paths: Sequence[Path | str], out_zarr: Path | str,
                    out_csv: Path | str) -> xr.Dataset:
     """Combine per-size metrics and write ``metrics.zarr`` and the tidy ``metrics.csv``."""
-    ds = combine_sizes(paths)
+    ds = flags(combine_sizes(paths))
     write_store(ds, out_zarr)
     write_text_atomic(tidy_metrics(ds).to_csv(index=False), out_csv)
     return ds

@@ -81,6 +81,7 @@ def all_outputs():
         f"{RESULTS}/metrics.csv",
         f"{RESULTS}/tables/mcc.csv",
         f"{RESULTS}/tables/mcc.md",
+        f"{RESULTS}/tables/checkpoint_audit.csv",
     ]
     outputs += expand(
         f"{RESULTS}/figures/{{figure}}.{{ext}}", figure=FIGURES, ext=["png", "pdf"]

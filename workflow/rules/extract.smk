@@ -21,6 +21,8 @@ rule extract:
         seed=config["seed"],
         device=config["extraction"]["device"],
         dtype=config["extraction"]["dtype"],
+        micro_batch=config["extraction"]["micro_batch"],
+        sampling=config["sampling"]["protocol"],
         model=lambda wc: model_name(wc.size),
         revision=lambda wc: revision(wc.step),
     shell:
@@ -28,4 +30,5 @@ rule extract:
         " --eval-batch {input.batch} --tokens {params.tokens} --seed {params.seed}"
         " --size {wildcards.size} --step {wildcards.step} --model {params.model}"
         " --revision {params.revision} --device {params.device} --dtype {params.dtype}"
+        " --micro-batch {params.micro_batch} --sampling {params.sampling}"
         " --threads {threads} --out {output} > {log} 2>&1"

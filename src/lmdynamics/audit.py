@@ -1,0 +1,115 @@
+"""Checkpoint audit: revisions whose weights are byte-identical to another revision's.
+
+Some Pythia step branches serve the same weights as ``main`` (Pythia issues #195, #205,
+#206; e.g. pythia-2.8b ``step0`` to about ``step53000``; shared/notes/reference-facts.md).
+Every per-pair store records the sha256 of the weights it was computed from
+(attr ``weights_sha256``; for hub revisions also ``revision_commit`` and
+``hub_weights_sha256`` from ``revision.json``). This module finds revisions of one size that
+share a sha256, writes ``tables/checkpoint_audit.csv``, and gives the metrics the boolean
+``flag_duplicate`` (size, step) that figures mark through ``flagged``
+(:func:`flags`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from lmdynamics.store import open_store, write_text_atomic
+
+#: The record the download writes next to the weights, copied into the store attrs.
+REVISION_FILE = "revision.json"
+#: Boolean (size, step) variables that mark a checkpoint in the figures (``flagged``).
+FLAG_VARIABLES = ("flag_duplicate", "flag_nonfinite")
+AUDIT_COLUMNS = ["size", "step", "model", "revision", "revision_commit", "weights_sha256",
+                 "hub_weights_sha256", "hub_weights_bytes", "duplicate", "duplicate_of"]
+
+
+def duplicates(shas: Mapping[int, str]) -> dict[int, list[int]]:
+    """For each step, the other steps whose weights have the same sha256 (empty if none)."""
+    by_sha: dict[str, list[int]] = defaultdict(list)
+    for step, sha in shas.items():
+        by_sha[sha].append(step)
+    return {step: sorted(s for s in by_sha[sha] if s != step) for step, sha in shas.items()}
+
+
+def duplicate_flag(stores: Mapping[int, xr.Dataset]) -> xr.DataArray:
+    """Boolean ``flag_duplicate`` over ``step``: the step's weights equal another step's."""
+    steps = sorted(stores)
+    dups = duplicates({s: str(stores[s].attrs.get("weights_sha256", f"unknown-{s}"))
+                       for s in steps})
+    return xr.DataArray(np.array([bool(dups[s]) for s in steps]), dims=("step",),
+                        coords={"step": np.array(steps, dtype=np.int64)},
+                        attrs={"long_name": "weights byte-identical to another step's"})
+
+
+def flags(ds: xr.Dataset) -> xr.Dataset:
+    """Normalise the ``flag_*`` variables to booleans (NaN from the cross-size join ->
+    False) and set ``flagged`` (size, step) = their logical or, any over other dims (e.g.
+    layers), which figures mark."""
+    present = [v for v in FLAG_VARIABLES if v in ds]
+    if not present:
+        return ds
+    ds = ds.assign({v: ds[v].fillna(False).astype(bool) for v in present})
+    per_step = [ds[v].any([d for d in ds[v].dims if d not in ("size", "step")])
+                for v in present]  # a flag over layers marks the whole checkpoint
+    flagged = per_step[0]
+    for flag in per_step[1:]:
+        flagged = flagged | flag
+    return ds.assign(flagged=flagged.assign_attrs(
+        long_name="checkpoint flagged: " + " or ".join(present)))
+
+
+def audit_table(attrs: Sequence[Mapping]) -> pd.DataFrame:
+    """One row per store (attrs of per-pair stores), duplicates found within each size."""
+    rows = [{c: a.get(c) for c in AUDIT_COLUMNS[:8]} for a in attrs]
+    table = pd.DataFrame(rows, columns=AUDIT_COLUMNS[:8])
+    table["duplicate"], table["duplicate_of"] = False, ""
+    for _, grp in table.groupby("size", sort=False):
+        dups = duplicates(dict(zip(grp.step, grp.weights_sha256, strict=True)))
+        for idx, step in zip(grp.index, grp.step, strict=True):
+            table.loc[idx, "duplicate"] = bool(dups[step])
+            table.loc[idx, "duplicate_of"] = " ".join(f"step{s}" for s in dups[step])
+    return table.sort_values(["size", "step"], kind="stable").reset_index(drop=True)
+
+
+def write_audit(stores: Sequence[Path | str], out_csv: Path | str) -> pd.DataFrame:
+    """Read the attrs of per-pair stores and write the audit CSV; returns the table."""
+    table = audit_table([open_store(p).attrs for p in stores])
+    write_text_atomic(table.to_csv(index=False), out_csv)
+    return table
+
+
+def read_revision_record(checkpoint: Path | str) -> dict | None:
+    """The ``revision.json`` of a downloaded checkpoint, or None (tiny suite)."""
+    path = Path(checkpoint) / REVISION_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def revision_attrs(checkpoint: Path | str) -> dict:
+    """Store attrs from ``revision.json``: ``revision_commit``, ``hub_weights_sha256``,
+    ``hub_weights_bytes``, ``hub_repo`` (empty for checkpoints not from the hub)."""
+    record = read_revision_record(checkpoint)
+    if record is None:
+        return {}
+    return {"revision_commit": record["commit"], "hub_repo": record["repo"],
+            "hub_weights_sha256": record["sha256"], "hub_weights_bytes": int(record["bytes"])}
+
+
+def discard_corrupt_download(checkpoint: Path | str, exc: Exception) -> Exception:
+    """A downloaded checkpoint whose files are corrupt is removed (weights and
+    ``revision.json``) so the next run downloads it again; returns the error to raise, which
+    says so. Checkpoints not from the hub are left alone."""
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / REVISION_FILE).is_file():
+        return exc
+    for name in ("model.safetensors", "pytorch_model.bin", REVISION_FILE):
+        (checkpoint / name).unlink(missing_ok=True)
+    return type(exc)(f"{exc}; deleted the downloaded weights of {checkpoint}: the next run "
+                     "downloads them again")

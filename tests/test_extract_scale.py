@@ -1,0 +1,115 @@
+"""Extraction at Pythia scale: sampling protocols, micro-batches halved on out-of-memory,
+gradients reduced in float32, and only the write matrices' gradients computed."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+from lmdynamics import extract as ex
+
+
+def _model(dtype=torch.float32, context=16) -> GPTNeoXForCausalLM:
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2,
+                           num_attention_heads=2, intermediate_size=64,
+                           max_position_embeddings=context, rotary_pct=0.25,
+                           tie_word_embeddings=False, hidden_dropout=0.0, attention_dropout=0.0,
+                           use_cache=False)
+    config._attn_implementation = "eager"
+    return GPTNeoXForCausalLM(config).to(dtype).eval()
+
+
+def _batch(n_seq=6, seq_len=17) -> torch.Tensor:
+    return torch.randint(0, 64, (n_seq, seq_len), generator=torch.Generator().manual_seed(3))
+
+
+def test_random_positions_stay_inside_the_model_context():
+    seq, pos = ex.token_positions("random_positions", 4, 2049, 4000, seed=0, context=2048)
+    assert pos.max() <= 2047 and len(set(zip(seq, pos, strict=True))) == 4000
+    same = ex.token_positions("random_positions", 4, 128, 100, seed=0, context=128)
+    np.testing.assert_array_equal(same, ex.sample_token_positions(4, 128, 100, 0))
+
+
+def test_paper_code_takes_the_last_position_of_the_first_sequences():
+    seq, pos = ex.token_positions("paper_code", 128, 2049, 128, seed=0)
+    np.testing.assert_array_equal(seq, np.arange(128))
+    assert (pos == 2048).all()
+    with pytest.raises(ValueError, match="paper_code.*allowed 1..8"):
+        ex.token_positions("paper_code", 8, 2049, 9, seed=0)
+    with pytest.raises(ValueError, match="allowed random_positions, paper_code"):
+        ex.token_positions("middle", 8, 2049, 4, seed=0)
+
+
+def test_a_sequence_one_longer_than_the_context_runs():
+    # Pythia: 2049-token sequences into a 2048-position model (the last token is a label)
+    model = _model(context=16)
+    seq, pos = ex.token_positions("random_positions", 6, 17, 20, seed=1, context=16)
+    result = ex.run_pass(model, _batch(), seq, pos)
+    assert np.isfinite(result.activations).all() and np.isfinite(result.loss)
+
+
+def _run(model, batch, micro=None, fitting=False):
+    seq, pos = ex.token_positions("random_positions", *batch.shape, 24, seed=0, context=16)
+    fn = ex.run_pass_fitting if fitting else ex.run_pass
+    return fn(model, batch, seq, pos, micro_batch=micro)
+
+
+def test_only_write_weights_need_gradients_and_results_do_not_change():
+    batch = _batch()
+    full = _run(_model(), batch)
+    frozen = _model()
+    ex.only_write_weights_train(frozen)
+    assert sum(p.requires_grad for p in frozen.parameters()) == 4  # 2 layers x 2 matrices
+    result = _run(frozen, batch)
+    np.testing.assert_array_equal(result.grad_singular_values, full.grad_singular_values)
+    np.testing.assert_array_equal(result.activations, full.activations)
+
+
+def test_micro_batches_are_halved_on_out_of_memory_until_they_fit():
+    model = _model()
+    forward, sizes = model.forward, []
+
+    def limited(*args, **kwargs):
+        n = kwargs["input_ids"].shape[0]
+        sizes.append(n)
+        if n > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(*args, **kwargs)
+
+    batch = _batch(n_seq=8)
+    reference = _run(copy.deepcopy(model), batch, micro=2)
+    model.forward = limited
+    result = _run(model, batch, fitting=True)
+    assert sizes[:4] == [8, 4, 2, 2]
+    np.testing.assert_array_equal(result.activations, reference.activations)
+    np.testing.assert_allclose(result.grad_singular_values, reference.grad_singular_values,
+                               rtol=0, atol=0)
+    model.forward = lambda *a, **k: (_ for _ in ()).throw(
+        torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)"))
+    with pytest.raises(RuntimeError, match="micro-batch of one sequence"):
+        _run(model, batch, fitting=True)
+
+
+def test_bfloat16_micro_batches_match_a_float64_reference():
+    batch = _batch(n_seq=8)
+    reference = _run(_model(torch.float64), batch)
+    low = _run(_model(torch.bfloat16), batch, micro=2)
+    # bfloat16 keeps 8 bits of mantissa: relative error of order 2**-8 per operation
+    np.testing.assert_allclose(low.loss, reference.loss, rtol=2e-2)
+    np.testing.assert_allclose(low.grad_singular_values, reference.grad_singular_values,
+                               rtol=0.1, atol=1e-3 * reference.grad_singular_values.max())
+    np.testing.assert_allclose(low.activations, reference.activations, rtol=0.1,
+                               atol=2e-2 * np.abs(reference.activations).max())
+    float32 = _run(_model(torch.float32), batch, micro=2)
+    np.testing.assert_allclose(float32.grad_singular_values, reference.grad_singular_values,
+                               rtol=1e-4, atol=1e-7)
+
+
+def test_an_eval_batch_outside_the_vocabulary_is_refused():
+    with pytest.raises(ValueError, match="token ids span 0..70.*vocabulary has 64"):
+        ex.check_vocabulary(torch.tensor([[0, 70]]), 64, "eval_batch.npy")

@@ -1,0 +1,197 @@
+"""Downloads of Pythia revisions through the real huggingface_hub client, against a loopback
+hub (tests/hub_server.py) that injects faults."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import httpx2
+import pytest
+import torch
+from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
+
+from hub_server import HubServer, add_pythia, checkpoint_files, use_endpoint
+from lmdynamics import hub as hb
+from lmdynamics.audit import revision_attrs
+from lmdynamics.checkpoints import UntrustedCheckpointError, load_model, read_state_dict
+
+REPO = "EleutherAI/pythia-70m-deduped"
+FAST = {"retries": 2, "backoff": 0.01}
+
+
+@pytest.fixture
+def server(monkeypatch, tmp_path):
+    with HubServer() as srv:
+        use_endpoint(monkeypatch, srv, tmp_path, timeout=1)
+        add_pythia(srv, "70m", [0, 1, 2, 4, 512, 1000, 143000], missing=(2,), pickled=(4,))
+        yield srv
+
+
+def _listing(path):
+    return sorted(p.name for p in path.iterdir()) if path.exists() else []
+
+
+def test_download_writes_the_model_directory_and_a_record(server, tmp_path):
+    out = tmp_path / "checkpoints/70m/step0"
+    record = hb.download_revision(REPO, "step0", out, **FAST)
+    assert _listing(out) == ["config.json", "model.safetensors", "revision.json"]
+    assert _listing(out.parent) == ["step0"]  # no staging folder left behind
+    sha = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+    assert record["sha256"] == sha and record["bytes"] == (out / "model.safetensors").stat().st_size
+    assert record["commit"] == server.state.repo("models", REPO).branches["step0"]
+    assert json.loads((out / "revision.json").read_text()) == record
+    assert revision_attrs(out)["revision_commit"] == record["commit"]
+    expected = checkpoint_files("70m", seed=1000)["model.safetensors"]
+    assert (out / "model.safetensors").read_bytes() == expected
+    load_model(out)
+
+
+def test_pickled_weights_are_read_safely_and_rewritten_as_safetensors(server, tmp_path):
+    out = tmp_path / "step4"
+    record = hb.download_revision(REPO, "step4", out, **FAST)
+    assert _listing(out) == ["config.json", "model.safetensors", "revision.json"]
+    assert record["converted"] and record["weights_files"][0]["name"] == "pytorch_model.bin"
+    torch.manual_seed(0)
+    model = load_model(out)
+    reference = torch.load(__import__("io").BytesIO(
+        checkpoint_files("70m", seed=1004, pickle=True)["pytorch_model.bin"]), weights_only=True)
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, reference[name], rtol=0, atol=0)
+
+
+def test_missing_revision_names_it_and_the_nearest_steps(server, tmp_path):
+    with pytest.raises(hb.RevisionNotFound) as err:
+        hb.download_revision(REPO, "step2", tmp_path / "step2", **FAST)
+    msg = str(err.value)
+    assert "'step2'" in msg and REPO in msg
+    assert "step1" in msg and "step4" in msg and "branches on the hub" in msg
+    assert isinstance(err.value.__cause__, RevisionNotFoundError)
+    assert not (tmp_path / "step2").exists()
+
+
+def test_server_errors_are_retried_with_backoff_until_they_recover(server, tmp_path):
+    api = server.fault(r"/api/models/.*/revision/step1$", times=2, status=503)
+    get = server.fault(r"/resolve/.*/model\.safetensors$", method="GET", times=1, status=502)
+    hb.download_revision(REPO, "step1", tmp_path / "step1", **FAST)
+    assert api.hits == 2 and get.hits == 1
+    assert (tmp_path / "step1/model.safetensors").is_file()
+
+
+def test_persistent_server_errors_fail_clearly_after_the_retries(server, tmp_path):
+    server.fault(r"/api/models/.*/revision/step1$", times=100, status=503)
+    with pytest.raises(hb.HubError, match=r"step1: revision info: gave up after 3 attempts.*503"):
+        hb.download_revision(REPO, "step1", tmp_path / "step1", **FAST)
+    assert not (tmp_path / "step1").exists()
+
+
+def test_timeouts_are_retried_then_fail_clearly(server, tmp_path):
+    slow = server.fault(r"/api/models/.*/revision/step0$", kind="slow", delay=2.5, times=1)
+    hb.download_revision(REPO, "step0", tmp_path / "a", **FAST)
+    assert slow.hits == 1
+    server.fault(r"/api/models/.*/revision/step0$", kind="slow", delay=2.5, times=100)
+    with pytest.raises(hb.HubError, match=r"gave up after 2 attempts.*Timeout"):
+        hb.download_revision(REPO, "step0", tmp_path / "b", retries=1, backoff=0.01)
+
+
+def test_a_dropped_connection_resumes(server, tmp_path):
+    drop = server.fault(r"/resolve/.*/model\.safetensors$", kind="drop", method="GET")
+    record = hb.download_revision(REPO, "step0", tmp_path / "step0", **FAST)
+    assert drop.hits == 1
+    assert record["sha256"] == hashlib.sha256(
+        checkpoint_files("70m", seed=1000)["model.safetensors"]).hexdigest()
+
+
+@pytest.mark.parametrize("kind, message", [("short", "truncated"), ("corrupt", "sha256")])
+def test_truncated_or_corrupt_weights_fail_naming_the_file_and_are_fetched_again(
+        server, tmp_path, kind, message):
+    server.fault(r"/resolve/.*/model\.safetensors$", kind=kind, method="GET", times=1)
+    out = tmp_path / "checkpoints/step512"
+    with pytest.raises(hb.CorruptDownloadError, match=message) as err:
+        hb.download_revision(REPO, "step512", out, **FAST)
+    assert "model.safetensors" in str(err.value) and "rerun" in str(err.value)
+    assert _listing(out) == [] and _listing(out.parent) == []  # nothing kept
+    hb.download_revision(REPO, "step512", out, **FAST)  # the next run fetches it again
+    load_model(out)
+
+
+def test_not_enough_disk_fails_before_writing(server, tmp_path):
+    out = tmp_path / "checkpoints/step0"
+    need = r"step0: it needs \d+\.\d\d kB \(hub metadata\)"
+    with pytest.raises(hb.NotEnoughDiskError, match=need):
+        hb.download_revision(REPO, "step0", out, min_free_bytes=10**18, **FAST)
+    assert not (tmp_path / "checkpoints").exists()
+    assert server.state.bytes_sent(r"model\.safetensors") == 0
+
+
+def test_a_config_asking_for_remote_code_is_refused(server, tmp_path):
+    files = checkpoint_files("70m", seed=7)
+    config = json.loads(files["config.json"])
+    config["auto_map"] = {"AutoModelForCausalLM": "evil.Model"}
+    files["config.json"] = json.dumps(config).encode()
+    server.add_model(REPO, "step8", files)
+    with pytest.raises(UntrustedCheckpointError, match="auto_map"):
+        hb.download_revision(REPO, "step8", tmp_path / "step8", **FAST)
+    assert not (tmp_path / "step8").exists()
+
+
+def test_with_retries_backs_off_exponentially_and_stops_on_permanent_errors():
+    waits, calls = [], []
+
+    response = httpx2.Response(503, request=httpx2.Request("GET", "http://127.0.0.1/x"))
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 4:
+            raise HfHubHTTPError("503 Server Error", response=response)
+        return "ok"
+
+    assert hb.with_retries(flaky, what="x", retries=5, backoff=1.5, max_wait=4,
+                           sleep=waits.append) == "ok"
+    assert waits == [1.5, 3.0, 4]
+    with pytest.raises(KeyError):
+        hb.with_retries(lambda: {}["k"], what="x", sleep=waits.append)
+    assert len(waits) == 3
+
+
+def test_nearest_steps_and_weight_layouts():
+    assert hb.nearest_steps([0, 1, 4, 512, 1000], 2) == [0, 1, 4]
+    assert hb.nearest_steps([1000, 3000], 2000, k=1) == [3000]
+    assert hb.steps_from_refs(["main", "step10", "step2", "v1"]) == [2, 10]
+    assert hb.weight_files(["config.json", "model.safetensors", "pytorch_model.bin"]) == (
+        ["model.safetensors"], False)
+    assert hb.weight_files(["pytorch_model.bin"]) == (["pytorch_model.bin"], True)
+    shards = ["model-00002-of-00002.safetensors", "model-00001-of-00002.safetensors"]
+    assert hb.weight_files(shards) == (sorted(shards), True)
+    with pytest.raises(hb.HubError, match="no weights file"):
+        hb.weight_files(["config.json", "README.md"])
+
+
+def test_converted_shards_merge_into_one_file(tmp_path):
+    import safetensors.torch
+
+    a, b = {"x": torch.arange(4.0)}, {"y": torch.ones(2, 2)}
+    safetensors.torch.save_file(a, tmp_path / "model-00001-of-00002.safetensors")
+    torch.save(b, tmp_path / "part.bin")
+    hb.convert_to_safetensors([tmp_path / "model-00001-of-00002.safetensors",
+                               tmp_path / "part.bin"], tmp_path / "model.safetensors")
+    merged = read_state_dict(tmp_path / "model.safetensors")
+    assert set(merged) == {"x", "y"} and torch.equal(merged["y"], b["y"])
+
+
+def test_weights_corrupted_on_disk_are_discarded_so_the_next_run_downloads_them(server,
+                                                                              tmp_path):
+    import numpy as np
+
+    from lmdynamics.checkpoints import CorruptCheckpointError
+    from lmdynamics.extract import extract_checkpoint
+
+    out = tmp_path / "checkpoints/70m/step0"
+    hb.download_revision(REPO, "step0", out, **FAST)
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated on disk after the download
+    np.save(tmp_path / "batch.npy", np.zeros((1, 8), dtype=np.int64))
+    with pytest.raises(CorruptCheckpointError, match="model.safetensors.*next run downloads"):
+        extract_checkpoint(out, tmp_path / "batch.npy", tmp_path / "s.zarr", tokens=4, seed=0,
+                           size="70m", step=0, model_name=REPO, revision="step0")
+    assert _listing(out) == ["config.json"]

@@ -1,0 +1,18 @@
+# Revisions whose weights are byte-identical to another revision of the same size.
+
+
+rule checkpoint_audit:
+    input:
+        expand(f"{RESULTS}/extract/{{size}}/step{{step}}.zarr", size=SIZES, step=STEPS),
+    output:
+        report(
+            f"{RESULTS}/tables/checkpoint_audit.csv",
+            caption="../report/checkpoint_audit.rst",
+            category="Tables",
+        ),
+    log:
+        f"{RESULTS}/logs/checkpoint_audit.log",
+    conda:
+        ENV
+    shell:
+        "lmdynamics audit {input} --out {output} > {log} 2>&1"

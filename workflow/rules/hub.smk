@@ -1,0 +1,73 @@
+# Pythia from the Hugging Face hub: one download job per (size, step), and the last training
+# batch read by byte range from the preshuffled Pile (or a local copy of it).
+
+
+rule download:
+    output:
+        config=f"{RESULTS}/checkpoints/{{size}}/step{{step}}/config.json",
+        weights=(
+            f"{RESULTS}/checkpoints/{{size}}/step{{step}}/model.safetensors"
+            if config["hub"]["keep_weights"]
+            else temp(f"{RESULTS}/checkpoints/{{size}}/step{{step}}/model.safetensors")
+        ),
+        record=f"{RESULTS}/checkpoints/{{size}}/step{{step}}/revision.json",
+    log:
+        f"{RESULTS}/logs/download/{{size}}/step{{step}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/download/{{size}}/step{{step}}.tsv"
+    conda:
+        ENV
+    resources:
+        network=1,
+    params:
+        repo=lambda wc: model_name(wc.size),
+        revision=lambda wc: revision(wc.step),
+        hub=config["hub"],
+    shell:
+        "lmdynamics download --repo {params.repo} --revision {params.revision}"
+        " --out-dir $(dirname {output.config}) --min-free-gb {params.hub[min_free_gb]}"
+        " --retries {params.hub[retries]} --backoff {params.hub[backoff]} > {log} 2>&1"
+
+
+rule pile_batch:
+    input:
+        [config["hub"]["tokens_path"]] if config["hub"]["tokens_path"] else [],
+    output:
+        npy=f"{RESULTS}/data/batch{FINAL_STEP - 1}.npy",
+        record=f"{RESULTS}/data/batch{FINAL_STEP - 1}.json",
+    log:
+        f"{RESULTS}/logs/pile_batch.log",
+    conda:
+        ENV
+    resources:
+        network=0 if config["hub"]["tokens_path"] else 1,
+    params:
+        hub=config["hub"],
+        local=(
+            f"--tokens-path {config['hub']['tokens_path']}"
+            if config["hub"]["tokens_path"]
+            else ""
+        ),
+        batch=FINAL_STEP - 1,
+    shell:
+        "lmdynamics pile-batch --dataset {params.hub[dataset]}"
+        " --dataset-revision {params.hub[dataset_revision]} {params.local}"
+        " --batch {params.batch} --retries {params.hub[retries]}"
+        " --backoff {params.hub[backoff]} --out {output.npy} --record {output.record}"
+        " > {log} 2>&1"
+
+
+rule hub_eval_batch:
+    input:
+        f"{RESULTS}/data/batch{FINAL_STEP - 1}.npy",
+    output:
+        f"{RESULTS}/eval_batch.npy",
+    log:
+        f"{RESULTS}/logs/hub_eval_batch.log",
+    conda:
+        ENV
+    params:
+        sequences=config["hub"]["sequences"],
+    shell:
+        "lmdynamics hub-eval-batch {input} --sequences {params.sequences} --out {output}"
+        " > {log} 2>&1"
