@@ -29,8 +29,9 @@ class IncompleteStoreError(RuntimeError):
 
 def redo_hint(path: Path | str) -> str:
     """How a user redoes the job that writes ``path``."""
-    return (f"delete {path} and rerun, or rerun with `snakemake --forcerun` on the rule "
-            f"that writes it (e.g. `snakemake --forcerun {path} ...`)")
+    return (f"redo it by adding `--forcerun {path}` to your snakemake command (this rewrites "
+            f"it and everything computed from it), or delete {path} and rerun the same "
+            f"command")
 
 
 def string_coords(ds: xr.Dataset) -> xr.Dataset:
