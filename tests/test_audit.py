@@ -8,6 +8,7 @@ import xarray as xr
 
 from lmdynamics import audit
 from lmdynamics.extract import Extraction, extraction_dataset
+from lmdynamics.flags import set_flagged
 from lmdynamics.reduce import reduce_size, write_combined
 from lmdynamics.store import open_store, write_store
 
@@ -29,19 +30,18 @@ def test_audit_table_finds_duplicates_within_a_size_only():
                    ("70m", 1000): (False, ""), ("160m", 0): (False, "")}
 
 
-def test_flags_or_together_and_fill_missing_with_false():
+def test_flagged_ors_duplicate_and_nonfinite_flags():
     ds = xr.Dataset(
-        {"flag_duplicate": (("size", "step"), np.array([[True, False, np.nan],
-                                                        [False, False, False]], dtype=object)),
+        {"flag_duplicate": (("size", "step"), np.array([[True, False, False],
+                                                        [False, False, False]])),
          "flag_nonfinite": (("size", "layer", "step"), np.array([[[False, False, False]] * 2,
                                                                  [[False, False, False],
                                                                   [False, True, False]]]))},
         coords={"size": ["a", "b"], "step": [0, 1, 2]})
-    out = audit.flags(ds)
-    assert out.flag_duplicate.dtype == bool and out.flagged.dims == ("size", "step")
+    out = set_flagged(ds)
+    assert out.flagged.dims == ("size", "step")
     np.testing.assert_array_equal(out.flagged.values, [[True, False, False],
                                                        [False, True, False]])
-    assert "flagged" not in audit.flags(xr.Dataset())
 
 
 def _pair_store(path, size, step, sha, seed, n_layers=2, dim=4, tokens=16):

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import copy
+import functools
+import os
+from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import REPO, copy_workflow, snakemake
 from lmdynamics.config import ConfigError, check_config, load_config
@@ -50,7 +55,127 @@ BAD = [
     ("tiny.schedule.log_until", 48, ["tiny.schedule", "log_until=48", "power of two"]),
     ("tiny.batch_size", -1, ["tiny.batch_size", "-1", ">= 1"]),
     ("seed", "zero", ["'seed'", "'zero'", "integer"]),
+    # duplicated and empty lists
+    ("sizes", ["42k", "42k"], ["'sizes'", "['42k', '42k']", "distinct values (repeated: '42k')"]),
+    ("steps", [0, 4, 4, 512], ["'steps'", "distinct values (repeated: 4)"]),
+    ("sizes", [], ["'sizes'", "[]", "at least 1 item"]),
+    ("steps", [0, -1, 512], ["'steps.1'", "-1", ">= 0"]),
+    ("final_step", 0, ["'final_step'", "0", ">= 1"]),
+    ("tokens", 2.5, ["'tokens'", "2.5", "integer"]),
+    ("seed", -1, ["'seed'", "-1", ">= 0"]),
+    ("mcc.per_grad_fraction", 1.5, ["mcc.per_grad_fraction", "1.5", "<= 1"]),
+    ("mcc.per_weight_threshold", -0.1, ["mcc.per_weight_threshold", "-0.1", ">= 0"]),
+    ("metrics", {"divisor": "x"}, ["'metrics'", "'divisor'", "only the keys per_divisor"]),
+    # labels that become path components: every label-like key
+    ("suite", "", ["'suite'", "''", "no path separators"]),
+    ("suite", ".hidden", ["'suite'", "'.hidden'", "not starting with '.'"]),
+    ("suite", "a\\b", ["'suite'", "'a\\\\b'", "no path separators"]),
+    ("suite", "x" * 65, ["'suite'", "at most 64 characters"]),
+    ("sizes", ["42k", "a..b"], ["'sizes.1'", "'a..b'", "without '..'"]),
+    ("tiny.models", {"a/b": {"hidden_size": 8, "num_layers": 1, "num_heads": 1}},
+     ["'tiny.models'", "'a/b'", "no path separators"]),
+    ("tiny.models", {"..": {"hidden_size": 8, "num_layers": 1, "num_heads": 1}},
+     ["'tiny.models'", "'..'", "without '..'"]),
+    # tiny model specs and training
+    ("tiny.models.42k.num_heads", 3, ["'tiny.models.42k.num_heads'", "3",
+                                      "does not divide hidden_size 32", "1, 2, 4, 8, 16, 32"]),
+    ("tiny.models.42k.hidden_size", 0, ["'tiny.models.42k.hidden_size'", "0", ">= 1"]),
+    ("tiny.models.42k.num_layers", "two", ["'tiny.models.42k.num_layers'", "'two'", "integer"]),
+    ("tiny.models.42k.dropout", 0.1, ["'tiny.models.42k'", "'dropout'",
+                                      "hidden_size, num_layers, num_heads"]),
+    ("tiny.models", {}, ["'tiny.models'", "{}", "at least 1 entry"]),
+    ("tiny.lr", 0, ["'tiny.lr'", "0", "> 0"]),
+    ("tiny.lr", 5, ["'tiny.lr'", "5", "<= 1"]),
+    ("tiny.seq_len", 1, ["'tiny.seq_len'", "1", ">= 2"]),
+    ("tiny.warmup", -1, ["'tiny.warmup'", "-1", ">= 0"]),
+    ("tiny.schedule.interval", 0, ["'tiny.schedule.interval'", "0", ">= 1"]),
 ]
+
+PYTHIA = yaml.safe_load((REPO / "config/config.yaml").read_text())
+HUB_BAD = [
+    ("hub.repo", "EleutherAI/pythia", ["'hub.repo'", "'EleutherAI/pythia'", "'{size}'"]),
+    ("hub.repo", "../{size}", ["'hub.repo'", "'../70m'", "'owner/name'", "no '..'"]),
+    ("hub.repo", "a/b/{size}", ["'hub.repo'", "'a/b/70m'", "'owner/name'"]),
+    ("hub.repo", "org/{size}-{foo}", ["'hub.repo'", "placeholder(s) foo", "only {size}"]),
+    ("hub.revision", "main", ["'hub.revision'", "'main'", "'{step}'"]),
+    ("hub.revision", "../{step}", ["'hub.revision'", "'../0'", "no '..'"]),
+    ("hub.dataset", "pile", ["'hub.dataset'", "'pile'", "'owner/name'"]),
+    ("hub.sequences", 0, ["'hub.sequences'", "0", ">= 1"]),
+    ("hub.sequences", 5000, ["'hub.sequences'", "5000", "<= 1024"]),
+    ("hub.keep_weights", "yes", ["'hub.keep_weights'", "'yes'", "boolean"]),
+    ("sizes", ["70m", "13b"], ["'sizes'", "'13b'", "not a known size for source 'hub'", "2.8b"]),
+    ("steps", [0, 1500, 143000], ["'steps'", "1500", "not in the hub suite's"]),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "fragments"), HUB_BAD,
+                         ids=[f"{k}={v!r}"[:40] for k, v, _ in HUB_BAD])
+def test_bad_hub_value_is_named(key, value, fragments):
+    config = copy.deepcopy(PYTHIA)
+    _set(config, key, value)
+    with pytest.raises(ConfigError) as info:
+        check_config(config, SCHEMA)
+    for fragment in fragments:
+        assert fragment in str(info.value), (fragment, str(info.value))
+
+
+def test_hub_revisions_with_slashes_are_allowed():
+    config = copy.deepcopy(PYTHIA)
+    config["hub"]["revision"] = "refs/pr/{step}"
+    check_config(config, SCHEMA)
+
+
+@functools.cache
+def _schema() -> dict:
+    return yaml.safe_load(SCHEMA.read_text())
+
+
+LABEL_CHARS = "aZ09._-+/\\ ~$:*\x00é"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(alphabet=LABEL_CHARS, max_size=8),
+                 st.sampled_from(["..", ".", "../x", "a/..", "/abs", "~", "a\\..\\b", "..a",
+                                  "a..", "-rf", "x/../../etc"])))
+def test_accepted_labels_are_single_path_components(label):
+    """Whatever a label key holds, if the config is accepted the label is one plain path
+    component, so results/<suite>/.../<size>/... stays under results/<suite>/."""
+    spec = {"hidden_size": 8, "num_layers": 1, "num_heads": 1}
+    schema = _schema()
+    for key in ("suite", "sizes", "tiny.models"):
+        config = copy.deepcopy(TINY)
+        if key == "suite":
+            config["suite"] = label
+        else:
+            config["sizes"] = [label]
+            config["tiny"]["models"] = {label: spec}
+        try:
+            check_config(config, schema)
+        except ConfigError:
+            continue
+        assert Path(label).parts == (label,) and label not in (".", "..")
+        assert not set("/\\\x00") & set(label) and ".." not in label
+        root = Path("/w/results") / config["suite"]
+        for size in config["sizes"]:
+            for rel in (f"extract/{size}/step0.zarr", f"checkpoints/{size}/step0",
+                        f"metrics/{size}.zarr", f"logs/train_tiny/{size}.log"):
+                resolved = Path(os.path.normpath(root / rel))
+                assert resolved.is_relative_to(root), (label, rel)
+
+
+def test_snakemake_refuses_path_escaping_label_before_any_job(tmp_path):
+    workdir = copy_workflow(tmp_path)
+    config = copy.deepcopy(TINY)
+    config["sizes"] = ["../../escape"]
+    config["tiny"]["models"] = {"../../escape": {"hidden_size": 8, "num_layers": 1,
+                                                 "num_heads": 1}}
+    (workdir / "config" / "bad.yaml").write_text(yaml.safe_dump(config))
+    proc = snakemake(workdir, "--configfile", "config/bad.yaml", "-n", check=False)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "config key 'tiny.models': '../../escape' is not allowed" in out
+    assert "no path separators" in out
+    assert not (workdir / "results").exists() and not (tmp_path.parent / "escape").exists()
 
 
 @pytest.mark.parametrize(("key", "value", "fragments"), BAD,

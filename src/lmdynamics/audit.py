@@ -6,8 +6,8 @@ Every per-pair store records the sha256 of the weights it was computed from
 (attr ``weights_sha256``; for hub revisions also ``revision_commit`` and
 ``hub_weights_sha256`` from ``revision.json``). This module finds revisions of one size that
 share a sha256, writes ``tables/checkpoint_audit.csv``, and gives the metrics the boolean
-``flag_duplicate`` (size, step) that figures mark through ``flagged``
-(:func:`flags`).
+``flag_duplicate`` (step) that figures mark through ``flagged``
+(:func:`lmdynamics.flags.set_flagged`).
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ from lmdynamics.store import open_store, write_text_atomic
 
 #: The record the download writes next to the weights, copied into the store attrs.
 REVISION_FILE = "revision.json"
-#: Boolean (size, step) variables that mark a checkpoint in the figures (``flagged``).
-FLAG_VARIABLES = ("flag_duplicate", "flag_nonfinite")
 AUDIT_COLUMNS = ["size", "step", "model", "revision", "revision_commit", "weights_sha256",
                  "hub_weights_sha256", "hub_weights_bytes", "duplicate", "duplicate_of"]
 
@@ -47,23 +45,6 @@ def duplicate_flag(stores: Mapping[int, xr.Dataset]) -> xr.DataArray:
     return xr.DataArray(np.array([bool(dups[s]) for s in steps]), dims=("step",),
                         coords={"step": np.array(steps, dtype=np.int64)},
                         attrs={"long_name": "weights byte-identical to another step's"})
-
-
-def flags(ds: xr.Dataset) -> xr.Dataset:
-    """Normalise the ``flag_*`` variables to booleans (NaN from the cross-size join ->
-    False) and set ``flagged`` (size, step) = their logical or, any over other dims (e.g.
-    layers), which figures mark."""
-    present = [v for v in FLAG_VARIABLES if v in ds]
-    if not present:
-        return ds
-    ds = ds.assign({v: ds[v].fillna(False).astype(bool) for v in present})
-    per_step = [ds[v].any([d for d in ds[v].dims if d not in ("size", "step")])
-                for v in present]  # a flag over layers marks the whole checkpoint
-    flagged = per_step[0]
-    for flag in per_step[1:]:
-        flagged = flagged | flag
-    return ds.assign(flagged=flagged.assign_attrs(
-        long_name="checkpoint flagged: " + " or ".join(present)))
 
 
 def audit_table(attrs: Sequence[Mapping]) -> pd.DataFrame:

@@ -8,6 +8,8 @@ the source, the final step among the steps, enough eval tokens).
 
 from __future__ import annotations
 
+import re
+import string
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,20 @@ PYTHIA_SIZES = ("14m", "31m", "70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b
 PYTHIA_SEQUENCE_TOKENS = 2049
 #: Pythia's context: positions 0..2047 are inputs (the 2049th token is only a label).
 PYTHIA_CONTEXT = 2048
+#: The schema's pattern for labels that become path components (suite, sizes, model names).
+LABEL_PATTERN = "^[A-Za-z0-9_][A-Za-z0-9_.+-]*$"
+#: What a schema ``pattern`` asks for, in words (patterns not listed are shown as regexes).
+PATTERN_HINTS = {
+    LABEL_PATTERN: "a plain name: letters, digits, '_', '.', '+', '-', not starting with '.' "
+                   "or '-', no path separators",
+    "\\{size\\}": "a template containing '{size}', e.g. 'EleutherAI/pythia-{size}-deduped'",
+    "\\{step\\}": "a template containing '{step}', e.g. 'step{step}'",
+}
+#: A Hugging Face repo id: ``owner/name`` (hub rules: no '--' or '..', at most 96 characters).
+REPO_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+#: A git revision name as the hub accepts it (a branch or tag such as step143000, a sha, or
+#: refs/pr/1): no leading '/' or '-', no '//' (and, checked separately, no '..').
+REVISION_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*(/[A-Za-z0-9_][A-Za-z0-9_.+-]*)*")
 
 
 class ConfigError(ValueError):
@@ -39,8 +55,7 @@ def _allowed(error: jsonschema.ValidationError) -> str:
     if kind == "enum":
         return "one of " + ", ".join(map(str, v))
     if kind == "pattern":
-        return ("a plain name: letters, digits, '_', '.', '+', '-', not starting with '.' or '-', "
-                "no path separators")
+        return PATTERN_HINTS.get(v, f"a string matching the regular expression {v!r}")
     if kind == "not":
         return "a plain name without '..'"
     if kind in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
@@ -52,9 +67,15 @@ def _allowed(error: jsonschema.ValidationError) -> str:
     if kind == "required":
         return f"the key {error.message.split(' ')[0]} to be set"
     if kind == "additionalProperties":
-        return "only the keys the schema defines"
-    if kind in ("minItems", "uniqueItems", "minProperties", "maxLength"):
-        return f"{kind} {v}"
+        return "only the keys " + ", ".join(error.schema.get("properties", {}))
+    if kind == "uniqueItems":
+        seen: set[str] = set()
+        repeated = [x for x in error.instance if repr(x) in seen or seen.add(repr(x))]
+        return f"distinct values (repeated: {', '.join(map(repr, repeated))})"
+    if kind in ("minItems", "minProperties"):
+        return f"at least {v} {'item' if kind == 'minItems' else 'entry'}{'s' * (v != 1)}"
+    if kind == "maxLength":
+        return f"at most {v} characters"
     return error.message
 
 
@@ -64,7 +85,10 @@ def schema_errors(config: Mapping[str, Any], schema: Mapping[str, Any]) -> list[
     messages = []
     for err in sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.path))):
         if err.validator == "additionalProperties":
-            messages.append(f"{_key(err.path)}: {err.message}")
+            known = set(err.schema.get("properties", {}))
+            unknown = [k for k in err.instance if k not in known]
+            messages.append(f"config key '{_key(err.path)}': unknown key(s) "
+                            f"{', '.join(map(repr, unknown))}; allowed: {_allowed(err)}")
             continue
         messages.append(f"config key '{_key(err.path)}': {err.instance!r} is not allowed; "
                         f"allowed: {_allowed(err)}")
@@ -152,8 +176,58 @@ def check_config(config: Mapping[str, Any], schema: Mapping[str, Any] | Path | s
     errors = schema_errors(config, schema)
     if not errors:
         errors = semantic_errors(config)
+    if not errors:
+        errors = model_spec_errors(config) + hub_errors(config)
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+
+
+def model_spec_errors(config: Mapping[str, Any]) -> list[str]:
+    """Tiny model shapes the schema cannot check: heads must divide the hidden size."""
+    errors = []
+    for label, spec in config.get("tiny", {}).get("models", {}).items():
+        hidden, heads = spec["hidden_size"], spec["num_heads"]
+        if hidden % heads:
+            divisors = [d for d in range(1, hidden + 1) if hidden % d == 0]
+            errors.append(f"config key 'tiny.models.{label}.num_heads': {heads} does not divide "
+                          f"hidden_size {hidden}; allowed: one of {_short(divisors, 12)}")
+    return errors
+
+
+def _template_errors(key: str, template: str, field: str, values: list[Any],
+                     pattern: re.Pattern, allowed: str) -> list[str]:
+    fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    if any(f != field for f in fields):
+        return [f"config key '{key}': {template!r} has placeholder(s) "
+                f"{', '.join(sorted(set(fields) - {field}))}; allowed: only {{{field}}}"]
+    for value in values:
+        name = template.format(**{field: value})
+        if not pattern.fullmatch(name) or ".." in name or "--" in name or len(name) > 96:
+            return [f"config key '{key}': {template!r} gives {name!r} for {field} {value!r}; "
+                    f"allowed: {allowed}"]
+    return []
+
+
+def hub_errors(config: Mapping[str, Any]) -> list[str]:
+    """The hub templates must give valid repo ids and revision names for every size and step."""
+    hub = config.get("hub")
+    if not hub:
+        return []
+    errors = []
+    repo_rule = "'owner/name' of letters, digits, '_', '.', '-' (no '..' or '--', <= 96 chars)"
+    if "repo" in hub:
+        errors += _template_errors("hub.repo", hub["repo"], "size", list(config["sizes"]),
+                                   REPO_ID_PATTERN, repo_rule)
+    if "revision" in hub:
+        errors += _template_errors("hub.revision", hub["revision"], "step",
+                                   list(config["steps"]), REVISION_PATTERN,
+                                   "a branch, tag or commit name of letters, digits, '_', '.', "
+                                   "'+', '-', '/' (no '..', no leading or doubled '/')")
+    if "dataset" in hub and not (REPO_ID_PATTERN.fullmatch(hub["dataset"])
+                                 and ".." not in hub["dataset"]):
+        errors.append(f"config key 'hub.dataset': {hub['dataset']!r} is not a dataset repo id; "
+                      f"allowed: {repo_rule}")
+    return errors
 
 
 def load_config(path: Path | str, schema: Path | str) -> dict[str, Any]:

@@ -8,11 +8,17 @@ For each layer of a GPT-NeoX model we record what the layer writes to the residu
 at a fixed, seeded subsample of token positions, and the singular values of the two write
 matrices (``attention.dense.weight``, ``mlp.dense_4h_to_h.weight``) and of their gradients
 of the language-modelling loss (labels = inputs) on the same batch.
+
+A diverged checkpoint (NaN or inf in a layer's output over the whole batch, in its write
+matrix or in that matrix's gradient) is recorded, not refused: booleans
+``nonfinite_activations``, ``nonfinite_weights``, ``nonfinite_grads`` (component, layer) and
+the store attr ``nonfinite``, with a warning naming size, step, component and layer.
 """
 
 from __future__ import annotations
 
 import gc
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -104,18 +110,44 @@ def write_modules(model: torch.nn.Module) -> dict[str, list[torch.nn.Linear]]:
 
 @dataclass
 class Extraction:
-    """What one pass yields. Shapes: activations (2, L, N, D); singular values (2, L, D)."""
+    """What one pass yields. Shapes: activations (2, L, N, D); singular values (2, L, D);
+    ``nonfinite_*`` booleans (2, L): NaN or inf anywhere in that layer's output over the whole
+    batch (not only the sampled tokens), in its write matrix, in that matrix's gradient.
+    When left None they are derived from the arrays above by :func:`nonfinite_flags`."""
 
     activations: np.ndarray
     weight_singular_values: np.ndarray
     grad_singular_values: np.ndarray
     loss: float
+    nonfinite_activations: np.ndarray | None = None
+    nonfinite_weights: np.ndarray | None = None
+    nonfinite_grads: np.ndarray | None = None
+
+
+def nonfinite_flags(result: Extraction) -> dict[str, np.ndarray]:
+    """The three (component, layer) booleans of ``result``, derived from its arrays if unset.
+
+    Derived: a layer's sampled activations, or its weight / gradient singular values (NaN when
+    the matrix has a non-finite entry, :func:`lmdynamics.metrics.singular_values`).
+    """
+    derived = {
+        "nonfinite_activations": ~np.isfinite(result.activations).all(axis=(2, 3)),
+        "nonfinite_weights": ~np.isfinite(result.weight_singular_values).all(axis=2),
+        "nonfinite_grads": ~np.isfinite(result.grad_singular_values).all(axis=2),
+    }
+    out = {}
+    for name, fallback in derived.items():
+        recorded = getattr(result, name)
+        out[name] = np.asarray(fallback if recorded is None else recorded, dtype=bool)
+    return out
 
 
 def _capture(buffer: list[list[torch.Tensor]], seq: torch.Tensor,
-             pos: torch.Tensor) -> Callable:
+             pos: torch.Tensor, finite: list[bool] | None = None) -> Callable:
     def hook(_module, _inputs, output):
         buffer.append(output.detach()[seq, pos].to("cpu", torch.float32))
+        if finite is not None:
+            finite.append(bool(torch.isfinite(output.detach()).all()))
     return hook
 
 
@@ -134,6 +166,7 @@ def run_pass(model: torch.nn.Module, batch: torch.Tensor, seq_idx: np.ndarray,
     model.zero_grad(set_to_none=True)
     captured: dict[tuple[str, int], list[torch.Tensor]] = {
         (c, i): [] for c in COMPONENTS for i in range(n_layers)}
+    finite: dict[tuple[str, int], list[bool]] = {key: [] for key in captured}
     loss_total = 0.0
     grads: dict[tuple[str, int], torch.Tensor] = {}
     for start in range(0, n_seq, micro):
@@ -141,7 +174,8 @@ def run_pass(model: torch.nn.Module, batch: torch.Tensor, seq_idx: np.ndarray,
         keep = (seq_idx >= start) & (seq_idx < stop)
         seq = torch.as_tensor(seq_idx[keep] - start, device=device)
         pos = torch.as_tensor(pos_idx[keep], device=device)
-        handles = [mod.register_forward_hook(_capture(captured[(c, i)], seq, pos))
+        handles = [mod.register_forward_hook(_capture(captured[(c, i)], seq, pos,
+                                                      finite[(c, i)]))
                    for c in COMPONENTS for i, mod in enumerate(modules[c])]
         try:
             inputs = batch[start:stop].to(device)
@@ -159,7 +193,16 @@ def run_pass(model: torch.nn.Module, batch: torch.Tensor, seq_idx: np.ndarray,
                      for c in COMPONENTS])
     g_sv = np.stack([np.stack([singular_values(grads[(c, i)]) for i in range(n_layers)])
                      for c in COMPONENTS])
-    return Extraction(acts, w_sv, g_sv, loss_total)
+
+    def nonfinite(test: Callable[[torch.nn.Linear], bool]) -> np.ndarray:
+        return np.array([[not test(m) for m in modules[c]] for c in COMPONENTS], dtype=bool)
+
+    return Extraction(
+        acts, w_sv, g_sv, loss_total,
+        nonfinite_activations=np.array([[not all(finite[(c, i)]) for i in range(n_layers)]
+                                        for c in COMPONENTS], dtype=bool),
+        nonfinite_weights=nonfinite(lambda m: bool(torch.isfinite(m.weight).all())),
+        nonfinite_grads=nonfinite(lambda m: bool(torch.isfinite(m.weight.grad).all())))
 
 
 def _accumulate_float32(grads: dict[tuple[str, int], torch.Tensor],
@@ -228,7 +271,26 @@ def extraction_dataset(result: Extraction, seq_idx: np.ndarray, pos_idx: np.ndar
         coords=coords,
         attrs=attrs,
     )
+    flags = nonfinite_flags(result)
+    for name, value in flags.items():
+        ds[name] = (("component", "layer"), value,
+                    {"description": f"NaN or inf in the layer's {name.split('_')[1]}"})
+    ds.attrs["nonfinite"] = bool(any(v.any() for v in flags.values())
+                                 or not np.isfinite(result.loss))
     return ds
+
+
+def warn_nonfinite(ds: xr.Dataset) -> None:
+    """Log a warning per (component, layer) of ``ds`` with non-finite values recorded."""
+    for name in ("nonfinite_activations", "nonfinite_weights", "nonfinite_grads"):
+        for comp, layer in zip(*np.nonzero(ds[name].values), strict=True):
+            log.warning("non-finite %s (NaN or inf) for size %s step %s %s layer %d: recorded "
+                        "in the store; metrics computed from them will be NaN",
+                        name.split("_")[1], ds.attrs.get("size"), ds.attrs.get("step"),
+                        ds.component.values[comp], layer)
+    if not np.isfinite(float(ds.loss)):
+        log.warning("non-finite loss %s for size %s step %s", float(ds.loss),
+                    ds.attrs.get("size"), ds.attrs.get("step"))
 
 
 def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path | str, *,
@@ -245,7 +307,8 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
         model = load_model(checkpoint, dtype=DTYPES[dtype], device=dev)
     except CorruptCheckpointError as exc:
         raise discard_corrupt_download(checkpoint, exc) from exc
-    batch = torch.as_tensor(np.load(eval_batch), dtype=torch.long)
+    batch_array = np.load(eval_batch)
+    batch = torch.as_tensor(batch_array, dtype=torch.long)
     check_vocabulary(batch, model.config.vocab_size, eval_batch)
     seq_idx, pos_idx = token_positions(sampling, *batch.shape, tokens, seed,
                                        context=model.config.max_position_embeddings)
@@ -262,8 +325,11 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
         "n_params": n_parameters(model), "weights_sha256": weights_sha256(checkpoint),
         "eval_batch_shape": list(batch.shape), "token_seed": seed,
         "sampling_protocol": sampling, **revision_attrs(checkpoint),
+        "eval_batch_sha256": hashlib.sha256(
+            np.ascontiguousarray(batch_array, dtype=np.int64).tobytes()).hexdigest(),
     }
     ds = extraction_dataset(result, seq_idx, pos_idx, attrs)
+    warn_nonfinite(ds)
     chunks = (1, 1, *result.activations.shape[2:])
     write_store(ds, out, encoding={"activations": {"chunks": chunks}})
     log.info("wrote %s (loss %.4f) in %.1fs", out, result.loss, time.perf_counter() - t0)

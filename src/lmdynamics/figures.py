@@ -10,6 +10,7 @@ fraction of training ``step / final_step`` (``"fraction"``).
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -174,8 +175,10 @@ def save_figure(fig: Figure, out_stem: Path) -> list[Path]:
         if engine is not None:  # lay out once, not once per file format
             engine.execute(fig)
             fig.set_layout_engine("none")
-        for path in paths:
-            fig.savefig(path, dpi=PNG_DPI)
+        for path in paths:  # through a temporary file: a killed job leaves no half figure
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            fig.savefig(tmp, dpi=PNG_DPI, format=path.suffix[1:])
+            os.replace(tmp, path)
     finally:
         plt.close(fig)
     return paths

@@ -9,15 +9,23 @@ over (size, component, layer, step), sizes ordered by parameter count, missing l
 from __future__ import annotations
 
 import logging
+import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import xarray as xr
 
-from lmdynamics.audit import duplicate_flag, flags
+from lmdynamics.audit import duplicate_flag
+from lmdynamics.flags import (
+    flag_nonfinite,
+    set_flagged,
+    split_flags,
+    stack_flags,
+    warn_nan_metrics,
+)
 from lmdynamics.metrics import (
     CKAReference,
     linear_cka_to_reference,
@@ -35,50 +43,105 @@ from lmdynamics.store import (
 log = logging.getLogger(__name__)
 
 PAIR_VARIABLES = ("activations", "weight_singular_values", "grad_singular_values")
+#: Coordinates a per-pair store must hold besides its variables (the sampled tokens).
+PAIR_COORDS = ("sequence", "position")
+#: Store attrs that must agree with the final step's store (when both stores have them).
+CONSISTENT_ATTRS = ("size", "model", "num_layers", "hidden_size", "dtype", "token_seed",
+                    "eval_batch_shape", "eval_batch_sha256")
 METRIC_VARIABLES = ("cka", "per_weight", "per_grad")
 
 
 def open_pair_stores(paths: Sequence[Path | str]) -> dict[int, xr.Dataset]:
     """Open per-pair stores keyed by step, checking completeness and required variables."""
-    stores = {}
+    stores: dict[int, xr.Dataset] = {}
     for p in paths:
-        ds = open_store(p, required=PAIR_VARIABLES)
+        ds = open_store(p, required=PAIR_VARIABLES + PAIR_COORDS).assign_attrs(path=str(p))
+        check_pair_layout(ds)
         step = int(ds.attrs["step"])
+        named = re.fullmatch(r"step(\d+)\.zarr", Path(p).name)
+        if named and int(named[1]) != step:
+            raise IncompleteStoreError(f"{p}: attr step={step} but the path names step "
+                                       f"{named[1]} (a store copied or moved?); {redo_hint(p)}")
         if step in stores:
-            raise ValueError(f"two stores for step {step}: {p} and another")
-        stores[step] = ds.assign_attrs(path=str(p))
+            other = stores[step].attrs["path"]
+            raise IncompleteStoreError(f"two stores for step {step}: {other} and {p}; "
+                                       f"{redo_hint(p)}")
+        stores[step] = ds
     return dict(sorted(stores.items()))
 
 
+def check_pair_layout(ds: xr.Dataset) -> None:
+    """Shapes of one per-pair store must fit its own attrs (layers, hidden size, tokens).
+
+    activations (component, layer, token, dim) = (2, num_layers, len(sequence), hidden_size);
+    singular values (component, layer, k) = (2, num_layers, k). Raises
+    :class:`IncompleteStoreError` naming the store and how to redo it.
+    """
+    path = ds.attrs["path"]
+    n_layers, hidden = ds.attrs.get("num_layers"), ds.attrs.get("hidden_size")
+    expected = {
+        "activations": (("component", "layer", "token", "dim"),
+                        (2, n_layers, ds["sequence"].size, hidden)),
+        "weight_singular_values": (("component", "layer", "k"), (2, n_layers, None)),
+        "grad_singular_values": (("component", "layer", "k"), (2, n_layers, None)),
+    }
+    for var, (dims, shape) in expected.items():
+        got = ds[var]
+        ok = got.dims == dims and all(e is None or e == g
+                                      for e, g in zip(shape, got.shape, strict=True))
+        if not ok:
+            want = ", ".join(f"{d}={'any' if e is None else e}"
+                             for d, e in zip(dims, shape, strict=True))
+            raise IncompleteStoreError(
+                f"{path}: {var} has dims {got.dims} shape {got.shape}; expected ({want}) "
+                f"from the store's attrs num_layers={n_layers}, hidden_size={hidden}; "
+                f"{redo_hint(path)}")
+
+
 def check_consistent(stores: dict[int, xr.Dataset], final_step: int) -> xr.Dataset:
-    """Every store must match the final one in size, shapes and sampled token positions.
+    """Every store must match the final one in attrs, shapes and sampled token positions.
 
     Returns the final step's store. Raises :class:`IncompleteStoreError` naming the
-    offending store and how to redo it.
+    offending store and how to redo it: a store that differs from the final one, or the
+    final store itself when every other store (two or more, all alike) differs from it.
     """
     if final_step not in stores:
         raise IncompleteStoreError(f"no store for the final step {final_step} among steps "
                                    f"{sorted(stores)}")
     ref = stores[final_step]
-    for ds in stores.values():
-        path = ds.attrs["path"]
-        for attr in ("size", "num_layers", "hidden_size"):
-            if ds.attrs.get(attr) != ref.attrs.get(attr):
-                raise IncompleteStoreError(
-                    f"{path}: attr {attr}={ds.attrs.get(attr)!r} differs from the final "
-                    f"step's {ref.attrs.get(attr)!r}; {redo_hint(path)}")
-        for var in PAIR_VARIABLES:
-            if ds[var].shape != ref[var].shape:
-                raise IncompleteStoreError(
-                    f"{path}: {var} has shape {ds[var].shape}, the final step's store has "
-                    f"{ref[var].shape}; {redo_hint(path)}")
-        for coord in ("sequence", "position"):
-            if not np.array_equal(ds[coord].values, ref[coord].values):
-                raise IncompleteStoreError(
-                    f"{path}: sampled token {coord}s differ from the final step's "
-                    f"({ref.attrs['path']}), so CKA would compare different tokens; "
-                    f"{redo_hint(path)}")
+    always = ("size", "num_layers", "hidden_size")
+    for attr in CONSISTENT_ATTRS:
+        _agree(stores, ref, f"attr {attr}", lambda ds, a=attr: ds.attrs.get(a),
+               skip=lambda ds, a=attr: a not in ds.attrs and a not in always)
+    for var in PAIR_VARIABLES:
+        _agree(stores, ref, f"{var} shape", lambda ds, v=var: tuple(ds[v].shape))
+    for coord in ("sequence", "position"):
+        _agree(stores, ref, f"sampled token {coord}s", lambda ds, c=coord: ds[c].values,
+               show=False)
     return ref
+
+
+def _agree(stores: dict[int, xr.Dataset], ref: xr.Dataset, what: str, value: Callable,
+           skip: Callable = lambda ds: False, show: bool = True) -> None:
+    """Raise naming the odd store out when ``value(ds)`` differs from ``value(ref)``."""
+    def same(a: xr.Dataset, b: xr.Dataset) -> bool:
+        return bool(np.array_equal(np.asarray(value(a), dtype=object),
+                                   np.asarray(value(b), dtype=object)))
+
+    others = [ds for ds in stores.values() if ds is not ref and not skip(ds)]
+    differing = [ds for ds in others if not same(ds, ref)]
+    if not differing:
+        return
+    if len(differing) == len(others) >= 2 and all(same(ds, others[0]) for ds in others):
+        odd, other = ref, others[0]
+        where = f"the other {len(others)} steps' stores (e.g. {other.attrs['path']})"
+    else:
+        odd, other = differing[0], ref
+        where = f"the final step's store ({ref.attrs['path']})"
+    path = odd.attrs["path"]
+    detail = (f"is {value(odd)!r}, but {value(other)!r} in {where}" if show
+              else f"differ from those in {where}, so CKA would compare different tokens")
+    raise IncompleteStoreError(f"{path}: {what} {detail}; {redo_hint(path)}")
 
 
 def _per(ds: xr.Dataset, var: str, divisor_kind: str) -> np.ndarray:
@@ -122,13 +185,16 @@ def reduce_size(paths: Sequence[Path | str], out: Path | str, *, final_step: int
                       for s in steps], axis=-1)
     per_g = np.stack([_per(stores[s], "grad_singular_values", per_divisor_kind)
                       for s in steps], axis=-1)
+    flags = flag_nonfinite(stores)
     dims = ("component", "layer", "step")
     ds = xr.Dataset(
         {"cka": (dims, cka, {"long_name": "linear CKA vs final step"}),
          "per_weight": (dims, per_w, {"long_name": "proportional effective rank of weights"}),
          "per_grad": (dims, per_g, {"long_name": "proportional effective rank of gradients"}),
          "eval_loss": (("step",), np.array([float(stores[s].loss) for s in steps]),
-                       {"units": "nats/token"})},
+                       {"units": "nats/token"}),
+         "flag_nonfinite": (dims, flags, {"description": "NaN or inf in the layer's "
+                                          "activations, weights or gradients"})},
         coords={"component": np.array(components, dtype=object),
                 "layer": np.arange(n_layers), "step": np.array(steps, dtype=np.int64)},
         attrs={"size": ref.attrs["size"], "n_params": int(ref.attrs["n_params"]),
@@ -137,6 +203,7 @@ def reduce_size(paths: Sequence[Path | str], out: Path | str, *, final_step: int
                "model": ref.attrs["model"]},
     )
     ds["flag_duplicate"] = duplicate_flag(stores)
+    warn_nan_metrics(ds, ("per_weight", "per_grad"))
     write_store(ds, out)
     log.info("reduced %d steps of size %s into %s", len(steps), ref.attrs["size"], out)
     return ds
@@ -155,6 +222,7 @@ def combine_sizes(paths: Sequence[Path | str]) -> xr.Dataset:
         raise ValueError(f"per-size metrics disagree on final_step {finals} or per_divisor "
                          f"{divisors}; rerun the reductions with one configuration")
     sizes = [d.attrs["size"] for d in per_size]
+    per_size, flags = zip(*(split_flags(d) for d in per_size), strict=True)
     combined = xr.concat(
         [d.drop_attrs() for d in per_size], dim=pd.Index(sizes, name="size"), join="outer",
         combine_attrs="drop", coords="minimal", compat="override", fill_value=np.nan)
@@ -162,21 +230,29 @@ def combine_sizes(paths: Sequence[Path | str]) -> xr.Dataset:
         size=np.array(sizes, dtype=object),
         n_params=("size", np.array([d.attrs["n_params"] for d in per_size], dtype=np.int64)),
         num_layers=("size", np.array([d.attrs["num_layers"] for d in per_size])))
+    combined = combined.merge(stack_flags(flags, sizes), join="left", fill_value=False)
     combined.attrs = {"final_step": finals.pop(), "per_divisor": divisors.pop()}
-    return combined
+    return set_flagged(combined)
 
 
 def tidy_metrics(ds: xr.Dataset) -> pd.DataFrame:
-    """Long-form table (size, component, layer, step, cka, per_weight, per_grad)."""
+    """Long-form table (size, component, layer, step, cka, per_weight, per_grad).
+
+    One row per layer a size has (``num_layers``); an undefined metric is an empty cell.
+    """
     df = ds[list(METRIC_VARIABLES)].to_dataframe().reset_index()
-    df = df.dropna(subset=list(METRIC_VARIABLES), how="all")
+    if "num_layers" in ds.coords:
+        n_layers = dict(zip(ds["size"].values, ds["num_layers"].values, strict=True))
+        df = df[df["layer"] < df["size"].map(n_layers)]
+    else:
+        df = df.dropna(subset=list(METRIC_VARIABLES), how="all")
     return df[["size", "component", "layer", "step", *METRIC_VARIABLES]]
 
 
 def write_combined(paths: Sequence[Path | str], out_zarr: Path | str,
                    out_csv: Path | str) -> xr.Dataset:
     """Combine per-size metrics and write ``metrics.zarr`` and the tidy ``metrics.csv``."""
-    ds = flags(combine_sizes(paths))
+    ds = combine_sizes(paths)
     write_store(ds, out_zarr)
     write_text_atomic(tidy_metrics(ds).to_csv(index=False), out_csv)
     return ds
