@@ -202,7 +202,8 @@ def run_pass(model: torch.nn.Module, batch: torch.Tensor, seq_idx: np.ndarray,
         nonfinite_activations=np.array([[not all(finite[(c, i)]) for i in range(n_layers)]
                                         for c in COMPONENTS], dtype=bool),
         nonfinite_weights=nonfinite(lambda m: bool(torch.isfinite(m.weight).all())),
-        nonfinite_grads=nonfinite(lambda m: bool(torch.isfinite(m.weight.grad).all())))
+        nonfinite_grads=np.array([[not bool(torch.isfinite(grads[(c, i)]).all())
+                                   for i in range(n_layers)] for c in COMPONENTS], dtype=bool))
 
 
 def _accumulate_float32(grads: dict[tuple[str, int], torch.Tensor],
