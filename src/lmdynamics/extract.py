@@ -7,7 +7,8 @@ For each layer of a GPT-NeoX model we record what the layer writes to the residu
 
 at a fixed, seeded subsample of token positions, and the singular values of the two write
 matrices (``attention.dense.weight``, ``mlp.dense_4h_to_h.weight``) and of their gradients
-of the language-modelling loss (labels = inputs) on the same batch.
+of the language-modelling loss (labels = inputs) on the same batch. The paper code's
+attention activation and gradient protocol are options (:mod:`lmdynamics.paper_code`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,13 @@ import xarray as xr
 from lmdynamics import __version__
 from lmdynamics.checkpoints import load_model, n_parameters, weights_sha256
 from lmdynamics.metrics import singular_values
+from lmdynamics.paper_code import (
+    GRADIENT_PROTOCOLS,
+    attention_hook_target,
+    check_choice,
+    gradient_steps,
+    paper_code_gradient_singular_values,
+)
 from lmdynamics.store import write_store
 
 log = logging.getLogger(__name__)
@@ -78,21 +86,41 @@ class Extraction:
 
 
 def _capture(buffer: list[list[torch.Tensor]], seq: torch.Tensor,
-             pos: torch.Tensor) -> Callable:
+             pos: torch.Tensor, transform: Callable | None = None) -> Callable:
     def hook(_module, _inputs, output):
-        buffer.append(output.detach()[seq, pos].to("cpu", torch.float32))
+        out = output.detach()[seq, pos]
+        buffer.append((out if transform is None else transform(out)).to("cpu", torch.float32))
     return hook
 
 
+def hook_targets(model: torch.nn.Module, attention_activation: str = "residual_write"
+                 ) -> dict[str, list[tuple[torch.nn.Module, Callable | None]]]:
+    """Per component and layer: the module whose output is captured and how it is mapped.
+
+    ``residual_write`` hooks :func:`write_modules`; ``paper_code`` hooks attention's fused
+    ``query_key_value`` instead (:func:`lmdynamics.paper_code.attention_hook_target`).
+    """
+    mlp = [(m, None) for m in write_modules(model)["mlp"]]
+    if attention_activation == "residual_write":
+        return {"attention": [(m, None) for m in write_modules(model)["attention"]], "mlp": mlp}
+    return {"attention": [attention_hook_target(layer, attention_activation)
+                          for layer in model.gpt_neox.layers], "mlp": mlp}
+
+
 def run_pass(model: torch.nn.Module, batch: torch.Tensor, seq_idx: np.ndarray,
-             pos_idx: np.ndarray, *, micro_batch: int | None = None) -> Extraction:
+             pos_idx: np.ndarray, *, micro_batch: int | None = None,
+             attention_activation: str = "residual_write",
+             gradients: bool = True) -> Extraction:
     """Forward and backward of the LM loss on ``batch`` (S, T) with activation hooks.
 
     ``micro_batch`` sequences are processed at a time (all by default); the loss is the mean
     over all predicted tokens and gradients accumulate to those of the whole batch.
+    ``attention_activation``: see :func:`hook_targets`. ``gradients=False`` runs the
+    forward pass only (``grad_singular_values`` is then all NaN, to be filled by the caller).
     """
     device = next(model.parameters()).device
     modules = write_modules(model)
+    targets = hook_targets(model, attention_activation)
     n_layers = len(modules["attention"])
     n_seq = batch.shape[0]
     micro = micro_batch or n_seq
@@ -105,13 +133,15 @@ def run_pass(model: torch.nn.Module, batch: torch.Tensor, seq_idx: np.ndarray,
         keep = (seq_idx >= start) & (seq_idx < stop)
         seq = torch.as_tensor(seq_idx[keep] - start, device=device)
         pos = torch.as_tensor(pos_idx[keep], device=device)
-        handles = [mod.register_forward_hook(_capture(captured[(c, i)], seq, pos))
-                   for c in COMPONENTS for i, mod in enumerate(modules[c])]
+        handles = [mod.register_forward_hook(_capture(captured[(c, i)], seq, pos, fn))
+                   for c in COMPONENTS for i, (mod, fn) in enumerate(targets[c])]
         try:
             inputs = batch[start:stop].to(device)
-            out = model(input_ids=inputs, labels=inputs)
+            with torch.set_grad_enabled(gradients):
+                out = model(input_ids=inputs, labels=inputs)
             weight = (stop - start) / n_seq  # equal-length sequences: token-weighted mean
-            (out.loss.float() * weight).backward()
+            if gradients:
+                (out.loss.float() * weight).backward()
             loss_total += out.loss.item() * weight
         finally:
             for h in handles:
@@ -120,8 +150,11 @@ def run_pass(model: torch.nn.Module, batch: torch.Tensor, seq_idx: np.ndarray,
                      for c in COMPONENTS])
     w_sv = np.stack([np.stack([singular_values(m.weight.detach()) for m in modules[c]])
                      for c in COMPONENTS])
-    g_sv = np.stack([np.stack([singular_values(m.weight.grad) for m in modules[c]])
-                     for c in COMPONENTS])
+    if gradients:
+        g_sv = np.stack([np.stack([singular_values(m.weight.grad) for m in modules[c]])
+                         for c in COMPONENTS])
+    else:
+        g_sv = np.full_like(w_sv, np.nan)
     return Extraction(acts, w_sv, g_sv, loss_total)
 
 
@@ -157,18 +190,35 @@ def extraction_dataset(result: Extraction, seq_idx: np.ndarray, pos_idx: np.ndar
 def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path | str, *,
                        tokens: int, seed: int, size: str, step: int, model_name: str,
                        revision: str, device: str = "auto", dtype: str = "float32",
-                       micro_batch: int | None = None) -> Path:
-    """Load one checkpoint, run the eval batch through it and write its store to ``out``."""
+                       micro_batch: int | None = None,
+                       attention_activation: str = "residual_write",
+                       gradient_protocol: str = "eval_batch",
+                       gradient_batches: Path | str | None = None) -> Path:
+    """Load one checkpoint, run the eval batch through it and write its store to ``out``.
+
+    ``gradient_protocol="paper_code"`` needs ``gradient_batches``: an .npy (2, S, T) of
+    the training batches of :func:`lmdynamics.paper_code.gradient_steps` ``(step)``.
+    """
     t0 = time.perf_counter()
     dev = resolve_device(device)
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: allowed {', '.join(DTYPES)}")
+    check_choice("extraction.gradient_protocol", gradient_protocol, GRADIENT_PROTOCOLS)
+    if gradient_protocol == "paper_code" and gradient_batches is None:
+        raise ValueError("extraction.gradient_protocol='paper_code' needs the training "
+                         "batches of steps c-5 and c-4 (--gradient-batches); none was given")
     model = load_model(checkpoint, dtype=DTYPES[dtype], device=dev)
     batch = torch.as_tensor(np.load(eval_batch), dtype=torch.long)
     seq_idx, pos_idx = sample_token_positions(*batch.shape, tokens, seed)
     log.info("loaded %s step %d (%s) on %s in %.1fs; eval batch %s, %d sampled tokens",
              size, step, checkpoint, dev, time.perf_counter() - t0, tuple(batch.shape), tokens)
-    result = run_pass(model, batch, seq_idx, pos_idx, micro_batch=micro_batch)
+    result = run_pass(model, batch, seq_idx, pos_idx, micro_batch=micro_batch,
+                      attention_activation=attention_activation,
+                      gradients=gradient_protocol == "eval_batch")
+    if gradient_protocol == "paper_code":
+        grad_batches = torch.as_tensor(np.load(gradient_batches), dtype=torch.long)
+        result.grad_singular_values = paper_code_gradient_singular_values(
+            model, grad_batches, micro_batch=micro_batch)
     cfg = model.config
     attrs = {
         "model": model_name, "revision": revision, "size": size, "step": int(step),
@@ -177,7 +227,10 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
         "intermediate_size": cfg.intermediate_size, "num_layers": cfg.num_hidden_layers,
         "n_params": n_parameters(model), "weights_sha256": weights_sha256(checkpoint),
         "eval_batch_shape": list(batch.shape), "token_seed": seed,
+        "attention_activation": attention_activation, "gradient_protocol": gradient_protocol,
     }
+    if gradient_protocol == "paper_code":
+        attrs["gradient_steps"] = list(gradient_steps(step))
     ds = extraction_dataset(result, seq_idx, pos_idx, attrs)
     chunks = (1, 1, *result.activations.shape[2:])
     write_store(ds, out, encoding={"activations": {"chunks": chunks}})

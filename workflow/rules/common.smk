@@ -19,7 +19,9 @@ STEPS = sorted(config["steps"])
 FINAL_STEP = config["final_step"]
 SCHEDULE = schedule_for(config)
 ENV = "../../envs/lmdynamics.yaml"
-FIGURES = ["figure1", "figure2", "figure3", "figure4", "figure5"]
+FIGURES = ["figure1", "figure2", "figure3", "figure4", "figure5", "figure6"]
+if config["metrics"]["standardize"]:
+    FIGURES.append("figure2_standardized")
 
 
 wildcard_constraints:
@@ -32,6 +34,13 @@ def checkpoint_files(wildcards):
     """The Hugging Face model directory of one (size, step), as its two files."""
     base = f"{RESULTS}/checkpoints/{wildcards.size}/step{wildcards.step}"
     return {"config": f"{base}/config.json", "weights": f"{base}/model.safetensors"}
+
+
+def gradient_batches_input(wildcards):
+    """The paper code's gradient batches of one step, when that protocol is configured."""
+    if config["extraction"]["gradient_protocol"] != "paper_code":
+        return {}
+    return {"grad_batches": f"{RESULTS}/gradient_batches/step{wildcards.step}.npy"}
 
 
 def size_stores(wildcards):
