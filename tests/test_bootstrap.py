@@ -208,3 +208,21 @@ def test_resampling_sequences_widens_intervals_when_tokens_of_a_sequence_correla
         assert low <= debiased_linear_cka(x, y) <= high
         widths[name] = high - low
     assert widths["sequence"] > 1.5 * widths["token"]
+
+
+def test_token_sums_tensor_and_token_routes_agree():
+    import dataclasses
+
+    x, y = data(4, n=30, d1=4, d2=3)
+    groups = np.random.default_rng(1).integers(0, 5, size=30)
+    gx, gy = grouped(x, y, groups)
+    terms = bootstrap._PairTerms.build(gx, gy, group_products(gx, gy))
+    assert terms.tensor is not None
+    w = bootstrap_weights(gx.n_groups, 7, seed=0)
+    powers = {k: w**k for k in range(1, 5)}
+    by_tensor = terms.token_sums(powers)
+    by_token = dataclasses.replace(terms, tensor=None).token_sums(powers)
+    for key, value in by_tensor.items():
+        np.testing.assert_allclose(value, by_token[key], rtol=1e-10, err_msg=str(key))
+    many = GroupedActivations.build(x, np.arange(30))  # one token per group: token route
+    assert bootstrap._PairTerms.build(many, many, group_products(many, many)).tensor is None

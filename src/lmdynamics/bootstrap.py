@@ -190,14 +190,66 @@ def _wsum(m: np.ndarray, wa: np.ndarray, wb: np.ndarray) -> np.ndarray:
     return np.einsum("bg,gh,bh->b", wa, m, wb)
 
 
-def _unbiased_numerator(w: np.ndarray, wt: np.ndarray, x: GroupedActivations,
-                        y: GroupedActivations, m: np.ndarray, ab: np.ndarray) -> np.ndarray:
+#: The token-level sums S(p, q, r) = sum_i w_i^p P^q_i Q^r_i the estimators need.
+_TOKEN_SUMS = ((1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2))
+
+
+@dataclass(frozen=True, eq=False)
+class _PairTerms:
+    """Resample-independent terms of one pair (X, Y); G = number of groups.
+
+    ``m`` (G, G) from :func:`group_products`; ``ab`` (G,) per-group sums of a_i b_i;
+    ``a_y`` (G, G) = sum_{i in g} a_i (y_i . t_h); ``b_x`` (G, G) = sum_{i in g} b_i
+    (x_i . s_h); ``tensor`` (G, G, G) = sum_{i in g} (x_i . s_h)(y_i . t_k), or None when
+    the token-level route is cheaper (many groups of few tokens).
+    """
+
+    x: GroupedActivations
+    y: GroupedActivations
+    m: np.ndarray
+    ab: np.ndarray
+    a_y: np.ndarray
+    b_x: np.ndarray
+    tensor: np.ndarray | None
+
+    @classmethod
+    def build(cls, x: GroupedActivations, y: GroupedActivations,
+              m: np.ndarray) -> _PairTerms:
+        n, g = x.x.shape[0], x.n_groups
+        tensor = None
+        if g**3 <= n * (g + 8) and n * g * g <= BLOCK_ELEMENTS:
+            tensor = np.add.reduceat(x.proj[:, :, None] * y.proj[:, None, :], x.starts, axis=0)
+        return cls(x=x, y=y, m=m, ab=np.add.reduceat(x.row_sq * y.row_sq, x.starts),
+                   a_y=np.add.reduceat(x.row_sq[:, None] * y.proj, x.starts, axis=0),
+                   b_x=np.add.reduceat(y.row_sq[:, None] * x.proj, x.starts, axis=0),
+                   tensor=tensor)
+
+    def token_sums(self, powers: dict[int, np.ndarray]) -> dict[tuple[int, int, int], np.ndarray]:
+        """S(p, q, r) = sum_i w_i^p P^q_i Q^r_i (B,) for each (p, q, r) of :data:`_TOKEN_SUMS`.
+
+        ``powers[k]`` = w^k (B, G). With P^q_i = sum_h w_h^q x_i.s_h: through ``tensor``
+        (B G^3) or token by token (B n G).
+        """
+        if self.tensor is not None:
+            g = self.tensor.shape[0]
+            flat = self.tensor.reshape(g * g, g)  # [(g, h), k]
+            by_r = {r: (powers[r] @ flat.T).reshape(-1, g, g) for r in (1, 2)}  # (B, g, h)
+            return {(p, q, r): np.einsum("bg,bh,bgh->b", powers[p], powers[q], by_r[r])
+                    for p, q, r in _TOKEN_SUMS}
+        grp = self.x.token_group
+        proj_x, proj_y = {q: powers[q] @ self.x.proj.T for q in (1, 2)}, \
+            {r: powers[r] @ self.y.proj.T for r in (1, 2)}
+        return {(p, q, r): np.sum(powers[p][:, grp] * proj_x[q] * proj_y[r], axis=1)
+                for p, q, r in _TOKEN_SUMS}
+
+
+def _unbiased_numerator(w: dict[int, np.ndarray], t: _PairTerms,
+                        sums: dict[tuple[int, int, int], np.ndarray]) -> np.ndarray:
     """Weighted 4-tuple sum of the unbiased-HSIC kernel over distinct tokens; shape (B,).
 
-    ``w`` (B, G) group weights, ``wt`` (B, n) token weights, ``m``/``ab`` from
-    :func:`group_products` and the per-group sums of ``a_i b_i``. With e_ij = k_ij l_ij,
-    E_pq = sum_{i != j} w_i^p w_j^q e_ij, P^q_i = sum_j w_j^q k_ij, Q^r_i = sum_j w_j^r l_ij,
-    n_p = sum_i w_i^p:
+    ``w[k]`` = group weights to the power k (B, G); ``t``: the pair's terms; ``sums``:
+    :meth:`_PairTerms.token_sums`. With e_ij = k_ij l_ij, E_pq = sum_{i != j} w_i^p w_j^q
+    e_ij, P^q_i = sum_j w_j^q k_ij, Q^r_i = sum_j w_j^r l_ij, n_p = sum_i w_i^p:
 
     - pairs term: sum_{i!=j} w_i w_j e_ij (sum over q != r outside {i, j} of w_q w_r)
       = (n_1^2 - n_2) E_11 - 4 n_1 E_21 + 4 E_31 + 2 E_22;
@@ -209,31 +261,25 @@ def _unbiased_numerator(w: np.ndarray, wt: np.ndarray, x: GroupedActivations,
       - w_i^q a_i Q^r_i - w_i^r b_i P^q_i] - sum_{g,h} w_g^p w_h^(q+r) M_gh
       + 2 sum_g w_g^(p+q+r) ab_g.
 
-    Result: pairs + product - 2 triple.
+    Result: pairs + product - 2 triple. Sums over tokens of w_i^k a_i Q^r_i reduce to
+    G x G forms (``a_y``, ``b_x``), so only the four S(p, q, r) are token-level.
     """
-    w2, w3, w4 = w**2, w**3, w**4
-    wt2, wt3 = wt**2, wt**3
-    n1 = w @ x.counts
+    x, y, m, ab = t.x, t.y, t.m, t.ab
+    n1 = w[1] @ x.counts
 
-    def e(wp: np.ndarray, wq: np.ndarray, wpq: np.ndarray) -> np.ndarray:
-        return _wsum(m, wp, wq) - wpq @ ab
+    def e(p: int, q: int) -> np.ndarray:
+        return _wsum(m, w[p], w[q]) - w[p + q] @ ab
 
-    e11, e21, e31, e22 = e(w, w, w2), e(w2, w, w3), e(w3, w, w4), e(w2, w2, w4)
-    pairs = (n1**2 - w2 @ x.counts) * e11 - 4 * n1 * e21 + 4 * e31 + 2 * e22
-    p1, p2 = w @ x.proj.T, w2 @ x.proj.T  # (B, n): P^1, P^2
-    q1, q2 = w @ y.proj.T, w2 @ y.proj.T
-    a, b = x.row_sq, y.row_sq
-    kappa = _wsum(x.sums_gram, w, w) - w2 @ x.row_sq_group
-    lam = _wsum(y.sums_gram, w, w) - w2 @ y.row_sq_group
-    product = kappa * lam - 4 * np.sum(wt2 * (p1 - wt * a) * (q1 - wt * b), axis=1) + 2 * e22
-    powers = {1: (w, wt), 2: (w2, wt2), 3: (w3, wt3), 4: (w4, None)}
-    p_of, q_of = {1: p1, 2: p2}, {1: q1, 2: q2}
+    e11, e21, e31, e22 = e(1, 1), e(2, 1), e(3, 1), e(2, 2)
+    pairs = (n1**2 - w[2] @ x.counts) * e11 - 4 * n1 * e21 + 4 * e31 + 2 * e22
+    kappa = _wsum(x.sums_gram, w[1], w[1]) - w[2] @ x.row_sq_group
+    lam = _wsum(y.sums_gram, w[1], w[1]) - w[2] @ y.row_sq_group
+    shared = sums[2, 1, 1] - _wsum(t.a_y, w[3], w[1]) - _wsum(t.b_x, w[3], w[1]) + w[4] @ ab
+    product = kappa * lam - 4 * shared + 2 * e22
 
     def c(p: int, q: int, r: int) -> np.ndarray:
-        tokens = (wt if p == 1 else wt2) * p_of[q] * q_of[r]
-        tokens = tokens - powers[p + q][1] * a * q_of[r] - powers[p + r][1] * b * p_of[q]
-        return (tokens.sum(axis=1) - _wsum(m, powers[p][0], powers[q + r][0])
-                + 2 * (powers[p + q + r][0] @ ab))
+        return (sums[p, q, r] - _wsum(t.a_y, w[p + q], w[r]) - _wsum(t.b_x, w[p + r], w[q])
+                - _wsum(m, w[p], w[q + r]) + 2 * (w[p + q + r] @ ab))
 
     triple = n1 * c(1, 1, 1) - c(2, 1, 1) - c(1, 2, 1) - c(1, 1, 2)
     return pairs + product - 2 * triple
@@ -253,23 +299,22 @@ def resampled_hsic(x: GroupedActivations, y: GroupedActivations, m: np.ndarray,
     if w.ndim != 2 or w.shape[1] != x.n_groups or (w < 0).any():
         raise ValueError(f"weights must be non-negative with shape (B, {x.n_groups}); got "
                          f"shape {w.shape}")
-    ab = np.add.reduceat(x.row_sq * y.row_sq, x.starts)
+    terms = _PairTerms.build(x, y, m)
     biased = np.empty(w.shape[0])
     unbiased = np.empty(w.shape[0])
     for lo in range(0, w.shape[0], RESAMPLE_CHUNK):
-        wc = w[lo:lo + RESAMPLE_CHUNK]
-        wt = wc[:, x.token_group]
-        n1, n2 = wc @ x.counts, wc**2 @ x.counts
-        n3, n4 = wc**3 @ x.counts, wc**4 @ x.counts
-        p1, q1 = wc @ x.proj.T, wc @ y.proj.T
-        cross = np.sum(wt * p1 * q1, axis=1)
+        chunk = w[lo:lo + RESAMPLE_CHUNK]
+        powers = {k: chunk**k for k in range(1, 5)}
+        n1, n2, n3, n4 = (powers[k] @ x.counts for k in range(1, 5))
+        sums = terms.token_sums(powers)
         with np.errstate(all="ignore"):
-            biased[lo:lo + len(wc)] = (_wsum(m, wc, wc) - 2 * cross / n1
-                                       + _wsum(x.sums_gram, wc, wc)
-                                       * _wsum(y.sums_gram, wc, wc) / n1**2)
+            biased[lo:lo + len(chunk)] = (_wsum(m, chunk, chunk) - 2 * sums[1, 1, 1] / n1
+                                          + _wsum(x.sums_gram, chunk, chunk)
+                                          * _wsum(y.sums_gram, chunk, chunk) / n1**2)
             d4 = n1**4 - 6 * n1**2 * n2 + 3 * n2**2 + 8 * n1 * n3 - 6 * n4
-            u = _unbiased_numerator(wc, wt, x, y, m, ab) / d4
-        unbiased[lo:lo + len(wc)] = np.where(d4 > 0.5, u, np.nan)  # d4 is an integer count
+            u = _unbiased_numerator(powers, terms, sums) / d4
+        # d4 = 0 when fewer than 4 distinct tokens carry weight (exactly, for integer counts)
+        unbiased[lo:lo + len(chunk)] = np.where(d4 > 1e-12 * n1**4, u, np.nan)
     return biased, unbiased
 
 
