@@ -187,7 +187,7 @@ def _products_gram(x: GroupedActivations, y: GroupedActivations) -> np.ndarray:
 
 def _wsum(m: np.ndarray, wa: np.ndarray, wb: np.ndarray) -> np.ndarray:
     """Row-wise ``wa[b] @ m @ wb[b]`` for weights (B, G) and m (G, G); shape (B,)."""
-    return np.einsum("bg,gh,bh->b", wa, m, wb)
+    return np.sum((wa @ m) * wb, axis=1)
 
 
 #: The token-level sums S(p, q, r) = sum_i w_i^p P^q_i Q^r_i the estimators need.
@@ -234,7 +234,8 @@ class _PairTerms:
             g = self.tensor.shape[0]
             flat = self.tensor.reshape(g * g, g)  # [(g, h), k]
             by_r = {r: (powers[r] @ flat.T).reshape(-1, g, g) for r in (1, 2)}  # (B, g, h)
-            return {(p, q, r): np.einsum("bg,bh,bgh->b", powers[p], powers[q], by_r[r])
+            return {(p, q, r): np.sum(np.matmul(powers[p][:, None, :], by_r[r])[:, 0]
+                                      * powers[q], axis=1)
                     for p, q, r in _TOKEN_SUMS}
         grp = self.x.token_group
         proj_x, proj_y = {q: powers[q] @ self.x.proj.T for q in (1, 2)}, \

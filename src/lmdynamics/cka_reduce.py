@@ -4,7 +4,9 @@ For one size, from its per-pair stores (one per step), per (component, layer):
 
 - ``cka`` / ``cka_debiased`` (component, layer, step): biased / debiased linear CKA of each
   step's activations against the final step's (:mod:`lmdynamics.metrics`,
-  :mod:`lmdynamics.cka`);
+  :mod:`lmdynamics.cka`), read off the pairwise matrices below (the same numbers as
+  ``linear_cka``/``debiased_linear_cka``; computing all pairs in Gram space costs about what
+  the comparisons with the final step alone cost in feature space when n < 2d);
 - with ``bootstrap_samples > 0``: ``<var>_low`` / ``<var>_high`` (component, layer, step), a
   percentile interval at ``bootstrap_level`` from resampling *sequences*
   (:mod:`lmdynamics.bootstrap`), and ``<var>_layer_mean_low`` / ``_high`` (component, step),
@@ -34,15 +36,7 @@ from lmdynamics.bootstrap import (
     bootstrap_weights,
     percentile_interval,
 )
-from lmdynamics.cka import (
-    CKA_ESTIMATORS,
-    DebiasedCKAReference,
-    cka_variable,
-    debiased_cka_to_reference,
-    pairwise_cka,
-    standardize,
-)
-from lmdynamics.metrics import CKAReference, linear_cka_to_reference
+from lmdynamics.cka import CKA_ESTIMATORS, cka_variable, pairwise_cka, standardize
 
 log = logging.getLogger(__name__)
 
@@ -123,21 +117,18 @@ def cka_dataset(activations: dict[int, xr.DataArray], sequences: np.ndarray, *,
                    for s in steps]
             for standardized in variants:
                 xs = [standardize(x) for x in raw] if standardized else raw
-                refs = (CKAReference.from_activations(xs[fi]),
-                        DebiasedCKAReference.from_activations(xs[fi]))
-                bref = (BootstrapReference.from_activations(xs[fi], sequences, weights)
-                        if boot else None)
-                for si, x in enumerate(xs):
-                    point["biased", standardized][ci, layer, si] = linear_cka_to_reference(
-                        x, refs[0])
-                    point["debiased", standardized][ci, layer, si] = \
-                        debiased_cka_to_reference(x, refs[1])
-                    if bref is not None:
+                # every step against every step; the final step's column is the CKA to it
+                biased, debiased = pairwise_cka(xs)
+                point["biased", standardized][ci, layer] = biased[:, fi]
+                point["debiased", standardized][ci, layer] = debiased[:, fi]
+                if not standardized:
+                    pair["biased"][ci, layer], pair["debiased"][ci, layer] = biased, debiased
+                if boot:
+                    bref = BootstrapReference.from_activations(xs[fi], sequences, weights)
+                    for si, x in enumerate(xs):
                         rb, rd = bootstrap_cka_to_reference(x, bref)
                         resamples["biased", standardized][ci, layer, si] = rb
                         resamples["debiased", standardized][ci, layer, si] = rd
-            biased, debiased = pairwise_cka(raw)
-            pair["biased"][ci, layer], pair["debiased"][ci, layer] = biased, debiased
     _warn_undefined(point, steps, components, size)
     dims = ("component", "layer", "step")
     data: dict[str, tuple] = {}
