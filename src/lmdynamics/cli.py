@@ -110,6 +110,11 @@ def _extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampling", default="random_positions",
                    help="token sampling protocol: random_positions | paper_code")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--attention-activation", default="residual_write",
+                   help="residual_write | paper_code")
+    p.add_argument("--gradient-protocol", default="eval_batch", help="eval_batch | paper_code")
+    p.add_argument("--gradient-batches", type=Path, default=None,
+                   help=".npy (2, sequences, positions) for --gradient-protocol paper_code")
     p.add_argument("--out", type=Path, required=True)
 
 
@@ -124,21 +129,70 @@ def _extract(a: argparse.Namespace) -> None:
     extract_checkpoint(a.checkpoint, a.eval_batch, a.out, tokens=a.tokens, seed=a.seed,
                        size=a.size, step=a.step, model_name=a.model, revision=a.revision,
                        device=a.device, dtype=a.dtype, micro_batch=a.micro_batch,
-                       sampling=a.sampling)
+                       sampling=a.sampling,
+                       attention_activation=a.attention_activation,
+                       gradient_protocol=a.gradient_protocol,
+                       gradient_batches=a.gradient_batches)
+
+
+def _gradient_batches_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", required=True, help="tiny | hub")
+    p.add_argument("--step", type=int, required=True, help="the checkpoint c")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True)
+
+
+@command("gradient-batches", _gradient_batches_args)
+def _gradient_batches(a: argparse.Namespace) -> None:
+    """Training batches of steps c-5 and c-4 for the paper code's gradient protocol."""
+    from lmdynamics.paper_code import hub_gradient_batches, tiny_gradient_batches
+    from lmdynamics.store import write_array_atomic
+
+    if a.source == "tiny":
+        batches = tiny_gradient_batches(a.step, batch_size=a.batch_size, seq_len=a.seq_len,
+                                        seed=a.seed)
+    elif a.source == "hub":
+        batches = hub_gradient_batches(a.step)
+    else:
+        raise ValueError(f"--source {a.source!r}: allowed tiny, hub")
+    write_array_atomic(batches, a.out)
+    log.info("gradient batches of checkpoint %d: %s -> %s", a.step, batches.shape, a.out)
+
+
+def _bool(text: str) -> bool:
+    """Parse a boolean flag value: true/false, yes/no, 1/0 (any case)."""
+    value = text.strip().lower()
+    if value in ("true", "yes", "1"):
+        return True
+    if value in ("false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r}: allowed true or false")
 
 
 def _reduce_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("stores", nargs="+", type=Path)
     p.add_argument("--final-step", type=int, required=True)
     p.add_argument("--per-divisor", default="min_dim")
+    p.add_argument("--per-truncate", type=_bool, default=True)
+    p.add_argument("--bootstrap-samples", type=int, default=0)
+    p.add_argument("--bootstrap-level", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=0, help="seeds the bootstrap resamples")
+    p.add_argument("--standardize", type=_bool, default=False)
     p.add_argument("--out", type=Path, required=True)
 
 
 @command("reduce", _reduce_args)
 def _reduce(a: argparse.Namespace) -> None:
+    from lmdynamics.cka_reduce import CKAOptions
     from lmdynamics.reduce import reduce_size
 
-    reduce_size(a.stores, a.out, final_step=a.final_step, per_divisor_kind=a.per_divisor)
+    options = CKAOptions(bootstrap_samples=a.bootstrap_samples,
+                         bootstrap_level=a.bootstrap_level, seed=a.seed,
+                         standardize=a.standardize)
+    reduce_size(a.stores, a.out, final_step=a.final_step, per_divisor_kind=a.per_divisor,
+                per_truncate=a.per_truncate, cka_options=options)
 
 
 def _combine_args(p: argparse.ArgumentParser) -> None:
@@ -158,15 +212,17 @@ def _figure_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("name")
     p.add_argument("--metrics", type=Path, required=True)
     p.add_argument("--x-axis", default="step")
+    p.add_argument("--cka-estimator", default="biased", help="biased | debiased")
     p.add_argument("--out-stem", type=Path, required=True)
 
 
 @command("figure", _figure_args)
 def _figure(a: argparse.Namespace) -> None:
-    from lmdynamics.figures import render
+    from lmdynamics.figures_cka import render_figure
     from lmdynamics.store import open_store
 
-    render(a.name, open_store(a.metrics).load(), a.out_stem, x_axis=a.x_axis)
+    render_figure(a.name, open_store(a.metrics).load(), a.out_stem,
+                  estimator=a.cka_estimator, x_axis=a.x_axis)
 
 
 def _mcc_args(p: argparse.ArgumentParser) -> None:
@@ -175,19 +231,23 @@ def _mcc_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--early-fraction", type=float, default=0.1)
     p.add_argument("--per-weight-threshold", type=float, default=0.95)
     p.add_argument("--per-grad-fraction", type=float, default=0.9)
+    p.add_argument("--cka-estimator", default="biased", help="biased | debiased")
     p.add_argument("--csv", type=Path, required=True)
     p.add_argument("--md", type=Path, required=True)
 
 
 @command("mcc", _mcc_args)
 def _mcc(a: argparse.Namespace) -> None:
+    from lmdynamics.figures_cka import select_cka
     from lmdynamics.store import open_store
     from lmdynamics.tables import mcc_table, write_mcc_table
 
-    table = mcc_table(open_store(a.metrics).load(), cka_threshold=a.cka_threshold,
+    ds = select_cka(open_store(a.metrics).load(), a.cka_estimator)
+    table = mcc_table(ds, cka_threshold=a.cka_threshold,
                       early_fraction=a.early_fraction,
                       per_weight_threshold=a.per_weight_threshold,
                       per_grad_fraction=a.per_grad_fraction)
+    table.attrs["thresholds"]["cka_estimator"] = a.cka_estimator
     write_mcc_table(table, a.csv, a.md)
 
 

@@ -13,6 +13,8 @@ A diverged checkpoint (NaN or inf in a layer's output over the whole batch, in i
 matrix or in that matrix's gradient) is recorded, not refused: booleans
 ``nonfinite_activations``, ``nonfinite_weights``, ``nonfinite_grads`` (component, layer) and
 the store attr ``nonfinite``, with a warning naming size, step, component and layer.
+The paper code's attention activation, gradient protocol and token sampling are options
+(:mod:`lmdynamics.paper_code`, :func:`token_positions`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,13 @@ from lmdynamics.checkpoints import (
     weights_sha256,
 )
 from lmdynamics.metrics import singular_values
+from lmdynamics.paper_code import (
+    GRADIENT_PROTOCOLS,
+    attention_hook_target,
+    check_choice,
+    gradient_steps,
+    paper_code_gradient_singular_values,
+)
 from lmdynamics.store import write_store
 
 log = logging.getLogger(__name__)
@@ -143,23 +152,45 @@ def nonfinite_flags(result: Extraction) -> dict[str, np.ndarray]:
 
 
 def _capture(buffer: list[list[torch.Tensor]], seq: torch.Tensor,
-             pos: torch.Tensor, finite: list[bool] | None = None) -> Callable:
+             pos: torch.Tensor, finite: list[bool] | None = None,
+             transform: Callable | None = None) -> Callable:
     def hook(_module, _inputs, output):
-        buffer.append(output.detach()[seq, pos].to("cpu", torch.float32))
+        out = output.detach()
         if finite is not None:
-            finite.append(bool(torch.isfinite(output.detach()).all()))
+            finite.append(bool(torch.isfinite(out).all()))
+        out = out[seq, pos]
+        buffer.append((out if transform is None else transform(out)).to("cpu", torch.float32))
     return hook
 
 
+def hook_targets(model: torch.nn.Module, attention_activation: str = "residual_write"
+                 ) -> dict[str, list[tuple[torch.nn.Module, Callable | None]]]:
+    """Per component and layer: the module whose output is captured and how it is mapped.
+
+    ``residual_write`` hooks :func:`write_modules`; ``paper_code`` hooks attention's fused
+    ``query_key_value`` instead (:func:`lmdynamics.paper_code.attention_hook_target`).
+    """
+    mlp = [(m, None) for m in write_modules(model)["mlp"]]
+    if attention_activation == "residual_write":
+        return {"attention": [(m, None) for m in write_modules(model)["attention"]], "mlp": mlp}
+    return {"attention": [attention_hook_target(layer, attention_activation)
+                          for layer in model.gpt_neox.layers], "mlp": mlp}
+
+
 def run_pass(model: torch.nn.Module, batch: torch.Tensor, seq_idx: np.ndarray,
-             pos_idx: np.ndarray, *, micro_batch: int | None = None) -> Extraction:
+             pos_idx: np.ndarray, *, micro_batch: int | None = None,
+             attention_activation: str = "residual_write",
+             gradients: bool = True) -> Extraction:
     """Forward and backward of the LM loss on ``batch`` (S, T) with activation hooks.
 
     ``micro_batch`` sequences are processed at a time (all by default); the loss is the mean
     over all predicted tokens and gradients accumulate to those of the whole batch.
+    ``attention_activation``: see :func:`hook_targets`. ``gradients=False`` runs the
+    forward pass only (``grad_singular_values`` is then all NaN, to be filled by the caller).
     """
     device = next(model.parameters()).device
     modules = write_modules(model)
+    targets = hook_targets(model, attention_activation)
     n_layers = len(modules["attention"])
     n_seq = batch.shape[0]
     micro = micro_batch or n_seq
@@ -175,15 +206,17 @@ def run_pass(model: torch.nn.Module, batch: torch.Tensor, seq_idx: np.ndarray,
         seq = torch.as_tensor(seq_idx[keep] - start, device=device)
         pos = torch.as_tensor(pos_idx[keep], device=device)
         handles = [mod.register_forward_hook(_capture(captured[(c, i)], seq, pos,
-                                                      finite[(c, i)]))
-                   for c in COMPONENTS for i, mod in enumerate(modules[c])]
+                                                      finite[(c, i)], fn))
+                   for c in COMPONENTS for i, (mod, fn) in enumerate(targets[c])]
         try:
             inputs = batch[start:stop].to(device)
-            out = model(input_ids=inputs, labels=inputs)
+            with torch.set_grad_enabled(gradients):
+                out = model(input_ids=inputs, labels=inputs)
             weight = (stop - start) / n_seq  # equal-length sequences: token-weighted mean
-            (out.loss.float() * weight).backward()
+            if gradients:
+                (out.loss.float() * weight).backward()
+                _accumulate_float32(grads, modules)
             loss_total += out.loss.item() * weight
-            _accumulate_float32(grads, modules)
         finally:
             for h in handles:
                 h.remove()
@@ -191,8 +224,14 @@ def run_pass(model: torch.nn.Module, batch: torch.Tensor, seq_idx: np.ndarray,
                      for c in COMPONENTS])
     w_sv = np.stack([np.stack([singular_values(m.weight.detach()) for m in modules[c]])
                      for c in COMPONENTS])
-    g_sv = np.stack([np.stack([singular_values(grads[(c, i)]) for i in range(n_layers)])
-                     for c in COMPONENTS])
+    if gradients:
+        g_sv = np.stack([np.stack([singular_values(grads[(c, i)]) for i in range(n_layers)])
+                         for c in COMPONENTS])
+        grad_finite = np.array([[bool(torch.isfinite(grads[(c, i)]).all())
+                                 for i in range(n_layers)] for c in COMPONENTS], dtype=bool)
+    else:
+        g_sv = np.full_like(w_sv, np.nan)
+        grad_finite = np.ones(w_sv.shape[:2], dtype=bool)
 
     def nonfinite(test: Callable[[torch.nn.Linear], bool]) -> np.ndarray:
         return np.array([[not test(m) for m in modules[c]] for c in COMPONENTS], dtype=bool)
@@ -202,8 +241,7 @@ def run_pass(model: torch.nn.Module, batch: torch.Tensor, seq_idx: np.ndarray,
         nonfinite_activations=np.array([[not all(finite[(c, i)]) for i in range(n_layers)]
                                         for c in COMPONENTS], dtype=bool),
         nonfinite_weights=nonfinite(lambda m: bool(torch.isfinite(m.weight).all())),
-        nonfinite_grads=np.array([[not bool(torch.isfinite(grads[(c, i)]).all())
-                                   for i in range(n_layers)] for c in COMPONENTS], dtype=bool))
+        nonfinite_grads=~grad_finite)
 
 
 def _accumulate_float32(grads: dict[tuple[str, int], torch.Tensor],
@@ -227,13 +265,15 @@ def only_write_weights_train(model: torch.nn.Module) -> None:
 
 
 def run_pass_fitting(model: torch.nn.Module, batch: torch.Tensor, seq_idx: np.ndarray,
-                     pos_idx: np.ndarray, *, micro_batch: int | None = None) -> Extraction:
+                     pos_idx: np.ndarray, *, micro_batch: int | None = None,
+                     **options) -> Extraction:
     """:func:`run_pass` with ``micro_batch`` sequences at a time (all by default), halved on
-    CUDA out-of-memory until it fits (an error only when one sequence does not fit)."""
+    CUDA out-of-memory until it fits (an error only when one sequence does not fit).
+    ``options`` go to :func:`run_pass`."""
     micro = micro_batch or batch.shape[0]
     while True:
         try:
-            return run_pass(model, batch, seq_idx, pos_idx, micro_batch=micro)
+            return run_pass(model, batch, seq_idx, pos_idx, micro_batch=micro, **options)
         except torch.cuda.OutOfMemoryError as exc:
             model.zero_grad(set_to_none=True)
             gc.collect()
@@ -298,12 +338,23 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
                        tokens: int, seed: int, size: str, step: int, model_name: str,
                        revision: str, device: str = "auto", dtype: str = "float32",
                        micro_batch: int | None = None,
-                       sampling: str = "random_positions") -> Path:
-    """Load one checkpoint, run the eval batch through it and write its store to ``out``."""
+                       sampling: str = "random_positions",
+                       attention_activation: str = "residual_write",
+                       gradient_protocol: str = "eval_batch",
+                       gradient_batches: Path | str | None = None) -> Path:
+    """Load one checkpoint, run the eval batch through it and write its store to ``out``.
+
+    ``gradient_protocol="paper_code"`` needs ``gradient_batches``: an .npy (2, S, T) of
+    the training batches of :func:`lmdynamics.paper_code.gradient_steps` ``(step)``.
+    """
     t0 = time.perf_counter()
     dev = resolve_device(device)
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: allowed {', '.join(DTYPES)}")
+    check_choice("extraction.gradient_protocol", gradient_protocol, GRADIENT_PROTOCOLS)
+    if gradient_protocol == "paper_code" and gradient_batches is None:
+        raise ValueError("extraction.gradient_protocol='paper_code' needs the training "
+                         "batches of steps c-5 and c-4 (--gradient-batches); none was given")
     try:
         model = load_model(checkpoint, dtype=DTYPES[dtype], device=dev)
     except CorruptCheckpointError as exc:
@@ -316,7 +367,13 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
     only_write_weights_train(model)
     log.info("loaded %s step %d (%s) on %s in %.1fs; eval batch %s, %d sampled tokens",
              size, step, checkpoint, dev, time.perf_counter() - t0, tuple(batch.shape), tokens)
-    result = run_pass_fitting(model, batch, seq_idx, pos_idx, micro_batch=micro_batch)
+    result = run_pass_fitting(model, batch, seq_idx, pos_idx, micro_batch=micro_batch,
+                              attention_activation=attention_activation,
+                              gradients=gradient_protocol == "eval_batch")
+    if gradient_protocol == "paper_code":
+        grad_batches = torch.as_tensor(np.load(gradient_batches), dtype=torch.long)
+        result.grad_singular_values = paper_code_gradient_singular_values(
+            model, grad_batches, micro_batch=micro_batch)
     cfg = model.config
     attrs = {
         "model": model_name, "revision": revision, "size": size, "step": int(step),
@@ -328,7 +385,10 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
         "sampling_protocol": sampling, **revision_attrs(checkpoint),
         "eval_batch_sha256": hashlib.sha256(
             np.ascontiguousarray(batch_array, dtype=np.int64).tobytes()).hexdigest(),
+        "attention_activation": attention_activation, "gradient_protocol": gradient_protocol,
     }
+    if gradient_protocol == "paper_code":
+        attrs["gradient_steps"] = list(gradient_steps(step))
     ds = extraction_dataset(result, seq_idx, pos_idx, attrs)
     warn_nonfinite(ds)
     chunks = (1, 1, *result.activations.shape[2:])

@@ -118,6 +118,8 @@ def format_x(ax: Axes, x_axis: str, *, label: bool = False, max_step: float = 0.
 def metric_ylabel(ds: xr.Dataset, metric: str) -> str:
     """y-axis label with units: CKA is unitless in [0, 1]; PER is effective rank / divisor."""
     if metric == "cka":
+        if ds.attrs.get("cka_estimator") == "debiased":
+            return "debiased CKA vs final"  # may dip below 0
         return "CKA vs final (0-1)"
     divisor = ds.attrs.get("per_divisor", "H")
     kind = "weights" if metric == "per_weight" else "gradients"
@@ -268,11 +270,25 @@ def _mark_flagged(ax: Axes, ds: xr.Dataset, x: np.ndarray, colors: dict[str, Any
     return drawn
 
 
+def _layer_mean_band(ax: Axes, ds: xr.Dataset, metric: str, size: str, comp: str,
+                     x: np.ndarray, color: Any) -> bool:
+    """Shade ``<metric>_layer_mean_low/_high`` (size, component, step) if present."""
+    low, high = f"{metric}_layer_mean_low", f"{metric}_layer_mean_high"
+    if low not in ds or high not in ds:
+        return False
+    lo = ds[low].sel(size=size, component=comp).transpose("step").to_numpy()
+    hi = ds[high].sel(size=size, component=comp).transpose("step").to_numpy()
+    ax.fill_between(x, lo, hi, color=color, alpha=0.2, lw=0)
+    return True
+
+
 def figure2(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step") -> list[Path]:
     """Layer-mean CKA, PER of weights and PER of gradients per step, one line per size.
 
     2x3 grid: rows Attention/MLP, columns CKA, PER weights, PER gradients. Colours follow a
-    sequential palette ordered by parameter count. If ``ds`` has a boolean ``flagged``
+    sequential palette ordered by parameter count. If ``ds`` has ``cka_layer_mean_low`` /
+    ``_high`` (size, component, step), the bootstrap interval of the layer mean is shaded
+    around each CKA curve. If ``ds`` has a boolean ``flagged``
     (size, step), flagged checkpoints are marked with a triangle on the x axis.
     """
     check_x_axis(x_axis)
@@ -281,7 +297,7 @@ def figure2(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step") -> list[Pat
     components = [str(c) for c in ds["component"].values]
     colors = dict(zip(sizes, size_colors(len(sizes)), strict=True))
     x = x_values(ds, x_axis)
-    flagged = False
+    flagged = banded = False
     with plt.rc_context(_RC):
         fig, axes = _new_figure(len(components), len(METRICS), sharex=True, sharey="col")
         fig.get_layout_engine().set(wspace=0.1)  # room for the y labels between columns
@@ -291,6 +307,7 @@ def figure2(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step") -> list[Pat
                 for size in sizes:
                     y = layer_mean(ds[metric].sel(size=size, component=comp))
                     ax.plot(x, y, color=colors[size], label=size)
+                    banded |= _layer_mean_band(ax, ds, metric, size, comp, x, colors[size])
                 flagged |= _mark_flagged(ax, ds, x, colors)
                 ax.set_title(f"{COMPONENT_NAMES.get(comp, comp)}: {METRIC_TITLES[metric]}")
                 ax.set_ylabel(metric_ylabel(ds, metric))
@@ -301,6 +318,10 @@ def figure2(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step") -> list[Pat
         if flagged:
             handles.append(Line2D([], [], ls="none", marker="^", ms=3.5, color="0.3"))
             labels.append("flagged checkpoint")
+        if banded:
+            handles.append(plt.Rectangle((0, 0), 1, 1, color="0.35", alpha=0.2, lw=0))
+            level = float(ds.attrs.get("bootstrap_level", 0.9))
+            labels.append(f"{100 * level:g}% bootstrap interval")
         fig.legend(handles, labels, loc="outside upper center", ncol=len(handles),
                    frameon=False, title="model size (mean over layers)")
         return save_figure(fig, out_stem)

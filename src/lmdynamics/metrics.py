@@ -170,23 +170,26 @@ def effective_rank(singular_values: Any) -> float:
     return float(np.exp(-np.sum(p * np.log(p))))
 
 
-def proportional_effective_rank(singular_values: Any, divisor: int) -> float:
+def proportional_effective_rank(singular_values: Any, divisor: int, *,
+                                truncate: bool = True) -> float:
     """Proportional effective rank (PER): effective rank of the top ``divisor`` values / divisor.
 
-    ``singular_values``: 1-D, non-negative. As in the paper's code (reference-facts, "What the
-    paper's code measured"), the values are sorted descending and truncated to the first
-    ``divisor`` before the effective rank, so PER lies in (0, 1]. With the default divisor
-    (``min_dim`` = number of singular values) the truncation keeps every value; with
-    ``head_dim`` it changes the result (Gaussian 512x2048: 0.966 untruncated vs 0.999).
-    If ``divisor`` exceeds the number of values, all are kept (PER <= count / divisor).
-    Raises ValueError unless ``divisor`` is a positive integer. NaN as in
-    :func:`effective_rank`.
+    ``singular_values``: 1-D, non-negative. With ``truncate`` (default), as in the paper's
+    code (reference-facts, "What the paper's code measured"), the values are sorted
+    descending and truncated to the first ``divisor`` before the effective rank, so PER lies
+    in (0, 1]. The truncation only acts when ``divisor`` is smaller than the number of
+    values: with the default divisor (``min_dim`` = number of singular values) it keeps
+    every value; with ``head_dim`` it changes the result (Gaussian 512x2048: 0.966
+    untruncated vs 0.999). ``truncate=False`` uses every value (PER may then exceed 1 when
+    ``divisor`` is smaller than the effective rank). If ``divisor`` exceeds the number of
+    values, all are kept (PER <= count / divisor). Raises ValueError unless ``divisor`` is a
+    positive integer. NaN as in :func:`effective_rank`.
     """
     if (isinstance(divisor, bool) or not isinstance(divisor, int | np.integer)
             or divisor <= 0):
         raise ValueError(f"divisor must be a positive integer; got {divisor!r}")
     s = _to_float64(singular_values)
-    if s.ndim == 1 and s.size > divisor:
+    if truncate and s.ndim == 1 and s.size > divisor:
         s = np.sort(s)[::-1][:divisor]
     return effective_rank(s) / int(divisor)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import re
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pandas as pd
 import xarray as xr
 
 from lmdynamics.audit import duplicate_flag
+from lmdynamics.cka_reduce import CKAOptions, cka_dataset
 from lmdynamics.flags import (
     flag_nonfinite,
     set_flagged,
@@ -26,12 +26,7 @@ from lmdynamics.flags import (
     stack_flags,
     warn_nan_metrics,
 )
-from lmdynamics.metrics import (
-    CKAReference,
-    linear_cka_to_reference,
-    per_divisor,
-    proportional_effective_rank,
-)
+from lmdynamics.metrics import per_divisor, proportional_effective_rank
 from lmdynamics.store import (
     IncompleteStoreError,
     open_store,
@@ -49,6 +44,9 @@ PAIR_COORDS = ("sequence", "position")
 CONSISTENT_ATTRS = ("size", "model", "num_layers", "hidden_size", "dtype", "token_seed",
                     "eval_batch_shape", "eval_batch_sha256")
 METRIC_VARIABLES = ("cka", "per_weight", "per_grad")
+#: Attributes every per-size metrics store records and the combined one keeps (must agree).
+SHARED_ATTRS = ("final_step", "per_divisor", "per_truncate", "bootstrap_samples",
+                "bootstrap_level", "bootstrap_seed", "standardize")
 
 
 def open_pair_stores(paths: Sequence[Path | str]) -> dict[int, xr.Dataset]:
@@ -144,65 +142,59 @@ def _agree(stores: dict[int, xr.Dataset], ref: xr.Dataset, what: str, value: Cal
     raise IncompleteStoreError(f"{path}: {what} {detail}; {redo_hint(path)}")
 
 
-def _per(ds: xr.Dataset, var: str, divisor_kind: str) -> np.ndarray:
+def _per(ds: xr.Dataset, var: str, divisor_kind: str, truncate: bool = True) -> np.ndarray:
     sv = ds[var].values.astype(np.float64)  # (component, layer, k)
     n_comp, n_layers, k = sv.shape
     div = per_divisor(divisor_kind, n_singular_values=k, hidden_size=ds.attrs["hidden_size"],
                       num_attention_heads=ds.attrs["num_attention_heads"])
-    return np.array([[proportional_effective_rank(sv[c, i], div) for i in range(n_layers)]
-                     for c in range(n_comp)])
+    return np.array([[proportional_effective_rank(sv[c, i], div, truncate=truncate)
+                      for i in range(n_layers)] for c in range(n_comp)])
 
 
 def reduce_size(paths: Sequence[Path | str], out: Path | str, *, final_step: int,
-                per_divisor_kind: str = "min_dim") -> xr.Dataset:
-    """Reduce one size's per-pair stores into ``cka``, ``per_weight``, ``per_grad``.
+                per_divisor_kind: str = "min_dim", per_truncate: bool = True,
+                cka_options: CKAOptions | None = None) -> xr.Dataset:
+    """Reduce one size's per-pair stores into CKA and PER variables.
 
-    Each output variable has dims (component, layer, step), float64. The final step's
-    centred activations and their self-product are computed once per (component, layer)
-    and reused for every step. A CKA that is undefined (zero variance, non-finite input)
-    is NaN and logged with size, step and layer.
+    ``cka`` (biased), ``cka_debiased``, ``per_weight``, ``per_grad`` have dims (component,
+    layer, step), float64; ``cka_options`` adds bootstrap intervals, standardised variants
+    (see :mod:`lmdynamics.cka_reduce`); ``cka_pairwise``/``cka_debiased_pairwise`` are over
+    (component, layer, step, step_ref). The final step's centred activations and their
+    self-products are computed once per (component, layer) and reused for every step. An
+    undefined CKA (zero variance, non-finite input) is NaN and logged with size, step and
+    layer. ``per_truncate``: keep only the top ``divisor`` singular values when there are
+    more (the paper's code; see :func:`~lmdynamics.metrics.proportional_effective_rank`).
     """
+    options = cka_options or CKAOptions()
     stores = open_pair_stores(paths)
     ref = check_consistent(stores, final_step)
     steps = list(stores)
-    components = [str(c) for c in ref.component.values]
-    n_layers = ref.sizes["layer"]
-    cka = np.full((len(components), n_layers, len(steps)), np.nan)
-    for ci, comp in enumerate(components):
-        for layer in range(n_layers):
-            reference = CKAReference.from_activations(
-                ref.activations.isel(component=ci, layer=layer).values)
-            for si, step in enumerate(steps):
-                x = stores[step].activations.isel(component=ci, layer=layer).values
-                value = linear_cka_to_reference(x, reference)
-                if not np.isfinite(value):
-                    msg = (f"CKA undefined (zero variance or non-finite activations) for size "
-                           f"{ref.attrs['size']} step {step} {comp} layer {layer}")
-                    log.warning(msg)
-                    warnings.warn(msg, RuntimeWarning, stacklevel=2)
-                cka[ci, layer, si] = value
-    per_w = np.stack([_per(stores[s], "weight_singular_values", per_divisor_kind)
+    cka = cka_dataset({s: ds.activations for s, ds in stores.items()}, ref.sequence.values,
+                      final_step=final_step, size=str(ref.attrs["size"]), options=options)
+    per_w = np.stack([_per(stores[s], "weight_singular_values", per_divisor_kind, per_truncate)
                       for s in steps], axis=-1)
-    per_g = np.stack([_per(stores[s], "grad_singular_values", per_divisor_kind)
+    per_g = np.stack([_per(stores[s], "grad_singular_values", per_divisor_kind, per_truncate)
                       for s in steps], axis=-1)
     flags = flag_nonfinite(stores)
     dims = ("component", "layer", "step")
     ds = xr.Dataset(
-        {"cka": (dims, cka, {"long_name": "linear CKA vs final step"}),
-         "per_weight": (dims, per_w, {"long_name": "proportional effective rank of weights"}),
+        {"per_weight": (dims, per_w, {"long_name": "proportional effective rank of weights"}),
          "per_grad": (dims, per_g, {"long_name": "proportional effective rank of gradients"}),
          "eval_loss": (("step",), np.array([float(stores[s].loss) for s in steps]),
                        {"units": "nats/token"}),
          "flag_nonfinite": (dims, flags, {"description": "NaN or inf in the layer's "
                                           "activations, weights or gradients"})},
-        coords={"component": np.array(components, dtype=object),
-                "layer": np.arange(n_layers), "step": np.array(steps, dtype=np.int64)},
+        coords={"component": cka.component.values, "layer": cka.layer.values,
+                "step": np.array(steps, dtype=np.int64)},
         attrs={"size": ref.attrs["size"], "n_params": int(ref.attrs["n_params"]),
-               "num_layers": int(n_layers), "hidden_size": int(ref.attrs["hidden_size"]),
-               "final_step": int(final_step), "per_divisor": per_divisor_kind,
+               "num_layers": int(ref.sizes["layer"]),
+               "hidden_size": int(ref.attrs["hidden_size"]), "final_step": int(final_step),
+               "per_divisor": per_divisor_kind, "per_truncate": bool(per_truncate),
                "model": ref.attrs["model"]},
     )
     ds["flag_duplicate"] = duplicate_flag(stores)
+    ds = xr.merge([cka, ds], combine_attrs="no_conflicts")
+    ds = ds[["cka", *sorted(v for v in map(str, ds.data_vars) if v != "cka")]]
     warn_nan_metrics(ds, ("per_weight", "per_grad"))
     write_store(ds, out)
     log.info("reduced %d steps of size %s into %s", len(steps), ref.attrs["size"], out)
@@ -216,11 +208,14 @@ def combine_sizes(paths: Sequence[Path | str]) -> xr.Dataset:
     """
     per_size = [open_store(p, required=METRIC_VARIABLES).load() for p in paths]
     per_size.sort(key=lambda d: d.attrs["n_params"])
-    finals = {d.attrs["final_step"] for d in per_size}
-    divisors = {d.attrs["per_divisor"] for d in per_size}
-    if len(finals) != 1 or len(divisors) != 1:
-        raise ValueError(f"per-size metrics disagree on final_step {finals} or per_divisor "
-                         f"{divisors}; rerun the reductions with one configuration")
+    shared = {}
+    for key in SHARED_ATTRS:
+        values = {repr(d.attrs.get(key)) for d in per_size}
+        if len(values) != 1:
+            raise ValueError(f"per-size metrics disagree on {key}: {sorted(values)}; rerun "
+                             "the reductions with one configuration")
+        if key in per_size[0].attrs:
+            shared[key] = per_size[0].attrs[key]
     sizes = [d.attrs["size"] for d in per_size]
     per_size, flags = zip(*(split_flags(d) for d in per_size), strict=True)
     combined = xr.concat(
@@ -231,22 +226,27 @@ def combine_sizes(paths: Sequence[Path | str]) -> xr.Dataset:
         n_params=("size", np.array([d.attrs["n_params"] for d in per_size], dtype=np.int64)),
         num_layers=("size", np.array([d.attrs["num_layers"] for d in per_size])))
     combined = combined.merge(stack_flags(flags, sizes), join="left", fill_value=False)
-    combined.attrs = {"final_step": finals.pop(), "per_divisor": divisors.pop()}
+    combined.attrs = shared
     return set_flagged(combined)
 
 
 def tidy_metrics(ds: xr.Dataset) -> pd.DataFrame:
-    """Long-form table (size, component, layer, step, cka, per_weight, per_grad).
+    """Long-form table: (size, component, layer, step, cka, per_weight, per_grad, ...).
 
-    One row per layer a size has (``num_layers``); an undefined metric is an empty cell.
+    Every variable over exactly (size, component, layer, step) becomes a column, the
+    :data:`METRIC_VARIABLES` first (e.g. ``cka_debiased``, ``cka_low`` follow).
     """
-    df = ds[list(METRIC_VARIABLES)].to_dataframe().reset_index()
-    if "num_layers" in ds.coords:
+    dims = {"size", "component", "layer", "step"}
+    extra = sorted(str(v) for v in ds.data_vars
+                   if set(ds[v].dims) == dims and v not in METRIC_VARIABLES)
+    columns = [*METRIC_VARIABLES, *extra]
+    df = ds[columns].to_dataframe().reset_index()
+    if "num_layers" in ds.coords:  # one row per layer a size has; undefined -> empty cell
         n_layers = dict(zip(ds["size"].values, ds["num_layers"].values, strict=True))
         df = df[df["layer"] < df["size"].map(n_layers)]
     else:
-        df = df.dropna(subset=list(METRIC_VARIABLES), how="all")
-    return df[["size", "component", "layer", "step", *METRIC_VARIABLES]]
+        df = df.dropna(subset=columns, how="all")
+    return df[["size", "component", "layer", "step", *columns]]
 
 
 def write_combined(paths: Sequence[Path | str], out_zarr: Path | str,

@@ -162,8 +162,9 @@ def header_line(df: pd.DataFrame, thresholds: Mapping[str, Any] | None) -> str:
         return f"Early step: {steps} (thresholds not recorded)."
     t = thresholds
     final = t.get("final_step", "final")
+    cka = f"{t['cka_estimator']} CKA" if t.get("cka_estimator") else "CKA"
     return (
-        f"Early convergence: CKA ≥ {t['cka_threshold']:g} at step {steps} (nearest to "
+        f"Early convergence: {cka} ≥ {t['cka_threshold']:g} at step {steps} (nearest to "
         f"{t['early_fraction']:g} × final step {final}); large weight PER: PER ≥ "
         f"{t['per_weight_threshold']:g} at step {final}; large gradient PER: PER ≥ "
         f"{t['per_grad_fraction']:g} × the largest layer PER at step {final}."

@@ -21,7 +21,9 @@ STEPS = sorted(config["steps"])
 FINAL_STEP = config["final_step"]
 SCHEDULE = schedule_for(config)
 ENV = "../../envs/lmdynamics.yaml"
-FIGURES = ["figure1", "figure2", "figure3", "figure4", "figure5"]
+FIGURES = ["figure1", "figure2", "figure3", "figure4", "figure5", "figure6"]
+if config["metrics"]["standardize"]:
+    FIGURES.append("figure2_standardized")
 # `snakemake --report`: one category per paper figure (the report's sidebar).
 REPORT_CATEGORIES = {
     "figure1": "Figure 1: CKA, smallest vs largest size",
@@ -29,6 +31,8 @@ REPORT_CATEGORIES = {
     "figure3": "Figure 3: CKA per layer",
     "figure4": "Figure 4: PER of the weights per layer",
     "figure5": "Figure 5: PER of the gradients per layer",
+    "figure6": "Figure 6: pairwise CKA between steps",
+    "figure2_standardized": "Figure 2 with standardised dimensions",
 }
 # GPUs one extraction job asks for: `--resources gpu=N` locally, `--gpus=1` on SLURM.
 EXTRACTION_GPUS = 0 if config["extraction"]["device"] == "cpu" else 1
@@ -44,6 +48,13 @@ def checkpoint_files(wildcards):
     """The Hugging Face model directory of one (size, step), as its two files."""
     base = f"{RESULTS}/checkpoints/{wildcards.size}/step{wildcards.step}"
     return {"config": f"{base}/config.json", "weights": f"{base}/model.safetensors"}
+
+
+def gradient_batches_input(wildcards):
+    """The paper code's gradient batches of one step, when that protocol is configured."""
+    if config["extraction"]["gradient_protocol"] != "paper_code":
+        return {}
+    return {"grad_batches": f"{RESULTS}/gradient_batches/step{wildcards.step}.npy"}
 
 
 def size_stores(wildcards):

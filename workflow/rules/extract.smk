@@ -4,6 +4,7 @@
 rule extract:
     input:
         unpack(checkpoint_files),
+        unpack(gradient_batches_input),
         batch=f"{RESULTS}/eval_batch.npy",
     output:
         directory(f"{RESULTS}/extract/{{size}}/step{{step}}.zarr"),
@@ -25,10 +26,37 @@ rule extract:
         sampling=config["sampling"]["protocol"],
         model=lambda wc: model_name(wc.size),
         revision=lambda wc: revision(wc.step),
+        attention=config["extraction"]["attention_activation"],
+        gradients=config["extraction"]["gradient_protocol"],
+        grad_batches=lambda wc, input: (
+            f"--gradient-batches {input.grad_batches}"
+            if "grad_batches" in input.keys()
+            else ""
+        ),
     shell:
         "lmdynamics extract --checkpoint $(dirname {input.weights})"
         " --eval-batch {input.batch} --tokens {params.tokens} --seed {params.seed}"
         " --size {wildcards.size} --step {wildcards.step} --model {params.model}"
         " --revision {params.revision} --device {params.device} --dtype {params.dtype}"
         " --micro-batch {params.micro_batch} --sampling {params.sampling}"
-        " --threads {threads} --out {output} > {log} 2>&1"
+        " --attention-activation {params.attention} --gradient-protocol {params.gradients}"
+        " {params.grad_batches} --threads {threads} --out {output} > {log} 2>&1"
+
+
+# The paper code's gradient protocol: training batches of steps c-5 and c-4 for checkpoint c.
+rule gradient_batches:
+    output:
+        f"{RESULTS}/gradient_batches/step{{step}}.npy",
+    log:
+        f"{RESULTS}/logs/gradient_batches/step{{step}}.log",
+    conda:
+        ENV
+    params:
+        source=config["source"],
+        batch_size=config.get("tiny", {}).get("batch_size", 16),
+        seq_len=config.get("tiny", {}).get("seq_len", 128),
+        seed=config["seed"],
+    shell:
+        "lmdynamics gradient-batches --source {params.source} --step {wildcards.step}"
+        " --batch-size {params.batch_size} --seq-len {params.seq_len} --seed {params.seed}"
+        " --out {output} > {log} 2>&1"

@@ -19,10 +19,11 @@ rule figure:
         ENV
     params:
         x_axis=config["figures"]["x_axis"],
+        cka_estimator=config["metrics"]["cka_estimator"],
         stem=lambda wc, output: os.path.splitext(output.png)[0],
     shell:
         "lmdynamics figure {wildcards.figure} --metrics {input.metrics} --x-axis {params.x_axis}"
-        " --out-stem {params.stem} > {log} 2>&1"
+        " --cka-estimator {params.cka_estimator} --out-stem {params.stem} > {log} 2>&1"
 
 
 rule mcc_table:
@@ -43,8 +44,10 @@ rule mcc_table:
         ENV
     params:
         mcc=config["mcc"],
+        cka_estimator=config["metrics"]["cka_estimator"],
     shell:
-        "lmdynamics mcc --metrics {input.metrics} --cka-threshold {params.mcc[cka_threshold]}"
+        "lmdynamics mcc --metrics {input.metrics} --cka-estimator {params.cka_estimator}"
+        " --cka-threshold {params.mcc[cka_threshold]}"
         " --early-fraction {params.mcc[early_fraction]}"
         " --per-weight-threshold {params.mcc[per_weight_threshold]}"
         " --per-grad-fraction {params.mcc[per_grad_fraction]}"

@@ -15,9 +15,17 @@ rule reduce_size:
     params:
         final_step=FINAL_STEP,
         per_divisor=config["metrics"]["per_divisor"],
+        per_truncate=config["metrics"]["per_truncate"],
+        standardize=config["metrics"]["standardize"],
+        bootstrap=config["metrics"]["bootstrap"],
+        seed=config["seed"],
     shell:
         "lmdynamics reduce {input} --final-step {params.final_step}"
-        " --per-divisor {params.per_divisor} --out {output} > {log} 2>&1"
+        " --per-divisor {params.per_divisor} --per-truncate {params.per_truncate}"
+        " --standardize {params.standardize}"
+        " --bootstrap-samples {params.bootstrap[samples]}"
+        " --bootstrap-level {params.bootstrap[level]} --seed {params.seed}"
+        " --out {output} > {log} 2>&1"
 
 
 rule combine:
