@@ -19,6 +19,7 @@ if config["source"] == "tiny":
 include: "workflow/rules/extract.smk"
 include: "workflow/rules/reduce.smk"
 include: "workflow/rules/figures.smk"
+include: "workflow/rules/conjecture.smk"
 
 
 rule all:

@@ -24,6 +24,7 @@ import xarray as xr
 
 from lmdynamics import __version__
 from lmdynamics.checkpoints import load_model, n_parameters, weights_sha256
+from lmdynamics.conjecture import SITES, ResidualRecorder, StatsOptions, checkpoint_stats
 from lmdynamics.metrics import singular_values
 from lmdynamics.store import write_store
 
@@ -85,11 +86,15 @@ def _capture(buffer: list[list[torch.Tensor]], seq: torch.Tensor,
 
 
 def run_pass(model: torch.nn.Module, batch: torch.Tensor, seq_idx: np.ndarray,
-             pos_idx: np.ndarray, *, micro_batch: int | None = None) -> Extraction:
+             pos_idx: np.ndarray, *, micro_batch: int | None = None,
+             extra_hooks: Callable[[torch.Tensor, torch.Tensor], list] | None = None,
+             ) -> Extraction:
     """Forward and backward of the LM loss on ``batch`` (S, T) with activation hooks.
 
     ``micro_batch`` sequences are processed at a time (all by default); the loss is the mean
     over all predicted tokens and gradients accumulate to those of the whole batch.
+    ``extra_hooks(seq, pos)``, if given, registers more hooks for each micro-batch (``seq``,
+    ``pos``: its sampled positions) and returns their handles, removed after the micro-batch.
     """
     device = next(model.parameters()).device
     modules = write_modules(model)
@@ -107,6 +112,8 @@ def run_pass(model: torch.nn.Module, batch: torch.Tensor, seq_idx: np.ndarray,
         pos = torch.as_tensor(pos_idx[keep], device=device)
         handles = [mod.register_forward_hook(_capture(captured[(c, i)], seq, pos))
                    for c in COMPONENTS for i, mod in enumerate(modules[c])]
+        if extra_hooks is not None:
+            handles += extra_hooks(seq, pos)
         try:
             inputs = batch[start:stop].to(device)
             out = model(input_ids=inputs, labels=inputs)
@@ -157,8 +164,13 @@ def extraction_dataset(result: Extraction, seq_idx: np.ndarray, pos_idx: np.ndar
 def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path | str, *,
                        tokens: int, seed: int, size: str, step: int, model_name: str,
                        revision: str, device: str = "auto", dtype: str = "float32",
-                       micro_batch: int | None = None) -> Path:
-    """Load one checkpoint, run the eval batch through it and write its store to ``out``."""
+                       micro_batch: int | None = None,
+                       stats: StatsOptions | None = None) -> Path:
+    """Load one checkpoint, run the eval batch through it and write its store to ``out``.
+
+    With ``stats``, the Conjecture statistics (:mod:`lmdynamics.conjecture`) of the same pass
+    are added to the store as ``stat_*`` variables.
+    """
     t0 = time.perf_counter()
     dev = resolve_device(device)
     if dtype not in DTYPES:
@@ -168,7 +180,9 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
     seq_idx, pos_idx = sample_token_positions(*batch.shape, tokens, seed)
     log.info("loaded %s step %d (%s) on %s in %.1fs; eval batch %s, %d sampled tokens",
              size, step, checkpoint, dev, time.perf_counter() - t0, tuple(batch.shape), tokens)
-    result = run_pass(model, batch, seq_idx, pos_idx, micro_batch=micro_batch)
+    residual = ResidualRecorder(model) if stats is not None else None
+    result = run_pass(model, batch, seq_idx, pos_idx, micro_batch=micro_batch,
+                      extra_hooks=residual.hooks if residual is not None else None)
     cfg = model.config
     attrs = {
         "model": model_name, "revision": revision, "size": size, "step": int(step),
@@ -179,6 +193,11 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
         "eval_batch_shape": list(batch.shape), "token_seed": seed,
     }
     ds = extraction_dataset(result, seq_idx, pos_idx, attrs)
+    if stats is not None and residual is not None:
+        t_stats = time.perf_counter()
+        sampled = dict(zip(SITES, (residual.sampled(), *result.activations), strict=True))
+        ds = ds.merge(checkpoint_stats(model, sampled, residual.max_abs, stats))
+        log.info("Conjecture statistics in %.2fs", time.perf_counter() - t_stats)
     chunks = (1, 1, *result.activations.shape[2:])
     write_store(ds, out, encoding={"activations": {"chunks": chunks}})
     log.info("wrote %s (loss %.4f) in %.1fs", out, result.loss, time.perf_counter() - t0)

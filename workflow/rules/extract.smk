@@ -4,6 +4,7 @@
 rule extract:
     input:
         unpack(checkpoint_files),
+        unpack(reference_checkpoints),
         batch=f"{RESULTS}/eval_batch.npy",
     output:
         directory(f"{RESULTS}/extract/{{size}}/step{{step}}.zarr"),
@@ -21,9 +22,10 @@ rule extract:
         dtype=config["extraction"]["dtype"],
         model=lambda wc: model_name(wc.size),
         revision=lambda wc: revision(wc.step),
+        stats=stats_args,
     shell:
         "lmdynamics extract --checkpoint $(dirname {input.weights})"
         " --eval-batch {input.batch} --tokens {params.tokens} --seed {params.seed}"
         " --size {wildcards.size} --step {wildcards.step} --model {params.model}"
         " --revision {params.revision} --device {params.device} --dtype {params.dtype}"
-        " --threads {threads} --out {output} > {log} 2>&1"
+        " --threads {threads} {params.stats} --out {output} > {log} 2>&1"
