@@ -96,7 +96,7 @@ def param_key(name: str) -> str:
     m = _LAYER_NAME.match(name)
     if m:
         return f"layer{m.group(1)}.{m.group(2)}"
-    return _HEAD_ALIASES.get(name, name.removeprefix("gpt_neox."))
+    return "embed_out.weight" if name == "lm_head.weight" else name.removeprefix("gpt_neox.")
 
 
 def param_parts(key: str) -> tuple[int, str, str]:

@@ -284,9 +284,11 @@ def compare_to_reference(w: Any, ref: Any) -> dict[str, float]:
     """``dist`` = ||w - ref||_F, ``rel_dist`` = dist / ||ref||_F and ``cos`` = <w, ref> /
     (||w|| ||ref||), in float64 over all elements (shapes must match). Relative distance
     and cosine are NaN when a norm is 0 (e.g. a bias initialised to zero)."""
-    a, b = as_float64(w), as_float64(ref).to(as_float64(w).device)
-    if a.shape != b.shape:
-        raise ValueError(f"shapes differ: {tuple(a.shape)} vs reference {tuple(b.shape)}")
+    if tuple(np.shape(w)) != tuple(np.shape(ref)):
+        raise ValueError(f"shapes differ: {tuple(np.shape(w))} vs reference "
+                         f"{tuple(np.shape(ref))}")
+    a = as_float64(w)
+    b = as_float64(ref).to(a.device)
     dist = float(torch.linalg.vector_norm(a - b))
     na, nb = float(torch.linalg.vector_norm(a)), float(torch.linalg.vector_norm(b))
     rel = dist / nb if nb > 0 else math.nan
