@@ -114,7 +114,7 @@ def _stats_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Conjecture statistics (added when both checkpoints are given)")
     g.add_argument("--init-checkpoint", type=Path, help="step-0 model directory, same size")
     g.add_argument("--final-checkpoint", type=Path, help="final-step model directory")
-    g.add_argument("--stats-max-elements", type=int, default=1 << 20)
+    g.add_argument("--stats-max-elements", type=int, default=1 << 16)
     g.add_argument("--stats-top-k", type=int, default=30)
     g.add_argument("--stats-embedding-tokens", type=int, default=256)
     g.add_argument("--stats-spectrum-fit", type=float, nargs=2, default=(0.0, 0.5),

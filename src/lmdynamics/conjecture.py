@@ -71,7 +71,7 @@ class StatsOptions:
 
     init_checkpoint: Path
     final_checkpoint: Path
-    max_elements: int = 1 << 20
+    max_elements: int = 1 << 16
     top_k: int = 30
     embedding_tokens: int = 256
     spectrum_fit: tuple[float, float] = (0.0, 0.5)

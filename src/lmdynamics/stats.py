@@ -242,7 +242,7 @@ def tail_ratio(sorted_x: torch.Tensor, dist: str, scale: float,
     return float((hi - lo) / (2 * scale * float(std_q[0])))
 
 
-def distribution_summary(x: Any, *, max_elements: int = 1 << 20, seed: int = 0,
+def distribution_summary(x: Any, *, max_elements: int = 1 << 16, seed: int = 0,
                          probs: Sequence[float] = QUANTILES) -> dict[str, Any]:
     """Shape of the distribution of all elements of ``x`` (any shape).
 
