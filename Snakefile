@@ -28,6 +28,7 @@ include: "workflow/rules/extract.smk"
 include: "workflow/rules/reduce.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/audit.smk"
+include: "workflow/rules/conjecture.smk"
 
 
 rule all:

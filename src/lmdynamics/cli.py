@@ -116,6 +116,32 @@ def _extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gradient-batches", type=Path, default=None,
                    help=".npy (2, sequences, positions) for --gradient-protocol paper_code")
     p.add_argument("--out", type=Path, required=True)
+    _stats_args(p)
+
+
+def _stats_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Conjecture statistics (added when both checkpoints are given)")
+    g.add_argument("--init-checkpoint", type=Path, help="step-0 model directory, same size")
+    g.add_argument("--final-checkpoint", type=Path, help="final-step model directory")
+    g.add_argument("--stats-max-elements", type=int, default=1 << 16)
+    g.add_argument("--stats-top-k", type=int, default=30)
+    g.add_argument("--stats-embedding-tokens", type=int, default=256)
+    g.add_argument("--stats-spectrum-fit", type=float, nargs=2, default=(0.0, 0.5),
+                   metavar=("LO", "HI"))
+
+
+def _stats_options(a: argparse.Namespace):
+    from lmdynamics.conjecture import StatsOptions
+
+    if (a.init_checkpoint is None) != (a.final_checkpoint is None):
+        raise SystemExit("extract: --init-checkpoint and --final-checkpoint go together "
+                         f"(got {a.init_checkpoint} and {a.final_checkpoint})")
+    if a.init_checkpoint is None:
+        return None
+    return StatsOptions(a.init_checkpoint, a.final_checkpoint,
+                        max_elements=a.stats_max_elements, top_k=a.stats_top_k,
+                        embedding_tokens=a.stats_embedding_tokens,
+                        spectrum_fit=tuple(a.stats_spectrum_fit), seed=a.seed)
 
 
 @command("extract", _extract_args)
@@ -132,7 +158,8 @@ def _extract(a: argparse.Namespace) -> None:
                        sampling=a.sampling,
                        attention_activation=a.attention_activation,
                        gradient_protocol=a.gradient_protocol,
-                       gradient_batches=a.gradient_batches)
+                       gradient_batches=a.gradient_batches,
+                       stats=_stats_options(a))
 
 
 def _gradient_batches_args(p: argparse.ArgumentParser) -> None:
@@ -249,6 +276,49 @@ def _mcc(a: argparse.Namespace) -> None:
                       per_grad_fraction=a.per_grad_fraction)
     table.attrs["thresholds"]["cka_estimator"] = a.cka_estimator
     write_mcc_table(table, a.csv, a.md)
+
+
+def _reduce_stats_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("stores", nargs="+", type=Path)
+    p.add_argument("--final-step", type=int, required=True)
+    p.add_argument("--out", type=Path, required=True)
+
+
+@command("reduce-stats", _reduce_stats_args)
+def _reduce_stats(a: argparse.Namespace) -> None:
+    from lmdynamics.conjecture_reduce import reduce_stats
+
+    reduce_stats(a.stores, a.out, final_step=a.final_step)
+
+
+def _combine_stats_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("stores", nargs="+", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+
+
+@command("combine-stats", _combine_stats_args)
+def _combine_stats(a: argparse.Namespace) -> None:
+    from lmdynamics.conjecture_reduce import write_combined_stats
+
+    write_combined_stats(a.stores, a.out)
+
+
+def _stats_figure_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name")
+    p.add_argument("--stats", type=Path, required=True)
+    p.add_argument("--x-axis", default="step")
+    p.add_argument("--steps", type=int, nargs="*", default=[],
+                   help="steps of the snapshot figures (default: chosen automatically)")
+    p.add_argument("--out-stem", type=Path, required=True)
+
+
+@command("stats-figure", _stats_figure_args)
+def _stats_figure(a: argparse.Namespace) -> None:
+    from lmdynamics.conjecture_figures import render_stats
+    from lmdynamics.store import open_store
+
+    render_stats(a.name, open_store(a.stats).load(), a.out_stem, x_axis=a.x_axis,
+                 steps=a.steps)
 
 
 def build_parser() -> argparse.ArgumentParser:

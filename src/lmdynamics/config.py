@@ -141,6 +141,7 @@ def semantic_errors(config: Mapping[str, Any]) -> list[str]:
     if final not in config["steps"]:
         errors.append(f"config key 'steps': the final step {final} is missing; allowed: a list "
                       f"that includes final_step {final} (the CKA reference)")
+    errors += conjecture_errors(config)
     available = eval_positions(config)
     if config.get("sampling", {}).get("protocol") == "paper_code":
         n_seq = eval_sequences(config)
@@ -159,6 +160,22 @@ def eval_sequences(config: Mapping[str, Any]) -> int:
     if config["source"] == "tiny":
         return config["tiny"].get("batch_size", 16)
     return config.get("hub", {}).get("sequences", 8)
+
+
+def conjecture_errors(config: Mapping[str, Any]) -> list[str]:
+    """Checks of the ``conjecture`` section the schema cannot express (fit window order,
+    figure steps among the analysed steps)."""
+    section = config.get("conjecture") or {}
+    errors = []
+    lo, hi = section.get("spectrum_fit", (0.0, 0.5))
+    if not lo < hi:
+        errors.append(f"config key 'conjecture.spectrum_fit': {[lo, hi]} is not allowed; "
+                      f"allowed: two rank fractions [lo, hi] with lo < hi")
+    extra = [s for s in section.get("figure_steps", []) if s not in config["steps"]]
+    if extra:
+        errors.append(f"config key 'conjecture.figure_steps': {extra} are not among 'steps'; "
+                      f"allowed: a subset of {_short(sorted(config['steps']))}")
+    return errors
 
 
 def eval_positions(config: Mapping[str, Any]) -> int:

@@ -39,6 +39,7 @@ from lmdynamics.checkpoints import (
     n_parameters,
     weights_sha256,
 )
+from lmdynamics.conjecture import SITES, ResidualRecorder, StatsOptions, checkpoint_stats
 from lmdynamics.metrics import singular_values
 from lmdynamics.paper_code import (
     GRADIENT_PROTOCOLS,
@@ -180,13 +181,18 @@ def hook_targets(model: torch.nn.Module, attention_activation: str = "residual_w
 def run_pass(model: torch.nn.Module, batch: torch.Tensor, seq_idx: np.ndarray,
              pos_idx: np.ndarray, *, micro_batch: int | None = None,
              attention_activation: str = "residual_write",
-             gradients: bool = True) -> Extraction:
+             gradients: bool = True,
+             extra_hooks: Callable[[torch.Tensor, torch.Tensor, bool], list] | None = None,
+             ) -> Extraction:
     """Forward and backward of the LM loss on ``batch`` (S, T) with activation hooks.
 
     ``micro_batch`` sequences are processed at a time (all by default); the loss is the mean
     over all predicted tokens and gradients accumulate to those of the whole batch.
     ``attention_activation``: see :func:`hook_targets`. ``gradients=False`` runs the
     forward pass only (``grad_singular_values`` is then all NaN, to be filled by the caller).
+    ``extra_hooks(seq, pos, first)``, if given, registers more hooks for each micro-batch
+    (``seq``, ``pos``: its sampled positions; ``first``: the pass starts over, e.g. after an
+    out-of-memory retry) and returns their handles, removed after the micro-batch.
     """
     device = next(model.parameters()).device
     modules = write_modules(model)
@@ -208,6 +214,8 @@ def run_pass(model: torch.nn.Module, batch: torch.Tensor, seq_idx: np.ndarray,
         handles = [mod.register_forward_hook(_capture(captured[(c, i)], seq, pos,
                                                       finite[(c, i)], fn))
                    for c in COMPONENTS for i, (mod, fn) in enumerate(targets[c])]
+        if extra_hooks is not None:
+            handles += extra_hooks(seq, pos, start == 0)
         try:
             inputs = batch[start:stop].to(device)
             with torch.set_grad_enabled(gradients):
@@ -229,6 +237,9 @@ def run_pass(model: torch.nn.Module, batch: torch.Tensor, seq_idx: np.ndarray,
                          for c in COMPONENTS])
         grad_finite = np.array([[bool(torch.isfinite(grads[(c, i)]).all())
                                  for i in range(n_layers)] for c in COMPONENTS], dtype=bool)
+        for c in COMPONENTS:  # the whole batch's gradient back in place, for statistics
+            for i, m in enumerate(modules[c]):
+                m.weight.grad = grads[(c, i)].to(m.weight.dtype)
     else:
         g_sv = np.full_like(w_sv, np.nan)
         grad_finite = np.ones(w_sv.shape[:2], dtype=bool)
@@ -341,11 +352,14 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
                        sampling: str = "random_positions",
                        attention_activation: str = "residual_write",
                        gradient_protocol: str = "eval_batch",
-                       gradient_batches: Path | str | None = None) -> Path:
+                       gradient_batches: Path | str | None = None,
+                       stats: StatsOptions | None = None) -> Path:
     """Load one checkpoint, run the eval batch through it and write its store to ``out``.
 
     ``gradient_protocol="paper_code"`` needs ``gradient_batches``: an .npy (2, S, T) of
     the training batches of :func:`lmdynamics.paper_code.gradient_steps` ``(step)``.
+    With ``stats``, the Conjecture statistics (:mod:`lmdynamics.conjecture`) of the same pass
+    are added to the store as ``stat_*`` variables.
     """
     t0 = time.perf_counter()
     dev = resolve_device(device)
@@ -364,12 +378,15 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
     check_vocabulary(batch, model.config.vocab_size, eval_batch)
     seq_idx, pos_idx = token_positions(sampling, *batch.shape, tokens, seed,
                                        context=model.config.max_position_embeddings)
-    only_write_weights_train(model)
+    if stats is None:  # the Conjecture statistics need every parameter's gradient
+        only_write_weights_train(model)
     log.info("loaded %s step %d (%s) on %s in %.1fs; eval batch %s, %d sampled tokens",
              size, step, checkpoint, dev, time.perf_counter() - t0, tuple(batch.shape), tokens)
+    residual = ResidualRecorder(model) if stats is not None else None
     result = run_pass_fitting(model, batch, seq_idx, pos_idx, micro_batch=micro_batch,
                               attention_activation=attention_activation,
-                              gradients=gradient_protocol == "eval_batch")
+                              gradients=gradient_protocol == "eval_batch",
+                              extra_hooks=residual.hooks if residual is not None else None)
     if gradient_protocol == "paper_code":
         grad_batches = torch.as_tensor(np.load(gradient_batches), dtype=torch.long)
         result.grad_singular_values = paper_code_gradient_singular_values(
@@ -391,6 +408,11 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
         attrs["gradient_steps"] = list(gradient_steps(step))
     ds = extraction_dataset(result, seq_idx, pos_idx, attrs)
     warn_nonfinite(ds)
+    if stats is not None and residual is not None:
+        t_stats = time.perf_counter()
+        sampled = dict(zip(SITES, (residual.sampled(), *result.activations), strict=True))
+        ds = ds.merge(checkpoint_stats(model, sampled, residual.max_abs, stats))
+        log.info("Conjecture statistics in %.2fs", time.perf_counter() - t_stats)
     chunks = (1, 1, *result.activations.shape[2:])
     write_store(ds, out, encoding={"activations": {"chunks": chunks}})
     log.info("wrote %s (loss %.4f) in %.1fs", out, result.loss, time.perf_counter() - t0)

@@ -1,5 +1,6 @@
 # Configuration checks and input functions shared by every rule file.
 import importlib.util
+from types import SimpleNamespace
 
 from snakemake.utils import validate
 
@@ -87,6 +88,48 @@ def revision(step):
     return config["hub"]["revision"].format(step=step)
 
 
+# Conjecture statistics (workflow/rules/conjecture.smk). Each extraction job also reads the
+# step-0 and final checkpoints of its size (distance from init, cosine and singular directions
+# vs final); Snakemake keeps a temp() checkpoint until every job that reads it has finished.
+CONJECTURE = config["conjecture"]
+STATS_FIGURES = [
+    "norms",
+    "distance",
+    "shape",
+    "residual",
+    "spectra",
+    "embedding",
+    "closeness",
+]
+
+
+def reference_checkpoints(wildcards):
+    """Files of the step-0 and final checkpoints of a size (none when statistics are off)."""
+    if not CONJECTURE["enabled"]:
+        return {}
+    files = {}
+    for name, step in (("init", 0), ("final", FINAL_STEP)):
+        ref = checkpoint_files(SimpleNamespace(size=wildcards.size, step=step))
+        files.update({f"{name}_{key}": path for key, path in ref.items()})
+    return files
+
+
+def stats_args(wildcards):
+    """The extract command's statistics flags (empty when statistics are off)."""
+    if not CONJECTURE["enabled"]:
+        return ""
+    refs = reference_checkpoints(wildcards)
+    lo, hi = CONJECTURE["spectrum_fit"]
+    return (
+        f"--init-checkpoint {os.path.dirname(refs['init_weights'])}"
+        f" --final-checkpoint {os.path.dirname(refs['final_weights'])}"
+        f" --stats-max-elements {CONJECTURE['max_elements']}"
+        f" --stats-top-k {CONJECTURE['top_k']}"
+        f" --stats-embedding-tokens {CONJECTURE['embedding_tokens']}"
+        f" --stats-spectrum-fit {lo} {hi}"
+    )
+
+
 def all_outputs():
     outputs = [
         f"{RESULTS}/metrics.csv",
@@ -97,6 +140,12 @@ def all_outputs():
     outputs += expand(
         f"{RESULTS}/figures/{{figure}}.{{ext}}", figure=FIGURES, ext=["png", "pdf"]
     )
+    if CONJECTURE["enabled"]:
+        outputs += expand(
+            f"{RESULTS}/figures/conjecture_{{name}}.{{ext}}",
+            name=STATS_FIGURES,
+            ext=["png", "pdf"],
+        )
     if config["source"] == "tiny":
         outputs += [
             f"{RESULTS}/training_loss.csv",

@@ -5,6 +5,7 @@ rule extract:
     input:
         unpack(checkpoint_files),
         unpack(gradient_batches_input),
+        unpack(reference_checkpoints),
         batch=f"{RESULTS}/eval_batch.npy",
     output:
         directory(f"{RESULTS}/extract/{{size}}/step{{step}}.zarr"),
@@ -33,6 +34,7 @@ rule extract:
             if "grad_batches" in input.keys()
             else ""
         ),
+        stats=stats_args,
     shell:
         "lmdynamics extract --checkpoint $(dirname {input.weights})"
         " --eval-batch {input.batch} --tokens {params.tokens} --seed {params.seed}"
@@ -40,7 +42,8 @@ rule extract:
         " --revision {params.revision} --device {params.device} --dtype {params.dtype}"
         " --micro-batch {params.micro_batch} --sampling {params.sampling}"
         " --attention-activation {params.attention} --gradient-protocol {params.gradients}"
-        " {params.grad_batches} --threads {threads} --out {output} > {log} 2>&1"
+        " {params.grad_batches} --threads {threads} {params.stats}"
+        " --out {output} > {log} 2>&1"
 
 
 # The paper code's gradient protocol: training batches of steps c-5 and c-4 for checkpoint c.

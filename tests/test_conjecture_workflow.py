@@ -1,0 +1,71 @@
+"""The Conjecture statistics in the end-to-end tiny DAG (reuses the session's ``tiny_run``)."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import xarray as xr
+import yaml
+
+from conftest import REPO, snakemake
+from lmdynamics.conjecture_reduce import STAT_VARIABLES
+from lmdynamics.store import open_store
+
+pytestmark = pytest.mark.slow
+
+TINY = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
+RESULTS = "results/tiny"
+FIGURES = ["norms", "distance", "shape", "residual", "spectra", "embedding", "closeness"]
+
+
+def test_stats_store_and_figures(tiny_run):
+    results = tiny_run / RESULTS
+    for name in FIGURES:
+        for ext in ("png", "pdf"):
+            assert (results / f"figures/conjecture_{name}.{ext}").stat().st_size > 5000, name
+    ds = open_store(results / "stats.zarr", required=STAT_VARIABLES).load()
+    assert list(ds["size"].values) == TINY["sizes"]  # config order is by parameter count
+    assert sorted(ds.step.values.tolist()) == sorted(TINY["steps"])
+    assert ds.stat_param.dims == ("size", "step", "param", "param_stat")
+    final = TINY["final_step"]
+    for size in TINY["sizes"]:
+        n = TINY["tiny"]["models"][size]["num_layers"]
+        sub = ds.sel(size=size)
+        assert (sub.stat_param.sel(step=0, param_stat="dist_init").dropna("param") == 0).all()
+        cos = sub.stat_param.sel(step=final, param_stat="cos_final").dropna("param")
+        np.testing.assert_allclose(cos, 1.0, rtol=1e-12)
+        closeness = sub.stat_direction_closeness.isel(layer=slice(0, n))
+        np.testing.assert_allclose(closeness.sel(step=final), 1.0, rtol=1e-9)
+        assert np.isfinite(closeness).all() and (closeness > 0).all()
+        resid = sub.stat_resid_max_abs.isel(layer=slice(0, n))
+        assert np.isfinite(resid).all() and (resid > 0).all()
+        assert np.isfinite(sub.stat_embedding_corr).all()
+    # the post's first observation in this suite: trained QKV weights are heavier-tailed
+    kurt = ds.stat_weight.sel(shape_stat="kurtosis", param=ds.param_module
+                              == "attention.query_key_value")
+    assert float(kurt.sel(step=final).mean()) > float(kurt.sel(step=0).mean())
+
+
+def test_per_pair_stores_carry_the_statistics(tiny_run):
+    size = TINY["sizes"][-1]
+    ds = xr.open_zarr(tiny_run / RESULTS / f"extract/{size}/step64.zarr", consolidated=False)
+    assert all(v in ds for v in STAT_VARIABLES)
+    log = (tiny_run / RESULTS / f"logs/extract/{size}/step64.log").read_text()
+    assert "Conjecture statistics in" in log
+    benchmarks = tiny_run / RESULTS / "benchmarks"
+    assert len(list((benchmarks / "reduce_stats").glob("*.tsv"))) == len(TINY["sizes"])
+    assert (benchmarks / "combine_stats.tsv").is_file()
+
+
+def test_adding_a_size_reruns_no_other_size(tiny_run):
+    config = {**TINY, "sizes": [*TINY["sizes"], "1m"]}
+    path = tiny_run / "config" / "plus_1m.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = snakemake(tiny_run, "--configfile", str(path), "-n")
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)\s*$", proc.stdout, flags=re.M))
+    assert counts["extract"] == str(len(TINY["steps"]))  # the new size's steps only
+    assert counts["reduce_stats"] == "1" and counts["train_tiny"] == "1"
+    assert counts["combine_stats"] == "1" and counts["stats_figure"] == str(len(FIGURES))
+    assert "size=42k" not in proc.stdout

@@ -1,0 +1,61 @@
+# The Conjecture post's statistics: computed in each extraction job (stat_* variables of the
+# per-pair stores), stacked per size, combined across sizes, and drawn.
+
+
+rule reduce_stats:
+    input:
+        size_stores,
+    output:
+        directory(f"{RESULTS}/stats/{{size}}.zarr"),
+    log:
+        f"{RESULTS}/logs/reduce_stats/{{size}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/reduce_stats/{{size}}.tsv"
+    conda:
+        ENV
+    params:
+        final_step=FINAL_STEP,
+    shell:
+        "lmdynamics reduce-stats {input} --final-step {params.final_step}"
+        " --out {output} > {log} 2>&1"
+
+
+rule combine_stats:
+    input:
+        expand(f"{RESULTS}/stats/{{size}}.zarr", size=SIZES),
+    output:
+        directory(f"{RESULTS}/stats.zarr"),
+    log:
+        f"{RESULTS}/logs/combine_stats.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/combine_stats.tsv"
+    conda:
+        ENV
+    shell:
+        "lmdynamics combine-stats {input} --out {output} > {log} 2>&1"
+
+
+rule stats_figure:
+    input:
+        f"{RESULTS}/stats.zarr",
+    output:
+        png=report(
+            f"{RESULTS}/figures/conjecture_{{stat_figure}}.png",
+            caption="../report/conjecture.rst",
+            category="Conjecture analyses",
+        ),
+        pdf=f"{RESULTS}/figures/conjecture_{{stat_figure}}.pdf",
+    wildcard_constraints:
+        stat_figure="|".join(STATS_FIGURES),
+    log:
+        f"{RESULTS}/logs/stats_figure/{{stat_figure}}.log",
+    conda:
+        ENV
+    params:
+        x_axis=config["figures"]["x_axis"],
+        steps=" ".join(map(str, CONJECTURE["figure_steps"])),
+        stem=lambda wc, output: os.path.splitext(output.png)[0],
+    shell:
+        "lmdynamics stats-figure {wildcards.stat_figure} --stats {input}"
+        " --x-axis {params.x_axis} --steps {params.steps} --out-stem {params.stem}"
+        " > {log} 2>&1"
