@@ -45,10 +45,10 @@ rule stats_figure:
             category="Conjecture analyses",
         ),
         pdf=f"{RESULTS}/figures/conjecture_{{stat_figure}}.pdf",
-    wildcard_constraints:
-        stat_figure="|".join(STATS_FIGURES),
     log:
         f"{RESULTS}/logs/stats_figure/{{stat_figure}}.log",
+    wildcard_constraints:
+        stat_figure="|".join(STATS_FIGURES),
     conda:
         ENV
     params:
