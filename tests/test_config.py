@@ -224,3 +224,12 @@ def test_schedules():
     assert nearest_step([0, 32, 64], 48) == 64  # ties go to the later step
     with pytest.raises(ValueError, match="log_until=3"):
         checkpoint_schedule(512, 3, 64)
+
+
+def test_canonical_sorts_keys_recursively_and_keeps_lists():
+    from lmdynamics.config import canonical
+
+    value = {"b": {"y": 1, "x": [{"d": 1, "c": 2}]}, "a": 0}
+    out = canonical(value)
+    assert list(out) == ["a", "b"] and list(out["b"]) == ["x", "y"]
+    assert list(out["b"]["x"][0]) == ["c", "d"] and out == value

@@ -252,3 +252,16 @@ def load_config(path: Path | str, schema: Path | str) -> dict[str, Any]:
     config = yaml.safe_load(Path(path).read_text())
     check_config(config, schema)
     return config
+
+
+def canonical(value: Any) -> Any:
+    """``value`` with every mapping's keys sorted, recursively (lists keep their order).
+
+    Rule parameters built from config sections (e.g. ``tiny``, ``hub``, ``mcc``) are compared
+    by Snakemake as text; sorting keys means reordering a YAML file reruns nothing.
+    """
+    if isinstance(value, Mapping):
+        return {k: canonical(value[k]) for k in sorted(value)}
+    if isinstance(value, list):
+        return [canonical(v) for v in value]
+    return value

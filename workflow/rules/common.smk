@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 from snakemake.utils import validate
 
-from lmdynamics.config import check_config, schedule_for
+from lmdynamics.config import canonical, check_config, schedule_for
 
 SCHEMA = workflow.source_path("../schemas/config.schema.yaml")
 
@@ -14,6 +14,8 @@ check_config(config, SCHEMA)
 
 
 validate(config, SCHEMA)
+# Sorted keys: parameters built from config sections do not change when a file is reordered.
+config.update(canonical(dict(config)))
 
 
 RESULTS = f"results/{config['suite']}"
