@@ -29,7 +29,9 @@ def test_the_paper_grid_dry_run_is_offline_and_lists_135_extractions(tmp_path, m
     workdir = copy_workflow(tmp_path / "wf")
     proc = snakemake(workdir, "-n", "--configfile", "config/config.yaml", "--quiet", "rules")
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", proc.stdout, flags=re.M))
-    assert counts["extract"] == "135" and counts["download"] == "135"
+    assert counts["extract"] == "135"
+    # step 0 and the final step of each size are kept (every extraction of the size reads them)
+    assert counts["download"] == "125" and counts["download_reference"] == "10"
     assert counts["pile_batch"] == "1" and counts["checkpoint_audit"] == "1"
 
 
@@ -65,9 +67,11 @@ def test_pythia_config_runs_end_to_end_through_the_hub_client(tmp_path, monkeypa
     record = json.loads((results / "data/batch142999.json").read_text())
     assert record["pieces"] == [{"shard": "document-00020-of-00020.bin",
                                  "offset": 74_139_648, "length": 4_196_352}]
-    # weights were temporary; the revision records stay, and the stores carry them
+    # weights were temporary except the reference steps' (0 and final); the revision records
+    # stay, and the stores carry them
     ckpts = results / "checkpoints/70m"
-    assert not list(ckpts.rglob("model.safetensors"))
+    assert sorted(p.parent.name for p in ckpts.rglob("model.safetensors")) == [
+        "step0", "step143000"]
     for step in STEPS:
         rev = json.loads((ckpts / f"step{step}/revision.json").read_text())
         assert rev["commit"] == repo.branches[f"step{step}"]

@@ -1,7 +1,12 @@
 # Pythia from the Hugging Face hub: one download job per (size, step), and the last training
 # batch read by byte range from the preshuffled Pile (or a local copy of it).
+REFERENCE_STEPS = "|".join(str(s) for s in sorted({0, FINAL_STEP}))
 
 
+# Every extraction of a size reads that size's step-0 and final checkpoints (Conjecture
+# statistics), so those two are kept: were they temporary, adding a step later would download
+# them again and, their files being new, redo every extraction of the size. Other revisions'
+# weights are deleted once their store exists, unless hub.keep_weights.
 rule download:
     output:
         config=f"{RESULTS}/checkpoints/{{size}}/step{{step}}/config.json",
@@ -15,6 +20,8 @@ rule download:
         f"{RESULTS}/logs/download/{{size}}/step{{step}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/download/{{size}}/step{{step}}.tsv"
+    wildcard_constraints:
+        step=rf"(?!(?:{REFERENCE_STEPS})/)\d+",
     conda:
         ENV
     resources:
@@ -27,6 +34,15 @@ rule download:
         "lmdynamics download --repo {params.repo} --revision {params.revision}"
         " --out-dir $(dirname {output.config}) --min-free-gb {params.hub[min_free_gb]}"
         " --retries {params.hub[retries]} --backoff {params.hub[backoff]} > {log} 2>&1"
+
+
+use rule download as download_reference with:
+    output:
+        config=f"{RESULTS}/checkpoints/{{size}}/step{{step}}/config.json",
+        weights=f"{RESULTS}/checkpoints/{{size}}/step{{step}}/model.safetensors",
+        record=f"{RESULTS}/checkpoints/{{size}}/step{{step}}/revision.json",
+    wildcard_constraints:
+        step=REFERENCE_STEPS,
 
 
 rule pile_batch:
