@@ -230,7 +230,7 @@ def test_every_figure_is_written(combined, tmp_path, name):
 
 
 def test_figure_options_are_checked(combined, tmp_path):
-    with pytest.raises(ValueError, match="unknown statistics figure 'nope'"):
+    with pytest.raises(ValueError, match="unknown figure 'nope'"):
         conjecture_figures.render_stats("nope", combined, tmp_path / "x")
     with pytest.raises(ValueError, match=r"figure steps \[3\] are not among"):
         conjecture_figures.render_stats("spectra", combined, tmp_path / "x", steps=[3])

@@ -36,6 +36,7 @@ from lmdynamics.figures import (  # noqa: E402
     depth_fraction,
     final_step,
     format_x,
+    render,
     save_figure,
     size_colors,
     x_label,
@@ -382,7 +383,4 @@ STATS_FIGURES: dict[str, Callable[..., list[Path]]] = {
 
 def render_stats(name: str, ds: xr.Dataset, out_stem: Path, **options: Any) -> list[Path]:
     """Draw figure ``name`` (a key of :data:`STATS_FIGURES`) from the combined statistics."""
-    if name not in STATS_FIGURES:
-        raise ValueError(f"unknown statistics figure {name!r}; known: "
-                         f"{', '.join(STATS_FIGURES)}")
-    return STATS_FIGURES[name](ds, Path(out_stem), **options)
+    return render(name, ds, out_stem, registry=STATS_FIGURES, **options)

@@ -440,8 +440,12 @@ FIGURES: dict[str, Callable[..., list[Path]]] = {
 }
 
 
-def render(name: str, ds: xr.Dataset, out_stem: Path, **options: Any) -> list[Path]:
-    """Draw figure ``name`` (a key of :data:`FIGURES`) from ``ds``; options go to the function."""
-    if name not in FIGURES:
-        raise ValueError(f"unknown figure {name!r}; known figures: {', '.join(FIGURES)}")
-    return FIGURES[name](ds, Path(out_stem), **options)
+def render(name: str, ds: xr.Dataset, out_stem: Path, *,
+           registry: dict[str, Callable[..., list[Path]]] | None = None,
+           **options: Any) -> list[Path]:
+    """Draw figure ``name`` (a key of ``registry``, by default :data:`FIGURES`) from ``ds``;
+    options go to the figure function. An unknown name fails listing the known ones."""
+    registry = FIGURES if registry is None else registry
+    if name not in registry:
+        raise ValueError(f"unknown figure {name!r}; known figures: {', '.join(registry)}")
+    return registry[name](ds, Path(out_stem), **options)
