@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from conftest import REPO, snakemake
+from lmdynamics import conjecture_figures
 
 pytestmark = pytest.mark.slow
 
@@ -20,6 +21,10 @@ FIGURES = [f"figure{i}" for i in range(1, 6)]
 #: Every figure and table of a tiny run, with a phrase its caption must contain.
 REPORTED = {
     **{f"{RESULTS}/figures/{f}.png": f"paper Fig. {f[-1]}" for f in FIGURES},
+    f"{RESULTS}/figures/figure6.png": "Figure 6 (not in the paper)",
+    **{f"{RESULTS}/figures/conjecture_{f}.png": "Conjecture post"
+       for f in conjecture_figures.STATS_FIGURES},
+    f"{RESULTS}/tables/checkpoint_audit.csv": "Checkpoint audit",
     f"{RESULTS}/figures/training_loss.png": "Training loss",
     f"{RESULTS}/training_loss.csv": "Training loss",
     f"{RESULTS}/tables/mcc.csv": "Table 1 (paper Table 1)",

@@ -17,12 +17,14 @@ import pytest
 import yaml
 
 from conftest import REPO, copy_workflow, snakemake
+from lmdynamics import conjecture_figures
 
 pytestmark = pytest.mark.slow
 
 TINY = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
 SIZES, STEPS = TINY["sizes"], TINY["steps"]
-FIGURES = [f"figure{i}" for i in range(1, 6)]
+FIGURES = [f"figure{i}" for i in range(1, 7)]
+STATS_FIGURES = list(conjecture_figures.STATS_FIGURES)
 RESULTS = "results/tiny"
 
 Job = tuple[str, tuple[tuple[str, str], ...]]
@@ -35,6 +37,13 @@ def job(rule: str, **wildcards: object) -> Job:
 def downstream_of_metrics() -> set[Job]:
     """Jobs that read the combined metrics: the combine itself, every figure, Table 1."""
     return {job("combine"), job("mcc_table"), *(job("figure", figure=f) for f in FIGURES)}
+
+
+def downstream_of_stores() -> set[Job]:
+    """Jobs that read every per-pair store or the combined statistics: the checkpoint audit,
+    the statistics' combine and their figures."""
+    return {job("checkpoint_audit"), job("combine_stats"),
+            *(job("stats_figure", stat_figure=f) for f in STATS_FIGURES)}
 
 
 def parse_plan(text: str) -> set[Job]:
@@ -94,8 +103,9 @@ def test_adding_a_size_plans_only_that_size_and_what_combines_sizes(finished):
     sizes = [*SIZES, "1m"]
     jobs = plan(finished, "--config", f"sizes={sizes!r}".replace("'", '"'))
     expected = {job("train_tiny", size="1m"), job("reduce_size", size="1m"),
+                job("reduce_stats", size="1m"),
                 *(job("extract", size="1m", step=s) for s in STEPS),
-                job("training_loss"), *downstream_of_metrics()}
+                job("training_loss"), *downstream_of_metrics(), *downstream_of_stores()}
     assert jobs == expected
 
 
@@ -111,13 +121,16 @@ def test_adding_a_step_plans_its_extractions_and_the_reductions(finished):
 
     jobs = plan(finished)  # the default steps again: 192 added
     expected = {*(job("extract", size=s, step=added) for s in SIZES),
-                *(job("reduce_size", size=s) for s in SIZES), *downstream_of_metrics()}
+                *(job("reduce_size", size=s) for s in SIZES),
+                *(job("reduce_stats", size=s) for s in SIZES),
+                *downstream_of_metrics(), *downstream_of_stores()}
     assert jobs == expected
 
 
 def test_changing_a_figure_option_redraws_only_the_figures(finished):
     jobs = plan(finished, "--config", "figures={x_axis: fraction}")
-    assert jobs == {job("figure", figure=f) for f in FIGURES}
+    assert jobs == {*(job("figure", figure=f) for f in FIGURES),
+                    *(job("stats_figure", stat_figure=f) for f in STATS_FIGURES)}
 
 
 def test_editing_a_plotting_module_redraws_figures_and_never_extracts(finished, tmp_path):
@@ -129,9 +142,11 @@ def test_editing_a_plotting_module_redraws_figures_and_never_extracts(finished, 
     module = src / "lmdynamics/figures.py"
     module.write_text(module.read_text() + "\n# an edit of the plotting code\n")
     jobs = plan(finished, "--rerun-triggers", "mtime", pythonpath=src)
-    assert jobs == {job("training_loss"), *(job("figure", figure=f) for f in FIGURES)}
+    assert jobs == {job("training_loss"), *(job("figure", figure=f) for f in FIGURES),
+                    *(job("stats_figure", stat_figure=f) for f in STATS_FIGURES)}
     # With every default trigger too (here the code's path changed as well), no extraction,
     # training or reduction.
     jobs = plan(finished, pythonpath=src)
-    costly = {"train_tiny", "tiny_eval_batch", "extract", "reduce_size", "combine"}
+    costly = {"train_tiny", "tiny_eval_batch", "extract", "reduce_size", "combine",
+              "reduce_stats", "combine_stats"}
     assert not {rule for rule, _ in jobs} & costly, jobs

@@ -125,7 +125,11 @@ def test_tiny_dag_on_slurm_matches_a_local_run(tmp_path, cluster):
     # without one.
     ctld = cluster.ctld_log.read_text()
     for name, jobid in ran_as.items():
-        assert re.search(rf"Allocate JobId={jobid} .*Partition={cluster.partition}", ctld), name
+        # the main scheduler logs "Allocate JobId=.. Partition=..", the backfill scheduler
+        # "_start_job: Started JobId=.. in <partition> on <node>"
+        started = (rf"Allocate JobId={jobid} .*Partition={cluster.partition}\b"
+                   rf"|Started JobId={jobid} in {cluster.partition} on ")
+        assert re.search(started, ctld), name
         assert f"_job_complete: JobId={jobid} WEXITSTATUS 0" in ctld, name
         gpu = "TresPerJob=gres:gpu:1" in cluster.scontrol("show", "job", jobid)
         assert gpu == name.startswith("extract/"), (name, jobid, gpu)

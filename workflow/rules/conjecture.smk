@@ -37,7 +37,8 @@ rule combine_stats:
 
 rule stats_figure:
     input:
-        f"{RESULTS}/stats.zarr",
+        stats=f"{RESULTS}/stats.zarr",
+        code=package_sources("figures", "conjecture_figures"),
     output:
         png=report(
             f"{RESULTS}/figures/conjecture_{{stat_figure}}.png",
@@ -56,6 +57,6 @@ rule stats_figure:
         steps=" ".join(map(str, CONJECTURE["figure_steps"])),
         stem=lambda wc, output: os.path.splitext(output.png)[0],
     shell:
-        "lmdynamics stats-figure {wildcards.stat_figure} --stats {input}"
+        "lmdynamics stats-figure {wildcards.stat_figure} --stats {input.stats}"
         " --x-axis {params.x_axis} --steps {params.steps} --out-stem {params.stem}"
         " > {log} 2>&1"

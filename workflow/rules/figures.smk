@@ -4,7 +4,7 @@
 rule figure:
     input:
         metrics=f"{RESULTS}/metrics.zarr",
-        code=package_sources("figures"),
+        code=package_sources("figures", "figures_cka"),
     output:
         png=report(
             f"{RESULTS}/figures/{{figure}}.png",
