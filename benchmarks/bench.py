@@ -105,7 +105,7 @@ def pass_flops(arch: str, sequences: int, seq_len: int) -> float:
 
 
 def bench_extraction(arch: str, device: str, dtype: str, sequences: int, seq_len: int,
-                     repeats: int) -> list[str]:
+                     repeats: int, with_stats: bool) -> list[str]:
     ceiling = gemm_rate(DTYPES[dtype] if device == "cuda" else torch.float32, device)
     flops = pass_flops(arch, sequences, seq_len)
     rng = np.random.default_rng(0)
@@ -116,8 +116,10 @@ def bench_extraction(arch: str, device: str, dtype: str, sequences: int, seq_len
              f"{ceiling / 1e9:.1f} GFLOP/s"]
     with tempfile.TemporaryDirectory() as tmp:
         init, mid, final = pythia_checkpoints(arch, Path(tmp))
-        for label, all_grads in (("write matrices' gradients only", False),
-                                 ("every gradient (Conjecture statistics on)", True)):
+        variants = [("write matrices' gradients only", False)]
+        if with_stats:
+            variants.append(("every gradient (Conjecture statistics on)", True))
+        for label, all_grads in variants:
             model = load_model(mid, dtype=DTYPES[dtype], device=torch.device(device))
             if not all_grads:
                 only_write_weights_train(model)
@@ -135,8 +137,10 @@ def bench_extraction(arch: str, device: str, dtype: str, sequences: int, seq_len
                          f"x the GEMM ceiling ({flops / 1e9:.0f} GFLOP per pass)")
             del model
         np.save(Path(tmp) / "batch.npy", batch.numpy())
-        for label, stats in (("without statistics", None),
-                             ("with statistics", StatsOptions(init, final))):
+        jobs = [("without statistics", None)]
+        if with_stats:
+            jobs.append(("with statistics", StatsOptions(init, final)))
+        for label, stats in jobs:
             wall, stat_s = timed_extract(mid, Path(tmp) / "batch.npy",
                                          Path(tmp) / f"{label}.zarr", stats, tokens=tokens,
                                          device=device, dtype=dtype)
@@ -230,15 +234,18 @@ def main() -> None:
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--sequences", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="small shapes, seconds")
+    p.add_argument("--with-stats", action="store_true",
+                   help="also time the pass with every gradient and the job with statistics")
     p.add_argument("--skip-reduction", action="store_true")
     p.add_argument("--skip-dag", action="store_true")
     a = p.parse_args()
     if a.quick:
         a.sequences, a.seq_len = 2, 256
     print(f"# {dt.date.today()} {machine()}")
-    for line in bench_extraction(a.arch, a.device, a.dtype, a.sequences, a.seq_len, a.repeats):
+    for line in bench_extraction(a.arch, a.device, a.dtype, a.sequences, a.seq_len, a.repeats,
+                                 a.with_stats):
         print(line, flush=True)
     if not a.skip_reduction:
         shape = (512, 64, 6, 2, 8, 100) if a.quick else (4096, 512, 27, 6, 8, 1000)

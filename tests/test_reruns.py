@@ -110,8 +110,8 @@ def test_adding_a_size_plans_only_that_size_and_what_combines_sizes(finished):
 
 
 def test_adding_a_step_plans_its_extractions_and_the_reductions(finished):
-    added = 192
-    # The state after a run without step 192: no stores for it, reductions made without it.
+    added = 128
+    # The state after a run without step 128: no stores for it, reductions made without it.
     before = {**TINY, "steps": [s for s in STEPS if s != added]}
     (finished / "config/before.yaml").write_text(yaml.safe_dump(before))
     for size in SIZES:
@@ -119,7 +119,7 @@ def test_adding_a_step_plans_its_extractions_and_the_reductions(finished):
     snakemake(finished, "--configfile", "config/before.yaml")
     assert plan(finished, "--configfile", "config/before.yaml") == set()
 
-    jobs = plan(finished)  # the default steps again: 192 added
+    jobs = plan(finished)  # the default steps again: 128 added
     expected = {*(job("extract", size=s, step=added) for s in SIZES),
                 *(job("reduce_size", size=s) for s in SIZES),
                 *(job("reduce_stats", size=s) for s in SIZES),
