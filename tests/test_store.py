@@ -47,20 +47,3 @@ def test_rewrite_replaces_and_cleans_stale_tmp(tmp_path):
     assert not stale.exists()
     assert float(open_store(path).a.sum()) == 30.0
     assert zarr.open_group(path, mode="r").attrs["complete"] is True
-
-
-def test_activation_encoding_chunks_per_slice_and_round_trips_bit_for_bit(tmp_path):
-    import json
-
-    from lmdynamics.store import activation_encoding
-
-    rng = np.random.default_rng(0)
-    acts = rng.normal(size=(2, 3, 64, 8)).astype(np.float32)
-    ds = xr.Dataset({"activations": (("component", "layer", "token", "dim"), acts)})
-    path = write_store(ds, tmp_path / "s.zarr",
-                       encoding={"activations": activation_encoding(acts.shape)})
-    back = open_store(path)
-    assert back.activations.encoding["chunks"] == (1, 1, 64, 8)
-    np.testing.assert_array_equal(back.activations.values, acts)
-    meta = json.loads((path / "activations" / "zarr.json").read_text())
-    assert [c["name"] for c in meta["codecs"]][-1] == "blosc"

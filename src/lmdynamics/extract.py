@@ -48,7 +48,7 @@ from lmdynamics.paper_code import (
     gradient_steps,
     paper_code_gradient_singular_values,
 )
-from lmdynamics.store import activation_encoding, write_store
+from lmdynamics.store import write_store
 
 log = logging.getLogger(__name__)
 
@@ -413,8 +413,8 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
         sampled = dict(zip(SITES, (residual.sampled(), *result.activations), strict=True))
         ds = ds.merge(checkpoint_stats(model, sampled, residual.max_abs, stats))
         log.info("Conjecture statistics in %.2fs", time.perf_counter() - t_stats)
-    write_store(ds, out,
-                encoding={"activations": activation_encoding(result.activations.shape)})
+    chunks = (1, 1, *result.activations.shape[2:])
+    write_store(ds, out, encoding={"activations": {"chunks": chunks}})
     log.info("wrote %s (loss %.4f) in %.1fs", out, result.loss, time.perf_counter() - t0)
     return Path(out)
 

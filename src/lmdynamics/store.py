@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import xarray as xr
 import zarr
-from zarr.codecs import BloscCodec
 
 #: Attribute set last, just before the rename; its absence marks an incomplete store.
 COMPLETE_ATTR = "complete"
@@ -63,20 +62,6 @@ def replace_dir(tmp: Path, path: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, path)
-
-
-def activation_encoding(shape: tuple[int, ...]) -> dict[str, Any]:
-    """zarr encoding of per-pair ``activations`` of ``shape`` (component, layer, token, dim).
-
-    One chunk per (component, layer) slice, what the reduction reads at a time, compressed
-    with blosc lz4 and byte shuffle. Chosen from measurements on tiny-suite stores
-    (``benchmarks/store_encoding.py``, figures in ``benchmarks/RESULTS.md``): float32
-    activations shrink to 1/1.31 of their raw size, against 1/1.25 with zarr's default
-    (zstd level 0) at the same write and read speed; blosc zstd reaches 1/1.36 at twice the
-    write time.
-    """
-    return {"chunks": (1, 1, *shape[2:]),
-            "compressors": [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]}
 
 
 def write_store(ds: xr.Dataset, path: Path | str,
