@@ -230,10 +230,11 @@ def run_pass(model: torch.nn.Module, batch: torch.Tensor, seq_idx: np.ndarray,
                 h.remove()
     acts = np.stack([np.stack([torch.cat(captured[(c, i)]).numpy() for i in range(n_layers)])
                      for c in COMPONENTS])
-    w_sv = np.stack([np.stack([singular_values(m.weight.detach()) for m in modules[c]])
+    # one batched call per component (layers stacked: same shape)
+    w_sv = np.stack([singular_values(torch.stack([m.weight.detach() for m in modules[c]]))
                      for c in COMPONENTS])
     if gradients:
-        g_sv = np.stack([np.stack([singular_values(grads[(c, i)]) for i in range(n_layers)])
+        g_sv = np.stack([singular_values(torch.stack([grads[(c, i)] for i in range(n_layers)]))
                          for c in COMPONENTS])
         grad_finite = np.array([[bool(torch.isfinite(grads[(c, i)]).all())
                                  for i in range(n_layers)] for c in COMPONENTS], dtype=bool)
