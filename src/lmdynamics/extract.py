@@ -384,10 +384,12 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
     log.info("loaded %s step %d (%s) on %s in %.1fs; eval batch %s, %d sampled tokens",
              size, step, checkpoint, dev, time.perf_counter() - t0, tuple(batch.shape), tokens)
     residual = ResidualRecorder(model) if stats is not None else None
+    t_pass = time.perf_counter()
     result = run_pass_fitting(model, batch, seq_idx, pos_idx, micro_batch=micro_batch,
                               attention_activation=attention_activation,
                               gradients=gradient_protocol == "eval_batch",
                               extra_hooks=residual.hooks if residual is not None else None)
+    log.info("forward+backward pass in %.2fs", time.perf_counter() - t_pass)
     if gradient_protocol == "paper_code":
         grad_batches = torch.as_tensor(np.load(gradient_batches), dtype=torch.long)
         result.grad_singular_values = paper_code_gradient_singular_values(
@@ -414,10 +416,18 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
         sampled = dict(zip(SITES, (residual.sampled(), *result.activations), strict=True))
         ds = ds.merge(checkpoint_stats(model, sampled, residual.max_abs, stats))
         log.info("Conjecture statistics in %.2fs", time.perf_counter() - t_stats)
-    chunks = (1, 1, *result.activations.shape[2:])
-    write_store(ds, out, encoding={"activations": {"chunks": chunks}})
+    write_store(ds, out, encoding=activation_encoding(result.activations.shape))
     log.info("wrote %s (loss %.4f) in %.1fs", out, result.loss, time.perf_counter() - t0)
     return Path(out)
+
+
+def activation_encoding(shape: tuple[int, ...]) -> dict[str, dict]:
+    """Zarr encoding of a per-pair store's ``activations`` (component, layer, token, dim).
+
+    One chunk per (component, layer): the reduction reads exactly one layer of one
+    component at a time. Compression: see :data:`lmdynamics.store.ACTIVATION_COMPRESSORS`.
+    """
+    return {"activations": {"chunks": (1, 1, *shape[2:])}}
 
 
 def check_vocabulary(batch: torch.Tensor, vocab_size: int, source: Path | str) -> None:
