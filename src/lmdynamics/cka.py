@@ -227,7 +227,8 @@ def gram_inner_products(xs: Sequence[np.ndarray]) -> np.ndarray:
 
     ``xs``: S float64 arrays (n, d_s) with the same n (centre them first). Picks the
     cheaper route: feature space (``X_s' X_t`` per pair, ~n d^2 per pair) or Gram space
-    (row blocks of ``X_s X_s'``, ~n^2 d per step plus n^2 per pair; memory bounded by
+    (row blocks of the upper triangle of ``X_s X_s'``, ~n^2 d / 2 per step plus n^2 / 2
+    per pair; memory bounded by
     blocks of :data:`_GRAM_BLOCK_ELEMENTS` per step). Both give the same numbers.
     """
     xs = [np.asarray(x, dtype=np.float64) for x in xs]
@@ -239,7 +240,7 @@ def gram_inner_products(xs: Sequence[np.ndarray]) -> np.ndarray:
     s = len(xs)
     dims = np.array([x.shape[1] for x in xs], dtype=float)
     feature_cost = n * float(np.sum(np.outer(dims, dims))) / 2
-    gram_cost = n * n * float(dims.sum()) + n * n * s * (s + 1) / 2
+    gram_cost = (n * n * float(dims.sum()) + n * n * s * (s + 1) / 2) / 2
     if feature_cost <= gram_cost:
         return _inner_products_feature(xs)
     return _inner_products_gram(xs)
@@ -256,12 +257,20 @@ def _inner_products_feature(xs: list[np.ndarray]) -> np.ndarray:
 
 
 def _inner_products_gram(xs: list[np.ndarray]) -> np.ndarray:
+    """Gram route over the upper triangle only: ``<K_s, K_t>`` sums the diagonal blocks of
+    ``K = X X'`` once and the blocks right of them twice (K is symmetric), so each row block
+    multiplies against the rows from its own start on: half the ``n^2 d`` of full blocks."""
     n, s = xs[0].shape[0], len(xs)
     rows = max(1, _GRAM_BLOCK_ELEMENTS // max(1, n * s))
     out = np.zeros((s, s))
     for start in range(0, n, rows):
-        block = np.stack([(x[start:start + rows] @ x.T).ravel() for x in xs])  # (S, rows*n)
-        out += block @ block.T
+        stop = min(start + rows, n)
+        blocks = [x[start:stop] @ x[start:].T for x in xs]  # (rows, n - start)
+        diag = np.stack([b[:, :stop - start].ravel() for b in blocks])
+        out += diag @ diag.T
+        if stop < n:
+            right = np.stack([b[:, stop - start:].ravel() for b in blocks])
+            out += 2.0 * (right @ right.T)
     return out
 
 

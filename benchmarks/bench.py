@@ -1,0 +1,389 @@
+"""lmdynamics against the machine's own ceiling: extraction, reduction, Gram-form CKA, tiny DAG.
+
+One run measures and prints, as ratios against rates measured in the same run:
+
+1. **Extraction** of one checkpoint of a Pythia architecture (random weights built locally,
+   ``--sequences`` x ``--seq-len`` tokens) through :func:`lmdynamics.extract.extract_checkpoint`
+   on checkpoints saved to a temporary directory, with the Conjecture statistics (the
+   workflow's default) and without. Achieved FLOP/s of the forward+backward pass over the
+   device's own GEMM rate in ``--dtype`` (a large ``torch.matmul``). FLOPs are counted
+   analytically by :func:`pass_flops`:
+
+   - forward: ``2 T P`` + ``4 L S T_seq^2 d``, with ``T`` = S x T_seq tokens, ``P`` the
+     parameters of every matmul (per layer ``3d^2 + d^2 + 2 d i``; the unembedding ``d V``;
+     the embedding lookup is no matmul) and the attention term the full ``QK^T`` and
+     ``PV`` products of the eager attention (PaLM's convention: no causal discount);
+   - backward with every parameter's gradient (the Conjecture statistics need them):
+     twice the forward, so ``6 T P + 12 L S T_seq^2 d`` in all;
+   - backward with the write matrices' gradients only (statistics off): input gradients of
+     the unembedding and of layers 1..L-1 (matmuls and attention), plus the weight gradients
+     of the write matrices ``2 T L (d^2 + i d)``; layer 0 needs no input gradient.
+
+2. **Reduction** of one size through :func:`lmdynamics.reduce.reduce_size` on real zarr
+   stores written with the extraction's own writer (``--steps`` steps, L layers x 2
+   components, ``--reduce-tokens`` N tokens of width D), with the workflow's default CKA
+   options (both estimators, pairwise, B=1000 sequence-bootstrap), over the GEMM floor of
+   its products at the measured float64 GEMM rate (numpy, as the reduction runs). Floor per
+   (component, layer), counting a symmetric product (``X'X``, ``XX'``) as half a GEMM:
+   ``min(N D^2 S^2, S N^2 D + N^2 S(S+1)/2)`` for the pairwise CKA (feature or Gram route)
+   plus ``3 N D^2 S`` for the bootstrap's per-sequence products (self and cross per step).
+3. The same CKA (both estimators, each step against the final one) through a straightforward
+   Gram-form implementation (N x N Gram matrices, as Kornblith et al.'s reference code):
+   its time over ours.
+4. End-to-end wall time of the tiny DAG from an empty results/ (``--skip-dag`` leaves it out).
+
+    python benchmarks/bench.py                       # CPU: 70m, float32, 8 x 2048
+    python benchmarks/bench.py --quick               # a smoke run in about a minute
+    python benchmarks/bench.py --arch 1.4b --device cuda --dtype bfloat16 --skip-dag
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from io import StringIO
+from pathlib import Path
+
+import numpy as np
+import torch
+import xarray as xr
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+from lmdynamics.checkpoints import save_checkpoint
+from lmdynamics.cka_reduce import CKAOptions, cka_dataset
+from lmdynamics.conjecture import StatsOptions
+from lmdynamics.extract import (
+    Extraction,
+    activation_encoding,
+    extract_checkpoint,
+    extraction_dataset,
+    sample_token_positions,
+)
+from lmdynamics.reduce import reduce_size
+from lmdynamics.store import write_store
+
+#: Pythia architectures (hidden, layers, heads); vocab 50304, MLP 4x, rotary 25%.
+PYTHIA = {"70m": (512, 6, 8), "160m": (768, 12, 12), "410m": (1024, 24, 16),
+          "1.4b": (2048, 24, 16), "2.8b": (2560, 32, 32)}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------ machine
+
+def machine() -> str:
+    """CPU model, cores, torch threads, GPU (if any), date."""
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{datetime.datetime.now().isoformat(timespec='minutes')}; CPU {cpu}, "
+            f"{os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()}"
+            f" threads; GPU {gpu}; load average {load:.2f} at start")
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def gemm_rate(device: str, dtype: torch.dtype, n: int, repeats: int = 5) -> float:
+    """FLOP/s of the best of ``repeats`` (n x n) @ (n x n) torch matmuls (2 n^3 FLOPs)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def numpy_gemm_rate(n: int, repeats: int = 3) -> float:
+    """FLOP/s of the best of ``repeats`` float64 numpy (n x n) @ (n x n) (the reduction's BLAS)."""
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(n, n)), rng.normal(size=(n, n))
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+# --------------------------------------------------------------------------- extraction
+
+def pythia_config(arch: str) -> GPTNeoXConfig:
+    """A Pythia architecture's GPT-NeoX config (Pythia's shapes, untied embeddings)."""
+    hidden, layers, heads = PYTHIA[arch]
+    return GPTNeoXConfig(hidden_size=hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads, intermediate_size=4 * hidden,
+                         vocab_size=50304, rotary_pct=0.25, max_position_embeddings=2048,
+                         use_parallel_residual=True, tie_word_embeddings=False)
+
+
+def pythia_checkpoints(arch: str, root: Path) -> tuple[Path, Path, Path]:
+    """step-0, mid and final checkpoint directories of a random Pythia-shaped model (mid and
+    final: step 0 plus Gaussian perturbations, so the statistics' distances are non-trivial)."""
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(pythia_config(arch))
+    dirs = [root / name for name in ("step0", "mid", "final")]
+    save_checkpoint(model, dirs[0])
+    with torch.no_grad():
+        for d in dirs[1:]:
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.01)
+            save_checkpoint(model, d)
+    return dirs[0], dirs[1], dirs[2]
+
+
+def pass_flops(cfg: GPTNeoXConfig, sequences: int, seq_len: int, all_grads: bool) -> float:
+    """FLOPs of one forward+backward pass (formula in the module docstring)."""
+    d, i, n_layers, vocab = (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers,
+                             cfg.vocab_size)
+    tokens = sequences * seq_len
+    layer_params = 3 * d * d + d * d + 2 * d * i
+    matmul_fwd = 2 * tokens * layer_params
+    attention_fwd = 4 * sequences * seq_len**2 * d  # QK^T and PV, every head
+    head_fwd = 2 * tokens * d * vocab
+    forward = n_layers * (matmul_fwd + attention_fwd) + head_fwd
+    if all_grads:
+        return 3 * forward
+    # input gradients: one matmul each; attention's backward (dQ, dK, dV, dP) twice forward
+    input_grads = head_fwd + (n_layers - 1) * (matmul_fwd + 2 * attention_fwd)
+    write_weight_grads = 2 * tokens * n_layers * (d * d + i * d)
+    return forward + input_grads + write_weight_grads
+
+
+_INTERVALS = {"load": r"loaded .* in ([\d.]+)s", "pass": r"forward\+backward pass in ([\d.]+)s",
+              "stats": r"Conjecture statistics in ([\d.]+)s", "total": r"wrote .* in ([\d.]+)s"}
+
+
+def timed_extract(checkpoint: Path, batch: Path, out: Path, stats: StatsOptions | None,
+                  **kw) -> dict[str, float]:
+    """Seconds of the whole job and of its logged parts (load, pass, stats, total)."""
+    stream = StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger("lmdynamics")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        start = time.perf_counter()
+        extract_checkpoint(checkpoint, batch, out, seed=0, size="bench", step=1,
+                           model_name="bench", revision="bench", stats=stats, **kw)
+        wall = time.perf_counter() - start
+    finally:
+        logger.removeHandler(handler)
+    text = stream.getvalue()
+    found = {k: re.search(p, text) for k, p in _INTERVALS.items()}
+    return {"wall": wall, **{k: float(m.group(1)) if m else 0.0 for k, m in found.items()}}
+
+
+def bench_extraction(a: argparse.Namespace, root: Path) -> None:
+    cfg = pythia_config(a.arch)
+    init, mid, final = pythia_checkpoints(a.arch, root)
+    batch = root / "batch.npy"
+    np.save(batch, np.random.default_rng(0).integers(0, cfg.vocab_size,
+                                                     (a.sequences, a.seq_len + 1)))
+    tokens = min(4096, a.sequences * a.seq_len)
+    kw = {"tokens": tokens, "device": a.device, "dtype": a.dtype}
+    print(f"\n## 1. extraction: pythia-{a.arch} architecture, {a.sequences} x {a.seq_len} "
+          f"tokens, {a.dtype} on {a.device}, {tokens} sampled tokens")
+    for label, stats in (("with Conjecture statistics (default)", StatsOptions(init, final)),
+                         ("without statistics", None)):
+        rate0 = gemm_rate(a.device, DTYPES[a.dtype], a.gemm_n)
+        t = timed_extract(mid, batch, root / "store.zarr", stats, **kw)
+        rate = max(rate0, gemm_rate(a.device, DTYPES[a.dtype], a.gemm_n))
+        flops = pass_flops(cfg, a.sequences, a.seq_len, all_grads=stats is not None)
+        achieved = flops / t["pass"]
+        print(f"- {label}: pass {t['pass']:.2f} s, {flops / 1e12:.3f} TFLOP -> "
+              f"{achieved / 1e9:.1f} GFLOP/s; {a.dtype} GEMM {rate / 1e9:.1f} GFLOP/s; "
+              f"**ratio {achieved / rate:.2f}** (target >= 0.7 on CPU). Whole job "
+              f"{t['wall']:.1f} s (load {t['load']:.1f}, statistics {t['stats']:.1f}, "
+              f"job FLOP/s over GEMM {flops / t['wall'] / rate:.2f})")
+
+
+# ---------------------------------------------------------------------------- reduction
+
+def write_size_stores(root: Path, steps: int, layers: int, n: int, d: int,
+                      sequences: int) -> list[Path]:
+    """``steps`` per-pair stores of one synthetic size through the extraction's writer."""
+    rng = np.random.default_rng(0)
+    seq_idx, pos_idx = sample_token_positions(sequences, max(n // sequences, 1) * 4, n, 0)
+    final = rng.normal(size=(2, layers, n, d)).astype(np.float32)
+    paths = []
+    for step in range(steps):
+        noise = rng.normal(size=final.shape).astype(np.float32)
+        acts = final + (steps - 1 - step) * 0.3 * noise
+        sv = np.sort(rng.random((2, layers, d)))[..., ::-1].copy()
+        ds = extraction_dataset(Extraction(acts, sv, sv, 2.0), seq_idx, pos_idx, {
+            "model": "bench", "revision": f"step{step}", "size": "bench", "step": step,
+            "dtype": "float32", "hidden_size": d, "num_attention_heads": 8,
+            "intermediate_size": 4 * d, "num_layers": layers, "n_params": 1,
+            "weights_sha256": f"{step:064d}", "token_seed": 0})
+        path = root / f"step{step}.zarr"
+        write_store(ds, path, encoding=activation_encoding(acts.shape))
+        paths.append(path)
+    return paths
+
+
+def reduction_floor(n: int, d: int, s: int, bootstrap: bool) -> float:
+    """GEMM FLOPs per (component, layer) (module docstring)."""
+    pairwise = min(n * d * d * s * s, s * n * n * d + n * n * s * (s + 1) / 2)
+    return pairwise + (3 * n * d * d * s if bootstrap else 0)
+
+
+def gram_form_cka(xs: list[np.ndarray], final: int) -> tuple[np.ndarray, np.ndarray]:
+    """Biased and debiased CKA of every step vs ``xs[final]`` from N x N Gram matrices.
+
+    Straightforward reference form (Kornblith et al. 2019's ``gram_linear`` and
+    ``center_gram``, unbiased centring after Song et al. 2012), float64.
+    """
+    def grams(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        k = x @ x.T
+        n = k.shape[0]
+        biased = k - k.mean(0, keepdims=True) - k.mean(1, keepdims=True) + k.mean()
+        u = k.copy()
+        np.fill_diagonal(u, 0)
+        means = u.sum(0) / (n - 2)
+        means -= means.sum() / (2 * (n - 1))
+        u -= means[:, None] + means[None, :]
+        np.fill_diagonal(u, 0)
+        return biased, u
+
+    ref_b, ref_u = grams(xs[final])
+    out_b, out_u = np.empty(len(xs)), np.empty(len(xs))
+    for si, x in enumerate(xs):
+        kb, ku = grams(x)
+        out_b[si] = np.vdot(kb, ref_b) / np.sqrt(np.vdot(kb, kb) * np.vdot(ref_b, ref_b))
+        out_u[si] = np.vdot(ku, ref_u) / np.sqrt(np.vdot(ku, ku) * np.vdot(ref_u, ref_u))
+    return out_b, out_u
+
+
+def bench_reduction(a: argparse.Namespace, root: Path) -> None:
+    n, d, s, layers = a.reduce_tokens, a.reduce_dim, a.steps, a.reduce_layers
+    print(f"\n## 2. reduction of one size: {s} steps, {layers} layers x 2 components, "
+          f"N={n} tokens from {a.reduce_sequences} sequences, D={d}")
+    paths = write_size_stores(root / "stores", s, layers, n, d, a.reduce_sequences)
+    options = CKAOptions(bootstrap_samples=a.bootstrap, bootstrap_level=0.9)
+    rate = numpy_gemm_rate(2048)
+    t = time.perf_counter()
+    reduce_size(paths, root / "metrics.zarr", final_step=s - 1, cka_options=options)
+    wall = time.perf_counter() - t
+    rate = max(rate, numpy_gemm_rate(2048))
+    floor = 2 * layers * reduction_floor(n, d, s, a.bootstrap > 0) / rate
+    print(f"- reduce_size, defaults (both estimators, pairwise, bootstrap B={a.bootstrap}): "
+          f"{wall:.1f} s; float64 GEMM {rate / 1e9:.1f} GFLOP/s; GEMM floor {floor:.1f} s; "
+          f"**time over floor {wall / floor:.2f}** (target <= 2)")
+    # breakdown on one (component, layer), in memory
+    acts = {k: xr.open_zarr(p, consolidated=False).activations.isel(
+        component=[0], layer=[0]).load() for k, p in enumerate(paths)}
+    seqs = xr.open_zarr(paths[-1], consolidated=False).sequence.values
+    times = {}
+    for label, boot in (("pairwise + point", 0), (f"with bootstrap B={a.bootstrap}", a.bootstrap)):
+        t = time.perf_counter()
+        cka_dataset(acts, seqs, final_step=s - 1, size="bench",
+                    options=CKAOptions(bootstrap_samples=boot))
+        times[label] = time.perf_counter() - t
+    one = {k: reduction_floor(n, d, s, k != "pairwise + point") / rate for k in times}
+    print("- per (component, layer): " + "; ".join(
+        f"{k} {v:.2f} s (floor {one[k]:.2f} s, ratio {v / one[k]:.2f})"
+        for k, v in times.items()))
+    # 3. the same CKA (vs the final step) in Gram form
+    xs = [acts[k].values[0, 0].astype(np.float64) for k in sorted(acts)]
+    xs = [x - x.mean(0) for x in xs]
+    t = time.perf_counter()
+    gram_b, gram_u = gram_form_cka(xs, s - 1)
+    t_gram = time.perf_counter() - t
+    ours = cka_dataset(acts, seqs, final_step=s - 1, size="bench", options=CKAOptions())
+    err = max(np.nanmax(np.abs(ours.cka.values[0, 0] - gram_b)),
+              np.nanmax(np.abs(ours.cka_debiased.values[0, 0] - gram_u)))
+    base = times["pairwise + point"]
+    print(f"\n## 3. Gram-form (N x N) CKA of every step vs the final one, per (component, "
+          f"layer): {t_gram:.2f} s; ours (which adds every pair) {base:.2f} s; **speed-up "
+          f"{t_gram / base:.1f}x**; largest difference {err:.1e}")
+
+
+# -------------------------------------------------------------------------------- DAG
+
+def bench_dag(a: argparse.Namespace, root: Path) -> None:
+    work = root / "workflow"
+    work.mkdir()
+    for name in ("Snakefile", "config", "workflow", "envs", "profiles"):
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, work / name)
+        elif src.exists():
+            shutil.copy(src, work / name)
+    cmd = ["snakemake", "--cores", str(a.cores), "--configfile", "config/tiny.yaml",
+           "--quiet", "rules"]
+    if a.quick:
+        cmd += ["--config", 'sizes=["42k"]', "steps=[0,64,512]", "tokens=256"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    t = time.perf_counter()
+    done = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if done.returncode:
+        sys.exit(f"tiny DAG failed:\n{done.stderr[-3000:]}")
+    print(f"\n## 4. tiny DAG from an empty results/ ({' '.join(cmd[:5])} ...): "
+          f"**{wall:.0f} s** wall")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", choices=list(PYTHIA), default="70m")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--sequences", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--gemm-n", type=int, default=None, help="GEMM size (default 2048 on "
+                   "CPU, 8192 on GPU)")
+    p.add_argument("--steps", type=int, default=27)
+    p.add_argument("--reduce-layers", type=int, default=6)
+    p.add_argument("--reduce-tokens", type=int, default=4096)
+    p.add_argument("--reduce-dim", type=int, default=512)
+    p.add_argument("--reduce-sequences", type=int, default=8)
+    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--cores", default="all")
+    p.add_argument("--skip-extraction", action="store_true")
+    p.add_argument("--skip-reduction", action="store_true")
+    p.add_argument("--skip-dag", action="store_true")
+    p.add_argument("--quick", action="store_true", help="smoke mode: 1 x 256 tokens, "
+                   "5 steps x 1 layer of N=512, D=64, a reduced DAG")
+    a = p.parse_args()
+    if a.quick:
+        a.sequences, a.seq_len, a.steps, a.reduce_layers = 1, 256, 5, 1
+        a.reduce_tokens, a.reduce_dim, a.bootstrap = 512, 64, 50
+    a.gemm_n = a.gemm_n or (8192 if a.device == "cuda" else 2048)
+    print(f"# lmdynamics benchmark\n{machine()}")
+    with tempfile.TemporaryDirectory(prefix="lmdynamics-bench-") as tmp:
+        root = Path(tmp)
+        if not a.skip_extraction:
+            bench_extraction(a, root)
+        if not a.skip_reduction:
+            bench_reduction(a, root)
+        if not a.skip_dag:
+            bench_dag(a, root)
+
+
+if __name__ == "__main__":
+    main()
