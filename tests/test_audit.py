@@ -7,8 +7,9 @@ import pandas as pd
 import xarray as xr
 
 from lmdynamics import audit
-from lmdynamics.extract import Extraction, extraction_dataset
+from lmdynamics.extract import extraction_dataset
 from lmdynamics.flags import set_flagged
+from lmdynamics.passes import Extraction
 from lmdynamics.reduce import reduce_size, write_combined
 from lmdynamics.store import open_store, write_store
 

@@ -53,7 +53,8 @@ def test_save_replaces_existing_directory(tmp_path):
 
 def test_roundtrip_gives_identical_logits(saved):
     model, directory = saved
-    loaded = ck.load_model(directory)
+    assert ck.load_model(directory).config._attn_implementation == "sdpa"  # the default
+    loaded = ck.load_model(directory, attention="eager")  # as the saved model: same kernels
     assert not loaded.training
     assert loaded.config._attn_implementation == "eager"
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))

@@ -89,6 +89,8 @@ BAD = [
     ("tiny.seq_len", 1, ["'tiny.seq_len'", "1", ">= 2"]),
     ("tiny.warmup", -1, ["'tiny.warmup'", "-1", ">= 0"]),
     ("tiny.schedule.interval", 0, ["'tiny.schedule.interval'", "0", ">= 1"]),
+    ("extraction.attention_implementation", "flash",
+     ["'extraction.attention_implementation'", "'flash'", "sdpa", "eager"]),
 ]
 
 PYTHIA = yaml.safe_load((REPO / "config/config.yaml").read_text())

@@ -24,7 +24,8 @@ from lmdynamics.conjecture import (
     param_sort_key,
 )
 from lmdynamics.conjecture_reduce import STAT_VARIABLES, combine_stats, reduce_stats
-from lmdynamics.extract import extract_checkpoint, run_pass, sample_token_positions
+from lmdynamics.extract import extract_checkpoint, sample_token_positions
+from lmdynamics.passes import run_pass
 from lmdynamics.stats import Moments
 from lmdynamics.store import IncompleteStoreError, open_store, write_array_atomic
 

@@ -11,6 +11,7 @@ import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from lmdynamics import extract as ex
+from lmdynamics import passes as ps
 
 
 def _model(dtype=torch.float32, context=16) -> GPTNeoXForCausalLM:
@@ -49,13 +50,13 @@ def test_a_sequence_one_longer_than_the_context_runs():
     # Pythia: 2049-token sequences into a 2048-position model (the last token is a label)
     model = _model(context=16)
     seq, pos = ex.token_positions("random_positions", 6, 17, 20, seed=1, context=16)
-    result = ex.run_pass(model, _batch(), seq, pos)
+    result = ps.run_pass(model, _batch(), seq, pos)
     assert np.isfinite(result.activations).all() and np.isfinite(result.loss)
 
 
 def _run(model, batch, micro=None, fitting=False):
     seq, pos = ex.token_positions("random_positions", *batch.shape, 24, seed=0, context=16)
-    fn = ex.run_pass_fitting if fitting else ex.run_pass
+    fn = ps.run_pass_fitting if fitting else ps.run_pass
     return fn(model, batch, seq, pos, micro_batch=micro)
 
 
@@ -63,7 +64,7 @@ def test_only_write_weights_need_gradients_and_results_do_not_change():
     batch = _batch()
     full = _run(_model(), batch)
     frozen = _model()
-    ex.only_write_weights_train(frozen)
+    ps.only_write_weights_train(frozen)
     assert sum(p.requires_grad for p in frozen.parameters()) == 4  # 2 layers x 2 matrices
     result = _run(frozen, batch)
     np.testing.assert_array_equal(result.grad_singular_values, full.grad_singular_values)
@@ -72,7 +73,7 @@ def test_only_write_weights_need_gradients_and_results_do_not_change():
 
 def test_micro_batches_are_halved_on_out_of_memory_until_they_fit():
     model = _model()
-    forward, sizes = model.forward, []
+    forward, sizes = model.gpt_neox.forward, []  # the trunk: lm_loss runs the head itself
 
     def limited(*args, **kwargs):
         n = kwargs["input_ids"].shape[0]
@@ -83,13 +84,13 @@ def test_micro_batches_are_halved_on_out_of_memory_until_they_fit():
 
     batch = _batch(n_seq=8)
     reference = _run(copy.deepcopy(model), batch, micro=2)
-    model.forward = limited
+    model.gpt_neox.forward = limited
     result = _run(model, batch, fitting=True)
     assert sizes[:4] == [8, 4, 2, 2]
     np.testing.assert_array_equal(result.activations, reference.activations)
     np.testing.assert_allclose(result.grad_singular_values, reference.grad_singular_values,
                                rtol=0, atol=0)
-    model.forward = lambda *a, **k: (_ for _ in ()).throw(
+    model.gpt_neox.forward = lambda *a, **k: (_ for _ in ()).throw(
         torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)"))
     with pytest.raises(RuntimeError, match="micro-batch of one sequence"):
         _run(model, batch, fitting=True)

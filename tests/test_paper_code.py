@@ -9,7 +9,7 @@ import xarray as xr
 from transformers import GPTNeoXForCausalLM
 
 from lmdynamics.checkpoints import save_checkpoint
-from lmdynamics.extract import extract_checkpoint, run_pass, sample_token_positions
+from lmdynamics.extract import extract_checkpoint, sample_token_positions
 from lmdynamics.paper_code import (
     gradient_steps,
     hub_gradient_batches,
@@ -17,6 +17,7 @@ from lmdynamics.paper_code import (
     paper_code_sub_batches,
     tiny_gradient_batches,
 )
+from lmdynamics.passes import run_pass
 from lmdynamics.tiny import load_corpus, model_config, training_batch
 
 HIDDEN, HEADS, LAYERS, SEQ = 24, 3, 2, 16

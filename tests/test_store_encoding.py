@@ -6,7 +6,8 @@ import json
 
 import numpy as np
 
-from lmdynamics.extract import Extraction, activation_encoding, extraction_dataset
+from lmdynamics.extract import activation_encoding, extraction_dataset
+from lmdynamics.passes import Extraction
 from lmdynamics.store import open_store, write_store
 
 

@@ -106,12 +106,15 @@ def _extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revision", required=True)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--micro-batch", type=int, default=None)
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="sequences per forward/backward (0 or unset: all on CUDA, about 4096 "
+                   "tokens' worth on CPU)")
     p.add_argument("--sampling", default="random_positions",
                    help="token sampling protocol: random_positions | paper_code")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--attention-activation", default="residual_write",
                    help="residual_write | paper_code")
+    p.add_argument("--attention-implementation", default="sdpa", help="sdpa | eager")
     p.add_argument("--gradient-protocol", default="eval_batch", help="eval_batch | paper_code")
     p.add_argument("--gradient-batches", type=Path, default=None,
                    help=".npy (2, sequences, positions) for --gradient-protocol paper_code")
@@ -157,6 +160,7 @@ def _extract(a: argparse.Namespace) -> None:
                        device=a.device, dtype=a.dtype, micro_batch=a.micro_batch,
                        sampling=a.sampling,
                        attention_activation=a.attention_activation,
+                       attention_implementation=a.attention_implementation,
                        gradient_protocol=a.gradient_protocol,
                        gradient_batches=a.gradient_batches,
                        stats=_stats_options(a))

@@ -1,6 +1,6 @@
 """Per-checkpoint statistics of the Conjecture post, collected during the extraction pass.
 
-After :func:`lmdynamics.extract.run_pass` the model holds its weights and the gradients of
+After :func:`lmdynamics.passes.run_pass` the model holds its weights and the gradients of
 the LM loss on the eval batch; :class:`ResidualRecorder` hooks (passed to ``run_pass`` as
 ``extra_hooks``) have seen every block's output. :func:`checkpoint_stats` turns those,
 the sampled layer outputs of the pass and the step-0 and final checkpoints (read tensor by
@@ -149,7 +149,7 @@ class ResidualRecorder:
 
     Records max |x| over every position of the batch (``max_abs``, (L,)) and the block
     output at the sampled positions (``sampled()``, (L, N, D) float32 on CPU). Pass
-    :meth:`hooks` as ``extra_hooks`` to :func:`lmdynamics.extract.run_pass`.
+    :meth:`hooks` as ``extra_hooks`` to :func:`lmdynamics.passes.run_pass`.
     """
 
     def __init__(self, model: torch.nn.Module):

@@ -19,12 +19,9 @@ The paper code's attention activation, gradient protocol and token sampling are 
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,19 +38,25 @@ from lmdynamics.checkpoints import (
     weights_sha256,
 )
 from lmdynamics.conjecture import SITES, ResidualRecorder, StatsOptions, checkpoint_stats
-from lmdynamics.metrics import singular_values
 from lmdynamics.paper_code import (
     GRADIENT_PROTOCOLS,
-    attention_hook_target,
     check_choice,
     gradient_steps,
     paper_code_gradient_singular_values,
+)
+from lmdynamics.passes import (
+    COMPONENTS,
+    Extraction,
+    default_micro_batch,
+    nonfinite_flags,
+    only_write_weights_train,
+    reuse_freed_memory,
+    run_pass_fitting,
 )
 from lmdynamics.store import write_store
 
 log = logging.getLogger(__name__)
 
-COMPONENTS = ("attention", "mlp")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -112,193 +115,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def write_modules(model: torch.nn.Module) -> dict[str, list[torch.nn.Linear]]:
-    """The per-layer modules whose outputs are written to the residual stream."""
-    layers = model.gpt_neox.layers
-    return {"attention": [layer.attention.dense for layer in layers],
-            "mlp": [layer.mlp.dense_4h_to_h for layer in layers]}
-
-
-@dataclass
-class Extraction:
-    """What one pass yields. Shapes: activations (2, L, N, D); singular values (2, L, D);
-    ``nonfinite_*`` booleans (2, L): NaN or inf anywhere in that layer's output over the whole
-    batch (not only the sampled tokens), in its write matrix, in that matrix's gradient.
-    When left None they are derived from the arrays above by :func:`nonfinite_flags`."""
-
-    activations: np.ndarray
-    weight_singular_values: np.ndarray
-    grad_singular_values: np.ndarray
-    loss: float
-    nonfinite_activations: np.ndarray | None = None
-    nonfinite_weights: np.ndarray | None = None
-    nonfinite_grads: np.ndarray | None = None
-
-
-def nonfinite_flags(result: Extraction) -> dict[str, np.ndarray]:
-    """The three (component, layer) booleans of ``result``, derived from its arrays if unset.
-
-    Derived: a layer's sampled activations, or its weight / gradient singular values (NaN when
-    the matrix has a non-finite entry, :func:`lmdynamics.metrics.singular_values`).
-    """
-    derived = {
-        "nonfinite_activations": ~np.isfinite(result.activations).all(axis=(2, 3)),
-        "nonfinite_weights": ~np.isfinite(result.weight_singular_values).all(axis=2),
-        "nonfinite_grads": ~np.isfinite(result.grad_singular_values).all(axis=2),
-    }
-    out = {}
-    for name, fallback in derived.items():
-        recorded = getattr(result, name)
-        out[name] = np.asarray(fallback if recorded is None else recorded, dtype=bool)
-    return out
-
-
-def _capture(buffer: list[list[torch.Tensor]], seq: torch.Tensor,
-             pos: torch.Tensor, finite: list[bool] | None = None,
-             transform: Callable | None = None) -> Callable:
-    def hook(_module, _inputs, output):
-        out = output.detach()
-        if finite is not None:
-            finite.append(bool(torch.isfinite(out).all()))
-        out = out[seq, pos]
-        buffer.append((out if transform is None else transform(out)).to("cpu", torch.float32))
-    return hook
-
-
-def hook_targets(model: torch.nn.Module, attention_activation: str = "residual_write"
-                 ) -> dict[str, list[tuple[torch.nn.Module, Callable | None]]]:
-    """Per component and layer: the module whose output is captured and how it is mapped.
-
-    ``residual_write`` hooks :func:`write_modules`; ``paper_code`` hooks attention's fused
-    ``query_key_value`` instead (:func:`lmdynamics.paper_code.attention_hook_target`).
-    """
-    mlp = [(m, None) for m in write_modules(model)["mlp"]]
-    if attention_activation == "residual_write":
-        return {"attention": [(m, None) for m in write_modules(model)["attention"]], "mlp": mlp}
-    return {"attention": [attention_hook_target(layer, attention_activation)
-                          for layer in model.gpt_neox.layers], "mlp": mlp}
-
-
-def run_pass(model: torch.nn.Module, batch: torch.Tensor, seq_idx: np.ndarray,
-             pos_idx: np.ndarray, *, micro_batch: int | None = None,
-             attention_activation: str = "residual_write",
-             gradients: bool = True,
-             extra_hooks: Callable[[torch.Tensor, torch.Tensor, bool], list] | None = None,
-             ) -> Extraction:
-    """Forward and backward of the LM loss on ``batch`` (S, T) with activation hooks.
-
-    ``micro_batch`` sequences are processed at a time (all by default); the loss is the mean
-    over all predicted tokens and gradients accumulate to those of the whole batch.
-    ``attention_activation``: see :func:`hook_targets`. ``gradients=False`` runs the
-    forward pass only (``grad_singular_values`` is then all NaN, to be filled by the caller).
-    ``extra_hooks(seq, pos, first)``, if given, registers more hooks for each micro-batch
-    (``seq``, ``pos``: its sampled positions; ``first``: the pass starts over, e.g. after an
-    out-of-memory retry) and returns their handles, removed after the micro-batch.
-    """
-    device = next(model.parameters()).device
-    modules = write_modules(model)
-    targets = hook_targets(model, attention_activation)
-    n_layers = len(modules["attention"])
-    n_seq = batch.shape[0]
-    micro = micro_batch or n_seq
-    model.zero_grad(set_to_none=True)
-    captured: dict[tuple[str, int], list[torch.Tensor]] = {
-        (c, i): [] for c in COMPONENTS for i in range(n_layers)}
-    finite: dict[tuple[str, int], list[bool]] = {key: [] for key in captured}
-    loss_total = 0.0
-    grads: dict[tuple[str, int], torch.Tensor] = {}
-    for start in range(0, n_seq, micro):
-        stop = min(start + micro, n_seq)
-        keep = (seq_idx >= start) & (seq_idx < stop)
-        seq = torch.as_tensor(seq_idx[keep] - start, device=device)
-        pos = torch.as_tensor(pos_idx[keep], device=device)
-        handles = [mod.register_forward_hook(_capture(captured[(c, i)], seq, pos,
-                                                      finite[(c, i)], fn))
-                   for c in COMPONENTS for i, (mod, fn) in enumerate(targets[c])]
-        if extra_hooks is not None:
-            handles += extra_hooks(seq, pos, start == 0)
-        try:
-            inputs = batch[start:stop].to(device)
-            with torch.set_grad_enabled(gradients):
-                out = model(input_ids=inputs, labels=inputs)
-            weight = (stop - start) / n_seq  # equal-length sequences: token-weighted mean
-            if gradients:
-                (out.loss.float() * weight).backward()
-                _accumulate_float32(grads, modules)
-            loss_total += out.loss.item() * weight
-        finally:
-            for h in handles:
-                h.remove()
-    acts = np.stack([np.stack([torch.cat(captured[(c, i)]).numpy() for i in range(n_layers)])
-                     for c in COMPONENTS])
-    # one batched call per component (layers stacked: same shape)
-    w_sv = np.stack([singular_values(torch.stack([m.weight.detach() for m in modules[c]]))
-                     for c in COMPONENTS])
-    if gradients:
-        g_sv = np.stack([singular_values(torch.stack([grads[(c, i)] for i in range(n_layers)]))
-                         for c in COMPONENTS])
-        grad_finite = np.array([[bool(torch.isfinite(grads[(c, i)]).all())
-                                 for i in range(n_layers)] for c in COMPONENTS], dtype=bool)
-        for c in COMPONENTS:  # the whole batch's gradient back in place, for statistics
-            for i, m in enumerate(modules[c]):
-                m.weight.grad = grads[(c, i)].to(m.weight.dtype)
-    else:
-        g_sv = np.full_like(w_sv, np.nan)
-        grad_finite = np.ones(w_sv.shape[:2], dtype=bool)
-
-    def nonfinite(test: Callable[[torch.nn.Linear], bool]) -> np.ndarray:
-        return np.array([[not test(m) for m in modules[c]] for c in COMPONENTS], dtype=bool)
-
-    return Extraction(
-        acts, w_sv, g_sv, loss_total,
-        nonfinite_activations=np.array([[not all(finite[(c, i)]) for i in range(n_layers)]
-                                        for c in COMPONENTS], dtype=bool),
-        nonfinite_weights=nonfinite(lambda m: bool(torch.isfinite(m.weight).all())),
-        nonfinite_grads=~grad_finite)
-
-
-def _accumulate_float32(grads: dict[tuple[str, int], torch.Tensor],
-                        modules: dict[str, list[torch.nn.Linear]]) -> None:
-    """Add each write matrix's gradient of this micro-batch to a float32 sum and clear it,
-    so bfloat16/float16 models reduce gradients across micro-batches in float32."""
-    for c in COMPONENTS:
-        for i, m in enumerate(modules[c]):
-            g = m.weight.grad.float()
-            grads[(c, i)] = g if (c, i) not in grads else grads[(c, i)] + g
-            m.weight.grad = None
-
-
-def only_write_weights_train(model: torch.nn.Module) -> None:
-    """Require gradients for the write matrices only: their gradients are unchanged, and no
-    memory or time goes to the gradients of the other parameters."""
-    model.requires_grad_(False)
-    for mods in write_modules(model).values():
-        for m in mods:
-            m.weight.requires_grad_(True)
-
-
-def run_pass_fitting(model: torch.nn.Module, batch: torch.Tensor, seq_idx: np.ndarray,
-                     pos_idx: np.ndarray, *, micro_batch: int | None = None,
-                     **options) -> Extraction:
-    """:func:`run_pass` with ``micro_batch`` sequences at a time (all by default), halved on
-    CUDA out-of-memory until it fits (an error only when one sequence does not fit).
-    ``options`` go to :func:`run_pass`."""
-    micro = micro_batch or batch.shape[0]
-    while True:
-        try:
-            return run_pass(model, batch, seq_idx, pos_idx, micro_batch=micro, **options)
-        except torch.cuda.OutOfMemoryError as exc:
-            model.zero_grad(set_to_none=True)
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            if micro == 1:
-                raise RuntimeError("CUDA out of memory with a micro-batch of one sequence; "
-                                   "use a larger GPU or extraction.dtype bfloat16") from exc
-            micro = max(1, micro // 2)
-            log.warning("CUDA out of memory; retrying with micro-batches of %d sequences", micro)
-
-
 def extraction_dataset(result: Extraction, seq_idx: np.ndarray, pos_idx: np.ndarray,
                        attrs: dict) -> xr.Dataset:
     """Package one pass as the per-pair dataset described in docs/architecture.md."""
@@ -353,10 +169,15 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
                        micro_batch: int | None = None,
                        sampling: str = "random_positions",
                        attention_activation: str = "residual_write",
+                       attention_implementation: str = "sdpa",
                        gradient_protocol: str = "eval_batch",
                        gradient_batches: Path | str | None = None,
                        stats: StatsOptions | None = None) -> Path:
     """Load one checkpoint, run the eval batch through it and write its store to ``out``.
+
+    ``micro_batch`` sequences per forward/backward; None or 0: :func:`default_micro_batch`.
+    ``attention_implementation``: :data:`lmdynamics.checkpoints.ATTENTION_IMPLEMENTATIONS`.
+    On CPU the process keeps freed memory for reuse (:func:`reuse_freed_memory`).
 
     ``gradient_protocol="paper_code"`` needs ``gradient_batches``: an .npy (2, S, T) of
     the training batches of :func:`lmdynamics.paper_code.gradient_steps` ``(step)``.
@@ -372,7 +193,8 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
         raise ValueError("extraction.gradient_protocol='paper_code' needs the training "
                          "batches of steps c-5 and c-4 (--gradient-batches); none was given")
     try:
-        model = load_model(checkpoint, dtype=DTYPES[dtype], device=dev)
+        model = load_model(checkpoint, dtype=DTYPES[dtype], device=dev,
+                           attention=attention_implementation)
     except CorruptCheckpointError as exc:
         raise discard_corrupt_download(checkpoint, exc) from exc
     batch_array = np.load(eval_batch)
@@ -385,12 +207,16 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
     log.info("loaded %s step %d (%s) on %s in %.1fs; eval batch %s, %d sampled tokens",
              size, step, checkpoint, dev, time.perf_counter() - t0, tuple(batch.shape), tokens)
     residual = ResidualRecorder(model) if stats is not None else None
+    if dev.type == "cpu":
+        reuse_freed_memory()
+    micro = micro_batch or default_micro_batch(dev, batch.shape[1])
     t_pass = time.perf_counter()
-    result = run_pass_fitting(model, batch, seq_idx, pos_idx, micro_batch=micro_batch,
+    result = run_pass_fitting(model, batch, seq_idx, pos_idx, micro_batch=micro,
                               attention_activation=attention_activation,
                               gradients=gradient_protocol == "eval_batch",
                               extra_hooks=residual.hooks if residual is not None else None)
-    log.info("forward+backward pass in %.2fs", time.perf_counter() - t_pass)
+    log.info("forward+backward pass in %.2fs (%s attention, micro-batches of %s sequences)",
+             time.perf_counter() - t_pass, attention_implementation, micro or batch.shape[0])
     if gradient_protocol == "paper_code":
         grad_batches = torch.as_tensor(np.load(gradient_batches), dtype=torch.long)
         result.grad_singular_values = paper_code_gradient_singular_values(
@@ -407,6 +233,7 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
         "eval_batch_sha256": hashlib.sha256(
             np.ascontiguousarray(batch_array, dtype=np.int64).tobytes()).hexdigest(),
         "attention_activation": attention_activation, "gradient_protocol": gradient_protocol,
+        "attention_implementation": attention_implementation,
     }
     if gradient_protocol == "paper_code":
         attrs["gradient_steps"] = list(gradient_steps(step))

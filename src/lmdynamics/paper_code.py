@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lmdynamics.lm_loss import lm_loss
 from lmdynamics.metrics import singular_values
 
 ATTENTION_ACTIVATIONS: tuple[str, ...] = ("residual_write", "paper_code")
@@ -143,8 +144,7 @@ def paper_code_gradient_singular_values(model: torch.nn.Module, batches: torch.T
             for lo in range(start, stop, step):
                 hi = min(lo + step, stop)
                 inputs = batch[lo:hi].to(device)
-                loss = model(input_ids=inputs, labels=inputs).loss.float()
-                (loss * ((hi - lo) / (stop - start))).backward()
+                lm_loss(model, inputs, scale=(hi - lo) / (stop - start))
         per_batch.append(np.stack([np.stack([singular_values(m.weight.grad) for m in comp])
                                    for comp in mats]))
     model.zero_grad(set_to_none=True)

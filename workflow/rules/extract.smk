@@ -28,6 +28,7 @@ rule extract:
         model=lambda wc: model_name(wc.size),
         revision=lambda wc: revision(wc.step),
         attention=config["extraction"]["attention_activation"],
+        attention_implementation=config["extraction"]["attention_implementation"],
         gradients=config["extraction"]["gradient_protocol"],
         grad_batches=lambda wc, input: (
             f"--gradient-batches {input.grad_batches}"
@@ -42,6 +43,7 @@ rule extract:
         " --revision {params.revision} --device {params.device} --dtype {params.dtype}"
         " --micro-batch {params.micro_batch} --sampling {params.sampling}"
         " --attention-activation {params.attention} --gradient-protocol {params.gradients}"
+        " --attention-implementation {params.attention_implementation}"
         " {params.grad_batches} --threads {threads} {params.stats}"
         " --out {output} > {log} 2>&1"
 
