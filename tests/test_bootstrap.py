@@ -226,3 +226,12 @@ def test_token_sums_tensor_and_token_routes_agree():
         np.testing.assert_allclose(value, by_token[key], rtol=1e-10, err_msg=str(key))
     many = GroupedActivations.build(x, np.arange(30))  # one token per group: token route
     assert bootstrap._PairTerms.build(many, many, group_products(many, many)).tensor is None
+
+
+def test_group_sums_equal_reduceat_over_uneven_groups():
+    rng = np.random.default_rng(4)
+    starts = np.array([0, 1, 5, 6, 20])
+    for shape in ((23,), (23, 7), (23, 3, 4)):
+        a = rng.normal(size=shape)
+        np.testing.assert_allclose(bootstrap.group_sums(a, starts),
+                                   np.add.reduceat(a, starts, axis=0), rtol=1e-13, atol=1e-13)

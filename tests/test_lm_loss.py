@@ -14,6 +14,7 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 from lmdynamics import passes as ps
 from lmdynamics.checkpoints import load_model, save_checkpoint
 from lmdynamics.extract import sample_token_positions
+from lmdynamics.heap import reuse_freed_memory
 from lmdynamics.lm_loss import lm_loss
 
 VOCAB = 97
@@ -129,6 +130,6 @@ def test_cpu_micro_batches_hold_about_4096_tokens_and_cuda_takes_all():
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_freed_memory_is_kept_for_reuse_under_glibc():
-    assert ps.reuse_freed_memory() is True
+    assert reuse_freed_memory() is True
     a = torch.ones(1 << 24)  # 64 MiB: above glibc's largest mmap threshold
     assert float(a.sum()) == 1 << 24

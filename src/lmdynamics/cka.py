@@ -87,16 +87,21 @@ def unbiased_hsic_from_terms(cross_sq: Any, sum_a: Any, sum_b: Any, a_dot_b: Any
         n * (n - 3))
 
 
-def _centred(x: Any, name: str) -> tuple[np.ndarray, bool]:
+def _centred(x: Any, name: str, overwrite: bool = False) -> tuple[np.ndarray, bool]:
     """Column-centred float64 copy of ``x`` (n, d) and whether it has finite variance.
 
     The flag is False for non-finite values, zero variance or a single sample (the
-    biased CKA's conditions); the debiased estimator also needs n >= 4.
+    biased CKA's conditions); the debiased estimator also needs n >= 4. ``overwrite``:
+    centre a writeable float64 numpy ``x`` in place and return it (no copy).
     """
     arr = _as_2d(x, name)
     defined = not _undefined(arr)
     with np.errstate(all="ignore"):  # inf - inf when undefined: NaN, reported as NaN CKA
-        return arr - arr.mean(axis=0, keepdims=True), defined
+        mean = arr.mean(axis=0, keepdims=True)
+        if overwrite and arr is x and arr.flags.writeable:
+            arr -= mean
+            return arr, defined
+        return arr - mean, defined
 
 
 def _same_n(x: np.ndarray, y: tuple[int, int] | np.ndarray) -> None:
@@ -218,7 +223,7 @@ def standardize(x: Any) -> np.ndarray:
 
 # ------------------------------------------------------------------ every step vs every step
 
-#: Rows per block when the Gram route forms (block, n) slices of X X^T.
+#: Elements (float64) of the Gram route's buffer of S (n, block) slices of X X^T: 128 MiB.
 _GRAM_BLOCK_ELEMENTS = 1 << 24
 
 
@@ -258,34 +263,46 @@ def _inner_products_feature(xs: list[np.ndarray]) -> np.ndarray:
 
 def _inner_products_gram(xs: list[np.ndarray]) -> np.ndarray:
     """Gram route over the upper triangle only: ``<K_s, K_t>`` sums the diagonal blocks of
-    ``K = X X'`` once and the blocks right of them twice (K is symmetric), so each row block
-    multiplies against the rows from its own start on: half the ``n^2 d`` of full blocks."""
+    ``K = X X'`` once and the blocks off them twice (K is symmetric), so each block of
+    columns multiplies against the rows from its own start on: half the ``n^2 d`` of full
+    blocks.
+
+    Per block the S slices ``X_s[start:] X_s[block]'`` (the taller operand first, which
+    BLAS runs faster) are written into one buffer allocated once, and their inner products
+    taken with one symmetric product ``V V'`` (BLAS syrk) of the whole slices, which counts
+    the diagonal blocks (their first rows) once too many: ``2 V V' - D D'``."""
     n, s = xs[0].shape[0], len(xs)
-    rows = max(1, _GRAM_BLOCK_ELEMENTS // max(1, n * s))
+    rows = min(n, max(1, _GRAM_BLOCK_ELEMENTS // max(1, n * s)))
     out = np.zeros((s, s))
+    slices = np.empty(s * rows * n)
     for start in range(0, n, rows):
         stop = min(start + rows, n)
-        blocks = [x[start:stop] @ x[start:].T for x in xs]  # (rows, n - start)
-        diag = np.stack([b[:, :stop - start].ravel() for b in blocks])
-        out += diag @ diag.T
-        if stop < n:
-            right = np.stack([b[:, stop - start:].ravel() for b in blocks])
-            out += 2.0 * (right @ right.T)
+        h, w = stop - start, n - start
+        blocks = slices[:s * w * h].reshape(s, w, h)
+        for x, block in zip(xs, blocks, strict=True):
+            np.matmul(x[start:], x[start:stop].T, out=block)
+        whole = blocks.reshape(s, w * h)
+        diag = whole[:, :h * h]  # each slice's first h rows: its diagonal block
+        out += 2.0 * (whole @ whole.T) - diag @ diag.T
     return out
 
 
-def pairwise_cka(xs: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+def pairwise_cka(xs: Sequence[Any], *, overwrite: bool = False
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """Biased and debiased linear CKA of every step against every step.
 
     ``xs``: S activation matrices (n, d_s) of the same n samples (e.g. one layer at every
-    checkpoint), any float dtype. Returns two symmetric (S, S) float64 arrays, biased and
+    checkpoint), any float dtype; with ``overwrite``, float64 numpy ones are centred in
+    place (a copy fewer per step; CKA is shift-invariant, so reusing them is safe).
+    Returns two symmetric (S, S) float64 arrays, biased and
     debiased, with 1 on the diagonal; rows and columns of undefined inputs (zero variance,
     non-finite, n < 4 for the debiased one) are NaN. Entry ``[s, t]`` equals
     ``linear_cka(xs[s], xs[t])`` / ``debiased_linear_cka(xs[s], xs[t])``.
     """
     if not xs:
         return np.zeros((0, 0)), np.zeros((0, 0))
-    centred, flags = zip(*(_centred(x, f"xs[{i}]") for i, x in enumerate(xs)), strict=True)
+    centred, flags = zip(*(_centred(x, f"xs[{i}]", overwrite) for i, x in enumerate(xs)),
+                         strict=True)
     ok = np.array(flags, dtype=bool)
     safe = [c if good else np.zeros_like(c) for c, good in zip(centred, ok, strict=True)]
     n = safe[0].shape[0]

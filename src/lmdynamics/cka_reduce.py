@@ -113,12 +113,13 @@ def cka_dataset(activations: dict[int, xr.DataArray], sequences: np.ndarray, *,
                  for k in point} if boot else {}
     for ci in range(n_comp):
         for layer in range(n_layers):
-            raw = [activations[s].isel(component=ci, layer=layer).values.astype(np.float64)
-                   for s in steps]
+            raw = [np.array(activations[s].isel(component=ci, layer=layer).values,
+                            dtype=np.float64) for s in steps]
             for standardized in variants:
                 xs = [standardize(x) for x in raw] if standardized else raw
-                # every step against every step; the final step's column is the CKA to it
-                biased, debiased = pairwise_cka(xs)
+                # every step against every step; the final step's column is the CKA to it.
+                # xs are our own float64 copies: centred in place (CKA is shift-invariant)
+                biased, debiased = pairwise_cka(xs, overwrite=True)
                 point["biased", standardized][ci, layer] = biased[:, fi]
                 point["debiased", standardized][ci, layer] = debiased[:, fi]
                 if not standardized:

@@ -38,6 +38,7 @@ from lmdynamics.checkpoints import (
     weights_sha256,
 )
 from lmdynamics.conjecture import SITES, ResidualRecorder, StatsOptions, checkpoint_stats
+from lmdynamics.heap import reuse_freed_memory
 from lmdynamics.paper_code import (
     GRADIENT_PROTOCOLS,
     check_choice,
@@ -50,7 +51,6 @@ from lmdynamics.passes import (
     default_micro_batch,
     nonfinite_flags,
     only_write_weights_train,
-    reuse_freed_memory,
     run_pass_fitting,
 )
 from lmdynamics.store import write_store

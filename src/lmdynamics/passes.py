@@ -10,8 +10,6 @@ CUDA out-of-memory.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import gc
 import logging
 from collections.abc import Callable
@@ -233,27 +231,3 @@ def default_micro_batch(device: torch.device, seq_len: int) -> int | None:
     if device.type == "cuda":
         return None
     return max(1, CPU_MICRO_BATCH_TOKENS // seq_len)
-
-
-#: glibc's mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-
-
-def reuse_freed_memory() -> bool:
-    """Keep freed heap memory in the process for reuse (glibc ``mallopt``); True if set.
-
-    glibc serves each allocation over its mmap threshold (at most 32 MiB) with a fresh
-    ``mmap`` and unmaps it when freed, so each large tensor of a CPU pass is faulted in and
-    zeroed by the kernel page by page, every time. ``M_MMAP_MAX=0`` serves them from the
-    heap and ``M_TRIM_THRESHOLD=-1`` never gives the heap back, so later micro-batches reuse
-    the pages of the first: on the benchmark machine the 70m pass spent 51 s of kernel time
-    (6 million page faults) without this, 1 s with it (RESULTS.md). The process keeps its peak
-    memory until it exits, which for one extraction job, one process, costs nothing. Where
-    the C library is not glibc nothing changes and False is returned.
-    """
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
-    except (OSError, AttributeError, TypeError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, -1))

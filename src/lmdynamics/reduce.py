@@ -26,6 +26,7 @@ from lmdynamics.flags import (
     stack_flags,
     warn_nan_metrics,
 )
+from lmdynamics.heap import reuse_freed_memory
 from lmdynamics.metrics import per_divisor, proportional_effective_rank
 from lmdynamics.store import (
     IncompleteStoreError,
@@ -164,7 +165,9 @@ def reduce_size(paths: Sequence[Path | str], out: Path | str, *, final_step: int
     undefined CKA (zero variance, non-finite input) is NaN and logged with size, step and
     layer. ``per_truncate``: keep only the top ``divisor`` singular values when there are
     more (the paper's code; see :func:`~lmdynamics.metrics.proportional_effective_rank`).
+    The process keeps freed memory for reuse (:func:`~lmdynamics.heap.reuse_freed_memory`).
     """
+    reuse_freed_memory()
     options = cka_options or CKAOptions()
     stores = open_pair_stores(paths)
     ref = check_consistent(stores, final_step)
