@@ -3,7 +3,11 @@ attention; the CPU micro-batch and memory policies of the extraction pass."""
 
 from __future__ import annotations
 
+import os
 import platform
+import resource
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,7 +18,6 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 from lmdynamics import passes as ps
 from lmdynamics.checkpoints import load_model, save_checkpoint
 from lmdynamics.extract import sample_token_positions
-from lmdynamics.heap import reuse_freed_memory
 from lmdynamics.lm_loss import lm_loss
 
 VOCAB = 97
@@ -128,8 +131,29 @@ def test_cpu_micro_batches_hold_about_4096_tokens_and_cuda_takes_all():
     assert ps.default_micro_batch(torch.device("cuda"), 2049) is None
 
 
+#: Run in a fresh interpreter: allocate, fill and free 64 MiB of float64 (above glibc's
+#: largest mmap threshold) twice and print the minor page faults of the second time
+#: (numpy's huge-page advice off, so that a page is 4 KiB as for torch's allocations).
+_FAULTS_OF_A_REUSED_BUFFER = """
+import resource, sys
+import numpy as np
+from lmdynamics.heap import reuse_freed_memory
+if sys.argv[1] == "on":
+    assert reuse_freed_memory() is True
+np.ones(1 << 23).sum()
+before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+np.ones(1 << 23).sum()
+print(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
+"""
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_freed_memory_is_kept_for_reuse_under_glibc():
-    assert reuse_freed_memory() is True
-    a = torch.ones(1 << 24)  # 64 MiB: above glibc's largest mmap threshold
-    assert float(a.sum()) == 1 << 24
+    env = {**os.environ, "NUMPY_MADVISE_HUGEPAGE": "0"}
+    faults = {mode: int(subprocess.run([sys.executable, "-c", _FAULTS_OF_A_REUSED_BUFFER, mode],
+                                       check=True, capture_output=True, text=True,
+                                       env=env).stdout)
+              for mode in ("off", "on")}
+    pages = (64 << 20) // resource.getpagesize()
+    assert faults["off"] > pages // 2, faults  # glibc's default: a fresh mmap, faulted again
+    assert faults["on"] < pages // 16, faults  # the freed heap pages are reused

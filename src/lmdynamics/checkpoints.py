@@ -212,8 +212,8 @@ def load_model(directory: Path | str, *, dtype: torch.dtype = torch.float32,
     ``attention``: the attention implementation, one of :data:`ATTENTION_IMPLEMENTATIONS`.
     ``sdpa`` (default) is torch's fused ``scaled_dot_product_attention``, causal, with no
     T x T score matrix (flash attention on CPU and GPU); ``eager`` is transformers' plain
-    matmul/softmax path. Both give the same outputs up to float rounding, and both are
-    deterministic on CPU for a fixed thread count (tests/test_lm_loss.py); sdpa took the
+    matmul/softmax path. Both give the same outputs up to float rounding (2e-4 relative in
+    float32), and sdpa repeats bit for bit on CPU (tests/test_lm_loss.py); sdpa took the
     CPU benchmark pass from 119 s to 69 s (RESULTS.md). Weights load in float32
     and are then cast to ``dtype`` and moved to ``device``; the rotary frequencies stay float32.
     Buffers older checkpoints persisted (:data:`IGNORED_KEY_SUFFIXES`) are skipped; any other

@@ -232,9 +232,9 @@ def gram_inner_products(xs: Sequence[np.ndarray]) -> np.ndarray:
 
     ``xs``: S float64 arrays (n, d_s) with the same n (centre them first). Picks the
     cheaper route: feature space (``X_s' X_t`` per pair, ~n d^2 per pair) or Gram space
-    (row blocks of the upper triangle of ``X_s X_s'``, ~n^2 d / 2 per step plus n^2 / 2
-    per pair; memory bounded by
-    blocks of :data:`_GRAM_BLOCK_ELEMENTS` per step). Both give the same numbers.
+    (column blocks of the upper triangle of ``X_s X_s'``, ~n^2 d / 2 per step plus n^2 / 2
+    per pair; the S slices of one block together hold at most :data:`_GRAM_BLOCK_ELEMENTS`
+    elements, or one row of blocks when n x S exceeds it). Both give the same numbers.
     """
     xs = [np.asarray(x, dtype=np.float64) for x in xs]
     if not xs:

@@ -10,7 +10,8 @@ by hand (softmax minus one-hot: one log-softmax and one in-place ``exp`` per chu
 the unembedding's ``.grad`` and into the final hidden state's gradient, which is then
 pushed back through the trunk in one ``backward``. The loss and every gradient are those
 of the whole batch's mean loss, up to floating-point summation order (checked against
-autograd through transformers' own loss in tests/test_lm_loss.py).
+float64 autograd through the whole batch's logits, and against transformers' own loss, in
+tests/test_lm_loss.py).
 """
 
 from __future__ import annotations

@@ -92,7 +92,7 @@ def open_store(path: Path | str, *, required: tuple[str, ...] = ()) -> xr.Datase
     store is missing or unreadable, lacks the completion mark, lacks a ``required``
     variable, or lacks a chunk file of any array. Variables are read lazily through zarr
     itself, not dask: a reduction reads one chunk at a time, and dask's scheduling per read
-    doubled the time of reading a 4096 x 512 chunk (0.40-0.80 s against 0.27 s for the 27
+    made reading 4096 x 512 chunks 1.5 to 3 times slower (0.40-0.80 s against 0.27 s for the 27
     steps of one (component, layer); benchmarks/RESULTS.md).
     """
     path = Path(path)
