@@ -117,19 +117,27 @@ def reference_checkpoints(wildcards):
 
 
 def stats_args(wildcards):
-    """The extract command's statistics flags (empty when statistics are off)."""
+    """The extract command's statistics flags, one list item per argument (the rule quotes
+    each one); empty when statistics are off."""
     if not CONJECTURE["enabled"]:
-        return ""
+        return []
     refs = reference_checkpoints(wildcards)
     lo, hi = CONJECTURE["spectrum_fit"]
-    return (
-        f"--init-checkpoint {os.path.dirname(refs['init_weights'])}"
-        f" --final-checkpoint {os.path.dirname(refs['final_weights'])}"
-        f" --stats-max-elements {CONJECTURE['max_elements']}"
-        f" --stats-top-k {CONJECTURE['top_k']}"
-        f" --stats-embedding-tokens {CONJECTURE['embedding_tokens']}"
-        f" --stats-spectrum-fit {lo} {hi}"
-    )
+    return [
+        "--init-checkpoint",
+        os.path.dirname(refs["init_weights"]),
+        "--final-checkpoint",
+        os.path.dirname(refs["final_weights"]),
+        "--stats-max-elements",
+        CONJECTURE["max_elements"],
+        "--stats-top-k",
+        CONJECTURE["top_k"],
+        "--stats-embedding-tokens",
+        CONJECTURE["embedding_tokens"],
+        "--stats-spectrum-fit",
+        lo,
+        hi,
+    ]
 
 
 def all_outputs():
