@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -345,8 +346,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.environ.get("SLURM_JOB_ID"):
         # which cluster job wrote this log (for sacct/seff, or the cluster's admins)
         log.info("SLURM job %s on %s", os.environ["SLURM_JOB_ID"], socket.gethostname())
-    args.func(args)
+    try:
+        args.func(args)
+    except Exception as exc:
+        if not user_error(exc):
+            raise  # a bug: Python's traceback as it is
+        # One line saying what is wrong (the last line of a job's log before the traceback),
+        # then the traceback for whoever debugs it.
+        print(f"lmdynamics {args.command}: error: {one_line(exc)}", file=sys.stderr, flush=True)
+        traceback.print_exc(file=sys.stderr)
+        return 1
     return 0
+
+
+def user_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failure a user can cause and its message explains: the package's
+    own error classes, bad values (``ValueError``) and files (``OSError``: missing, unreadable,
+    disk full)."""
+    own = type(exc).__module__.split(".")[0] == "lmdynamics"
+    return own or isinstance(exc, (ValueError, OSError))
+
+
+def one_line(exc: BaseException) -> str:
+    """The exception's message on one line (``head: a; b`` for a message listing lines)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    head, rest = lines[0], lines[1:]
+    return f"{head} {'; '.join(rest)}" if head.endswith(":") and rest else "; ".join(lines)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ from lmdynamics.config import canonical, check_config, schedule_for
 SCHEMA = workflow.source_path("../schemas/config.schema.yaml")
 
 # Friendly messages first (key, bad value, what is allowed), then Snakemake's validate,
-# which also fills in the schema's defaults.
-check_config(config, SCHEMA)
+# which also fills in the schema's defaults. The config files are read again strictly
+# (repeated keys, YAML 1.1 octals), since Snakemake has already loaded them its own way.
+check_config(config, SCHEMA, files=workflow.configfiles)
 
 
 validate(config, SCHEMA)
