@@ -210,7 +210,7 @@ def test_every_string_key_of_the_schema_is_covered():
             assert node["pattern"] in PATTERN_HINTS, path  # the message says it in words
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(path=st.sampled_from(STRING_KEYS),
        value=st.one_of(st.text(max_size=40),
                        st.builds(lambda a, b, c: a + b + c,
