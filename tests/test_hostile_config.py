@@ -116,9 +116,13 @@ LABEL_PATHS = (("sizes", "[]"), ("tiny", "models", "<name>"))
 
 def config_with(path: tuple, value) -> dict:
     """A small valid config (tiny, or Pythia for ``hub.*``) with ``value`` at ``path``."""
-    config = copy.deepcopy(PYTHIA_SMALL if path[0] == "hub" else TINY_SMALL)
+    return set_value(copy.deepcopy(PYTHIA_SMALL if path[0] == "hub" else TINY_SMALL), path, value)
+
+
+def set_value(config: dict, path: tuple, value) -> dict:
     if path in LABEL_PATHS:  # a label both names a model and reaches the rules
         config["sizes"] = [value]
+        config.setdefault("tiny", copy.deepcopy(TINY["tiny"]))
         config["tiny"]["models"] = {value: SPEC} if isinstance(value, str) else {"42k": SPEC}
         return config
     path = tuple("42k" if p == "<name>" else p for p in path)  # a model's field
@@ -351,6 +355,36 @@ def test_snakemake_refuses_shell_in_dataset_revision_before_any_job(tmp_path):
     TALLY["clear error"] += 1
 
 
+def test_snakemake_refuses_shell_in_every_string_key_before_any_job(tmp_path):
+    """All string keys but the path at once, through Snakemake: each one named, no job run."""
+    marker = tmp_path / "MARKER"
+    config = copy.deepcopy(PYTHIA_SMALL)
+    expected = []
+    for path in STRING_KEYS:
+        if dotted(path) == "hub.tokens_path":
+            continue  # any path is allowed: tested above, passed literally
+        base = {"hub.repo": "a/{size}", "hub.revision": "{step}"}.get(dotted(path), "x")
+        value = f"{base}$(touch {marker})"
+        if path == ("tiny", "models", "<name>"):
+            config["tiny"]["models"][value] = SPEC
+            expected.append("tiny.models")
+            continue
+        set_value(config, path, value)
+        expected.append({"sizes.[]": "sizes.0"}.get(dotted(path), dotted(path)))
+    workdir = copy_workflow(tmp_path / "wf")
+    (workdir / "config/hostile.yaml").write_text(yaml.safe_dump(config))
+    TALLY["tried"] += len(expected)
+    proc = snakemake_with(fake_cli(tmp_path), workdir, "--configfile", "config/hostile.yaml")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    for key in expected:
+        assert re.search(rf"^  config key '{re.escape(key)}': .*\$\(touch .*; allowed: ", out,
+                         flags=re.M), (key, out[-4000:])
+    assert not marker.exists() and recorded_calls(tmp_path) == []
+    assert not (workdir / "results").exists()
+    TALLY["clear error"] += len(expected)
+
+
 SHELL_FIELD = re.compile(r"(?<!\{)\{([^{}]+)\}(?!\})")
 
 
@@ -505,6 +539,17 @@ def test_yaml_pitfalls_in_a_config_file_are_refused(text, expected, tmp_path):
     path.write_text(yaml.safe_dump({k: v for k, v in TINY.items() if k not in
                                     yaml.safe_load(text)}) + text)
     with pytest.raises(ConfigError, match=re.escape(f"config file {path}, ")):
+        load_config(path, SCHEMA_PATH)
+    TALLY["clear error"] += 1
+
+
+def test_json_config_files_are_read_as_json(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(TINY, indent="\t"))  # tabs: valid JSON, not valid YAML
+    load_config(path, SCHEMA_PATH)
+    TALLY["tried"] += 1
+    path.write_text('{"seed": 1, "seed": 2, ' + json.dumps(TINY)[1:])
+    with pytest.raises(ConfigError, match=r"c\.json, config key 'seed' is given twice"):
         load_config(path, SCHEMA_PATH)
     TALLY["clear error"] += 1
 

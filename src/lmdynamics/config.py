@@ -8,6 +8,7 @@ the source, the final step among the steps, enough eval tokens).
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import string
@@ -345,7 +346,11 @@ def hub_errors(config: Mapping[str, Any]) -> list[str]:
 
 def load_config(path: Path | str, schema: Path | str) -> dict[str, Any]:
     """Read a YAML config file and check it (used by tests and the ``plan`` command)."""
-    config = yaml.safe_load(Path(path).read_text())
+    text = Path(path).read_text()
+    try:  # as Snakemake reads it: JSON first, then YAML
+        config = json.loads(text)
+    except ValueError:
+        config = yaml.safe_load(text)
     check_config(config, schema, files=[path])
     return config
 
@@ -359,8 +364,29 @@ def config_file_errors(files: Iterable[Path | str]) -> list[str]:
         if path in seen or not path.is_file():
             continue
         seen.add(path)
-        errors += [f"config file {file}, {e}" for e in yaml_errors(path.read_text())]
+        text = path.read_text()
+        problems = json_errors(text)
+        if problems is None:  # not JSON: YAML
+            problems = yaml_errors(text)
+        errors += [f"config file {file}, {e}" for e in problems]
     return errors
+
+
+def json_errors(text: str) -> list[str] | None:
+    """Repeated keys of a JSON document (Snakemake reads a config file as JSON first), or None
+    when ``text`` is not JSON."""
+    repeated: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in items]
+        repeated.extend(k for i, k in enumerate(keys) if k in keys[:i])
+        return dict(items)
+
+    try:
+        json.loads(text, object_pairs_hook=pairs)
+    except ValueError:
+        return None
+    return [f"config key {k!r} is given twice; allowed: each key once" for k in repeated]
 
 
 #: Integers that YAML 1.1 (PyYAML, Snakemake) reads differently from YAML 1.2 and from what
