@@ -9,8 +9,9 @@ from lmdynamics.config import canonical, check_config, schedule_for
 SCHEMA = workflow.source_path("../schemas/config.schema.yaml")
 
 # Friendly messages first (key, bad value, what is allowed), then Snakemake's validate,
-# which also fills in the schema's defaults.
-check_config(config, SCHEMA)
+# which also fills in the schema's defaults. The config files are read again strictly
+# (repeated keys, YAML 1.1 octals), since Snakemake has already loaded them its own way.
+check_config(config, SCHEMA, files=workflow.configfiles)
 
 
 validate(config, SCHEMA)
@@ -117,19 +118,27 @@ def reference_checkpoints(wildcards):
 
 
 def stats_args(wildcards):
-    """The extract command's statistics flags (empty when statistics are off)."""
+    """The extract command's statistics flags, one list item per argument (the rule quotes
+    each one); empty when statistics are off."""
     if not CONJECTURE["enabled"]:
-        return ""
+        return []
     refs = reference_checkpoints(wildcards)
     lo, hi = CONJECTURE["spectrum_fit"]
-    return (
-        f"--init-checkpoint {os.path.dirname(refs['init_weights'])}"
-        f" --final-checkpoint {os.path.dirname(refs['final_weights'])}"
-        f" --stats-max-elements {CONJECTURE['max_elements']}"
-        f" --stats-top-k {CONJECTURE['top_k']}"
-        f" --stats-embedding-tokens {CONJECTURE['embedding_tokens']}"
-        f" --stats-spectrum-fit {lo} {hi}"
-    )
+    return [
+        "--init-checkpoint",
+        os.path.dirname(refs["init_weights"]),
+        "--final-checkpoint",
+        os.path.dirname(refs["final_weights"]),
+        "--stats-max-elements",
+        CONJECTURE["max_elements"],
+        "--stats-top-k",
+        CONJECTURE["top_k"],
+        "--stats-embedding-tokens",
+        CONJECTURE["embedding_tokens"],
+        "--stats-spectrum-fit",
+        lo,
+        hi,
+    ]
 
 
 def all_outputs():

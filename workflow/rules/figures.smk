@@ -22,8 +22,9 @@ rule figure:
         cka_estimator=config["metrics"]["cka_estimator"],
         stem=lambda wc, output: os.path.splitext(output.png)[0],
     shell:
-        "lmdynamics figure {wildcards.figure} --metrics {input.metrics} --x-axis {params.x_axis}"
-        " --cka-estimator {params.cka_estimator} --out-stem {params.stem} > {log} 2>&1"
+        "lmdynamics figure {wildcards.figure:q} --metrics {input.metrics:q}"
+        " --x-axis {params.x_axis:q} --cka-estimator {params.cka_estimator:q}"
+        " --out-stem {params.stem:q} > {log:q} 2>&1"
 
 
 rule mcc_table:
@@ -46,9 +47,9 @@ rule mcc_table:
         mcc=config["mcc"],
         cka_estimator=config["metrics"]["cka_estimator"],
     shell:
-        "lmdynamics mcc --metrics {input.metrics} --cka-estimator {params.cka_estimator}"
-        " --cka-threshold {params.mcc[cka_threshold]}"
-        " --early-fraction {params.mcc[early_fraction]}"
-        " --per-weight-threshold {params.mcc[per_weight_threshold]}"
-        " --per-grad-fraction {params.mcc[per_grad_fraction]}"
-        " --csv {output.csv} --md {output.md} > {log} 2>&1"
+        "lmdynamics mcc --metrics {input.metrics:q} --cka-estimator {params.cka_estimator:q}"
+        " --cka-threshold {params.mcc[cka_threshold]:q}"
+        " --early-fraction {params.mcc[early_fraction]:q}"
+        " --per-weight-threshold {params.mcc[per_weight_threshold]:q}"
+        " --per-grad-fraction {params.mcc[per_grad_fraction]:q}"
+        " --csv {output.csv:q} --md {output.md:q} > {log:q} 2>&1"
