@@ -30,18 +30,23 @@ NONFINITE_VARIABLES = ("nonfinite_activations", "nonfinite_weights", "nonfinite_
 
 
 def nonfinite_layers(ds: xr.Dataset) -> np.ndarray:
-    """Boolean (component, layer): NaN or inf recorded in a per-pair store ``ds``.
+    """Boolean (component, layer): NaN or inf in a per-pair store ``ds``.
 
-    The OR of the store's ``nonfinite_*`` variables; for a store written without them, derived
-    from the sampled activations and the singular values (NaN when the matrix was not finite).
+    Computed from the data, not taken from the store's word: non-finite sampled activations
+    (read one (component, layer) at a time) or singular values (NaN when the matrix or its
+    gradient was not finite), OR the store's recorded ``nonfinite_*`` variables (the whole
+    batch's activations, which the sampled tokens may miss).
     """
-    recorded = [ds[name].values.astype(bool) for name in NONFINITE_VARIABLES if name in ds]
-    if recorded:
-        return np.logical_or.reduce(recorded)
-    acts = ~np.isfinite(ds["activations"].values).all(axis=(2, 3))
-    w_sv = ~np.isfinite(ds["weight_singular_values"].values).all(axis=2)
-    g_sv = ~np.isfinite(ds["grad_singular_values"].values).all(axis=2)
-    return acts | w_sv | g_sv
+    acts = ds["activations"]
+    n_comp, n_layers = acts.shape[:2]
+    flags = np.array([[not np.isfinite(acts[c, layer].values).all()
+                       for layer in range(n_layers)] for c in range(n_comp)], dtype=bool)
+    for name in ("weight_singular_values", "grad_singular_values"):
+        flags |= ~np.isfinite(ds[name].values).all(axis=2)
+    for name in NONFINITE_VARIABLES:
+        if name in ds:
+            flags |= ds[name].values.astype(bool)
+    return flags
 
 
 def flag_nonfinite(stores: Mapping[int, xr.Dataset]) -> np.ndarray:

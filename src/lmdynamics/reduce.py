@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 PAIR_VARIABLES = ("activations", "weight_singular_values", "grad_singular_values")
 #: Coordinates a per-pair store must hold besides its variables (the sampled tokens).
 PAIR_COORDS = ("sequence", "position")
+#: Attributes the reduction reads from every per-pair store.
+PAIR_ATTRS = ("step", "size", "model", "num_layers", "hidden_size", "num_attention_heads",
+              "n_params")
 #: Store attrs that must agree with the final step's store (when both stores have them).
 CONSISTENT_ATTRS = ("size", "model", "num_layers", "hidden_size", "dtype", "token_seed",
                     "eval_batch_shape", "eval_batch_sha256")
@@ -51,10 +54,12 @@ SHARED_ATTRS = ("final_step", "per_divisor", "per_truncate", "bootstrap_samples"
 
 
 def open_pair_stores(paths: Sequence[Path | str]) -> dict[int, xr.Dataset]:
-    """Open per-pair stores keyed by step, checking completeness and required variables."""
+    """Open per-pair stores keyed by step, verified (:func:`~lmdynamics.store.open_store`:
+    completeness, checksums, digests) and holding the variables and attrs the reduction reads."""
     stores: dict[int, xr.Dataset] = {}
     for p in paths:
-        ds = open_store(p, required=PAIR_VARIABLES + PAIR_COORDS).assign_attrs(path=str(p))
+        ds = open_store(p, required=PAIR_VARIABLES + PAIR_COORDS + ("loss",),
+                        required_attrs=PAIR_ATTRS).assign_attrs(path=str(p))
         check_pair_layout(ds)
         step = int(ds.attrs["step"])
         named = re.fullmatch(r"step(\d+)\.zarr", Path(p).name)
@@ -209,7 +214,9 @@ def combine_sizes(paths: Sequence[Path | str]) -> xr.Dataset:
 
     Sizes are ordered by parameter count (not by label text); layers a size lacks are NaN.
     """
-    per_size = [open_store(p, required=METRIC_VARIABLES).load() for p in paths]
+    per_size = [open_store(p, required=METRIC_VARIABLES,
+                           required_attrs=("size", "n_params", "num_layers")).load()
+                for p in paths]
     per_size.sort(key=lambda d: d.attrs["n_params"])
     shared = {}
     for key in SHARED_ATTRS:
