@@ -139,3 +139,39 @@ def test_digests_are_of_decoded_values_not_of_compressed_bytes(tmp_path):
     d3 = zarr.open_group(write_store(changed, tmp_path / "three.zarr"),
                          mode="r").attrs[DIGESTS_ATTR]
     assert d3["a"] != d1["a"] and d3["s"] == d1["s"]
+
+
+# --------------------------------------------------------------------------- eval batch
+
+BAD_BATCHES = {
+    "float": lambda b: b.astype(np.float32) + 0.5,
+    "float_integral": lambda b: b.astype(np.float64),
+    "one_dim": lambda b: b.ravel(),
+    "three_dim": lambda b: b[None],
+    "bool": lambda b: b > 100,
+    "empty": lambda b: b[:0],
+    "strings": lambda b: b.astype(str),
+}
+
+
+@pytest.mark.parametrize("case", [*sorted(BAD_BATCHES), "not_npy", "pickled"])
+def test_extract_refuses_an_eval_batch_that_is_not_2d_integers(good_stores, tmp_path, case):
+    from lmdynamics.extract import TokenArrayError
+
+    batch = np.load(good_stores.parent / "batch.npy")
+    path = tmp_path / "batch.npy"
+    if case == "not_npy":
+        path.write_text("not an array")
+    elif case == "pickled":
+        np.save(path, np.array([{"evil": 1}], dtype=object), allow_pickle=True)
+    else:
+        np.save(path, BAD_BATCHES[case](batch))
+    out = tmp_path / "out" / "step0.zarr"
+    with pytest.raises(TokenArrayError) as info:
+        main(["extract", "--checkpoint", str(good_stores.parent / "ck" / "step0"),
+              "--eval-batch", str(path), "--tokens", "8", "--size", "s", "--step", "0",
+              "--model", "m", "--revision", "step0", "--out", str(out)])
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message, message
+    assert "2-D integer array" in message or "cannot be read" in message, message
+    assert not out.exists()

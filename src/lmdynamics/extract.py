@@ -197,7 +197,7 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
                            attention=attention_implementation)
     except CorruptCheckpointError as exc:
         raise discard_corrupt_download(checkpoint, exc) from exc
-    batch_array = np.load(eval_batch)
+    batch_array = load_token_array(eval_batch, ndim=2, what="eval batch (sequences, positions)")
     batch = torch.as_tensor(batch_array, dtype=torch.long)
     check_vocabulary(batch, model.config.vocab_size, eval_batch)
     seq_idx, pos_idx = token_positions(sampling, *batch.shape, tokens, seed,
@@ -218,7 +218,10 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
     log.info("forward+backward pass in %.2fs (%s attention, micro-batches of %s sequences)",
              time.perf_counter() - t_pass, attention_implementation, micro or batch.shape[0])
     if gradient_protocol == "paper_code":
-        grad_batches = torch.as_tensor(np.load(gradient_batches), dtype=torch.long)
+        grad_batches = torch.as_tensor(
+            load_token_array(gradient_batches, ndim=3,
+                             what="gradient batches (batches, sequences, positions)"),
+            dtype=torch.long)
         result.grad_singular_values = paper_code_gradient_singular_values(
             model, grad_batches, micro_batch=micro_batch)
     cfg = model.config
@@ -265,6 +268,33 @@ def activation_encoding(shape: tuple[int, ...]) -> dict[str, dict]:
     """
     codec = zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
     return {"activations": {"chunks": (1, 1, *shape[2:]), "compressors": (codec,)}}
+
+
+class TokenArrayError(ValueError):
+    """A token file (eval batch, gradient batches) is not an integer array of the expected
+    shape; the message names the file."""
+
+
+def load_token_array(path: Path | str, *, ndim: int, what: str) -> np.ndarray:
+    """Load an .npy of token ids, refusing anything but a non-empty ``ndim``-D integer array.
+
+    A float batch would be truncated to ids silently, a 1-D or 3-D one misread as other
+    sequences: each raises :class:`TokenArrayError`, one line naming the file, what it holds
+    and what is expected. No pickled object is ever loaded.
+    """
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise TokenArrayError(f"{path}: cannot be read as a .npy {what} "
+                              f"({type(exc).__name__}: {' '.join(str(exc).split())}); "
+                              "delete it and rerun to remake it") from exc
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "iu" \
+            or array.ndim != ndim or array.size == 0:
+        raise TokenArrayError(
+            f"{path}: holds a {getattr(array, 'ndim', '?')}-D {getattr(array, 'dtype', '?')} "
+            f"array of shape {getattr(array, 'shape', '?')}; expected the {what} as a non-empty "
+            f"{ndim}-D integer array of token ids; delete it and rerun to remake it")
+    return array
 
 
 def check_vocabulary(batch: torch.Tensor, vocab_size: int, source: Path | str) -> None:
