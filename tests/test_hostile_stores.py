@@ -156,7 +156,7 @@ BAD_BATCHES = {
 
 @pytest.mark.parametrize("case", [*sorted(BAD_BATCHES), "not_npy", "pickled"])
 def test_extract_refuses_an_eval_batch_that_is_not_2d_integers(good_stores, tmp_path, case):
-    from lmdynamics.extract import TokenArrayError
+    from lmdynamics.store import TokenArrayError
 
     batch = np.load(good_stores.parent / "batch.npy")
     path = tmp_path / "batch.npy"

@@ -79,9 +79,8 @@ def _select_args(p: argparse.ArgumentParser) -> None:
 @command("hub-eval-batch", _select_args)
 def _hub_eval_batch(a: argparse.Namespace) -> None:
     """The eval batch: the first N sequences of the last training batch, as int64."""
-    from lmdynamics.extract import load_token_array
     from lmdynamics.pile import select_eval_batch
-    from lmdynamics.store import write_array_atomic
+    from lmdynamics.store import load_token_array, write_array_atomic
 
     tokens = load_token_array(a.batch, ndim=2, what="training batch (sequences, 2049 tokens)")
     batch = select_eval_batch(tokens, a.sequences)

@@ -53,7 +53,7 @@ from lmdynamics.passes import (
     only_write_weights_train,
     run_pass_fitting,
 )
-from lmdynamics.store import write_store
+from lmdynamics.store import load_token_array, write_store
 
 log = logging.getLogger(__name__)
 
@@ -268,33 +268,6 @@ def activation_encoding(shape: tuple[int, ...]) -> dict[str, dict]:
     """
     codec = zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
     return {"activations": {"chunks": (1, 1, *shape[2:]), "compressors": (codec,)}}
-
-
-class TokenArrayError(ValueError):
-    """A token file (eval batch, gradient batches) is not an integer array of the expected
-    shape; the message names the file."""
-
-
-def load_token_array(path: Path | str, *, ndim: int, what: str) -> np.ndarray:
-    """Load an .npy of token ids, refusing anything but a non-empty ``ndim``-D integer array.
-
-    A float batch would be truncated to ids silently, a 1-D or 3-D one misread as other
-    sequences: each raises :class:`TokenArrayError`, one line naming the file, what it holds
-    and what is expected. No pickled object is ever loaded.
-    """
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        raise TokenArrayError(f"{path}: cannot be read as a .npy {what} "
-                              f"({type(exc).__name__}: {' '.join(str(exc).split())}); "
-                              "delete it and rerun to remake it") from exc
-    if not isinstance(array, np.ndarray) or array.dtype.kind not in "iu" \
-            or array.ndim != ndim or array.size == 0:
-        raise TokenArrayError(
-            f"{path}: holds a {getattr(array, 'ndim', '?')}-D {getattr(array, 'dtype', '?')} "
-            f"array of shape {getattr(array, 'shape', '?')}; expected the {what} as a non-empty "
-            f"{ndim}-D integer array of token ids; delete it and rerun to remake it")
-    return array
 
 
 def check_vocabulary(batch: torch.Tensor, vocab_size: int, source: Path | str) -> None:

@@ -155,6 +155,33 @@ def write_text_atomic(text: str, path: Path | str) -> Path:
     return Path(path)
 
 
+class TokenArrayError(ValueError):
+    """A token file (eval batch, gradient batches) is not an integer array of the expected
+    shape; the message names the file."""
+
+
+def load_token_array(path: Path | str, *, ndim: int, what: str) -> np.ndarray:
+    """Load an .npy of token ids, refusing anything but a non-empty ``ndim``-D integer array.
+
+    A float batch would be truncated to ids silently, a 1-D or 3-D one misread as other
+    sequences: each raises :class:`TokenArrayError`, one line naming the file, what it holds
+    and what is expected. No pickled object is ever loaded.
+    """
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise TokenArrayError(f"{path}: cannot be read as a .npy {what} "
+                              f"({type(exc).__name__}: {' '.join(str(exc).split())}); "
+                              "delete it and rerun to remake it") from exc
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "iu" \
+            or array.ndim != ndim or array.size == 0:
+        raise TokenArrayError(
+            f"{path}: holds a {getattr(array, 'ndim', '?')}-D {getattr(array, 'dtype', '?')} "
+            f"array of shape {getattr(array, 'shape', '?')}; expected the {what} as a non-empty "
+            f"{ndim}-D integer array of token ids; delete it and rerun to remake it")
+    return array
+
+
 # --------------------------------------------------------------------------- digests
 
 
