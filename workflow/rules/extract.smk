@@ -48,20 +48,41 @@ rule extract:
         " --out {output} > {log} 2>&1"
 
 
-# The paper code's gradient protocol: training batches of steps c-5 and c-4 for checkpoint c.
+# The paper code's gradient protocol: training batches of steps c-5 and c-4 for checkpoint c
+# (0 and 1 below step 5). Tiny suite: rebuilt from the corpus; hub: the first 128 sequences of
+# each read by byte range from the preshuffled Pile (a network job), or from hub.tokens_path.
 rule gradient_batches:
+    input:
+        (
+            [config["hub"]["tokens_path"]]
+            if config["source"] == "hub" and config["hub"]["tokens_path"]
+            else []
+        ),
     output:
-        f"{RESULTS}/gradient_batches/step{{step}}.npy",
+        npy=f"{RESULTS}/gradient_batches/step{{step}}.npy",
+        record=f"{RESULTS}/gradient_batches/step{{step}}.json",
     log:
         f"{RESULTS}/logs/gradient_batches/step{{step}}.log",
     conda:
         ENV
+    resources:
+        network=(
+            1 if config["source"] == "hub" and not config["hub"]["tokens_path"] else 0
+        ),
     params:
         source=config["source"],
         batch_size=config.get("tiny", {}).get("batch_size", 16),
         seq_len=config.get("tiny", {}).get("seq_len", 128),
         seed=config["seed"],
+        dataset=config["hub"]["dataset"],
+        dataset_revision=config["hub"]["dataset_revision"],
+        tokens_path=config["hub"]["tokens_path"] or "",
+        retries=config["hub"]["retries"],
+        backoff=config["hub"]["backoff"],
     shell:
-        "lmdynamics gradient-batches --source {params.source} --step {wildcards.step}"
+        "lmdynamics gradient-batches --source {params.source:q} --step {wildcards.step}"
         " --batch-size {params.batch_size} --seq-len {params.seq_len} --seed {params.seed}"
-        " --out {output} > {log} 2>&1"
+        " --dataset {params.dataset:q} --dataset-revision {params.dataset_revision:q}"
+        " --tokens-path {params.tokens_path:q} --retries {params.retries}"
+        " --backoff {params.backoff} --out {output.npy:q} --record {output.record:q}"
+        " > {log:q} 2>&1"
