@@ -158,3 +158,24 @@ def test_extract_with_paper_code_options(tmp_path):
     with pytest.raises(ValueError, match="attention_activation='qkv'"):
         extract_checkpoint(tmp_path / "ckpt", tmp_path / "eval.npy", tmp_path / "t.zarr",
                            attention_activation="qkv", **common)
+
+
+def test_paper_code_config_plans_hub_gradient_batches_with_quoted_paths(tmp_path):
+    """config/paper_code.yaml: 27 gradient_batches jobs whose shell line passes
+    hub.tokens_path as one quoted argument (a space in it does not split it)."""
+    import shlex
+
+    from conftest import copy_workflow, snakemake
+
+    workdir = copy_workflow(tmp_path / "wf")
+    local = tmp_path / "my pile"
+    local.mkdir()
+    config = (workdir / "config/paper_code.yaml").read_text()
+    (workdir / "config/local.yaml").write_text(
+        config.replace("keep_weights: false", f"keep_weights: false\n  tokens_path: '{local}'"))
+    out = snakemake(workdir, "-n", "-p", "--configfile", "config/local.yaml").stdout
+    lines = [line for line in out.splitlines() if "lmdynamics gradient-batches" in line]
+    assert len(lines) == 27, out[-3000:]
+    argv = shlex.split(lines[0].split("Shell command: ", 1)[-1].split(" > ")[0])
+    assert argv[argv.index("--tokens-path") + 1] == str(local)
+    assert argv[argv.index("--source") + 1] == "hub"

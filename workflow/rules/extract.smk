@@ -76,13 +76,17 @@ rule gradient_batches:
         seed=config["seed"],
         dataset=config["hub"]["dataset"],
         dataset_revision=config["hub"]["dataset_revision"],
-        tokens_path=config["hub"]["tokens_path"] or "",
+        local=(
+            ["--tokens-path", config["hub"]["tokens_path"]]
+            if config["hub"]["tokens_path"]
+            else []
+        ),
         retries=config["hub"]["retries"],
         backoff=config["hub"]["backoff"],
     shell:
         "lmdynamics gradient-batches --source {params.source:q} --step {wildcards.step}"
         " --batch-size {params.batch_size} --seq-len {params.seq_len} --seed {params.seed}"
         " --dataset {params.dataset:q} --dataset-revision {params.dataset_revision:q}"
-        " --tokens-path {params.tokens_path:q} --retries {params.retries}"
+        " {params.local:q} --retries {params.retries}"
         " --backoff {params.backoff} --out {output.npy:q} --record {output.record:q}"
         " > {log:q} 2>&1"
