@@ -32,7 +32,8 @@ _SIZE_ATTRS = ("size", "n_params", "num_layers", "hidden_size", "num_attention_h
 
 def _open_with_stats(path: Path | str) -> xr.Dataset:
     """A per-pair store's ``stat_*`` variables, refusing a store written without them."""
-    ds = open_store(path, required_attrs=("step", *_SIZE_ATTRS[:4]))
+    ds = open_store(path, required_attrs=("step", *_SIZE_ATTRS[:4]),
+                    defer=("activations",))  # not read here: its content is not checked
     missing = [v for v in STAT_VARIABLES if v not in ds]
     if missing:
         raise IncompleteStoreError(

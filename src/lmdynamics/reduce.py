@@ -29,6 +29,7 @@ from lmdynamics.flags import (
 from lmdynamics.heap import reuse_freed_memory
 from lmdynamics.metrics import per_divisor, proportional_effective_rank
 from lmdynamics.store import (
+    DigestedReader,
     IncompleteStoreError,
     open_store,
     redo_hint,
@@ -53,13 +54,16 @@ SHARED_ATTRS = ("final_step", "per_divisor", "per_truncate", "bootstrap_samples"
                 "bootstrap_level", "bootstrap_seed", "standardize")
 
 
-def open_pair_stores(paths: Sequence[Path | str]) -> dict[int, xr.Dataset]:
+def open_pair_stores(paths: Sequence[Path | str], *, defer: tuple[str, ...] = ()
+                     ) -> dict[int, xr.Dataset]:
     """Open per-pair stores keyed by step, verified (:func:`~lmdynamics.store.open_store`:
-    completeness, checksums, digests) and holding the variables and attrs the reduction reads."""
+    completeness, checksums, digests; the content of ``defer`` arrays is left to the caller's
+    :class:`~lmdynamics.store.DigestedReader`) and holding the variables and attrs the
+    reduction reads."""
     stores: dict[int, xr.Dataset] = {}
     for p in paths:
         ds = open_store(p, required=PAIR_VARIABLES + PAIR_COORDS + ("loss",),
-                        required_attrs=PAIR_ATTRS).assign_attrs(path=str(p))
+                        required_attrs=PAIR_ATTRS, defer=defer).assign_attrs(path=str(p))
         check_pair_layout(ds)
         step = int(ds.attrs["step"])
         named = re.fullmatch(r"step(\d+)\.zarr", Path(p).name)
@@ -174,16 +178,28 @@ def reduce_size(paths: Sequence[Path | str], out: Path | str, *, final_step: int
     """
     reuse_freed_memory()
     options = cka_options or CKAOptions()
-    stores = open_pair_stores(paths)
+    stores = open_pair_stores(paths, defer=("activations",))
     ref = check_consistent(stores, final_step)
     steps = list(stores)
+    readers = {s: DigestedReader(ds.attrs["path"], "activations") for s, ds in stores.items()}
+    shape = ref.activations.shape[:2]
+    finite = {s: np.ones(shape, dtype=bool) for s in steps}
+
+    def read_block(s: int, ci: int, layer: int) -> np.ndarray:
+        block = readers[s].read((ci, layer))
+        finite[s][ci, layer] = bool(np.isfinite(block).all())
+        return block
+
     cka = cka_dataset({s: ds.activations for s, ds in stores.items()}, ref.sequence.values,
-                      final_step=final_step, size=str(ref.attrs["size"]), options=options)
+                      final_step=final_step, size=str(ref.attrs["size"]), options=options,
+                      read_block=read_block)
+    for reader in readers.values():  # every value was read once: its digest is complete
+        reader.finish()
     per_w = np.stack([_per(stores[s], "weight_singular_values", per_divisor_kind, per_truncate)
                       for s in steps], axis=-1)
     per_g = np.stack([_per(stores[s], "grad_singular_values", per_divisor_kind, per_truncate)
                       for s in steps], axis=-1)
-    flags = flag_nonfinite(stores)
+    flags = flag_nonfinite(stores, {s: ~f for s, f in finite.items()})
     dims = ("component", "layer", "step")
     ds = xr.Dataset(
         {"per_weight": (dims, per_w, {"long_name": "proportional effective rank of weights"}),

@@ -195,20 +195,75 @@ def _blocks(array: zarr.Array) -> Iterator[np.ndarray]:
         yield np.asarray(array[index])
 
 
+def _digest_start(array: zarr.Array) -> Any:
+    strings = array.dtype.kind in "OTU"
+    return hashlib.sha256(
+        f"{'str' if strings else np.dtype(array.dtype).str}{array.shape}".encode())
+
+
+def _digest_update(digest: Any, block: np.ndarray) -> None:
+    if block.dtype.kind in "OTU":
+        for item in np.ravel(block):
+            data = str(item).encode("utf-8")
+            digest.update(len(data).to_bytes(8, "little") + data)
+    else:
+        digest.update(np.ascontiguousarray(block).tobytes())
+
+
 def array_digest(array: zarr.Array) -> str:
     """sha256 (hex) of a zarr array's decoded content: dtype, shape, then values in C order
-    (strings as length-prefixed UTF-8)."""
-    strings = array.dtype.kind in "OTU"
-    digest = hashlib.sha256(
-        f"{'str' if strings else np.dtype(array.dtype).str}{array.shape}".encode())
+    (strings as length-prefixed UTF-8). Independent of the chunking."""
+    digest = _digest_start(array)
     for block in _blocks(array):
-        if strings:
-            for item in block.ravel():
-                data = str(item).encode("utf-8")
-                digest.update(len(data).to_bytes(8, "little") + data)
-        else:
-            digest.update(np.ascontiguousarray(block).tobytes())
+        _digest_update(digest, block)
     return digest.hexdigest()
+
+
+class DigestedReader:
+    """Reads one array of a store block by block, checking its digest on the way.
+
+    For a reader that reads every value of a large array exactly once anyway (the reduction
+    reads each (component, layer) of ``activations`` once): :func:`open_store` with
+    ``defer=(name,)`` checks everything but that array's content, and this reader hashes the
+    blocks as they are read, so the store is not read twice. ``read(index)`` must visit the
+    leading indices in C order (``(0, 0), (0, 1), ...``); :meth:`finish` raises
+    :class:`IncompleteStoreError` unless every value was read and the digest matches. A
+    damaged chunk raises the same error, naming the store and the array, when read.
+    """
+
+    def __init__(self, path: Path | str, name: str):
+        self.path, self.name = Path(path), name
+        group = zarr.open_group(self.path, mode="r")
+        self.array = group[name]
+        self.expected = group.attrs[DIGESTS_ATTR][name]
+        self.digest = _digest_start(self.array)
+        self.left = self.array.size
+
+    def read(self, index: tuple[int, ...]) -> np.ndarray:
+        try:
+            block = np.asarray(self.array[index])
+        except Exception as exc:  # crc32c mismatch, truncated or undecodable chunk
+            raise _damaged(self.path, self.name, exc) from exc
+        _digest_update(self.digest, block)
+        self.left -= block.size
+        return block
+
+    def finish(self) -> None:
+        if self.left != 0 or self.digest.hexdigest() != self.expected:
+            raise _other_data(self.path, self.name)
+
+
+def _damaged(path: Path, name: str, exc: BaseException) -> IncompleteStoreError:
+    return IncompleteStoreError(
+        f"{path}: array {name!r} has a damaged chunk ({type(exc).__name__}: "
+        f"{_one_line(exc)}); {redo_hint(path)}")
+
+
+def _other_data(path: Path, name: str) -> IncompleteStoreError:
+    return IncompleteStoreError(
+        f"{path}: array {name!r} holds other data than was written (sha256 of its values "
+        f"differs from the one recorded; chunks copied from another store?); "
+        f"{redo_hint(path)}")
 
 
 def attrs_digest(attrs: Mapping[str, Any]) -> str:
@@ -257,13 +312,14 @@ def write_store(ds: xr.Dataset, path: Path | str,
 
 
 def open_store(path: Path | str, *, required: tuple[str, ...] = (),
-               required_attrs: tuple[str, ...] = ()) -> xr.Dataset:
+               required_attrs: tuple[str, ...] = (), defer: tuple[str, ...] = ()) -> xr.Dataset:
     """Open a store written by :func:`write_store`, refusing incomplete or damaged ones.
 
     Raises :class:`IncompleteStoreError` (one line naming the store and how to redo it)
     when the store is missing or unreadable, its completion mark is not exactly ``True``, it
     lacks a ``required`` variable or a ``required_attrs`` attribute, or :func:`verify_store`
-    finds its data is not what was written. Variables are read lazily through zarr itself,
+    finds its data is not what was written (the content of the arrays in ``defer`` is left
+    to the caller's :class:`DigestedReader`). Variables are read lazily through zarr itself,
     not dask: a reduction reads one chunk at a time, and dask's scheduling per read made
     reading 4096 x 512 chunks 1.5 to 3 times slower (benchmarks/RESULTS.md).
     """
@@ -288,7 +344,7 @@ def open_store(path: Path | str, *, required: tuple[str, ...] = (),
     if missing:
         raise IncompleteStoreError(f"{path} lacks attribute(s) {', '.join(missing)}; "
                                    f"{redo_hint(path)}")
-    verify_store(path)
+    verify_store(path, defer=defer)
     return ds
 
 
@@ -296,14 +352,15 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
-def verify_store(path: Path | str) -> None:
+def verify_store(path: Path | str, *, defer: tuple[str, ...] = ()) -> None:
     """Check every array of a store against its recorded integrity; raise if it differs.
 
     In order: the store format (:data:`FORMAT_ATTR`; older stores carry no checksums and are
     refused), the attrs digest, the set of arrays against the recorded digests, each array's
     chunk files (zarr reads a missing chunk as the fill value, NaN), its last codec
     (:data:`CHECKSUM_CODEC`), and its content: every chunk is read, so zarr checks its crc32c,
-    and the sha256 of the decoded values must equal the recorded one. Raises
+    and the sha256 of the decoded values must equal the recorded one (except for the
+    arrays in ``defer``, read later through :class:`DigestedReader`). Raises
     :class:`IncompleteStoreError` naming the store, the array and the redo command.
     """
     path = Path(path)
@@ -338,15 +395,12 @@ def verify_store(path: Path | str) -> None:
         if not isinstance(array.metadata.codecs[-1], zarr.codecs.Crc32cCodec):
             raise IncompleteStoreError(f"{where} has no crc32c checksum codec (its metadata "
                                        f"was changed); {redo_hint(path)}")
+        if name in defer:
+            continue
         try:
             digest = array_digest(array)
         except Exception as exc:  # crc32c mismatch, truncated or undecodable chunk
-            raise IncompleteStoreError(
-                f"{where} has a damaged chunk ({type(exc).__name__}: {_one_line(exc)}); "
-                f"{redo_hint(path)}") from exc
+            raise _damaged(path, name, exc) from exc
         if digest != recorded[name]:
-            raise IncompleteStoreError(
-                f"{where} holds other data than was written (sha256 of its values differs "
-                f"from the one recorded; chunks copied from another store?); "
-                f"{redo_hint(path)}")
+            raise _other_data(path, name)
 
