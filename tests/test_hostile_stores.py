@@ -175,3 +175,23 @@ def test_extract_refuses_an_eval_batch_that_is_not_2d_integers(good_stores, tmp_
     assert message.startswith(f"{path}: ") and "\n" not in message, message
     assert "2-D integer array" in message or "cannot be read" in message, message
     assert not out.exists()
+
+
+def test_digested_reader_refuses_partial_or_reordered_reads(tmp_path):
+    """The reduction's one-pass digest check: all blocks in C order, or a named error."""
+    from lmdynamics.store import DigestedReader
+
+    acts = np.random.default_rng(0).normal(size=(2, 3, 5, 4)).astype(np.float32)
+    path = write_store(xr.Dataset({"activations": (("c", "l", "t", "d"), acts)}),
+                       tmp_path / "s.zarr", encoding={"activations": {"chunks": (1, 1, 5, 4)}})
+    order = list(np.ndindex(2, 3))
+    reader = DigestedReader(path, "activations")
+    for index in order:
+        np.testing.assert_array_equal(reader.read(index), acts[index])
+    reader.finish()
+    for reads in (order[:-1], order[::-1]):
+        reader = DigestedReader(path, "activations")
+        for index in reads:
+            reader.read(index)
+        with pytest.raises(IncompleteStoreError, match="'activations' holds other data"):
+            reader.finish()
