@@ -175,6 +175,11 @@ def reduce_size(paths: Sequence[Path | str], out: Path | str, *, final_step: int
     layer. ``per_truncate``: keep only the top ``divisor`` singular values when there are
     more (the paper's code; see :func:`~lmdynamics.metrics.proportional_effective_rank`).
     The process keeps freed memory for reuse (:func:`~lmdynamics.heap.reuse_freed_memory`).
+
+    Every store is verified (:func:`~lmdynamics.store.open_store`); the activations' digest
+    is checked while the CKA reads them, once (:class:`~lmdynamics.store.DigestedReader`),
+    and the same reads give the non-finite flags. A damaged store raises
+    :class:`IncompleteStoreError` before anything is written.
     """
     reuse_freed_memory()
     options = cka_options or CKAOptions()
