@@ -21,7 +21,7 @@ import torch
 import xarray as xr
 
 from conftest import REPO
-from faultlib import BROKEN_STORES, FINAL, STEPS, TOKENS, copy_stores, extract
+from faultlib import BROKEN_STORES, FINAL, HOSTILE_STORES, STEPS, TOKENS, copy_stores, extract
 from lmdynamics import checkpoints as ck
 from lmdynamics.cli import main, run
 from lmdynamics.figures import FIGURES, render
@@ -58,23 +58,29 @@ def test_good_stores_reduce(good_stores, tmp_path):
     np.testing.assert_allclose(ds.cka.sel(step=FINAL).values, 1.0, atol=1e-12)
 
 
-@pytest.mark.parametrize("case", sorted(BROKEN_STORES))
+@pytest.mark.parametrize("case", sorted({**BROKEN_STORES, **HOSTILE_STORES}))
 @pytest.mark.parametrize("which", [4, FINAL], ids=["middle", "final"])
 def test_broken_store_is_refused_by_reduce(good_stores, tmp_path, case, which):
-    """Each fault is refused with the store's path, the fault and how to redo it; no output."""
+    """Each fault is refused with one line naming the store, the fault and how to redo it;
+    no output. Damaged stores (HOSTILE_STORES: checksums, digests, required attrs) are
+    refused by any reader, not only by the reduction's cross-store checks."""
     if case == "step_mismatch" and which == FINAL:
         pytest.skip("same fault as the middle store's")
     stores = copy_stores(good_stores, tmp_path / "extract")
     broken = tmp_path / "extract" / f"step{which}.zarr"
-    breaker, fragment = BROKEN_STORES[case]
+    breaker, fragment = {**BROKEN_STORES, **HOSTILE_STORES}[case]
     breaker(broken)
     out = tmp_path / "s.zarr"
     with pytest.raises(IncompleteStoreError) as info:
         _reduce(stores, out)
     message = str(info.value)
-    assert fragment in message, message
-    assert str(broken) in message and "--forcerun" in message and "delete" in message
+    assert fragment in message and "\n" not in message, message
+    assert str(broken) in message and f"`--forcerun {broken}`" in message, message
+    assert f"delete {broken} and rerun" in message, message
     assert not out.exists() and not list(tmp_path.glob(".s.zarr.*"))
+    if case in HOSTILE_STORES:
+        with pytest.raises(IncompleteStoreError, match="--forcerun"):
+            open_store(broken)
 
 
 def test_reduce_command_exits_nonzero_naming_the_store(good_stores, tmp_path):

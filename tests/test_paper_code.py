@@ -12,7 +12,6 @@ from lmdynamics.checkpoints import save_checkpoint
 from lmdynamics.extract import extract_checkpoint, sample_token_positions
 from lmdynamics.paper_code import (
     gradient_steps,
-    hub_gradient_batches,
     paper_code_gradient_singular_values,
     paper_code_sub_batches,
     tiny_gradient_batches,
@@ -121,7 +120,7 @@ def test_paper_code_gradients_by_hand():
         paper_code_gradient_singular_values(model, batches[0])
 
 
-def test_gradient_batches_for_the_tiny_suite_and_hub():
+def test_gradient_batches_for_the_tiny_suite():
     corpus = load_corpus()
     out = tiny_gradient_batches(64, batch_size=16, seq_len=128, seed=0, corpus=corpus)
     assert out.shape == (2, 16, 128) and out.dtype == np.int64
@@ -131,8 +130,6 @@ def test_gradient_batches_for_the_tiny_suite_and_hub():
                                                          seq_len=128, seed=0))
     big = tiny_gradient_batches(8, batch_size=200, seq_len=8, seed=0, corpus=corpus)
     assert big.shape == (2, 128, 8)  # the code's 128 sequences of a larger batch
-    with pytest.raises(NotImplementedError, match="steps 142995 and 142996.*eval_batch"):
-        hub_gradient_batches(143000)
 
 
 def test_extract_with_paper_code_options(tmp_path):
@@ -161,3 +158,24 @@ def test_extract_with_paper_code_options(tmp_path):
     with pytest.raises(ValueError, match="attention_activation='qkv'"):
         extract_checkpoint(tmp_path / "ckpt", tmp_path / "eval.npy", tmp_path / "t.zarr",
                            attention_activation="qkv", **common)
+
+
+def test_paper_code_config_plans_hub_gradient_batches_with_quoted_paths(tmp_path):
+    """config/paper_code.yaml: 27 gradient_batches jobs whose shell line passes
+    hub.tokens_path as one quoted argument (a space in it does not split it)."""
+    import shlex
+
+    from conftest import copy_workflow, snakemake
+
+    workdir = copy_workflow(tmp_path / "wf")
+    local = tmp_path / "my pile"
+    local.mkdir()
+    config = (workdir / "config/paper_code.yaml").read_text()
+    (workdir / "config/local.yaml").write_text(
+        config.replace("keep_weights: false", f"keep_weights: false\n  tokens_path: '{local}'"))
+    out = snakemake(workdir, "-n", "-p", "--configfile", "config/local.yaml").stdout
+    lines = [line for line in out.splitlines() if "lmdynamics gradient-batches" in line]
+    assert len(lines) == 27, out[-3000:]
+    argv = shlex.split(lines[0].split("Shell command: ", 1)[-1].split(" > ")[0])
+    assert argv[argv.index("--tokens-path") + 1] == str(local)
+    assert argv[argv.index("--source") + 1] == "hub"

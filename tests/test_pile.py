@@ -130,3 +130,60 @@ def test_eval_batch_selection_checks_the_vocabulary():
     assert out.dtype == np.int64 and out.shape == (2, 2049)
     with pytest.raises(pile.PileError, match="vocabulary size 100"):
         pile.select_eval_batch(tokens, 2, vocab_size=100)
+
+
+# --------------------------------------------------------------------------- gradient batches
+# The paper code's gradient protocol on Pythia: for checkpoint c, the first 128 sequences of
+# training batches c-5 and c-4 (0 and 1 below step 5), read by range like the last batch.
+
+GRADIENT_BYTES = 2 * 128 * 2049 * 2
+
+
+def _gradient_batches(tmp_path, step: int, *extra: str):
+    import json
+
+    from lmdynamics.cli import main
+
+    out, record = tmp_path / f"step{step}.npy", tmp_path / f"step{step}.json"
+    main(["gradient-batches", "--source", "hub", "--step", str(step), "--retries", "1",
+          "--backoff", "0.01", *extra, "--out", str(out), "--record", str(record)])
+    return np.load(out), json.loads(record.read_text())
+
+
+@pytest.mark.parametrize(("step", "batches"), [(143000, (142995, 142996)), (1000, (995, 996)),
+                                               (5, (0, 1)), (3, (0, 1)), (0, (0, 1))])
+def test_hub_gradient_batches_are_range_reads_of_batches_c_minus_5_and_4(
+        dataset, tmp_path, step, batches):
+    tokens, record = _gradient_batches(tmp_path, step)
+    assert tokens.dtype == np.int64 and tokens.shape == (2, 128, 2049)
+    for got, batch in zip(tokens, batches, strict=True):
+        np.testing.assert_array_equal(got, expected_batch(batch, 0, 128))
+    assert [r["batch"] for r in record["batches"]] == list(batches)
+    assert dataset.state.bytes_sent(r"/datasets/.*\.bin$") == GRADIENT_BYTES  # only those
+
+
+def test_hub_gradient_batches_from_local_shards_touch_no_network(tmp_path):
+    folder = tmp_path / "pile"
+    folder.mkdir()
+    for name, size in PILE_SHARDS:
+        with open(folder / name, "wb") as fh:
+            fh.truncate(size)
+    with open(folder / "document-00000-of-00020.bin", "r+b") as fh:  # batches 995 and 996
+        for batch in (995, 996):
+            fh.seek(batch * 1024 * 4098)
+            fh.write(expected_batch(batch, 0, 128).astype("<u2").tobytes())
+    tokens, record = _gradient_batches(tmp_path, 1000, "--tokens-path", str(folder),
+                                       "--dataset", "no/such-dataset")
+    np.testing.assert_array_equal(tokens[0], expected_batch(995, 0, 128))
+    np.testing.assert_array_equal(tokens[1], expected_batch(996, 0, 128))
+    assert {r["source"] for r in record["batches"]} == {"local"}
+
+
+def test_hub_gradient_batches_fail_naming_the_missing_shard(monkeypatch, tmp_path):
+    with HubServer() as srv:
+        use_endpoint(monkeypatch, srv, tmp_path)
+        commit = srv.add_pile()
+        del srv.state.repo("datasets", PILE_REPO).commits[commit]["document-00007-of-00020.bin"]
+        with pytest.raises(pile.PileError, match="missing: document-00007-of-00020.bin"):
+            _gradient_batches(tmp_path, 143000)
+        assert not (tmp_path / "step143000.npy").exists()

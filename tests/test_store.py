@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import xarray as xr
@@ -47,3 +49,44 @@ def test_rewrite_replaces_and_cleans_stale_tmp(tmp_path):
     assert not stale.exists()
     assert float(open_store(path).a.sum()) == 30.0
     assert zarr.open_group(path, mode="r").attrs["complete"] is True
+
+
+def test_atomic_writers_use_hidden_names_and_remove_what_killed_writers_left(tmp_path):
+    """Every atomic writer (text, arrays, figures, checkpoints, stores) goes through
+    atomic_path: a killed writer's hidden temporary, or an earlier version's visible one, is
+    removed by the next write of the same path; a failed write leaves nothing."""
+    from lmdynamics.store import atomic_path, write_array_atomic, write_text_atomic
+
+    for name in (".t.csv.tmp-4242", "t.csv.tmp-4242", ".a.npy.tmp-1"):
+        (tmp_path / name).write_text("half")
+    (tmp_path / ".d.tmp-7").mkdir()
+    write_text_atomic("x\n", tmp_path / "t.csv")
+    write_array_atomic(np.arange(3), tmp_path / "a.npy")
+    with atomic_path(tmp_path / "d") as tmp:
+        assert tmp.name == f".d.tmp-{os.getpid()}"
+        tmp.mkdir()
+        (tmp / "f").write_text("1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "d", "t.csv"]
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "e.txt") as tmp:
+        tmp.write_text("partial")
+        raise RuntimeError("killed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "d", "t.csv"]
+
+
+def test_save_checkpoint_and_figures_clean_stale_temporaries(tmp_path):
+    import matplotlib.pyplot as plt
+    import torch
+
+    from lmdynamics import checkpoints as ck
+    from lmdynamics.figures import save_figure
+    from lmdynamics.tiny import model_config
+
+    (tmp_path / "step0.tmp-99").mkdir()  # the visible name of earlier versions
+    (tmp_path / ".step0.tmp-98").mkdir()
+    (tmp_path / ".fig.png.tmp-97").write_text("half")
+    torch.manual_seed(0)
+    model = ck.GPTNeoXForCausalLM(model_config({"hidden_size": 16, "num_layers": 1,
+                                                "num_heads": 2}, seq_len=8))
+    ck.save_checkpoint(model, tmp_path / "step0")
+    save_figure(plt.figure(), tmp_path / "fig")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fig.pdf", "fig.png", "step0"]

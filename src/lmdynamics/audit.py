@@ -62,7 +62,7 @@ def audit_table(attrs: Sequence[Mapping]) -> pd.DataFrame:
 
 def write_audit(stores: Sequence[Path | str], out_csv: Path | str) -> pd.DataFrame:
     """Read the attrs of per-pair stores and write the audit CSV; returns the table."""
-    table = audit_table([open_store(p).attrs for p in stores])
+    table = audit_table([open_store(p, defer=("activations",)).attrs for p in stores])
     write_text_atomic(table.to_csv(index=False), out_csv)
     return table
 

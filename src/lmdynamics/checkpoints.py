@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
 import re
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -78,31 +76,24 @@ def save_checkpoint(model: torch.nn.Module, directory: Path | str) -> Path:
     """Write ``model`` as a Hugging Face model directory, atomically.
 
     Writes ``config.json`` and ``model.safetensors`` (float tensors in the model's dtype,
-    contiguous, metadata ``format=pt``) into ``<directory>.tmp-<pid>`` and renames it to
-    ``directory``, replacing a previous one, so a half-written checkpoint never exists under
+    contiguous, metadata ``format=pt``) into the hidden ``.<directory>.tmp-<pid>`` and renames
+    it to ``directory``, replacing a previous one (:func:`lmdynamics.store.atomic_path`, which
+    also removes what killed writers left), so a half-written checkpoint never exists under
     the final name. The bytes are a deterministic function of the weights and config.
 
     Returns the directory.
     """
+    from lmdynamics.store import atomic_path
+
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    with atomic_path(directory) as tmp:
+        tmp.mkdir()
         config = model.config
         config.architectures = [type(model).__name__]
         config.dtype = next(model.parameters()).dtype
         config.to_json_file(tmp / CONFIG_NAME)
         safetensors.torch.save_file(_plain_state_dict(model), tmp / SAFETENSORS_NAME,
                                     metadata={"format": "pt"})
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 

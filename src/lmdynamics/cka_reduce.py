@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,12 +86,16 @@ def _variants(options: CKAOptions) -> list[bool]:
 
 
 def cka_dataset(activations: dict[int, xr.DataArray], sequences: np.ndarray, *,
-                final_step: int, size: str, options: CKAOptions) -> xr.Dataset:
+                final_step: int, size: str, options: CKAOptions,
+                read_block: Callable[[int, int, int], np.ndarray] | None = None) -> xr.Dataset:
     """All CKA variables of one size (see the module docstring).
 
     ``activations``: step -> DataArray (component, layer, token, dim) of that step's store,
     the same tokens at every step; ``sequences`` (token,): the sequence each token comes
-    from (the bootstrap's resampling unit). Returns a dataset over (component, layer, step)
+    from (the bootstrap's resampling unit). ``read_block(step, component index, layer)``,
+    when given, reads the (token, dim) block instead of ``activations`` (the reduction
+    reads through :class:`lmdynamics.store.DigestedReader`); every block is read once, the
+    (component, layer) pairs in C order. Returns a dataset over (component, layer, step)
     [+ step_ref] with float64 variables and the options as attrs.
     """
     steps = sorted(activations)
@@ -111,10 +116,12 @@ def cka_dataset(activations: dict[int, xr.DataArray], sequences: np.ndarray, *,
         else None
     resamples = {k: np.full((n_comp, n_layers, n_steps, options.bootstrap_samples), np.nan)
                  for k in point} if boot else {}
+    if read_block is None:
+        def read_block(s: int, ci: int, layer: int) -> np.ndarray:
+            return activations[s].isel(component=ci, layer=layer).values
     for ci in range(n_comp):
         for layer in range(n_layers):
-            raw = [np.array(activations[s].isel(component=ci, layer=layer).values,
-                            dtype=np.float64) for s in steps]
+            raw = [np.array(read_block(s, ci, layer), dtype=np.float64) for s in steps]
             for standardized in variants:
                 xs = [standardize(x) for x in raw] if standardized else raw
                 # every step against every step; the final step's column is the CKA to it.

@@ -170,25 +170,49 @@ def _extract(a: argparse.Namespace) -> None:
 def _gradient_batches_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", required=True, help="tiny | hub")
     p.add_argument("--step", type=int, required=True, help="the checkpoint c")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16, help="tiny: sequences per batch")
+    p.add_argument("--seq-len", type=int, default=128, help="tiny: bytes per sequence")
+    p.add_argument("--seed", type=int, default=0, help="tiny: data order seed")
+    p.add_argument("--dataset", default="EleutherAI/pile-deduped-pythia-preshuffled",
+                   help="hub: the preshuffled Pile")
+    p.add_argument("--dataset-revision", default="main", help="hub: its revision")
+    p.add_argument("--tokens-path", default="",
+                   help="hub: local shards folder or concatenated file instead of the hub "
+                        "(empty: read from the hub)")
+    p.add_argument("--retries", type=int, default=5, help="hub: retries of transient errors")
+    p.add_argument("--backoff", type=float, default=2.0, help="hub: first wait (s), doubled")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--record", type=Path, default=None, help="hub: .json provenance")
 
 
 @command("gradient-batches", _gradient_batches_args)
 def _gradient_batches(a: argparse.Namespace) -> None:
     """Training batches of steps c-5 and c-4 for the paper code's gradient protocol."""
-    from lmdynamics.paper_code import hub_gradient_batches, tiny_gradient_batches
-    from lmdynamics.store import write_array_atomic
+    import json
 
+    from lmdynamics.paper_code import hub_gradient_batches, tiny_gradient_batches
+    from lmdynamics.store import write_array_atomic, write_text_atomic
+
+    records: list[dict] = []
     if a.source == "tiny":
         batches = tiny_gradient_batches(a.step, batch_size=a.batch_size, seq_len=a.seq_len,
                                         seed=a.seed)
     elif a.source == "hub":
-        batches = hub_gradient_batches(a.step)
+        from lmdynamics.hub import set_default_timeout
+        from lmdynamics.pile import HubTokens, LocalTokens
+
+        if a.tokens_path:
+            source = LocalTokens(a.tokens_path)
+        else:
+            set_default_timeout()
+            source = HubTokens(a.dataset, a.dataset_revision, retries=a.retries,
+                               backoff=a.backoff)
+        batches, records = hub_gradient_batches(a.step, source)
     else:
         raise ValueError(f"--source {a.source!r}: allowed tiny, hub")
+    if a.record is not None:
+        write_text_atomic(json.dumps({"step": a.step, "batches": records}, indent=2) + "\n",
+                          a.record)
     write_array_atomic(batches, a.out)
     log.info("gradient batches of checkpoint %d: %s -> %s", a.step, batches.shape, a.out)
 

@@ -79,12 +79,11 @@ def _select_args(p: argparse.ArgumentParser) -> None:
 @command("hub-eval-batch", _select_args)
 def _hub_eval_batch(a: argparse.Namespace) -> None:
     """The eval batch: the first N sequences of the last training batch, as int64."""
-    import numpy as np
-
     from lmdynamics.pile import select_eval_batch
-    from lmdynamics.store import write_array_atomic
+    from lmdynamics.store import load_token_array, write_array_atomic
 
-    batch = select_eval_batch(np.load(a.batch), a.sequences)
+    tokens = load_token_array(a.batch, ndim=2, what="training batch (sequences, 2049 tokens)")
+    batch = select_eval_batch(tokens, a.sequences)
     write_array_atomic(batch, a.out)
     log.info("eval batch %s -> %s", batch.shape, a.out)
 

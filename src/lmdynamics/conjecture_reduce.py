@@ -32,7 +32,8 @@ _SIZE_ATTRS = ("size", "n_params", "num_layers", "hidden_size", "num_attention_h
 
 def _open_with_stats(path: Path | str) -> xr.Dataset:
     """A per-pair store's ``stat_*`` variables, refusing a store written without them."""
-    ds = open_store(path)
+    ds = open_store(path, required_attrs=("step", *_SIZE_ATTRS[:4]),
+                    defer=("activations",))  # not read here: its content is not checked
     missing = [v for v in STAT_VARIABLES if v not in ds]
     if missing:
         raise IncompleteStoreError(
@@ -54,7 +55,8 @@ def reduce_stats(paths: Sequence[Path | str], out: Path | str, *,
         ds = _open_with_stats(p)
         step = int(ds.attrs["step"])
         if step in stores:
-            raise ValueError(f"two stores for step {step}: {p} and another")
+            raise IncompleteStoreError(f"two stores for step {step}: {stores[step].attrs['path']} "
+                                       f"and {p}; {redo_hint(p)}")
         stores[step] = ds.assign_attrs(path=str(p))
     if final_step not in stores:
         raise IncompleteStoreError(f"no store for the final step {final_step} among steps "
@@ -91,7 +93,8 @@ def location_coords(names: Sequence[str], prefix: str) -> dict[str, tuple]:
 
 def combine_stats(paths: Sequence[Path | str]) -> xr.Dataset:
     """Stack per-size statistics into one dataset over ``size`` (by parameter count)."""
-    per_size = [open_store(p, required=STAT_VARIABLES).load() for p in paths]
+    per_size = [open_store(p, required=STAT_VARIABLES, required_attrs=_SIZE_ATTRS[:4]
+                           + ("final_step",)).load() for p in paths]
     per_size.sort(key=lambda d: d.attrs["n_params"])
     finals = {d.attrs["final_step"] for d in per_size}
     if len(finals) != 1:

@@ -53,7 +53,7 @@ from lmdynamics.passes import (
     only_write_weights_train,
     run_pass_fitting,
 )
-from lmdynamics.store import write_store
+from lmdynamics.store import load_token_array, write_store
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
                            attention=attention_implementation)
     except CorruptCheckpointError as exc:
         raise discard_corrupt_download(checkpoint, exc) from exc
-    batch_array = np.load(eval_batch)
+    batch_array = load_token_array(eval_batch, ndim=2, what="eval batch (sequences, positions)")
     batch = torch.as_tensor(batch_array, dtype=torch.long)
     check_vocabulary(batch, model.config.vocab_size, eval_batch)
     seq_idx, pos_idx = token_positions(sampling, *batch.shape, tokens, seed,
@@ -218,7 +218,10 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
     log.info("forward+backward pass in %.2fs (%s attention, micro-batches of %s sequences)",
              time.perf_counter() - t_pass, attention_implementation, micro or batch.shape[0])
     if gradient_protocol == "paper_code":
-        grad_batches = torch.as_tensor(np.load(gradient_batches), dtype=torch.long)
+        grad_batches = torch.as_tensor(
+            load_token_array(gradient_batches, ndim=3,
+                             what="gradient batches (batches, sequences, positions)"),
+            dtype=torch.long)
         result.grad_singular_values = paper_code_gradient_singular_values(
             model, grad_batches, micro_batch=micro_batch)
     cfg = model.config

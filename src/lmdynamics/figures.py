@@ -10,7 +10,6 @@ fraction of training ``step / final_step`` (``"fraction"``).
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,6 +29,8 @@ from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, SymmetricalLogLocator  # noqa: E402
+
+from lmdynamics.store import atomic_path  # noqa: E402
 
 X_AXES: tuple[str, ...] = ("step", "fraction")
 METRICS: tuple[str, ...] = ("cka", "per_weight", "per_grad")
@@ -178,9 +179,8 @@ def save_figure(fig: Figure, out_stem: Path) -> list[Path]:
             engine.execute(fig)
             fig.set_layout_engine("none")
         for path in paths:  # through a temporary file: a killed job leaves no half figure
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            fig.savefig(tmp, dpi=PNG_DPI, format=path.suffix[1:])
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                fig.savefig(tmp, dpi=PNG_DPI, format=path.suffix[1:])
     finally:
         plt.close(fig)
     return paths

@@ -29,28 +29,40 @@ FLAG_PREFIX = "flag_"
 NONFINITE_VARIABLES = ("nonfinite_activations", "nonfinite_weights", "nonfinite_grads")
 
 
-def nonfinite_layers(ds: xr.Dataset) -> np.ndarray:
-    """Boolean (component, layer): NaN or inf recorded in a per-pair store ``ds``.
+def nonfinite_layers(ds: xr.Dataset, activations: np.ndarray | None = None) -> np.ndarray:
+    """Boolean (component, layer): NaN or inf in a per-pair store ``ds``.
 
-    The OR of the store's ``nonfinite_*`` variables; for a store written without them, derived
-    from the sampled activations and the singular values (NaN when the matrix was not finite).
+    Computed from the data, not taken from the store's word: non-finite sampled activations
+    (``activations``, (component, layer), when the caller already looked at every value;
+    else read here one (component, layer) at a time) or singular values (NaN when the matrix
+    or its gradient was not finite), OR the store's recorded ``nonfinite_*`` variables (the
+    whole batch's activations, which the sampled tokens may miss).
     """
-    recorded = [ds[name].values.astype(bool) for name in NONFINITE_VARIABLES if name in ds]
-    if recorded:
-        return np.logical_or.reduce(recorded)
-    acts = ~np.isfinite(ds["activations"].values).all(axis=(2, 3))
-    w_sv = ~np.isfinite(ds["weight_singular_values"].values).all(axis=2)
-    g_sv = ~np.isfinite(ds["grad_singular_values"].values).all(axis=2)
-    return acts | w_sv | g_sv
+    if activations is None:
+        acts = ds["activations"]
+        activations = np.array([[not np.isfinite(acts[c, layer].values).all()
+                                 for layer in range(acts.shape[1])]
+                                for c in range(acts.shape[0])], dtype=bool)
+    flags = np.array(activations, dtype=bool)
+    for name in ("weight_singular_values", "grad_singular_values"):
+        flags |= ~np.isfinite(ds[name].values).all(axis=2)
+    for name in NONFINITE_VARIABLES:
+        if name in ds:
+            flags |= ds[name].values.astype(bool)
+    return flags
 
 
-def flag_nonfinite(stores: Mapping[int, xr.Dataset]) -> np.ndarray:
+def flag_nonfinite(stores: Mapping[int, xr.Dataset],
+                   activations: Mapping[int, np.ndarray] | None = None) -> np.ndarray:
     """Boolean (component, layer, step) over the per-pair ``stores`` (step -> store, in order).
 
-    Warns once per flagged (step, component, layer), naming size, step, component, layer and
-    the store, so a diverged checkpoint never passes silently.
+    ``activations``: step -> (component, layer) non-finite sampled activations, when the
+    caller computed them (:func:`nonfinite_layers`). Warns once per flagged (step,
+    component, layer), naming size, step, component, layer and the store, so a diverged
+    checkpoint never passes silently.
     """
-    flags = np.stack([nonfinite_layers(ds) for ds in stores.values()], axis=-1)
+    flags = np.stack([nonfinite_layers(ds, None if activations is None else activations[s])
+                      for s, ds in stores.items()], axis=-1)
     for (step, ds), layer_flags in zip(stores.items(), np.moveaxis(flags, -1, 0), strict=True):
         for ci, layer in zip(*np.nonzero(layer_flags), strict=True):
             warn(f"non-finite values (NaN or inf) recorded for size {ds.attrs.get('size')} "

@@ -34,6 +34,7 @@ Gradients (``extraction.gradient_protocol: paper_code``)
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -41,6 +42,9 @@ import torch.nn.functional as F
 
 from lmdynamics.lm_loss import lm_loss
 from lmdynamics.metrics import singular_values
+
+if TYPE_CHECKING:
+    from lmdynamics.pile import TokenSource
 
 ATTENTION_ACTIVATIONS: tuple[str, ...] = ("residual_write", "paper_code")
 GRADIENT_PROTOCOLS: tuple[str, ...] = ("eval_batch", "paper_code")
@@ -166,16 +170,24 @@ def tiny_gradient_batches(step: int, *, batch_size: int, seq_len: int, seed: int
                                     seed=seed)[:keep] for s in gradient_steps(step)])
 
 
-def hub_gradient_batches(step: int) -> np.ndarray:
-    """Pythia's training batches for the paper's gradient protocol: not available yet.
+def hub_gradient_batches(step: int, source: TokenSource) -> tuple[np.ndarray, list[dict]]:
+    """Pythia's training batches of :func:`gradient_steps` ``(step)`` for the paper's gradients.
 
-    Raises NotImplementedError naming the option and the alternative: reading batches
-    ``gradient_steps(step)`` (128 sequences x 2049 tokens each) needs a range reader of the
-    preshuffled Pile (``EleutherAI/pile-deduped-pythia-preshuffled``).
+    Reads, by byte range from ``source`` (the preshuffled Pile on the hub, or local shards:
+    :class:`lmdynamics.pile.HubTokens` / :class:`~lmdynamics.pile.LocalTokens`), the first
+    :data:`PAPER_GRADIENT_SEQUENCES` sequences of the batches consumed by updates
+    ``step - 5`` and ``step - 4`` (batch N = sequences [N * 1024, (N + 1) * 1024), as for the
+    last batch): 2 x 128 x 2049 tokens, 1 MiB. Steps below 5 take batches 0 and 1, as the
+    paper's code did (its ``range(max(0, c - 5), ...)``; step 0's gradient is then measured
+    on the first two batches, which the step-0 weights have not been trained on either).
+    Returns int64 (2, 128, 2049) and the two provenance records of
+    :func:`lmdynamics.pile.read_sequences`.
     """
-    first, second = gradient_steps(step)
-    raise NotImplementedError(
-        f"extraction.gradient_protocol='paper_code' needs Pythia's training batches of steps "
-        f"{first} and {second} (the first {PAPER_GRADIENT_SEQUENCES} sequences of each), and "
-        "this version has no reader of the preshuffled Pile for them; use "
-        "extraction.gradient_protocol: eval_batch with source: hub")
+    from lmdynamics.pile import read_sequences
+
+    batches, records = [], []
+    for batch in gradient_steps(step):
+        tokens, record = read_sequences(source, batch, count=PAPER_GRADIENT_SEQUENCES)
+        batches.append(tokens.astype(np.int64))
+        records.append(record)
+    return np.stack(batches), records

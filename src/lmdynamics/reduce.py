@@ -29,6 +29,7 @@ from lmdynamics.flags import (
 from lmdynamics.heap import reuse_freed_memory
 from lmdynamics.metrics import per_divisor, proportional_effective_rank
 from lmdynamics.store import (
+    DigestedReader,
     IncompleteStoreError,
     open_store,
     redo_hint,
@@ -41,6 +42,9 @@ log = logging.getLogger(__name__)
 PAIR_VARIABLES = ("activations", "weight_singular_values", "grad_singular_values")
 #: Coordinates a per-pair store must hold besides its variables (the sampled tokens).
 PAIR_COORDS = ("sequence", "position")
+#: Attributes the reduction reads from every per-pair store.
+PAIR_ATTRS = ("step", "size", "model", "num_layers", "hidden_size", "num_attention_heads",
+              "n_params")
 #: Store attrs that must agree with the final step's store (when both stores have them).
 CONSISTENT_ATTRS = ("size", "model", "num_layers", "hidden_size", "dtype", "token_seed",
                     "eval_batch_shape", "eval_batch_sha256")
@@ -50,11 +54,16 @@ SHARED_ATTRS = ("final_step", "per_divisor", "per_truncate", "bootstrap_samples"
                 "bootstrap_level", "bootstrap_seed", "standardize")
 
 
-def open_pair_stores(paths: Sequence[Path | str]) -> dict[int, xr.Dataset]:
-    """Open per-pair stores keyed by step, checking completeness and required variables."""
+def open_pair_stores(paths: Sequence[Path | str], *, defer: tuple[str, ...] = ()
+                     ) -> dict[int, xr.Dataset]:
+    """Open per-pair stores keyed by step, verified (:func:`~lmdynamics.store.open_store`:
+    completeness, checksums, digests; the content of ``defer`` arrays is left to the caller's
+    :class:`~lmdynamics.store.DigestedReader`) and holding the variables and attrs the
+    reduction reads."""
     stores: dict[int, xr.Dataset] = {}
     for p in paths:
-        ds = open_store(p, required=PAIR_VARIABLES + PAIR_COORDS).assign_attrs(path=str(p))
+        ds = open_store(p, required=PAIR_VARIABLES + PAIR_COORDS + ("loss",),
+                        required_attrs=PAIR_ATTRS, defer=defer).assign_attrs(path=str(p))
         check_pair_layout(ds)
         step = int(ds.attrs["step"])
         named = re.fullmatch(r"step(\d+)\.zarr", Path(p).name)
@@ -166,19 +175,36 @@ def reduce_size(paths: Sequence[Path | str], out: Path | str, *, final_step: int
     layer. ``per_truncate``: keep only the top ``divisor`` singular values when there are
     more (the paper's code; see :func:`~lmdynamics.metrics.proportional_effective_rank`).
     The process keeps freed memory for reuse (:func:`~lmdynamics.heap.reuse_freed_memory`).
+
+    Every store is verified (:func:`~lmdynamics.store.open_store`); the activations' digest
+    is checked while the CKA reads them, once (:class:`~lmdynamics.store.DigestedReader`),
+    and the same reads give the non-finite flags. A damaged store raises
+    :class:`IncompleteStoreError` before anything is written.
     """
     reuse_freed_memory()
     options = cka_options or CKAOptions()
-    stores = open_pair_stores(paths)
+    stores = open_pair_stores(paths, defer=("activations",))
     ref = check_consistent(stores, final_step)
     steps = list(stores)
+    readers = {s: DigestedReader(ds.attrs["path"], "activations") for s, ds in stores.items()}
+    shape = ref.activations.shape[:2]
+    finite = {s: np.ones(shape, dtype=bool) for s in steps}
+
+    def read_block(s: int, ci: int, layer: int) -> np.ndarray:
+        block = readers[s].read((ci, layer))
+        finite[s][ci, layer] = bool(np.isfinite(block).all())
+        return block
+
     cka = cka_dataset({s: ds.activations for s, ds in stores.items()}, ref.sequence.values,
-                      final_step=final_step, size=str(ref.attrs["size"]), options=options)
+                      final_step=final_step, size=str(ref.attrs["size"]), options=options,
+                      read_block=read_block)
+    for reader in readers.values():  # every value was read once: its digest is complete
+        reader.finish()
     per_w = np.stack([_per(stores[s], "weight_singular_values", per_divisor_kind, per_truncate)
                       for s in steps], axis=-1)
     per_g = np.stack([_per(stores[s], "grad_singular_values", per_divisor_kind, per_truncate)
                       for s in steps], axis=-1)
-    flags = flag_nonfinite(stores)
+    flags = flag_nonfinite(stores, {s: ~f for s, f in finite.items()})
     dims = ("component", "layer", "step")
     ds = xr.Dataset(
         {"per_weight": (dims, per_w, {"long_name": "proportional effective rank of weights"}),
@@ -209,7 +235,9 @@ def combine_sizes(paths: Sequence[Path | str]) -> xr.Dataset:
 
     Sizes are ordered by parameter count (not by label text); layers a size lacks are NaN.
     """
-    per_size = [open_store(p, required=METRIC_VARIABLES).load() for p in paths]
+    per_size = [open_store(p, required=METRIC_VARIABLES,
+                           required_attrs=("size", "n_params", "num_layers")).load()
+                for p in paths]
     per_size.sort(key=lambda d: d.attrs["n_params"])
     shared = {}
     for key in SHARED_ATTRS:

@@ -16,7 +16,6 @@ in one class the coefficient is undefined: NaN with the reason in ``undefined_re
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ import pandas as pd
 import xarray as xr
 
 from lmdynamics.metrics import matthews_corrcoef, mcc_undefined_reason
+from lmdynamics.store import write_text_atomic
 
 COLUMNS: tuple[tuple[str, str, str], ...] = (
     # (label, component, parameter)
@@ -211,19 +211,6 @@ def mcc_markdown(df: pd.DataFrame, thresholds: Mapping[str, Any] | None = None) 
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then rename the temporary file onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def write_mcc_table(
     df: pd.DataFrame, csv_path: Path, md_path: Path, *,
     thresholds: Mapping[str, Any] | None = None,
@@ -233,6 +220,6 @@ def write_mcc_table(
     ``thresholds`` defaults to ``df.attrs["thresholds"]`` (set by :func:`mcc_table`).
     """
     text = mcc_markdown(df, thresholds)
-    _write_atomic(Path(csv_path), lambda tmp: df.to_csv(tmp, index=False))
-    _write_atomic(Path(md_path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    write_text_atomic(df.to_csv(index=False), csv_path)
+    write_text_atomic(text, md_path)
     return [Path(csv_path), Path(md_path)]

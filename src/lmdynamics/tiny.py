@@ -23,7 +23,6 @@ import contextlib
 import hashlib
 import logging
 import math
-import os
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -35,6 +34,7 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from lmdynamics.checkpoints import save_checkpoint
 from lmdynamics.schedule import checkpoint_schedule
+from lmdynamics.store import write_text_atomic
 
 __all__ = ["VOCAB_SIZE", "DEFAULT_SPECS", "checkpoint_schedule", "load_corpus", "corpus_sha256",
            "n_sequences", "training_batch", "eval_batch", "model_config", "learning_rate",
@@ -187,13 +187,6 @@ def _torch_settings(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(old_threads)
 
 
-def _write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-
-
 def train_tiny_model(spec: Mapping[str, int], *, size: str, out_dir: Path | str,
                      loss_csv: Path | str, final_step: int, log_until: int, interval: int,
                      batch_size: int = 16, seq_len: int = 128, lr: float = 3e-3,
@@ -269,5 +262,5 @@ def train_tiny_model(spec: Mapping[str, int], *, size: str, out_dir: Path | str,
                 log.info("tiny %s: step %d/%d loss %.4f (%.1f s)", size, step, final_step,
                          losses[update], time.perf_counter() - start)
     frame = pd.DataFrame({"size": size, "step": np.arange(1, final_step + 1), "loss": losses})
-    _write_csv_atomic(frame, loss_csv)
+    write_text_atomic(frame.to_csv(index=False), loss_csv)
     return frame

@@ -50,20 +50,46 @@ rule extract:
         " --out {output:q} > {log:q} 2>&1"
 
 
-# The paper code's gradient protocol: training batches of steps c-5 and c-4 for checkpoint c.
+# The paper code's gradient protocol: training batches of steps c-5 and c-4 for checkpoint c
+# (0 and 1 below step 5). Tiny suite: rebuilt from the corpus; hub: the first 128 sequences of
+# each read by byte range from the preshuffled Pile (a network job), or from hub.tokens_path.
 rule gradient_batches:
+    input:
+        (
+            [config["hub"]["tokens_path"]]
+            if config["source"] == "hub" and config["hub"]["tokens_path"]
+            else []
+        ),
     output:
-        f"{RESULTS}/gradient_batches/step{{step}}.npy",
+        npy=f"{RESULTS}/gradient_batches/step{{step}}.npy",
+        record=f"{RESULTS}/gradient_batches/step{{step}}.json",
     log:
         f"{RESULTS}/logs/gradient_batches/step{{step}}.log",
     conda:
         ENV
+    resources:
+        network=(
+            1 if config["source"] == "hub" and not config["hub"]["tokens_path"] else 0
+        ),
     params:
         source=config["source"],
         batch_size=config.get("tiny", {}).get("batch_size", 16),
         seq_len=config.get("tiny", {}).get("seq_len", 128),
         seed=config["seed"],
+        dataset=config["hub"]["dataset"],
+        dataset_revision=config["hub"]["dataset_revision"],
+        local=(
+            [f"--tokens-path={config['hub']['tokens_path']}"]
+            if config["hub"]["tokens_path"]
+            else []
+        ),
+        retries=config["hub"]["retries"],
+        backoff=config["hub"]["backoff"],
     shell:
         "lmdynamics gradient-batches --source {params.source:q} --step {wildcards.step:q}"
         " --batch-size {params.batch_size:q} --seq-len {params.seq_len:q}"
-        " --seed {params.seed:q} --out {output:q} > {log:q} 2>&1"
+        " --seed {params.seed:q}"
+        " --dataset {params.dataset:q} --dataset-revision {params.dataset_revision:q}"
+        " {params.local:q} --retries {params.retries:q}"
+        " --backoff {params.backoff:q} --out {output.npy:q} --record {output.record:q}"
+        " > {log:q} 2>&1"
