@@ -37,6 +37,10 @@ REPORT_CATEGORIES = {
     "figure6": "Figure 6: pairwise CKA between steps",
     "figure2_standardized": "Figure 2 with standardised dimensions",
 }
+# Table 1's definitions as `lmdynamics mcc` flags (--cka-threshold 0.45 ...), sorted by key.
+MCC_OPTIONS = " ".join(
+    f"--{key.replace('_', '-')} {value}" for key, value in sorted(config["mcc"].items())
+)
 # GPUs one extraction job asks for: `--resources gpu=N` locally, `--gpus=1` on SLURM.
 EXTRACTION_GPUS = 0 if config["extraction"]["device"] == "cpu" else 1
 
@@ -138,6 +142,8 @@ def all_outputs():
         f"{RESULTS}/tables/mcc.csv",
         f"{RESULTS}/tables/mcc.md",
         f"{RESULTS}/tables/checkpoint_audit.csv",
+        f"{RESULTS}/figures/mcc_sensitivity.png",
+        f"{RESULTS}/figures/mcc_sensitivity.pdf",
     ]
     outputs += expand(
         f"{RESULTS}/figures/{{figure}}.{{ext}}", figure=FIGURES, ext=["png", "pdf"]

@@ -43,12 +43,36 @@ rule mcc_table:
     conda:
         ENV
     params:
-        mcc=config["mcc"],
+        options=MCC_OPTIONS,
         cka_estimator=config["metrics"]["cka_estimator"],
     shell:
         "lmdynamics mcc --metrics {input.metrics} --cka-estimator {params.cka_estimator}"
-        " --cka-threshold {params.mcc[cka_threshold]}"
-        " --early-fraction {params.mcc[early_fraction]}"
-        " --per-weight-threshold {params.mcc[per_weight_threshold]}"
-        " --per-grad-fraction {params.mcc[per_grad_fraction]}"
-        " --csv {output.csv} --md {output.md} > {log} 2>&1"
+        " {params.options} --csv {output.csv} --md {output.md} > {log} 2>&1"
+
+
+rule mcc_sensitivity:
+    input:
+        metrics=f"{RESULTS}/metrics.zarr",
+        code=package_sources("tables", "figures_mcc"),
+    output:
+        png=report(
+            f"{RESULTS}/figures/mcc_sensitivity.png",
+            caption="../report/mcc_sensitivity.rst",
+            category="Table 1: Matthews correlation, early convergence vs large PER",
+            labels={
+                "result": "Table 1 threshold sensitivity",
+                "file": "figures/mcc_sensitivity.png (also .pdf)",
+            },
+        ),
+        pdf=f"{RESULTS}/figures/mcc_sensitivity.pdf",
+    log:
+        f"{RESULTS}/logs/mcc_sensitivity.log",
+    conda:
+        ENV
+    params:
+        options=MCC_OPTIONS,
+        cka_estimator=config["metrics"]["cka_estimator"],
+        stem=lambda wc, output: os.path.splitext(output.png)[0],
+    shell:
+        "lmdynamics mcc --metrics {input.metrics} --cka-estimator {params.cka_estimator}"
+        " {params.options} --sensitivity-stem {params.stem} > {log} 2>&1"
