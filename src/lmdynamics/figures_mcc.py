@@ -24,6 +24,13 @@ MCC_CMAP = "RdBu_r"
 UNDEFINED_COLOR = "0.85"
 
 
+def _per_axis_label(options: MCCOptions, parameter: str) -> str:
+    """y label: the PER threshold, or the fraction of the largest layer PER it multiplies."""
+    if parameter == "weights" and options.weight_threshold == "absolute":
+        return f"{options.per_quantity} threshold"
+    return f"fraction of largest\n{options.per_quantity}"
+
+
 def mcc_sensitivity(ds: xr.Dataset, out_stem: Path,
                     options: MCCOptions | None = None) -> list[Path]:
     """Draw the sensitivity heatmaps of ``ds`` (the combined metrics after ``select_cka``)."""
@@ -53,8 +60,7 @@ def mcc_sensitivity(ds: xr.Dataset, out_stem: Path,
                         ms=7, mfc="none", mec="k", ls="none", label="paper")
                 ax.set_title(f"{size}, {label}")
                 if j == 0:
-                    ax.set_ylabel(f"{options.per_quantity} threshold" if parameter == "weights"
-                                  else "fraction of largest")
+                    ax.set_ylabel(_per_axis_label(options, parameter))
                 if i == len(COLUMNS) - 1:
                     ax.set_xlabel(f"{cka_label(ds)} threshold")
         axes[0, 0].legend(loc="lower left", frameon=True, fontsize=5)

@@ -393,7 +393,7 @@ def mcc_markdown(df: pd.DataFrame, thresholds: Mapping[str, Any] | None = None) 
                 lost = float(row["resamples_undefined"].iloc[0]) \
                     if "resamples_undefined" in row else math.nan
                 also = "" if math.isnan(lost) else \
-                    f" (and in {100 * lost:.0f}% of the bootstrap resamples)"
+                    f" (undefined in {100 * lost:.0f}% of the bootstrap resamples)"
                 notes.append(f"[^{len(notes) + 1}]: {size} {label}: "
                              f"{row['undefined_reason'].iloc[0] or 'undefined'}{also}")
                 cells.append(f"undefined[^{len(notes)}]")

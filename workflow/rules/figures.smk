@@ -53,7 +53,7 @@ rule mcc_table:
 rule mcc_sensitivity:
     input:
         metrics=f"{RESULTS}/metrics.zarr",
-        code=package_sources("tables", "figures_mcc"),
+        code=package_sources("tables", "figures_mcc", "figures", "figures_cka"),
     output:
         png=report(
             f"{RESULTS}/figures/mcc_sensitivity.png",
