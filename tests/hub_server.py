@@ -11,7 +11,8 @@ Endpoints (``{kind}`` = ``models`` | ``datasets``; dataset file URLs start with 
   ``Range`` requests answered 206 with ``Content-Range``
 - 404s carry ``X-Error-Code`` ``RepoNotFound``, ``RevisionNotFound`` or ``EntryNotFound``.
 
-Model repos hold small random GPT-NeoX checkpoints under Pythia names; the dataset repo holds
+Model repos hold small Pythia-shaped revisions in the hub's legacy format
+(tests/pythia_files.py); the dataset repo holds
 the preshuffled Pile's real file layout (21 shards, 600 GB) as *virtual* files whose tokens
 are a function of their position (:func:`token_at`), so range reads at Pythia's real offsets
 can be checked without storing anything.
@@ -20,7 +21,6 @@ can be checked without storing anything.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 import threading
@@ -31,7 +31,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
-import torch
+
+from pythia_files import revision_files
 
 #: The preshuffled Pile's files and sizes (shared/notes/reference-facts.md).
 PILE_SHARDS = [(f"document-{i:05d}-of-00020.bin", 30_000_000_000) for i in range(20)] + [
@@ -306,47 +307,31 @@ class HubServer:
         return self.state.repo("datasets", repo_id).add("main", files)
 
 
-# --- small Pythia-named checkpoints ---------------------------------------------------------
+# --- Pythia revisions in the hub's own format (tests/pythia_files.py) -----------------------
 
-#: Test architectures per Pythia size label (tiny, but ordered like the real ones).
-TEST_ARCHITECTURES = {"70m": (16, 2, 2), "160m": (24, 3, 2)}
+#: Sizes whose revisions are served sharded (as the hub serves its larger checkpoints).
+SHARDED_SIZES = ("160m",)
 
 
-def checkpoint_files(size: str, seed: int, *, pickle: bool = False) -> dict[str, bytes]:
-    """config.json and weights of a random GPT-NeoX model (hidden, layers, heads of ``size``)."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    from lmdynamics.checkpoints import save_checkpoint
-
-    hidden, layers, heads = TEST_ARCHITECTURES[size]
-    config = GPTNeoXConfig(vocab_size=TEST_VOCAB, hidden_size=hidden, num_hidden_layers=layers,
-                           num_attention_heads=heads, intermediate_size=4 * hidden,
-                           max_position_embeddings=2048, rotary_pct=0.25,
-                           use_parallel_residual=True, tie_word_embeddings=False,
-                           hidden_dropout=0.0, attention_dropout=0.0, use_cache=False)
-    torch.manual_seed(seed)
-    model = GPTNeoXForCausalLM(config)
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        directory = save_checkpoint(model, Path(tmp) / "ckpt")
-        files = {"config.json": (directory / "config.json").read_bytes()}
-        if pickle:
-            buf = io.BytesIO()
-            torch.save(model.state_dict(), buf)
-            files["pytorch_model.bin"] = buf.getvalue()
-        else:
-            files["model.safetensors"] = (directory / "model.safetensors").read_bytes()
-    return files
+def checkpoint_files(size: str, seed: int, *, layout: str | None = None) -> dict[str, bytes]:
+    """The files of one revision of ``pythia-<size>-deduped`` in the legacy format
+    (:func:`pythia_files.revision_files`): ``pytorch_model.bin`` by default, shards with
+    their index for :data:`SHARDED_SIZES`, or ``layout``."""
+    layout = layout or ("sharded" if size in SHARDED_SIZES else "bin")
+    return revision_files(size, seed, TEST_VOCAB, layout)
 
 
 def add_pythia(hub: HubServer, size: str, steps: list[int], *, missing: tuple[int, ...] = (),
-               same_as: dict[int, int] | None = None, pickled: tuple[int, ...] = ()) -> None:
-    """Publish ``EleutherAI/pythia-<size>-deduped`` with branches ``step<N>`` and ``main``.
+               same_as: dict[int, int] | None = None,
+               safetensors: tuple[int, ...] = ()) -> None:
+    """Publish ``EleutherAI/pythia-<size>-deduped`` with branches ``step<N>`` and ``main``,
+    as the hub serves Pythia: legacy names and buffers, float16, ``pytorch_model.bin`` on
+    most branches (shards for :data:`SHARDED_SIZES`).
 
-    ``same_as`` maps a step to another whose files it repeats byte for byte (the hub defect
-    of Pythia issues #195/#205); ``missing`` steps get no branch; ``pickled`` steps serve
-    ``pytorch_model.bin`` instead of ``model.safetensors``.
+    ``safetensors`` steps serve ``model.safetensors`` (legacy names) instead; ``same_as``
+    maps a step to another whose files it repeats byte for byte (the hub defect of Pythia
+    issues #195/#205); ``missing`` steps get no branch. Revision ``step<N>`` is seeded
+    ``1000 + N``.
     """
     repo_id = f"EleutherAI/pythia-{size}-deduped"
     same_as = same_as or {}
@@ -356,7 +341,8 @@ def add_pythia(hub: HubServer, size: str, steps: list[int], *, missing: tuple[in
             continue
         source = same_as.get(step, step)
         if source not in cache:
-            cache[source] = checkpoint_files(size, seed=1000 + source, pickle=source in pickled)
+            cache[source] = checkpoint_files(
+                size, seed=1000 + source, layout="safetensors" if source in safetensors else None)
         hub.add_model(repo_id, f"step{step}", cache[source])
     final = max(s for s in steps if s not in missing)
     hub.add_model(repo_id, "main", cache[same_as.get(final, final)])

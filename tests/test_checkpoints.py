@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -217,3 +218,85 @@ def test_config_json_must_be_an_object(tmp_path):
     (tmp_path / "config.json").write_text("[1, 2")
     with pytest.raises(ck.CorruptCheckpointError, match="config.json"):
         ck.read_model_config(tmp_path)
+
+
+# --- Pythia revisions as the hub serves them (tests/pythia_files.py) -----------------------
+
+@pytest.mark.parametrize("layout", ["bin", "safetensors", "sharded"])
+def test_legacy_revisions_load_bit_identical_to_from_pretrained(tmp_path, layout):
+    """transformers 4.x names (``embed_out``), float16 storage and the persisted buffers load
+    exactly as transformers' own ``from_pretrained`` loads them; shards through the
+    download's conversion to one ``model.safetensors``."""
+    from transformers import GPTNeoXForCausalLM
+
+    from lmdynamics.hub import convert_to_safetensors, shard_map
+    from pythia_files import revision_files
+
+    source = tmp_path / "hub"
+    source.mkdir()
+    for name, data in revision_files("160m", seed=3, vocab=512, layout=layout).items():
+        (source / name).write_bytes(data)
+    directory = source
+    if layout == "sharded":
+        directory = tmp_path / "converted"
+        directory.mkdir()
+        shutil.copy(source / "config.json", directory / "config.json")
+        shards = sorted(p.name for p in source.glob("pytorch_model-*.bin"))
+        convert_to_safetensors([source / s for s in shards], directory / ck.SAFETENSORS_NAME,
+                               shard_map(source / "pytorch_model.bin.index.json", shards))
+    ours = ck.load_model(directory).state_dict()
+    theirs = GPTNeoXForCausalLM.from_pretrained(source, dtype=torch.float32).state_dict()
+    assert set(ours) == set(theirs) and "lm_head.weight" in ours
+    for name, tensor in theirs.items():
+        assert ours[name].dtype == tensor.dtype and torch.equal(ours[name], tensor), name
+
+
+def _pythia_dir(tmp_path, **config_changes):
+    from pythia_files import revision_files
+
+    files = revision_files("70m", seed=1, vocab=512, layout="safetensors")
+    config = {**json.loads(files["config.json"]), **config_changes}
+    files["config.json"] = json.dumps(config).encode()
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    return tmp_path
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"vocab_size": 10**12}, "'vocab_size' is 1000000000000; expected an integer"),
+    ({"vocab_size": 100_000}, "implies .* parameters, the weights file holds"),
+    ({"hidden_size": "16"}, "'hidden_size' is '16'"),
+    ({"num_hidden_layers": 2.0}, "'num_hidden_layers' is 2.0"),
+    ({"num_attention_heads": 3}, "not a multiple of 'num_attention_heads'"),
+    ({"hidden_act": "rm -rf"}, "'hidden_act' is 'rm -rf'"),
+    ({"num_hidden_layers": True}, "'num_hidden_layers' is True"),
+])
+def test_hostile_config_values_are_refused_before_allocating(tmp_path, change, message):
+    directory = _pythia_dir(tmp_path, **change)
+    with pytest.raises((ck.CorruptCheckpointError, ck.CheckpointMismatchError),
+                       match=message) as info:
+        ck.load_model(directory)
+    assert "config.json" in str(info.value) or "model.safetensors" in str(info.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_non_float_weights_are_refused(tmp_path, dtype):
+    directory = _pythia_dir(tmp_path)
+    state = ck.read_state_dict(directory / ck.SAFETENSORS_NAME)
+    state["gpt_neox.layers.0.attention.dense.weight"] = state[
+        "gpt_neox.layers.0.attention.dense.weight"].to(dtype)
+    ck.safetensors.torch.save_file(state, directory / ck.SAFETENSORS_NAME)
+    with pytest.raises(ck.CheckpointMismatchError,
+                       match=r"floating point; gpt_neox.layers.0.attention.dense.weight"):
+        ck.load_model(directory)
+
+
+def test_a_legacy_key_still_unknown_after_renaming_is_named(tmp_path):
+    """Only transformers' own renaming and ignore lists apply: any other key fails."""
+    directory = _pythia_dir(tmp_path)
+    state = ck.read_state_dict(directory / ck.SAFETENSORS_NAME)
+    state["gpt_neox.layers.0.attention.rotary.inv_freq_old"] = torch.ones(2)
+    state["embed_out.bias"] = torch.zeros(512)
+    ck.safetensors.torch.save_file(state, directory / ck.SAFETENSORS_NAME)
+    with pytest.raises(ck.CheckpointMismatchError, match="unexpected keys .*lm_head.bias"):
+        ck.load_model(directory)

@@ -23,7 +23,7 @@ import xarray as xr
 from conftest import REPO
 from faultlib import BROKEN_STORES, FINAL, STEPS, TOKENS, copy_stores, extract
 from lmdynamics import checkpoints as ck
-from lmdynamics.cli import main
+from lmdynamics.cli import main, run
 from lmdynamics.figures import FIGURES, render
 from lmdynamics.flags import set_flagged
 from lmdynamics.metrics import proportional_effective_rank, singular_values
@@ -159,7 +159,7 @@ def test_extract_refuses_untrusted_checkpoint(good_stores, tmp_path, case, monke
     error, parts = _untrusted(case, directory)
     out = tmp_path / "out" / "step0.zarr"
     with pytest.raises(error) as info:
-        main(_extract_argv(directory, good_stores.parent / "batch.npy", out))
+        run(_extract_argv(directory, good_stores.parent / "batch.npy", out))
     for part in parts:
         assert part in str(info.value), (part, str(info.value))
     assert not out.exists() and not (tmp_path / "out").exists()

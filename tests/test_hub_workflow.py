@@ -1,6 +1,9 @@
 """The Pythia configuration end to end through the real Snakemake command line and the real
-huggingface_hub client, against the loopback hub (one size, four steps, faults injected);
-and the full grid's dry run, offline."""
+huggingface_hub client, against the loopback hub (one size, four steps, faults injected),
+serving revisions in the hub's own legacy format (tests/pythia_files.py: transformers 4.x
+names, float16, persisted buffers; ``pytorch_model.bin`` on most branches, a legacy-named
+``model.safetensors`` on one, a byte-identical duplicate); and the full grid's dry run,
+offline."""
 
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ def test_pythia_config_runs_end_to_end_through_the_hub_client(tmp_path, monkeypa
             "--resources", "network=2")
     with HubServer() as hub:
         use_endpoint(monkeypatch, hub, tmp_path, timeout=5)
-        add_pythia(hub, "70m", STEPS, same_as={512: 143000})
+        add_pythia(hub, "70m", STEPS, same_as={512: 143000}, safetensors=(1,))
         hub.add_pile()
         flaky = hub.fault(r"/api/models/.*/revision/step0$", times=1, status=503)
         truncated = hub.fault(r"/resolve/[0-9a-f]+/model\.safetensors$", kind="short",
@@ -86,4 +89,9 @@ def test_pythia_config_runs_end_to_end_through_the_hub_client(tmp_path, monkeypa
     metrics = xr.open_zarr(results / "metrics.zarr", consolidated=False).load()
     assert metrics.flagged.sel(size="70m").values.tolist() == [False, False, True, True]
     np.testing.assert_allclose(metrics.cka.sel(size="70m", step=512).values, 1.0, atol=1e-9)
+    final = metrics.sel(size="70m", step=143000)
+    for name in ("cka", "cka_debiased"):
+        assert final[name].notnull().all()
+        np.testing.assert_allclose(final[name].values, 1.0, atol=1e-9)
+    assert pd.read_csv(results / "tables/mcc.csv").shape[0] >= 1
     assert (results / "figures/figure2.png").stat().st_size > 5000

@@ -8,16 +8,28 @@ config with :class:`transformers.GPTNeoXForCausalLM` (never ``trust_remote_code`
 pickled weights are read only with ``torch.load(weights_only=True)``
 (shared/notes/reference-facts.md: "never unpickle untrusted files except with
 ``torch.load(weights_only=True)``").
+
+Key names. Every Pythia revision on the hub was written by transformers 4.x: the unembedding
+is ``embed_out.weight`` (transformers 5 calls it ``lm_head``), and older revisions also
+persist per-layer buffers (``attention.bias``, ``attention.masked_bias``,
+``attention.rotary_emb.inv_freq``) that today's model recomputes
+(shared/notes/reference-facts.md, "Key names as written by transformers 4.x"). Both namings
+load: :func:`load_model` hands the tensors it read to ``from_pretrained(None, config=...,
+state_dict=...)``, so transformers applies its own conversion mapping
+(``transformers.conversion_mapping``: ``embed_out.`` -> ``lm_head.``) and its own lists of
+keys to ignore; whatever is still missing, unexpected or of the wrong shape after that is a
+:class:`CheckpointMismatchError` naming the file and the keys. No name table is kept here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +47,14 @@ SAFETENSORS_NAME = "model.safetensors"
 PICKLE_NAME = "pytorch_model.bin"
 #: Weight files in order of preference.
 WEIGHT_NAMES = (SAFETENSORS_NAME, PICKLE_NAME)
-#: Buffers that older GPT-NeoX checkpoints (Pythia's, transformers < 4.3x) persisted but the
-#: current model recomputes: the causal mask, its fill value and the rotary frequencies.
-IGNORED_KEY_SUFFIXES = (".attention.bias", ".attention.masked_bias", ".rotary_emb.inv_freq")
+#: Upper bounds on ``config.json``'s integer sizes, checked before anything is allocated
+#: (Pythia 12b, the largest GPT-NeoX on the hub: hidden 5120, 36 layers, vocabulary 50688).
+CONFIG_LIMITS = {"hidden_size": 1 << 16, "num_hidden_layers": 1 << 10,
+                 "num_attention_heads": 1 << 12, "intermediate_size": 1 << 18,
+                 "vocab_size": 1 << 22, "max_position_embeddings": 1 << 20}
+#: A config implying more parameters than this multiple of the values in the weights file is
+#: refused before anything is allocated (:func:`load_model`).
+MAX_IMPLIED_RATIO = 2
 _BLOCK = 1 << 20  # bytes per read when hashing (1 MiB)
 
 
@@ -139,10 +156,34 @@ def read_model_config(directory: Path | str) -> GPTNeoXConfig:
         raise UnknownArchitectureError(
             f"{path}: key 'model_type' is {data.get('model_type')!r}; known model types: "
             f"{', '.join(KNOWN_MODEL_TYPES)} (architectures {known})")
+    _check_config_values(data, path)
     try:
         return GPTNeoXConfig.from_dict(data)
     except (TypeError, ValueError) as exc:
         raise CorruptCheckpointError(f"{path}: not a valid GPT-NeoX config ({exc})") from exc
+
+
+def _check_config_values(data: dict[str, Any], path: Path) -> None:
+    """Refuse sizes that are not positive integers within :data:`CONFIG_LIMITS`, heads that
+    do not divide the hidden size, and an activation transformers does not know, before any
+    tensor is allocated (a hostile ``vocab_size: 1e12`` would otherwise ask for terabytes)."""
+    from transformers.activations import ACT2FN
+
+    for key, limit in CONFIG_LIMITS.items():
+        value = data.get(key)
+        if value is None and key == "intermediate_size":
+            continue  # transformers' default (4 x hidden)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+            raise CorruptCheckpointError(
+                f"{path}: key {key!r} is {value!r}; expected an integer from 1 to {limit}")
+    if data["hidden_size"] % data["num_attention_heads"]:
+        raise CorruptCheckpointError(
+            f"{path}: key 'hidden_size' ({data['hidden_size']}) is not a multiple of "
+            f"'num_attention_heads' ({data['num_attention_heads']})")
+    act = data.get("hidden_act", "gelu")
+    if act not in ACT2FN:
+        raise CorruptCheckpointError(f"{path}: key 'hidden_act' is {act!r}; transformers knows "
+                                     f"{', '.join(sorted(ACT2FN))}")
 
 
 def _refuse_remote_code(data: dict[str, Any], path: Path) -> None:
@@ -214,38 +255,112 @@ def load_model(directory: Path | str, *, dtype: torch.dtype = torch.float32,
     T x T score matrix (flash attention on CPU and GPU); ``eager`` is transformers' plain
     matmul/softmax path. Both give the same outputs up to float rounding (2e-4 relative in
     float32), and sdpa repeats bit for bit on CPU (tests/test_lm_loss.py); sdpa took the
-    CPU benchmark pass from 119 s to 69 s (RESULTS.md). Weights load in float32
-    and are then cast to ``dtype`` and moved to ``device``; the rotary frequencies stay float32.
-    Buffers older checkpoints persisted (:data:`IGNORED_KEY_SUFFIXES`) are skipped; any other
-    missing or unexpected key, or a shape that does not fit the config, raises
-    :class:`CheckpointMismatchError` naming the file.
+    CPU benchmark pass from 119 s to 69 s (RESULTS.md).
+
+    The tensors are read here (:func:`read_state_dict`: safetensors, or a pickle with
+    ``weights_only=True``) and must all be floating point, except the boolean and integer
+    buffers transformers itself ignores on load; before the model is allocated, the
+    parameters ``config.json`` implies (counted on the meta device) must not exceed twice
+    the values the file holds. The tensors are then loaded through
+    ``from_pretrained(None, config=..., state_dict=...)`` in float32, so both key namings
+    load (module docstring), and cast to ``dtype`` and moved to ``device``; the rotary
+    frequencies stay float32. A key still missing or unexpected after transformers' renaming
+    and ignore lists, or a shape that does not fit the config, raises
+    :class:`CheckpointMismatchError` naming the file and the keys.
 
     Returns the model in eval mode (Pythia has no dropout; eval mode makes that explicit).
     """
     directory = Path(directory)
-    config = read_model_config(directory)
-    path = weights_path(directory)
-    state = read_state_dict(path)
     if attention not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"extraction.attention_implementation={attention!r}: allowed "
                          f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
-    config._attn_implementation = attention
-    with _skip_init():  # every persistent tensor is overwritten below (checked strictly)
-        model = GPTNeoXForCausalLM(config)
-    state = {k: v for k, v in state.items() if not k.endswith(IGNORED_KEY_SUFFIXES)}
-    expected = set(model.state_dict())
-    missing = sorted(expected - set(state))
-    if config.tie_word_embeddings:
-        missing = [k for k in missing if k != "lm_head.weight"]
-    unexpected = sorted(set(state) - expected)
-    if missing or unexpected:
-        raise CheckpointMismatchError(f"{path}: weights do not fit {CONFIG_NAME}; missing keys "
-                                      f"{_short(missing)}; unexpected keys {_short(unexpected)}")
-    try:
-        model.load_state_dict(state, strict=not config.tie_word_embeddings)
-    except RuntimeError as exc:
-        raise CheckpointMismatchError(f"{path}: weights do not fit {CONFIG_NAME} ({exc})") from exc
+    config = read_model_config(directory)
+    path = weights_path(directory)
+    state = read_state_dict(path)
+    _refuse_non_float(state, path)
+    _check_weights_fit(config, state, path)
+    model = _load_state(config, state, path, attention)
     return _cast(model, dtype=dtype, device=device).eval()
+
+
+def _check_weights_fit(config: GPTNeoXConfig, state: dict[str, torch.Tensor],
+                       path: Path) -> None:
+    """Refuse a config that implies more than :data:`MAX_IMPLIED_RATIO` times the values the
+    file holds, before the model is allocated (the count is taken on the meta device, which
+    allocates nothing), so a hostile size costs at most that multiple of the file's memory;
+    smaller differences are named key by key by the strict check that follows."""
+    with torch.device("meta"):
+        implied = n_parameters(GPTNeoXForCausalLM(config))
+    held = sum(t.numel() for t in state.values() if t.is_floating_point())
+    if implied > MAX_IMPLIED_RATIO * held:
+        raise CheckpointMismatchError(
+            f"{path}: {CONFIG_NAME} implies {implied:,} parameters, the weights file holds "
+            f"{held:,} values; the config and the weights are of different models")
+
+
+def _refuse_non_float(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Weights must be floating point; only buffers that transformers' GPT-NeoX lists in
+    ``_keys_to_ignore_on_load_unexpected`` (the old causal mask) may be boolean or integer."""
+    ignored = [re.compile(p) for p in
+               GPTNeoXForCausalLM._keys_to_ignore_on_load_unexpected or ()]
+    bad = sorted(f"{k} ({v.dtype})" for k, v in state.items()
+                 if not v.is_floating_point() and not any(p.search(k) for p in ignored))
+    if bad:
+        raise CheckpointMismatchError(f"{path}: weights must be floating point; "
+                                      f"{_short(bad)} are not")
+
+
+def _load_state(config: GPTNeoXConfig, state: dict[str, torch.Tensor], path: Path,
+                attention: str) -> GPTNeoXForCausalLM:
+    """``from_pretrained`` on tensors already read and vetted, float32, strictly checked."""
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:  # mismatched shapes come back in the loading info and are refused below
+        model, info = GPTNeoXForCausalLM.from_pretrained(
+            None, config=config, state_dict=state, dtype=torch.float32,
+            attn_implementation=attention, output_loading_info=True,
+            ignore_mismatched_sizes=True)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+    missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
+    mismatched = sorted(f"{k} (file {tuple(a)}, model {tuple(b)})"
+                        for k, a, b in info["mismatched_keys"])
+    if missing or unexpected or mismatched or info["error_msgs"]:
+        raise CheckpointMismatchError(
+            f"{path}: weights do not fit {CONFIG_NAME}; missing keys {_short(missing)}; "
+            f"unexpected keys {_short(unexpected)}; shapes differ {_short(mismatched)} (names "
+            "after transformers' renaming of legacy keys)"
+            + (f"; {info['error_msgs'][0]}" if info["error_msgs"] else ""))
+    return model
+
+
+def key_renaming(config: GPTNeoXConfig) -> Callable[[str], str]:
+    """The renaming ``from_pretrained`` applies to a checkpoint key of this architecture
+    (transformers' own conversion mapping: ``embed_out.weight`` -> ``lm_head.weight``), for
+    readers that take tensors one at a time from a file instead of loading a model."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    rules = []
+    for name in (*(config.architectures or ()), config.model_type):
+        for transform in get_checkpoint_conversion_mapping(name) or ():
+            if not isinstance(transform, WeightRenaming):
+                raise NotImplementedError(f"{name}: transformers converts (not only renames) "
+                                          f"checkpoint tensors ({transform!r})")
+            for source, target in zip(transform.source_patterns, transform.target_patterns,
+                                      strict=True):
+                rules.append((re.compile(source), target))
+        if rules:
+            break
+
+    def rename(key: str) -> str:
+        for pattern, target in rules:
+            key = pattern.sub(target, key)
+        return key
+    return rename
 
 
 def _cast(model: torch.nn.Module, *, dtype: torch.dtype,
@@ -259,16 +374,6 @@ def _cast(model: torch.nn.Module, *, dtype: torch.dtype,
         owner, _, attr = name.rpartition(".")
         setattr(model.get_submodule(owner), attr, buf.to(device))
     return model
-
-
-def _skip_init() -> contextlib.AbstractContextManager[None]:
-    """Skip random initialisation while building a model whose weights are loaded next
-    (seconds per checkpoint for Pythia 1.4b+ on CPU); a no-op if transformers lacks it."""
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # pragma: no cover - other transformers versions
-        return contextlib.nullcontext()
-    return no_init_weights()
 
 
 def _short(keys: list[str], limit: int = 8) -> str:

@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -137,7 +138,7 @@ def _stats_options(a: argparse.Namespace):
     from lmdynamics.conjecture import StatsOptions
 
     if (a.init_checkpoint is None) != (a.final_checkpoint is None):
-        raise SystemExit("extract: --init-checkpoint and --final-checkpoint go together "
+        raise ValueError("--init-checkpoint and --final-checkpoint go together "
                          f"(got {a.init_checkpoint} and {a.final_checkpoint})")
     if a.init_checkpoint is None:
         return None
@@ -281,7 +282,7 @@ def _mcc(a: argparse.Namespace) -> None:
     from lmdynamics.tables import MCCOptions, mcc_table, write_mcc_table
 
     if not (a.csv and a.md) and not a.sensitivity_stem:
-        raise SystemExit("mcc: give --csv and --md (the table) and/or --sensitivity-stem")
+        raise ValueError("mcc: give --csv and --md (the table) and/or --sensitivity-stem")
     ds = select_cka(open_store(a.metrics).load(), a.cka_estimator)
     options = MCCOptions(**{k: v for k, v in vars(a).items()
                             if k in _MCC_NUMBERS + _MCC_CHOICES})
@@ -350,8 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(argv: Sequence[str] | None = None) -> None:
+    """Run one subcommand; its errors propagate (for callers in Python and tests)."""
+    _run(build_parser().parse_args(argv), argv)
+
+
+def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.info("lmdynamics %s", " ".join(sys.argv[1:] if argv is None else argv))
@@ -359,7 +364,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         # which cluster job wrote this log (for sacct/seff, or the cluster's admins)
         log.info("SLURM job %s on %s", os.environ["SLURM_JOB_ID"], socket.gethostname())
     args.func(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``lmdynamics`` command: exit status 0, or 1 after an error a user can fix, reported
+    as one line (``lmdynamics <command>: error: <message>``) followed by its traceback; any
+    other exception is a bug and keeps Python's own traceback."""
+    args = build_parser().parse_args(argv)
+    try:
+        _run(args, argv)
+    except Exception as exc:
+        if not user_error(exc):
+            raise
+        print(f"lmdynamics {args.command}: error: {one_line(exc)}", file=sys.stderr, flush=True)
+        traceback.print_exc(file=sys.stderr)
+        return 1
     return 0
+
+
+def user_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failure a user can cause and its message explains: the package's
+    own error classes, bad values (``ValueError``) and files (``OSError``: missing, unreadable,
+    disk full)."""
+    own = type(exc).__module__.split(".")[0] == "lmdynamics"
+    return own or isinstance(exc, (ValueError, OSError))
+
+
+def one_line(exc: BaseException) -> str:
+    """The exception's message on one line (``head: a; b`` for a message listing lines)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    head, rest = lines[0], lines[1:]
+    return f"{head} {'; '.join(rest)}" if head.endswith(":") and rest else "; ".join(lines)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,11 @@ the source, the final step among the steps, enough eval tokens).
 
 from __future__ import annotations
 
+import json
+import math
 import re
 import string
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,20 +27,41 @@ PYTHIA_SIZES = ("14m", "31m", "70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b
 PYTHIA_SEQUENCE_TOKENS = 2049
 #: Pythia's context: positions 0..2047 are inputs (the 2049th token is only a label).
 PYTHIA_CONTEXT = 2048
-#: The schema's pattern for labels that become path components (suite, sizes, model names).
-LABEL_PATTERN = "^[A-Za-z0-9_][A-Za-z0-9_.+-]*$"
+#: Patterns of the schema's string values (``\A...\Z``: ``$`` would also match before a final
+#: newline). Each must equal the schema's text, which is how :data:`PATTERN_HINTS` finds it.
+#: Labels become path components (suite, sizes, model names).
+LABEL_PATTERN = r"\A[A-Za-z0-9_][A-Za-z0-9_.+-]*\Z"
+#: ``hub.repo`` and ``hub.revision``: templates whose formatted values are checked in full below.
+REPO_TEMPLATE_PATTERN = r"\A[A-Za-z0-9_./{}-]*\{size\}[A-Za-z0-9_./{}-]*\Z"
+REVISION_TEMPLATE_PATTERN = r"\A[A-Za-z0-9_./+{}-]*\{step\}[A-Za-z0-9_./+{}-]*\Z"
+#: A Hugging Face repo id: ``owner/name`` (hub rules: no '--' or '..', at most 96 characters).
+REPO_ID = r"\A[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*\Z"
+#: A git revision name as the hub accepts it (a branch or tag such as step143000, a sha, or
+#: refs/pr/1): no leading '/' or '-', no '//' (and, checked separately, no '..').
+REVISION_NAME = r"\A[A-Za-z0-9_][A-Za-z0-9_.+-]*(/[A-Za-z0-9_][A-Za-z0-9_.+-]*)*\Z"
+#: A local path (``hub.tokens_path``): anything but control characters (the rules quote it)
+#: and braces (Snakemake would read them as wildcards of the rule's input).
+PATH_PATTERN = r"\A[^\x00-\x1f\x7f{}]+\Z"
+REPO_ID_PATTERN = re.compile(REPO_ID)
+REVISION_PATTERN = re.compile(REVISION_NAME)
 #: What a schema ``pattern`` asks for, in words (patterns not listed are shown as regexes).
 PATTERN_HINTS = {
     LABEL_PATTERN: "a plain name: letters, digits, '_', '.', '+', '-', not starting with '.' "
                    "or '-', no path separators",
-    "\\{size\\}": "a template containing '{size}', e.g. 'EleutherAI/pythia-{size}-deduped'",
-    "\\{step\\}": "a template containing '{step}', e.g. 'step{step}'",
+    REPO_TEMPLATE_PATTERN: "a template of letters, digits, '_', '.', '-', '/' containing "
+                           "'{size}', e.g. 'EleutherAI/pythia-{size}-deduped'",
+    REVISION_TEMPLATE_PATTERN: "a template of letters, digits, '_', '.', '+', '-', '/' "
+                               "containing '{step}', e.g. 'step{step}'",
+    REPO_ID: "a repo id 'owner/name' of letters, digits, '_', '.', '-'",
+    REVISION_NAME: "a branch, tag or commit name of letters, digits, '_', '.', '+', '-', '/' "
+                   "(no leading or doubled '/')",
+    PATH_PATTERN: "a file or folder path without control characters (newline, tab, NUL) "
+                  "or braces",
 }
-#: A Hugging Face repo id: ``owner/name`` (hub rules: no '--' or '..', at most 96 characters).
-REPO_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
-#: A git revision name as the hub accepts it (a branch or tag such as step143000, a sha, or
-#: refs/pr/1): no leading '/' or '-', no '//' (and, checked separately, no '..').
-REVISION_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*(/[A-Za-z0-9_][A-Za-z0-9_.+-]*)*")
+#: Deepest nesting of a config value (the schema's deepest key is 4 levels down).
+MAX_DEPTH = 16
+#: Most checkpoints a tiny schedule may save (bounds the check's own work and the job list).
+MAX_CHECKPOINTS = 10_000
 
 
 class ConfigError(ValueError):
@@ -48,6 +71,26 @@ class ConfigError(ValueError):
 def _key(path: Any) -> str:
     parts = [str(p) for p in path]
     return ".".join(parts) if parts else "<top level>"
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a message stays one readable line)."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        return f"a {type(value).__name__} nested too deeply to show"
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _is_integer(checker: Any, instance: Any) -> bool:
+    # JSON Schema counts 1024.0 as an integer; YAML's 1024.0 is a float that would be
+    # truncated somewhere later, so only a real int (not a bool) is an integer here.
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+_Validator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_integer))
 
 
 def _allowed(error: jsonschema.ValidationError) -> str:
@@ -62,6 +105,8 @@ def _allowed(error: jsonschema.ValidationError) -> str:
         ops = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=",
                "exclusiveMaximum": "<"}
         return f"a value {ops[kind]} {v}"
+    if kind == "type" and v == "integer" and isinstance(error.instance, float):
+        return "an integer, written without a decimal point or exponent"
     if kind == "type":
         return f"a value of type {v}"
     if kind == "required":
@@ -76,23 +121,46 @@ def _allowed(error: jsonschema.ValidationError) -> str:
         return f"at least {v} {'item' if kind == 'minItems' else 'entry'}{'s' * (v != 1)}"
     if kind == "maxLength":
         return f"at most {v} characters"
+    if kind in ("maxItems", "maxProperties"):
+        return f"at most {v} {'items' if kind == 'maxItems' else 'entries'}"
     return error.message
 
 
 def schema_errors(config: Mapping[str, Any], schema: Mapping[str, Any]) -> list[str]:
     """Messages for every schema violation, each naming the key, the value and what is allowed."""
-    validator = jsonschema.Draft202012Validator(schema)
+    validator = _Validator(schema)
     messages = []
     for err in sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.path))):
         if err.validator == "additionalProperties":
             known = set(err.schema.get("properties", {}))
             unknown = [k for k in err.instance if k not in known]
             messages.append(f"config key '{_key(err.path)}': unknown key(s) "
-                            f"{', '.join(map(repr, unknown))}; allowed: {_allowed(err)}")
+                            f"{', '.join(map(_show, unknown))}; allowed: {_allowed(err)}")
             continue
-        messages.append(f"config key '{_key(err.path)}': {err.instance!r} is not allowed; "
+        messages.append(f"config key '{_key(err.path)}': {_show(err.instance)} is not allowed; "
                         f"allowed: {_allowed(err)}")
     return messages
+
+
+def nonfinite_errors(config: Any) -> list[str]:
+    """Every NaN or infinity in the config (range checks cannot see NaN: it compares false),
+    and values nested deeper than any key of the schema (which would exhaust the recursion of
+    the schema validator)."""
+    errors, deep, stack = [], set(), [((), config)]
+    while stack:  # no recursion: any nesting depth
+        path, value = stack.pop()
+        if len(path) > MAX_DEPTH:
+            deep.add(path[0])
+        elif isinstance(value, float) and not math.isfinite(value):
+            errors.append(f"config key '{_key(path)}': {value} is not allowed; "
+                          f"allowed: a finite number")
+        elif isinstance(value, Mapping):
+            stack.extend(((*path, k), v) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend(((*path, i), v) for i, v in enumerate(value))
+    errors += [f"config key '{key}': a value nested more than {MAX_DEPTH} levels deep is not "
+               f"allowed; allowed: the structure of the schema" for key in deep]
+    return sorted(errors)
 
 
 def schedule_for(config: Mapping[str, Any]) -> list[int]:
@@ -124,20 +192,32 @@ def semantic_errors(config: Mapping[str, Any]) -> list[str]:
             errors.append(f"config key 'sizes': {size!r} is not a known size for source "
                           f"'{source}'; allowed: {', '.join(known)}")
     final = config["final_step"]
+    if source == "tiny":
+        # bounded work: count the checkpoints before building the list
+        sched = config["tiny"]["schedule"]
+        count = max(0, final - sched["log_until"]) // sched["interval"]
+        if count > MAX_CHECKPOINTS:
+            return [*errors, f"config key 'tiny.schedule.interval': {sched['interval']} with "
+                    f"final_step {final} saves about {count} checkpoints; allowed: at most "
+                    f"{MAX_CHECKPOINTS} (a larger interval or a smaller final_step)"]
     try:
         schedule = schedule_for(config)
     except ValueError as exc:
         return [*errors, f"config key 'tiny.schedule': {exc}"]
-    if final not in schedule:
+    saved = set(schedule)
+    if final not in saved:
         errors.append(f"config key 'final_step': {final} is not in the {source} schedule; "
                       f"allowed: {_short(schedule)}")
-    for step in config["steps"]:
-        if step not in schedule:
-            errors.append(f"config key 'steps': {step} is not in the {source} suite's "
-                          f"checkpoint schedule; allowed: {_short(schedule)}")
-        elif step > final:
-            errors.append(f"config key 'steps': {step} is after final_step {final}; "
-                          f"allowed: steps <= {final}")
+    unknown = [s for s in config["steps"] if s not in saved]
+    if unknown:  # one line, however many
+        errors.append(f"config key 'steps': {_short(unknown, 10)} "
+                      f"{'is' if len(unknown) == 1 else 'are'} not in the {source} suite's "
+                      f"checkpoint schedule; allowed: {_short(schedule)}")
+    late = [s for s in config["steps"] if s in saved and s > final]
+    if late:
+        errors.append(f"config key 'steps': {_short(late, 10)} "
+                      f"{'is' if len(late) == 1 else 'are'} after final_step {final}; "
+                      f"allowed: steps <= {final}")
     if final not in config["steps"]:
         errors.append(f"config key 'steps': the final step {final} is missing; allowed: a list "
                       f"that includes final_step {final} (the CKA reference)")
@@ -186,11 +266,22 @@ def eval_positions(config: Mapping[str, Any]) -> int:
     return eval_sequences(config) * PYTHIA_CONTEXT
 
 
-def check_config(config: Mapping[str, Any], schema: Mapping[str, Any] | Path | str) -> None:
-    """Raise :class:`ConfigError` listing every bad value, or return None when all is well."""
+def check_config(config: Mapping[str, Any], schema: Mapping[str, Any] | Path | str,
+                 files: Iterable[Path | str] = ()) -> None:
+    """Raise :class:`ConfigError` listing every bad value, or return None when all is well.
+
+    ``files`` are the YAML files the config was read from (Snakemake's ``workflow.configfiles``):
+    they are read again strictly, refusing what a YAML 1.1 loader takes silently (a repeated
+    key, ``0777`` read as octal 511, ``1:30`` read as 90). The work is bounded whatever the
+    values: nothing here allocates in proportion to a number of the config.
+    """
     if not isinstance(schema, Mapping):
         schema = yaml.safe_load(Path(schema).read_text())
-    errors = schema_errors(config, schema)
+    nonfinite = nonfinite_errors(config)
+    errors = [*config_file_errors(files), *nonfinite]
+    if not any("levels deep" in e for e in nonfinite):
+        named = {e.split(":")[0] for e in nonfinite}  # "config key 'x'": reported once
+        errors += [e for e in schema_errors(config, schema) if e.split(":")[0] not in named]
     if not errors:
         errors = semantic_errors(config)
     if not errors:
@@ -213,10 +304,16 @@ def model_spec_errors(config: Mapping[str, Any]) -> list[str]:
 
 def _template_errors(key: str, template: str, field: str, values: list[Any],
                      pattern: re.Pattern, allowed: str) -> list[str]:
-    fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
-    if any(f != field for f in fields):
-        return [f"config key '{key}': {template!r} has placeholder(s) "
-                f"{', '.join(sorted(set(fields) - {field}))}; allowed: only {{{field}}}"]
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:  # a lone '{' or '}'
+        return [f"config key '{key}': {_show(template)} is not a template ({exc}); "
+                f"allowed: only the placeholder {{{field}}}"]
+    fields = [(f, spec, conv) for _, f, spec, conv in parsed if f is not None]
+    if any(f != field or spec or conv for f, spec, conv in fields):
+        bad = sorted({f for f, _, _ in fields} - {field}) or [f"{field} with a format"]
+        return [f"config key '{key}': {_show(template)} has placeholder(s) {', '.join(bad)}; "
+                f"allowed: only {{{field}}}"]
     for value in values:
         name = template.format(**{field: value})
         if not pattern.fullmatch(name) or ".." in name or "--" in name or len(name) > 96:
@@ -249,9 +346,90 @@ def hub_errors(config: Mapping[str, Any]) -> list[str]:
 
 def load_config(path: Path | str, schema: Path | str) -> dict[str, Any]:
     """Read a YAML config file and check it (used by tests and the ``plan`` command)."""
-    config = yaml.safe_load(Path(path).read_text())
-    check_config(config, schema)
+    text = Path(path).read_text()
+    try:  # as Snakemake reads it: JSON first, then YAML
+        config = json.loads(text)
+    except ValueError:
+        config = yaml.safe_load(text)
+    check_config(config, schema, files=[path])
     return config
+
+
+def config_file_errors(files: Iterable[Path | str]) -> list[str]:
+    """What a strict reading of each config file refuses (see :func:`yaml_errors`)."""
+    errors: list[str] = []
+    seen: set[Path] = set()
+    for file in files:
+        path = Path(file).resolve()
+        if path in seen or not path.is_file():
+            continue
+        seen.add(path)
+        text = path.read_text()
+        problems = json_errors(text)
+        if problems is None:  # not JSON: YAML
+            problems = yaml_errors(text)
+        errors += [f"config file {file}, {e}" for e in problems]
+    return errors
+
+
+def json_errors(text: str) -> list[str] | None:
+    """Repeated keys of a JSON document (Snakemake reads a config file as JSON first), or None
+    when ``text`` is not JSON."""
+    repeated: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in items]
+        repeated.extend(k for i, k in enumerate(keys) if k in keys[:i])
+        return dict(items)
+
+    try:
+        json.loads(text, object_pairs_hook=pairs)
+    except ValueError:
+        return None
+    return [f"config key {k!r} is given twice; allowed: each key once" for k in repeated]
+
+
+#: Integers that YAML 1.1 (PyYAML, Snakemake) reads differently from YAML 1.2 and from what
+#: a reader sees: ``0777`` is octal 511, ``0b11`` binary 3, ``1:30`` sexagesimal 90.
+_YAML11_NUMBER = re.compile(r"[-+]?(0[0-9_]+|0b[01_]+|[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?)")
+
+
+def yaml_errors(text: str) -> list[str]:
+    """Repeated keys and YAML 1.1 number forms in a YAML document, one message each.
+
+    Walks the composed node tree (no values are built), visiting each node once, so
+    aliases cannot make the work grow."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        return [f"not valid YAML: {' '.join(str(exc).split())}"]
+    errors: list[str] = []
+    visited: set[int] = set()
+    stack: list[tuple[yaml.Node | None, tuple]] = [(root, ())]
+    while stack:
+        node, path = stack.pop()
+        if node is None or id(node) in visited:
+            continue
+        visited.add(id(node))
+        line = f"line {node.start_mark.line + 1}"
+        if isinstance(node, yaml.MappingNode):
+            first: dict[tuple[str, str], int] = {}
+            for key_node, value_node in node.value:
+                key = (key_node.tag, str(key_node.value))
+                here = key_node.start_mark.line + 1
+                if isinstance(key_node, yaml.ScalarNode) and key in first:
+                    errors.append(f"line {here}: config key '{_key((*path, key[1]))}' is given "
+                                  f"twice (also line {first[key]}); allowed: each key once")
+                first.setdefault(key, here)
+                stack.append((value_node, (*path, key_node.value)))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((item, (*path, i)) for i, item in enumerate(node.value))
+        elif node.tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float") \
+                and _YAML11_NUMBER.fullmatch(node.value):
+            read = yaml.safe_load(node.value)
+            errors.append(f"{line}: config key '{_key(path)}': {node.value} is read by YAML 1.1 "
+                          f"as {read!r}; allowed: a plain decimal number (or quote it)")
+    return sorted(errors, key=lambda e: int(e.split()[1].rstrip(":")))
 
 
 def canonical(value: Any) -> Any:

@@ -22,7 +22,13 @@ import safetensors
 import torch
 import xarray as xr
 
-from lmdynamics.checkpoints import CheckpointMismatchError, read_state_dict, weights_path
+from lmdynamics.checkpoints import (
+    CheckpointMismatchError,
+    key_renaming,
+    read_model_config,
+    read_state_dict,
+    weights_path,
+)
 from lmdynamics.metrics import singular_values
 from lmdynamics.stats import (
     DISTRIBUTIONS,
@@ -53,8 +59,6 @@ PARAM_STATS: tuple[str, ...] = ("norm", "grad_norm", "dist_init", "rel_dist_init
 MODULE_ORDER: tuple[str, ...] = (
     "input_layernorm", "post_attention_layernorm", "attention.query_key_value",
     "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
-#: The unembedding is ``embed_out`` in Pythia's files and ``lm_head`` in transformers >= 5.
-_HEAD_ALIASES = {"lm_head.weight": "embed_out.weight", "embed_out.weight": "lm_head.weight"}
 _LAYER_NAME = re.compile(r"^(?:gpt_neox\.)?layers\.(\d+)\.(.+)$")
 
 
@@ -127,21 +131,24 @@ class ReferenceWeights:
         self._state: dict[str, torch.Tensor] | None = None
         if self.path.suffix != ".safetensors":
             self._state = read_state_dict(self.path)
+            keys = list(self._state)
+        else:
+            with safetensors.safe_open(self.path, framework="pt", device="cpu") as fh:
+                keys = list(fh.keys())
+        rename = key_renaming(read_model_config(directory))
+        #: today's state-dict name -> the name in the file (Pythia's files: ``embed_out``)
+        self._names = {rename(key): key for key in keys}
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        """The tensor ``name`` (state-dict name; ``lm_head``/``embed_out`` either way) as
-        float32 on CPU."""
+        """The tensor ``name`` (today's state-dict name, e.g. ``lm_head.weight``, whatever
+        the file calls it) as float32 on CPU."""
+        if name not in self._names:
+            raise CheckpointMismatchError(f"{self.path}: no tensor {name!r}; the reference "
+                                          "checkpoint must have the same architecture")
         if self._state is not None:
-            return self._state[self._resolve(name, self._state.keys())].float()
+            return self._state[self._names[name]].float()
         with safetensors.safe_open(self.path, framework="pt", device="cpu") as fh:
-            return fh.get_tensor(self._resolve(name, set(fh.keys()))).float()
-
-    def _resolve(self, name: str, keys: Any) -> str:
-        for candidate in (name, _HEAD_ALIASES.get(name)):
-            if candidate in keys:
-                return candidate
-        raise CheckpointMismatchError(f"{self.path}: no tensor {name!r}; the reference "
-                                      "checkpoint must have the same architecture")
+            return fh.get_tensor(self._names[name]).float()
 
 
 class ResidualRecorder:

@@ -52,9 +52,15 @@ T = TypeVar("T")
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 #: Transport errors worth retrying.
 TRANSIENT_ERRORS = (httpx2.TimeoutException, httpx2.NetworkError, httpx2.RemoteProtocolError)
-#: Weight layouts in order of preference: (pattern, needs conversion to model.safetensors).
-WEIGHT_LAYOUTS = ((r"model\.safetensors", False), (r"model-\d+-of-\d+\.safetensors", True),
-                  (r"pytorch_model\.bin", True), (r"pytorch_model-\d+-of-\d+\.bin", True))
+#: Weight layouts in order of preference: (file pattern, needs conversion to one
+#: model.safetensors, the index a sharded layout comes with). Shards and their index are
+#: transformers' sharded format: ``{"metadata": {...}, "weight_map": {tensor: shard}}``.
+WEIGHT_LAYOUTS = (
+    (r"model\.safetensors", False, None),
+    (r"model-(\d+)-of-(\d+)\.safetensors", True, "model.safetensors.index.json"),
+    (r"pytorch_model\.bin", True, None),
+    (r"pytorch_model-(\d+)-of-(\d+)\.bin", True, "pytorch_model.bin.index.json"),
+)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _BLOCK = 1 << 20
 
@@ -179,16 +185,53 @@ class RemoteFile:
     etag: str
 
 
-def weight_files(names: Iterable[str]) -> tuple[list[str], bool]:
-    """The weight files of a revision and whether they must be converted to one
-    ``model.safetensors`` (pickles and shards are)."""
+def weight_files(names: Iterable[str]) -> tuple[list[str], bool, str | None]:
+    """The weight files of a revision, whether they must be converted to one
+    ``model.safetensors`` (pickles and shards are), and the index of a sharded layout.
+
+    A sharded layout must be whole: shards numbered 1..N, all of the same N, and the index
+    present; otherwise :class:`HubError` names what is missing.
+    """
     names = list(names)
-    for pattern, convert in WEIGHT_LAYOUTS:
-        found = sorted(n for n in names if re.fullmatch(pattern, n))
-        if found:
-            return found, convert
+    for pattern, convert, index in WEIGHT_LAYOUTS:
+        matches = {n: m for n in names if (m := re.fullmatch(pattern, n))}
+        if not matches:
+            continue
+        found = sorted(matches)
+        if index is not None:
+            totals = {int(m.group(2)) for m in matches.values()}
+            numbers = sorted(int(m.group(1)) for m in matches.values())
+            if len(totals) != 1 or numbers != list(range(1, max(totals) + 1)):
+                raise HubError(f"incomplete or inconsistent shard set {found}: expected shards "
+                               f"1 to N of one N; the revision cannot be loaded")
+            if index not in names:
+                raise HubError(f"shards {found} come without their index {index}; the "
+                               "revision cannot be checked for completeness")
+        return found, convert, index
     raise HubError(f"no weights file among {sorted(names)}; expected one of model.safetensors, "
-                   "model-NNNNN-of-NNNNN.safetensors, pytorch_model.bin")
+                   "model-NNNNN-of-NNNNN.safetensors, pytorch_model.bin, "
+                   "pytorch_model-NNNNN-of-NNNNN.bin")
+
+
+def shard_map(index_path: Path, shards: list[str]) -> dict[str, str]:
+    """The ``weight_map`` (tensor name -> shard file) of a shard index, checked against the
+    shards the revision has: every shard the index names exists, and every shard is named.
+    """
+    try:
+        data = json.loads(Path(index_path).read_text(encoding="utf-8"))
+        weight_map = data["weight_map"]
+    except (UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError) as exc:
+        raise HubError(f"{index_path.name}: not a shard index (a JSON object with a "
+                       f"'weight_map'): {type(exc).__name__}: {exc}") from exc
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise HubError(f"{index_path.name}: 'weight_map' must map tensor names to file names")
+    named, present = set(weight_map.values()), set(shards)
+    if named != present:
+        raise HubError(f"{index_path.name} names shards {sorted(named - present)} that the "
+                       f"revision lacks and omits {sorted(present - named)}; incomplete "
+                       "shard set, the revision cannot be loaded")
+    return weight_map
 
 
 def remote_file(repo: str, name: str, commit: str, *, retries: int, backoff: float,
@@ -289,17 +332,35 @@ def _fetch(repo: str, remote: RemoteFile, commit: str, staging: Path, *, retries
     return path, sha
 
 
-def convert_to_safetensors(paths: list[Path], out: Path) -> None:
+def convert_to_safetensors(paths: list[Path], out: Path,
+                           weight_map: dict[str, str] | None = None) -> None:
     """Merge weight files (pickles read with ``weights_only=True``, or safetensors shards)
-    into one ``model.safetensors``; shared storage is copied (safetensors refuses it)."""
+    into one ``model.safetensors``, names and dtypes unchanged (the loader accepts
+    transformers 4.x's names, :mod:`lmdynamics.checkpoints`); shared storage is copied
+    (safetensors refuses it).
+
+    The files must be disjoint (a tensor in two files is refused, never resolved by order),
+    and with ``weight_map`` (a shard index) every tensor must sit in the shard the index
+    names and every tensor the index names must be present.
+    """
     import safetensors.torch
 
     from lmdynamics.checkpoints import read_state_dict
 
     state: dict = {}
+    origin: dict[str, str] = {}
     for path in paths:
         for name, tensor in read_state_dict(path).items():
-            state[name] = tensor
+            if name in state:
+                raise HubError(f"tensor {name!r} is in both {origin[name]} and {path.name}; "
+                               "conflicting shards, the revision cannot be loaded")
+            if weight_map is not None and weight_map.get(name) != path.name:
+                raise HubError(f"tensor {name!r} is in {path.name}, the shard index says "
+                               f"{weight_map.get(name)!r}; inconsistent shard set")
+            state[name], origin[name] = tensor, path.name
+    if weight_map is not None and (absent := sorted(set(weight_map) - set(state))):
+        raise HubError(f"the shard index names tensors no shard holds: {absent[:8]}"
+                       f"{' ...' if len(absent) > 8 else ''}; incomplete shard set")
     seen: set[int] = set()
     for name, tensor in state.items():
         t = tensor.contiguous()
@@ -334,9 +395,10 @@ def download_revision(repo: str, revision: str, out_dir: Path | str, *, retries:
     names = [s.rfilename for s in info.siblings or []]
     if CONFIG_NAME not in names:
         raise HubError(f"{repo}@{revision} ({commit}) has no {CONFIG_NAME}; files: {names}")
-    weights, convert = weight_files(names)
+    weights, convert, index = weight_files(names)
     remotes = [remote_file(repo, n, commit, retries=retries, backoff=backoff)
-               for n in [CONFIG_NAME, *weights]]
+               for n in [CONFIG_NAME, *weights, *([index] if index else [])]]
+    index_remote = remotes.pop() if index else None
     weight_bytes = sum(r.size for r in remotes[1:])
     need = sum(r.size for r in remotes) + (weight_bytes if convert else 0)
     check_free_space(out_dir, need, min_free_bytes)
@@ -352,9 +414,14 @@ def download_revision(repo: str, revision: str, out_dir: Path | str, *, retries:
                    for r in remotes]
         config_path = fetched[0][0]
         read_model_config(config_path.parent)  # refuses remote code / unknown architectures
+        weight_map = None
+        if index_remote is not None:
+            index_path, _ = _fetch(repo, index_remote, commit, staging, retries=retries,
+                                   backoff=backoff)
+            weight_map = shard_map(index_path, weights)
         if convert:
             target = staging / f"converted-{SAFETENSORS_NAME}"
-            convert_to_safetensors([p for p, _ in fetched[1:]], target)
+            convert_to_safetensors([p for p, _ in fetched[1:]], target, weight_map)
             log.info("converted %s to %s", ", ".join(weights), SAFETENSORS_NAME)
         else:
             target = fetched[1][0]

@@ -80,15 +80,16 @@ def eval_tokens(config: Mapping[str, Any]) -> int:
 
 
 def hub_revision_bytes(repo: str, revision: str) -> int:
-    """Bytes of config.json and the weights of one hub revision (HEAD requests)."""
+    """Bytes of config.json, the weights and a shard index of one hub revision (HEAD
+    requests)."""
     from huggingface_hub import HfApi, constants
 
     from lmdynamics.hub import remote_file, weight_files
 
     info = HfApi().model_info(repo, revision=revision, timeout=constants.HF_HUB_ETAG_TIMEOUT)
-    names, _ = weight_files(s.rfilename for s in info.siblings or [])
+    names, _, index = weight_files(s.rfilename for s in info.siblings or [])
     return sum(remote_file(repo, n, info.sha, retries=1, backoff=1.0).size
-               for n in ["config.json", *names])
+               for n in ["config.json", *names, *([index] if index else [])])
 
 
 def plan(config: Mapping[str, Any], *, online: bool = True, tflops: float = DEFAULT_TFLOPS,

@@ -15,4 +15,4 @@ rule checkpoint_audit:
     conda:
         ENV
     shell:
-        "lmdynamics audit {input} --out {output} > {log} 2>&1"
+        "lmdynamics audit {input:q} --out {output:q} > {log:q} 2>&1"

@@ -9,8 +9,9 @@ from lmdynamics.config import canonical, check_config, schedule_for
 SCHEMA = workflow.source_path("../schemas/config.schema.yaml")
 
 # Friendly messages first (key, bad value, what is allowed), then Snakemake's validate,
-# which also fills in the schema's defaults.
-check_config(config, SCHEMA)
+# which also fills in the schema's defaults. The config files are read again strictly
+# (repeated keys, YAML 1.1 octals), since Snakemake has already loaded them its own way.
+check_config(config, SCHEMA, files=workflow.configfiles)
 
 
 validate(config, SCHEMA)
@@ -37,10 +38,13 @@ REPORT_CATEGORIES = {
     "figure6": "Figure 6: pairwise CKA between steps",
     "figure2_standardized": "Figure 2 with standardised dimensions",
 }
-# Table 1's definitions as `lmdynamics mcc` flags (--cka-threshold 0.45 ...), sorted by key.
-MCC_OPTIONS = " ".join(
-    f"--{key.replace('_', '-')} {value}" for key, value in sorted(config["mcc"].items())
-)
+# Table 1's definitions as `lmdynamics mcc` arguments, one list item each (the rules quote
+# each one): --cka-threshold 0.45 ..., sorted by key.
+MCC_OPTIONS = [
+    arg
+    for key, value in sorted(config["mcc"].items())
+    for arg in (f"--{key.replace('_', '-')}", value)
+]
 # GPUs one extraction job asks for: `--resources gpu=N` locally, `--gpus=1` on SLURM.
 EXTRACTION_GPUS = 0 if config["extraction"]["device"] == "cpu" else 1
 
@@ -121,19 +125,27 @@ def reference_checkpoints(wildcards):
 
 
 def stats_args(wildcards):
-    """The extract command's statistics flags (empty when statistics are off)."""
+    """The extract command's statistics flags, one list item per argument (the rule quotes
+    each one); empty when statistics are off."""
     if not CONJECTURE["enabled"]:
-        return ""
+        return []
     refs = reference_checkpoints(wildcards)
     lo, hi = CONJECTURE["spectrum_fit"]
-    return (
-        f"--init-checkpoint {os.path.dirname(refs['init_weights'])}"
-        f" --final-checkpoint {os.path.dirname(refs['final_weights'])}"
-        f" --stats-max-elements {CONJECTURE['max_elements']}"
-        f" --stats-top-k {CONJECTURE['top_k']}"
-        f" --stats-embedding-tokens {CONJECTURE['embedding_tokens']}"
-        f" --stats-spectrum-fit {lo} {hi}"
-    )
+    return [
+        "--init-checkpoint",
+        os.path.dirname(refs["init_weights"]),
+        "--final-checkpoint",
+        os.path.dirname(refs["final_weights"]),
+        "--stats-max-elements",
+        CONJECTURE["max_elements"],
+        "--stats-top-k",
+        CONJECTURE["top_k"],
+        "--stats-embedding-tokens",
+        CONJECTURE["embedding_tokens"],
+        "--stats-spectrum-fit",
+        lo,
+        hi,
+    ]
 
 
 def all_outputs():

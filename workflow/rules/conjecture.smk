@@ -16,8 +16,8 @@ rule reduce_stats:
     params:
         final_step=FINAL_STEP,
     shell:
-        "lmdynamics reduce-stats {input} --final-step {params.final_step}"
-        " --out {output} > {log} 2>&1"
+        "lmdynamics reduce-stats {input:q} --final-step {params.final_step:q}"
+        " --out {output:q} > {log:q} 2>&1"
 
 
 rule combine_stats:
@@ -32,7 +32,7 @@ rule combine_stats:
     conda:
         ENV
     shell:
-        "lmdynamics combine-stats {input} --out {output} > {log} 2>&1"
+        "lmdynamics combine-stats {input:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule stats_figure:
@@ -54,9 +54,9 @@ rule stats_figure:
         ENV
     params:
         x_axis=config["figures"]["x_axis"],
-        steps=" ".join(map(str, CONJECTURE["figure_steps"])),
+        steps=CONJECTURE["figure_steps"],
         stem=lambda wc, output: os.path.splitext(output.png)[0],
     shell:
-        "lmdynamics stats-figure {wildcards.stat_figure} --stats {input.stats}"
-        " --x-axis {params.x_axis} --steps {params.steps} --out-stem {params.stem}"
-        " > {log} 2>&1"
+        "lmdynamics stats-figure {wildcards.stat_figure:q} --stats {input.stats:q}"
+        " --x-axis {params.x_axis:q} --steps {params.steps:q} --out-stem {params.stem:q}"
+        " > {log:q} 2>&1"

@@ -31,21 +31,23 @@ rule extract:
         attention_implementation=config["extraction"]["attention_implementation"],
         gradients=config["extraction"]["gradient_protocol"],
         grad_batches=lambda wc, input: (
-            f"--gradient-batches {input.grad_batches}"
+            ["--gradient-batches", input.grad_batches]
             if "grad_batches" in input.keys()
-            else ""
+            else []
         ),
         stats=stats_args,
+        checkpoint=lambda wc, input: os.path.dirname(input.weights),
     shell:
-        "lmdynamics extract --checkpoint $(dirname {input.weights})"
-        " --eval-batch {input.batch} --tokens {params.tokens} --seed {params.seed}"
-        " --size {wildcards.size} --step {wildcards.step} --model {params.model}"
-        " --revision {params.revision} --device {params.device} --dtype {params.dtype}"
-        " --micro-batch {params.micro_batch} --sampling {params.sampling}"
-        " --attention-activation {params.attention} --gradient-protocol {params.gradients}"
-        " --attention-implementation {params.attention_implementation}"
-        " {params.grad_batches} --threads {threads} {params.stats}"
-        " --out {output} > {log} 2>&1"
+        "lmdynamics extract --checkpoint {params.checkpoint:q}"
+        " --eval-batch {input.batch:q} --tokens {params.tokens:q} --seed {params.seed:q}"
+        " --size {wildcards.size:q} --step {wildcards.step:q} --model {params.model:q}"
+        " --revision {params.revision:q} --device {params.device:q} --dtype {params.dtype:q}"
+        " --micro-batch {params.micro_batch:q} --sampling {params.sampling:q}"
+        " --attention-activation {params.attention:q}"
+        " --gradient-protocol {params.gradients:q}"
+        " --attention-implementation {params.attention_implementation:q}"
+        " {params.grad_batches:q} --threads {threads:q} {params.stats:q}"
+        " --out {output:q} > {log:q} 2>&1"
 
 
 # The paper code's gradient protocol: training batches of steps c-5 and c-4 for checkpoint c.
@@ -62,6 +64,6 @@ rule gradient_batches:
         seq_len=config.get("tiny", {}).get("seq_len", 128),
         seed=config["seed"],
     shell:
-        "lmdynamics gradient-batches --source {params.source} --step {wildcards.step}"
-        " --batch-size {params.batch_size} --seq-len {params.seq_len} --seed {params.seed}"
-        " --out {output} > {log} 2>&1"
+        "lmdynamics gradient-batches --source {params.source:q} --step {wildcards.step:q}"
+        " --batch-size {params.batch_size:q} --seq-len {params.seq_len:q}"
+        " --seed {params.seed:q} --out {output:q} > {log:q} 2>&1"

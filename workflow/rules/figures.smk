@@ -22,8 +22,9 @@ rule figure:
         cka_estimator=config["metrics"]["cka_estimator"],
         stem=lambda wc, output: os.path.splitext(output.png)[0],
     shell:
-        "lmdynamics figure {wildcards.figure} --metrics {input.metrics} --x-axis {params.x_axis}"
-        " --cka-estimator {params.cka_estimator} --out-stem {params.stem} > {log} 2>&1"
+        "lmdynamics figure {wildcards.figure:q} --metrics {input.metrics:q}"
+        " --x-axis {params.x_axis:q} --cka-estimator {params.cka_estimator:q}"
+        " --out-stem {params.stem:q} > {log:q} 2>&1"
 
 
 rule mcc_table:
@@ -46,8 +47,8 @@ rule mcc_table:
         options=MCC_OPTIONS,
         cka_estimator=config["metrics"]["cka_estimator"],
     shell:
-        "lmdynamics mcc --metrics {input.metrics} --cka-estimator {params.cka_estimator}"
-        " {params.options} --csv {output.csv} --md {output.md} > {log} 2>&1"
+        "lmdynamics mcc --metrics {input.metrics:q} --cka-estimator {params.cka_estimator:q}"
+        " {params.options:q} --csv {output.csv:q} --md {output.md:q} > {log:q} 2>&1"
 
 
 rule mcc_sensitivity:
@@ -74,5 +75,5 @@ rule mcc_sensitivity:
         cka_estimator=config["metrics"]["cka_estimator"],
         stem=lambda wc, output: os.path.splitext(output.png)[0],
     shell:
-        "lmdynamics mcc --metrics {input.metrics} --cka-estimator {params.cka_estimator}"
-        " {params.options} --sensitivity-stem {params.stem} > {log} 2>&1"
+        "lmdynamics mcc --metrics {input.metrics:q} --cka-estimator {params.cka_estimator:q}"
+        " {params.options:q} --sensitivity-stem {params.stem:q} > {log:q} 2>&1"

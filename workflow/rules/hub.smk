@@ -30,10 +30,12 @@ rule download:
         repo=lambda wc: model_name(wc.size),
         revision=lambda wc: revision(wc.step),
         hub=config["hub"],
+        out_dir=lambda wc, output: os.path.dirname(output.config),
     shell:
-        "lmdynamics download --repo {params.repo} --revision {params.revision}"
-        " --out-dir $(dirname {output.config}) --min-free-gb {params.hub[min_free_gb]}"
-        " --retries {params.hub[retries]} --backoff {params.hub[backoff]} > {log} 2>&1"
+        "lmdynamics download --repo {params.repo:q} --revision {params.revision:q}"
+        " --out-dir {params.out_dir:q} --min-free-gb {params.hub[min_free_gb]:q}"
+        " --retries {params.hub[retries]:q} --backoff {params.hub[backoff]:q}"
+        " > {log:q} 2>&1"
 
 
 use rule download as download_reference with:
@@ -59,18 +61,19 @@ rule pile_batch:
         network=0 if config["hub"]["tokens_path"] else 1,
     params:
         hub=config["hub"],
+        # one argument, so that a path starting with '-' is still read as the path
         local=(
-            f"--tokens-path {config['hub']['tokens_path']}"
+            [f"--tokens-path={config['hub']['tokens_path']}"]
             if config["hub"]["tokens_path"]
-            else ""
+            else []
         ),
         batch=FINAL_STEP - 1,
     shell:
-        "lmdynamics pile-batch --dataset {params.hub[dataset]}"
-        " --dataset-revision {params.hub[dataset_revision]} {params.local}"
-        " --batch {params.batch} --retries {params.hub[retries]}"
-        " --backoff {params.hub[backoff]} --out {output.npy} --record {output.record}"
-        " > {log} 2>&1"
+        "lmdynamics pile-batch --dataset {params.hub[dataset]:q}"
+        " --dataset-revision {params.hub[dataset_revision]:q} {params.local:q}"
+        " --batch {params.batch:q} --retries {params.hub[retries]:q}"
+        " --backoff {params.hub[backoff]:q} --out {output.npy:q}"
+        " --record {output.record:q} > {log:q} 2>&1"
 
 
 rule hub_eval_batch:
@@ -85,5 +88,5 @@ rule hub_eval_batch:
     params:
         sequences=config["hub"]["sequences"],
     shell:
-        "lmdynamics hub-eval-batch {input} --sequences {params.sequences} --out {output}"
-        " > {log} 2>&1"
+        "lmdynamics hub-eval-batch {input:q} --sequences {params.sequences:q}"
+        " --out {output:q} > {log:q} 2>&1"

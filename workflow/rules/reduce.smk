@@ -20,12 +20,12 @@ rule reduce_size:
         bootstrap=config["metrics"]["bootstrap"],
         seed=config["seed"],
     shell:
-        "lmdynamics reduce {input} --final-step {params.final_step}"
-        " --per-divisor {params.per_divisor} --per-truncate {params.per_truncate}"
-        " --standardize {params.standardize}"
-        " --bootstrap-samples {params.bootstrap[samples]}"
-        " --bootstrap-level {params.bootstrap[level]} --seed {params.seed}"
-        " --out {output} > {log} 2>&1"
+        "lmdynamics reduce {input:q} --final-step {params.final_step:q}"
+        " --per-divisor {params.per_divisor:q} --per-truncate {params.per_truncate:q}"
+        " --standardize {params.standardize:q}"
+        " --bootstrap-samples {params.bootstrap[samples]:q}"
+        " --bootstrap-level {params.bootstrap[level]:q} --seed {params.seed:q}"
+        " --out {output:q} > {log:q} 2>&1"
 
 
 rule combine:
@@ -46,5 +46,5 @@ rule combine:
     conda:
         ENV
     shell:
-        "lmdynamics combine {input} --out-zarr {output.zarr} --out-csv {output.csv}"
-        " > {log} 2>&1"
+        "lmdynamics combine {input:q} --out-zarr {output.zarr:q}"
+        " --out-csv {output.csv:q} > {log:q} 2>&1"

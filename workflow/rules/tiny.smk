@@ -25,15 +25,16 @@ rule train_tiny:
         final_step=FINAL_STEP,
         seed=config["seed"],
     shell:
-        "lmdynamics train-tiny --size {wildcards.size}"
-        " --hidden-size {params.spec[hidden_size]} --num-layers {params.spec[num_layers]}"
-        " --num-heads {params.spec[num_heads]} --final-step {params.final_step}"
-        " --log-until {params.tiny[schedule][log_until]}"
-        " --interval {params.tiny[schedule][interval]}"
-        " --batch-size {params.tiny[batch_size]} --seq-len {params.tiny[seq_len]}"
-        " --lr {params.tiny[lr]} --warmup {params.tiny[warmup]} --seed {params.seed}"
-        " --threads {threads} --out-dir {params.out_dir} --loss-csv {output.loss}"
-        " > {log} 2>&1"
+        "lmdynamics train-tiny --size {wildcards.size:q}"
+        " --hidden-size {params.spec[hidden_size]:q}"
+        " --num-layers {params.spec[num_layers]:q}"
+        " --num-heads {params.spec[num_heads]:q} --final-step {params.final_step:q}"
+        " --log-until {params.tiny[schedule][log_until]:q}"
+        " --interval {params.tiny[schedule][interval]:q}"
+        " --batch-size {params.tiny[batch_size]:q} --seq-len {params.tiny[seq_len]:q}"
+        " --lr {params.tiny[lr]:q} --warmup {params.tiny[warmup]:q} --seed {params.seed:q}"
+        " --threads {threads:q} --out-dir {params.out_dir:q} --loss-csv {output.loss:q}"
+        " > {log:q} 2>&1"
 
 
 rule tiny_eval_batch:
@@ -49,9 +50,9 @@ rule tiny_eval_batch:
         seq_len=config.get("tiny", {}).get("seq_len"),
         seed=config["seed"],
     shell:
-        "lmdynamics tiny-eval-batch --final-step {params.final_step}"
-        " --batch-size {params.batch_size} --seq-len {params.seq_len} --seed {params.seed}"
-        " --out {output} > {log} 2>&1"
+        "lmdynamics tiny-eval-batch --final-step {params.final_step:q}"
+        " --batch-size {params.batch_size:q} --seq-len {params.seq_len:q}"
+        " --seed {params.seed:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule training_loss:
@@ -82,5 +83,5 @@ rule training_loss:
     params:
         stem=lambda wc, output: os.path.splitext(output.png)[0],
     shell:
-        "lmdynamics training-loss {input.csvs} --out-csv {output.csv}"
-        " --out-stem {params.stem} > {log} 2>&1"
+        "lmdynamics training-loss {input.csvs:q} --out-csv {output.csv:q}"
+        " --out-stem {params.stem:q} > {log:q} 2>&1"
