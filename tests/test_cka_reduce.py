@@ -247,3 +247,34 @@ def test_bootstrap_with_one_sequence_warns_and_leaves_intervals_nan(stores, tmp_
                           cka_options=CKAOptions(bootstrap_samples=10))
     assert "cka_low" not in out and np.isfinite(out.cka_debiased.values).all()
     shutil.rmtree(tmp_path / "o.zarr")
+
+
+def test_reduction_stores_the_random_per_baseline_and_cka_resamples(reduced, stores):
+    from lmdynamics.metrics import per_divisor, random_gaussian_per
+
+    hidden = SPEC["hidden_size"]
+    for comp, shape in (("attention", (hidden, hidden)), ("mlp", (hidden, 4 * hidden))):
+        base = random_gaussian_per(shape, hidden)
+        assert float(reduced["per_random"].sel(component=comp)) == base.mean
+        assert float(reduced["per_random_se"].sel(component=comp)) == base.stderr
+        for var in ("per_weight", "per_grad"):
+            ratio = reduced[var].sel(component=comp) / base.mean
+            np.testing.assert_allclose(reduced[f"{var}_normalized"].sel(component=comp), ratio,
+                                       rtol=1e-15)
+    assert 0.75 < float(reduced["per_random"].sel(component="attention")) < 0.81
+    assert 0.95 < float(reduced["per_random"].sel(component="mlp")) < 0.97
+    # head_dim PER from the stored singular values, by hand
+    k = per_divisor("head_dim", n_singular_values=hidden, hidden_size=hidden,
+                    num_attention_heads=SPEC["num_heads"])
+    ds = xr.open_zarr(stores[STEPS.index(FINAL)], consolidated=False)
+    s = np.sort(ds["grad_singular_values"].sel(component="mlp").isel(layer=1).values)[::-1][:k]
+    p = s / s.sum()
+    expected = np.exp(-np.sum(p * np.log(p))) / k
+    got = float(reduced["per_grad_head_dim"].sel(component="mlp", layer=1, step=FINAL))
+    assert got == pytest.approx(expected, rel=1e-12)
+    # every bootstrap resample's CKA, whose percentiles are the stored interval
+    res = reduced["cka_debiased_resamples"]
+    assert res.dims == ("component", "layer", "step", "resample") and res.sizes["resample"] == 200
+    low = np.nanquantile(res.values, 0.05, axis=-1)
+    np.testing.assert_allclose(low, reduced["cka_debiased_low"].values, rtol=1e-12)
+    assert "cka_standardized_resamples" not in reduced

@@ -424,3 +424,66 @@ def test_singular_values_on_cuda():
     out = singular_values(torch.from_numpy(a).cuda().float())
     np.testing.assert_allclose(out, np.linalg.svd(a.astype(np.float32).astype(np.float64),
                                                   compute_uv=False), rtol=1e-9)
+
+
+# ------------------------------------------------------------- random-matrix PER baseline
+
+
+def _mc_per(shape, divisor, truncate, draws, seed):
+    """An independent Monte-Carlo estimate: numpy's SVD and the formula written out."""
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(draws):
+        s = np.linalg.svd(rng.standard_normal(shape), compute_uv=False)
+        s = np.sort(s)[::-1][:divisor] if truncate else s
+        p = s / s.sum()
+        values.append(np.exp(-np.sum(p * np.log(p))) / divisor)
+    return np.mean(values), np.std(values, ddof=1) / np.sqrt(draws)
+
+
+@pytest.mark.parametrize(("shape", "divisor", "truncate"),
+                         [((32, 32), 32, True), ((48, 192), 48, True), ((64, 256), 16, True),
+                          ((40, 40), 20, False)])
+def test_random_gaussian_per_agrees_with_an_independent_monte_carlo(shape, divisor, truncate):
+    from lmdynamics.metrics import random_gaussian_per
+
+    base = random_gaussian_per(shape, divisor, truncate=truncate)
+    mean, se = _mc_per(shape, divisor, truncate, 200, seed=99)
+    assert base.samples >= 4 and base.stderr > 0
+    assert abs(base.mean - mean) < 4 * math.hypot(se, base.stderr), (base, mean, se)
+    again = random_gaussian_per(shape, divisor, truncate=truncate)
+    assert again is base  # cached per shape
+    other = random_gaussian_per(shape, divisor, truncate=truncate, seed=1)
+    assert other.mean != base.mean  # a different seed draws different matrices
+
+
+def test_random_gaussian_per_reaches_the_marchenko_pastur_limit():
+    from lmdynamics.metrics import marchenko_pastur_per, random_gaussian_per
+
+    assert marchenko_pastur_per(1.0) == pytest.approx(0.8050, abs=1e-4)
+    assert marchenko_pastur_per(0.25) == pytest.approx(0.9662, abs=1e-4)
+    square = random_gaussian_per((400, 400), 400, samples=4)
+    assert square.mean == pytest.approx(marchenko_pastur_per(1.0), abs=3e-3)
+    wide = random_gaussian_per((200, 800), 200, samples=4)
+    assert wide.mean == pytest.approx(marchenko_pastur_per(0.25), abs=2e-3)
+    # smaller matrices sit below the limit, approaching it as n grows (finite-size effect)
+    small = random_gaussian_per((16, 16), 16, samples=64).mean
+    assert small < square.mean < marchenko_pastur_per(1.0) + 1e-3
+    with pytest.raises(ValueError, match="aspect"):
+        marchenko_pastur_per(1.5)
+
+
+def test_marchenko_pastur_per_against_scipy_quadrature():
+    integrate = pytest.importorskip("scipy.integrate")
+    from lmdynamics.metrics import marchenko_pastur_per
+
+    for c in (1.0, 0.5, 0.25, 0.1):
+        a, b = (1 - np.sqrt(c)) ** 2, (1 + np.sqrt(c)) ** 2
+
+        def moment(g, a=a, b=b, c=c):
+            f = lambda x: np.sqrt((b - x) * (x - a)) / (2 * np.pi * c * x) * g(x)  # noqa: E731
+            return integrate.quad(f, a, b, limit=200)[0]
+
+        m1 = moment(np.sqrt)
+        m2 = moment(lambda x: np.sqrt(x) * 0.5 * np.log(x))
+        assert marchenko_pastur_per(c) == pytest.approx(np.exp(np.log(m1) - m2 / m1), abs=1e-6)

@@ -26,8 +26,15 @@ PAPER_OPTIONS = {
 def test_paper_code_config_is_the_paper_grid_with_every_paper_option():
     pythia = load_config(REPO / "config/config.yaml", SCHEMA)
     paper = load_config(REPO / "config/paper_code.yaml", SCHEMA)
-    for key in ("source", "sizes", "steps", "final_step", "mcc"):
+    for key in ("source", "sizes", "steps", "final_step"):
         assert paper[key] == pythia[key], key
+    for key in ("cka_threshold", "early_fraction", "per_weight_threshold", "per_grad_fraction"):
+        assert paper["mcc"][key] == pythia["mcc"][key], key  # the paper's numbers
+    # Table 1 as the paper's code defined it: CKA > 0.45 at the step nearest 10 %, head_dim
+    # PER > 0.95 (a fixed value)
+    assert paper["mcc"]["comparison"] == "greater" and paper["mcc"]["early_step"] == "nearest"
+    assert paper["mcc"]["per_quantity"] == "per_head_dim"
+    assert paper["mcc"]["weight_threshold"] == "absolute"
     assert paper["extraction"]["attention_activation"] == "paper_code"
     assert paper["extraction"]["gradient_protocol"] == "paper_code"
     assert paper["metrics"]["per_divisor"] == "head_dim" and paper["metrics"]["per_truncate"]
@@ -56,6 +63,8 @@ BAD = [
      ["extraction.attention_activation", "'values'", "residual_write, paper_code"]),
     ("extraction.gradient_protocol", "train",
      ["extraction.gradient_protocol", "'train'", "eval_batch, paper_code"]),
+    ("mcc.per_quantity", "rank", ["mcc.per_quantity", "'rank'", "per_normalized"]),
+    ("mcc.early_step", "first", ["mcc.early_step", "'first'", "at_or_before, nearest"]),
 ]
 
 

@@ -36,7 +36,12 @@ def job(rule: str, **wildcards: object) -> Job:
 
 def downstream_of_metrics() -> set[Job]:
     """Jobs that read the combined metrics: the combine itself, every figure, Table 1."""
-    return {job("combine"), job("mcc_table"), *(job("figure", figure=f) for f in FIGURES)}
+    return {job("combine"), *table1_jobs(), *(job("figure", figure=f) for f in FIGURES)}
+
+
+def table1_jobs() -> set[Job]:
+    """Table 1 and its threshold-sensitivity figure."""
+    return {job("mcc_table"), job("mcc_sensitivity")}
 
 
 def downstream_of_stores() -> set[Job]:
@@ -133,6 +138,11 @@ def test_changing_a_figure_option_redraws_only_the_figures(finished):
                     *(job("stats_figure", stat_figure=f) for f in STATS_FIGURES)}
 
 
+def test_changing_a_table1_option_redoes_only_table1(finished):
+    jobs = plan(finished, "--config", "mcc={early_step: nearest, per_quantity: per_head_dim}")
+    assert jobs == table1_jobs()
+
+
 def test_editing_a_plotting_module_redraws_figures_and_never_extracts(finished, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(REPO / "src", src, ignore=shutil.ignore_patterns("__pycache__"))
@@ -143,6 +153,7 @@ def test_editing_a_plotting_module_redraws_figures_and_never_extracts(finished, 
     module.write_text(module.read_text() + "\n# an edit of the plotting code\n")
     jobs = plan(finished, "--rerun-triggers", "mtime", pythonpath=src)
     assert jobs == {job("training_loss"), *(job("figure", figure=f) for f in FIGURES),
+                    job("mcc_sensitivity"),
                     *(job("stats_figure", stat_figure=f) for f in STATS_FIGURES)}
     # With every default trigger too (here the code's path changed as well), no extraction,
     # training or reduction.

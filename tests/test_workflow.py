@@ -89,6 +89,20 @@ def test_mcc_table_has_every_size_and_parameter(tiny_run):
     assert len(mcc) == 4 * len(TINY["sizes"])
     undefined = mcc[mcc.mcc.isna()]
     assert undefined.undefined_reason.notna().all()
+    # issue 18: the default definitions give defined weight cells for at least two sizes,
+    # every defined cell has a bootstrap interval that holds its value
+    weights = mcc[(mcc.parameter == "weights") & mcc.mcc.notna()]
+    for label in ("θ_att", "θ_mlp"):
+        assert (weights.label == label).sum() >= 2, mcc
+    defined = mcc[mcc.mcc.notna()]
+    assert defined[["mcc_low", "mcc_high"]].notna().all().all(), defined
+    assert (defined.mcc_low <= defined.mcc + 1e-12).all()
+    assert (defined.mcc <= defined.mcc_high + 1e-12).all()
+    assert (defined.early_step == 32).all()  # the last step by 10 % of 512 (51.2)
+    text = (tiny_run / RESULTS / "tables/mcc.md").read_text(encoding="utf-8")
+    assert "at or before 0.1 × final step 512" in text and "`per_normalized`" in text
+    for ext in ("png", "pdf"):
+        assert (tiny_run / RESULTS / f"figures/mcc_sensitivity.{ext}").stat().st_size > 1000
 
 
 def test_logs_and_benchmarks_per_job(tiny_run):

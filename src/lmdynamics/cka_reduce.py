@@ -11,7 +11,9 @@ For one size, from its per-pair stores (one per step), per (component, layer):
   percentile interval at ``bootstrap_level`` from resampling *sequences*
   (:mod:`lmdynamics.bootstrap`), and ``<var>_layer_mean_low`` / ``_high`` (component, step),
   the interval of the mean over layers (what figure 2 draws: every layer is evaluated on the
-  same resamples, so the mean's distribution is the distribution of the per-resample means);
+  same resamples, so the mean's distribution is the distribution of the per-resample means),
+  and ``<var>_resamples`` (component, layer, step, resample), every resample's value (not
+  for the standardised variants), from which Table 1 draws its MCC intervals;
 - with ``standardize``: the same variables for per-dimension standardised activations, named
   with ``_standardized`` after the estimator (``cka_standardized``,
   ``cka_debiased_standardized_low``, ...);
@@ -147,6 +149,11 @@ def cka_dataset(activations: dict[int, xr.DataArray], sequences: np.ndarray, *,
         if boot:
             data.update(_intervals(name, values, resamples[est, standardized],
                                    options.bootstrap_level, size))
+            if not standardized:  # Table 1's intervals relabel layers on every resample
+                data[name + "_resamples"] = (
+                    ("component", "layer", "step", "resample"), resamples[est, standardized],
+                    {"long_name": f"linear CKA ({est}) vs final step on each bootstrap "
+                                  "resample of sequences"})
     for est, values in pair.items():
         data[cka_variable(est) + "_pairwise"] = (
             ("component", "layer", "step", "step_ref"), values,

@@ -281,30 +281,43 @@ def _figure(a: argparse.Namespace) -> None:
                   estimator=a.cka_estimator, x_axis=a.x_axis)
 
 
+#: Fields of lmdynamics.tables.MCCOptions (checked there); unset ones keep its defaults.
+_MCC_NUMBERS = ("cka_threshold", "early_fraction", "per_weight_threshold", "per_grad_fraction")
+_MCC_CHOICES = ("early_step", "per_quantity", "weight_threshold", "reference",
+                "comparison")
+
+
 def _mcc_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics", type=Path, required=True)
-    p.add_argument("--cka-threshold", type=float, default=0.45)
-    p.add_argument("--early-fraction", type=float, default=0.1)
-    p.add_argument("--per-weight-threshold", type=float, default=0.95)
-    p.add_argument("--per-grad-fraction", type=float, default=0.9)
+    for name in _MCC_NUMBERS + _MCC_CHOICES:
+        p.add_argument("--" + name.replace("_", "-"), dest=name, default=argparse.SUPPRESS,
+                       type=float if name in _MCC_NUMBERS else str)
     p.add_argument("--cka-estimator", default="biased", help="biased | debiased")
-    p.add_argument("--csv", type=Path, required=True)
-    p.add_argument("--md", type=Path, required=True)
+    p.add_argument("--csv", type=Path)
+    p.add_argument("--md", type=Path)
+    p.add_argument("--sensitivity-stem", type=Path,
+                   help="draw the threshold-sensitivity figure to <stem>.png/.pdf")
 
 
 @command("mcc", _mcc_args)
 def _mcc(a: argparse.Namespace) -> None:
     from lmdynamics.figures_cka import select_cka
     from lmdynamics.store import open_store
-    from lmdynamics.tables import mcc_table, write_mcc_table
+    from lmdynamics.tables import MCCOptions, mcc_table, write_mcc_table
 
+    if not (a.csv and a.md) and not a.sensitivity_stem:
+        raise ValueError("mcc: give --csv and --md (the table) and/or --sensitivity-stem")
     ds = select_cka(open_store(a.metrics).load(), a.cka_estimator)
-    table = mcc_table(ds, cka_threshold=a.cka_threshold,
-                      early_fraction=a.early_fraction,
-                      per_weight_threshold=a.per_weight_threshold,
-                      per_grad_fraction=a.per_grad_fraction)
-    table.attrs["thresholds"]["cka_estimator"] = a.cka_estimator
-    write_mcc_table(table, a.csv, a.md)
+    options = MCCOptions(**{k: v for k, v in vars(a).items()
+                            if k in _MCC_NUMBERS + _MCC_CHOICES})
+    if a.csv and a.md:
+        table = mcc_table(ds, options)
+        table.attrs["thresholds"]["cka_estimator"] = a.cka_estimator
+        write_mcc_table(table, a.csv, a.md)
+    if a.sensitivity_stem:
+        from lmdynamics.figures_mcc import mcc_sensitivity
+
+        mcc_sensitivity(ds, a.sensitivity_stem, options)
 
 
 def _reduce_stats_args(p: argparse.ArgumentParser) -> None:

@@ -33,7 +33,7 @@ from lmdynamics.figures import (
 
 #: Suffixes of the variables that belong to one CKA estimator (see lmdynamics.cka_reduce).
 CKA_SUFFIXES: tuple[str, ...] = ("", "_low", "_high", "_layer_mean_low", "_layer_mean_high",
-                                 "_pairwise")
+                                 "_pairwise", "_resamples")
 #: Figure names that draw the standardised variant of a base figure.
 STANDARDIZED_SUFFIX = "_standardized"
 PAIRWISE_CMAP = "viridis"

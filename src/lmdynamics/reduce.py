@@ -24,10 +24,11 @@ from lmdynamics.flags import (
     set_flagged,
     split_flags,
     stack_flags,
+    warn,
     warn_nan_metrics,
 )
 from lmdynamics.heap import reuse_freed_memory
-from lmdynamics.metrics import per_divisor, proportional_effective_rank
+from lmdynamics.metrics import per_divisor, proportional_effective_rank, random_gaussian_per
 from lmdynamics.store import (
     DigestedReader,
     IncompleteStoreError,
@@ -155,10 +156,48 @@ def _agree(stores: dict[int, xr.Dataset], ref: xr.Dataset, what: str, value: Cal
 def _per(ds: xr.Dataset, var: str, divisor_kind: str, truncate: bool = True) -> np.ndarray:
     sv = ds[var].values.astype(np.float64)  # (component, layer, k)
     n_comp, n_layers, k = sv.shape
-    div = per_divisor(divisor_kind, n_singular_values=k, hidden_size=ds.attrs["hidden_size"],
-                      num_attention_heads=ds.attrs["num_attention_heads"])
+    div = _divisor(ds, divisor_kind, k)
     return np.array([[proportional_effective_rank(sv[c, i], div, truncate=truncate)
                       for i in range(n_layers)] for c in range(n_comp)])
+
+
+def _divisor(ds: xr.Dataset, divisor_kind: str, k: int) -> int:
+    return per_divisor(divisor_kind, n_singular_values=k, hidden_size=ds.attrs["hidden_size"],
+                       num_attention_heads=ds.attrs["num_attention_heads"])
+
+
+def write_matrix_shape(component: str, attrs: dict) -> tuple[int, int] | None:
+    """Shape of a component's write matrix: ``attention.dense`` (hidden, hidden) and
+    ``mlp.dense_4h_to_h`` (hidden, intermediate_size); None when the store's attrs lack it."""
+    hidden = attrs.get("hidden_size")
+    other = {"attention": hidden, "mlp": attrs.get("intermediate_size")}.get(component)
+    return None if hidden is None or other is None else (int(hidden), int(other))
+
+
+def per_baseline(ref: xr.Dataset, components: Sequence[str], divisor_kind: str,
+                 truncate: bool) -> xr.Dataset:
+    """``per_random`` / ``per_random_se`` (component,): PER of a Gaussian write matrix.
+
+    The same shape, divisor and truncation as the measured PER
+    (:func:`~lmdynamics.metrics.random_gaussian_per`, seeded, cached per shape); NaN with a
+    warning when the store's attrs do not give the shape (``intermediate_size``).
+    """
+    k = ref["weight_singular_values"].sizes["k"]
+    mean, se = np.full(len(components), np.nan), np.full(len(components), np.nan)
+    for ci, comp in enumerate(components):
+        shape = write_matrix_shape(comp, ref.attrs)
+        if shape is None or min(shape) != k:
+            warn(f"per_random is NaN (undefined) for size {ref.attrs.get('size')} {comp}: "
+                 f"the write matrix's shape is unknown (store attrs give {shape}, {k} "
+                 "singular values)")
+            continue
+        base = random_gaussian_per(shape, _divisor(ref, divisor_kind, k), truncate=truncate)
+        mean[ci], se[ci] = base.mean, base.stderr
+    desc = "PER of an i.i.d. Gaussian matrix of the write matrix's shape (same divisor)"
+    return xr.Dataset(
+        {"per_random": (("component",), mean, {"long_name": desc + ", Monte-Carlo mean"}),
+         "per_random_se": (("component",), se, {"long_name": "its standard error"})},
+        coords={"component": np.array(components, dtype=object)})
 
 
 def reduce_size(paths: Sequence[Path | str], out: Path | str, *, final_step: int,
@@ -204,11 +243,21 @@ def reduce_size(paths: Sequence[Path | str], out: Path | str, *, final_step: int
                       for s in steps], axis=-1)
     per_g = np.stack([_per(stores[s], "grad_singular_values", per_divisor_kind, per_truncate)
                       for s in steps], axis=-1)
+    head_w = np.stack([_per(stores[s], "weight_singular_values", "head_dim")
+                       for s in steps], axis=-1)
+    head_g = np.stack([_per(stores[s], "grad_singular_values", "head_dim")
+                       for s in steps], axis=-1)
+    baseline = per_baseline(ref, [str(c) for c in cka.component.values], per_divisor_kind,
+                            per_truncate)
     flags = flag_nonfinite(stores, {s: ~f for s, f in finite.items()})
     dims = ("component", "layer", "step")
     ds = xr.Dataset(
         {"per_weight": (dims, per_w, {"long_name": "proportional effective rank of weights"}),
          "per_grad": (dims, per_g, {"long_name": "proportional effective rank of gradients"}),
+         "per_weight_head_dim": (dims, head_w, {"long_name": "PER of weights, top head_dim "
+                                                "singular values / head_dim (paper's code)"}),
+         "per_grad_head_dim": (dims, head_g, {"long_name": "PER of gradients, top head_dim "
+                                              "singular values / head_dim (paper's code)"}),
          "eval_loss": (("step",), np.array([float(stores[s].loss) for s in steps]),
                        {"units": "nats/token"}),
          "flag_nonfinite": (dims, flags, {"description": "NaN or inf in the layer's "
@@ -222,9 +271,13 @@ def reduce_size(paths: Sequence[Path | str], out: Path | str, *, final_step: int
                "model": ref.attrs["model"]},
     )
     ds["flag_duplicate"] = duplicate_flag(stores)
+    ds = ds.merge(baseline)
+    for var in ("per_weight", "per_grad"):
+        ds[f"{var}_normalized"] = (ds[var] / ds["per_random"]).transpose(*dims).assign_attrs(
+            long_name=f"{var} / per_random (1 = as spread as a random Gaussian matrix)")
     ds = xr.merge([cka, ds], combine_attrs="no_conflicts")
     ds = ds[["cka", *sorted(v for v in map(str, ds.data_vars) if v != "cka")]]
-    warn_nan_metrics(ds, ("per_weight", "per_grad"))
+    warn_nan_metrics(ds, ("per_weight", "per_grad", "per_weight_head_dim", "per_grad_head_dim"))
     write_store(ds, out)
     log.info("reduced %d steps of size %s into %s", len(steps), ref.attrs["size"], out)
     return ds

@@ -38,6 +38,13 @@ REPORT_CATEGORIES = {
     "figure6": "Figure 6: pairwise CKA between steps",
     "figure2_standardized": "Figure 2 with standardised dimensions",
 }
+# Table 1's definitions as `lmdynamics mcc` arguments, one list item each (the rules quote
+# each one): --cka-threshold 0.45 ..., sorted by key.
+MCC_OPTIONS = [
+    arg
+    for key, value in sorted(config["mcc"].items())
+    for arg in (f"--{key.replace('_', '-')}", value)
+]
 # GPUs one extraction job asks for: `--resources gpu=N` locally, `--gpus=1` on SLURM.
 EXTRACTION_GPUS = 0 if config["extraction"]["device"] == "cpu" else 1
 
@@ -147,6 +154,8 @@ def all_outputs():
         f"{RESULTS}/tables/mcc.csv",
         f"{RESULTS}/tables/mcc.md",
         f"{RESULTS}/tables/checkpoint_audit.csv",
+        f"{RESULTS}/figures/mcc_sensitivity.png",
+        f"{RESULTS}/figures/mcc_sensitivity.pdf",
     ]
     outputs += expand(
         f"{RESULTS}/figures/{{figure}}.{{ext}}", figure=FIGURES, ext=["png", "pdf"]

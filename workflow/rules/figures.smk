@@ -44,12 +44,36 @@ rule mcc_table:
     conda:
         ENV
     params:
-        mcc=config["mcc"],
+        options=MCC_OPTIONS,
         cka_estimator=config["metrics"]["cka_estimator"],
     shell:
         "lmdynamics mcc --metrics {input.metrics:q} --cka-estimator {params.cka_estimator:q}"
-        " --cka-threshold {params.mcc[cka_threshold]:q}"
-        " --early-fraction {params.mcc[early_fraction]:q}"
-        " --per-weight-threshold {params.mcc[per_weight_threshold]:q}"
-        " --per-grad-fraction {params.mcc[per_grad_fraction]:q}"
-        " --csv {output.csv:q} --md {output.md:q} > {log:q} 2>&1"
+        " {params.options:q} --csv {output.csv:q} --md {output.md:q} > {log:q} 2>&1"
+
+
+rule mcc_sensitivity:
+    input:
+        metrics=f"{RESULTS}/metrics.zarr",
+        code=package_sources("tables", "figures_mcc", "figures", "figures_cka"),
+    output:
+        png=report(
+            f"{RESULTS}/figures/mcc_sensitivity.png",
+            caption="../report/mcc_sensitivity.rst",
+            category="Table 1: Matthews correlation, early convergence vs large PER",
+            labels={
+                "result": "Table 1 threshold sensitivity",
+                "file": "figures/mcc_sensitivity.png (also .pdf)",
+            },
+        ),
+        pdf=f"{RESULTS}/figures/mcc_sensitivity.pdf",
+    log:
+        f"{RESULTS}/logs/mcc_sensitivity.log",
+    conda:
+        ENV
+    params:
+        options=MCC_OPTIONS,
+        cka_estimator=config["metrics"]["cka_estimator"],
+        stem=lambda wc, output: os.path.splitext(output.png)[0],
+    shell:
+        "lmdynamics mcc --metrics {input.metrics:q} --cka-estimator {params.cka_estimator:q}"
+        " {params.options:q} --sensitivity-stem {params.stem:q} > {log:q} 2>&1"
