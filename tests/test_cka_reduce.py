@@ -15,7 +15,7 @@ import xarray as xr
 from cka_reference import biased_cka_gram, debiased_cka_gram
 from lmdynamics import figures
 from lmdynamics.cka_reduce import CKAOptions
-from lmdynamics.cli import main
+from lmdynamics.cli import run
 from lmdynamics.extract import extract_checkpoint
 from lmdynamics.figures_cka import render_figure, select_cka
 from lmdynamics.metrics import effective_rank, proportional_effective_rank
@@ -221,14 +221,14 @@ def test_figures_from_the_combined_store(reduced, tmp_path, monkeypatch, name, e
 
 def test_reduce_command_line(stores, tmp_path):
     out = tmp_path / "cli.zarr"
-    main(["reduce", *map(str, stores), "--final-step", str(FINAL), "--per-truncate", "false",
+    run(["reduce", *map(str, stores), "--final-step", str(FINAL), "--per-truncate", "false",
           "--standardize", "yes", "--bootstrap-samples", "30", "--bootstrap-level", "0.8",
           "--seed", "1", "--out", str(out)])
     ds = open_store(out)
     assert ds.attrs["per_truncate"] is False and ds.attrs["standardize"] is True
     assert ds.attrs["bootstrap_level"] == 0.8 and "cka_debiased_standardized_low" in ds
     with pytest.raises(SystemExit):
-        main(["reduce", str(stores[0]), "--final-step", "8", "--standardize", "maybe",
+        run(["reduce", str(stores[0]), "--final-step", "8", "--standardize", "maybe",
               "--out", str(out)])
     with pytest.raises(ValueError, match=r"metrics.bootstrap.level=1.5.*\(0, 1\)"):
         CKAOptions(bootstrap_level=1.5)

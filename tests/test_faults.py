@@ -1,7 +1,8 @@
 """Faults without a DAG: broken stores, untrusted checkpoints, diverged (NaN/inf) checkpoints.
 
-Everything goes through the package's command line (``lmdynamics.cli.main``, the entry point
-of the ``lmdynamics`` command the rules call) or, once per kind, a real subprocess.
+Everything goes through the package's command line (``lmdynamics.cli.run``: what the
+``lmdynamics`` command runs, without its one-line error report) or, once per kind, a real
+subprocess.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import xarray as xr
 from conftest import REPO
 from faultlib import BROKEN_STORES, FINAL, HOSTILE_STORES, STEPS, TOKENS, copy_stores, extract
 from lmdynamics import checkpoints as ck
-from lmdynamics.cli import main, run
+from lmdynamics.cli import run
 from lmdynamics.figures import FIGURES, render
 from lmdynamics.flags import set_flagged
 from lmdynamics.metrics import proportional_effective_rank, singular_values
@@ -44,7 +45,7 @@ def good_stores(tmp_path_factory) -> Path:
 
 
 def _reduce(stores: list[Path], out: Path) -> None:
-    main(["reduce", *map(str, stores), "--final-step", str(FINAL), "--out", str(out)])
+    run(["reduce", *map(str, stores), "--final-step", str(FINAL), "--out", str(out)])
 
 
 # --------------------------------------------------------------------------- broken stores
@@ -246,7 +247,7 @@ def test_diverged_step_is_flagged_and_its_metrics_are_nan(diverged, tmp_path, ca
     assert "per_grad is NaN (undefined) for size s step 4 attention layer 0" in caplog.text
     assert "CKA undefined" in caplog.text and "step 4 mlp layer 1" in caplog.text
     # combined: flags aggregated over (size, step), the step flagged, CSV keeps NaN rows
-    main(["combine", str(tmp_path / "s.zarr"), "--out-zarr", str(tmp_path / "m.zarr"),
+    run(["combine", str(tmp_path / "s.zarr"), "--out-zarr", str(tmp_path / "m.zarr"),
           "--out-csv", str(tmp_path / "m.csv")])
     combined = open_store(tmp_path / "m.zarr").load()
     assert combined.flag_nonfinite.dims == ("size", "step")

@@ -19,7 +19,7 @@ import xarray as xr
 import zarr
 
 from faultlib import FINAL, STEPS, _flip_byte, _rewrite, copy_stores, extract
-from lmdynamics.cli import main
+from lmdynamics.cli import run
 from lmdynamics.store import (
     ATTRS_DIGEST_ATTR,
     DIGESTS_ATTR,
@@ -40,7 +40,7 @@ def good_stores(tmp_path_factory):
 
 
 def _reduce(stores, out) -> None:
-    main(["reduce", *map(str, stores), "--final-step", str(FINAL), "--out", str(out)])
+    run(["reduce", *map(str, stores), "--final-step", str(FINAL), "--out", str(out)])
 
 
 def _assert_one_line_naming(message: str, store, fragment: str) -> None:
@@ -105,7 +105,7 @@ def test_damaged_metrics_store_is_refused_by_combine(good_stores, tmp_path):
     _reduce(stores, metrics)
     _flip_byte(metrics, "cka", 0)
     with pytest.raises(IncompleteStoreError) as info:
-        main(["combine", str(metrics), "--out-zarr", str(tmp_path / "m.zarr"),
+        run(["combine", str(metrics), "--out-zarr", str(tmp_path / "m.zarr"),
               "--out-csv", str(tmp_path / "m.csv")])
     _assert_one_line_naming(str(info.value), metrics, "array 'cka' has a damaged chunk")
     assert not (tmp_path / "m.zarr").exists() and not (tmp_path / "m.csv").exists()
@@ -154,7 +154,7 @@ def test_extract_refuses_an_eval_batch_that_is_not_2d_integers(good_stores, tmp_
         np.save(path, BAD_BATCHES[case](batch))
     out = tmp_path / "out" / "step0.zarr"
     with pytest.raises(TokenArrayError) as info:
-        main(["extract", "--checkpoint", str(good_stores.parent / "ck" / "step0"),
+        run(["extract", "--checkpoint", str(good_stores.parent / "ck" / "step0"),
               "--eval-batch", str(path), "--tokens", "8", "--size", "s", "--step", "0",
               "--model", "m", "--revision", "step0", "--out", str(out)])
     message = str(info.value)

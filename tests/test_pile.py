@@ -142,10 +142,10 @@ GRADIENT_BYTES = 2 * 128 * 2049 * 2
 def _gradient_batches(tmp_path, step: int, *extra: str):
     import json
 
-    from lmdynamics.cli import main
+    from lmdynamics.cli import run
 
     out, record = tmp_path / f"step{step}.npy", tmp_path / f"step{step}.json"
-    main(["gradient-batches", "--source", "hub", "--step", str(step), "--retries", "1",
+    run(["gradient-batches", "--source", "hub", "--step", str(step), "--retries", "1",
           "--backoff", "0.01", *extra, "--out", str(out), "--record", str(record)])
     return np.load(out), json.loads(record.read_text())
 

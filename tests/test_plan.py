@@ -10,7 +10,7 @@ import yaml
 from conftest import REPO
 from hub_server import HubServer, add_pythia, checkpoint_files, use_endpoint
 from lmdynamics import plan as pl
-from lmdynamics.cli import main
+from lmdynamics.cli import run
 from lmdynamics.config import ConfigError, check_config
 
 SCHEMA = REPO / "workflow/schemas/config.schema.yaml"
@@ -70,7 +70,7 @@ def test_tiny_suite_plan_downloads_nothing():
 
 def test_plan_command_prints_the_table(capsys, monkeypatch):
     monkeypatch.chdir(REPO)
-    assert main(["plan", "--configfile", "config/config.yaml", "--offline"]) == 0
+    run(["plan", "--configfile", "config/config.yaml", "--offline"])
     out = capsys.readouterr().out
     assert "plan for config/config.yaml" in out and "2.8b" in out and "total" in out
 
