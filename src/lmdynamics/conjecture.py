@@ -154,14 +154,16 @@ class ReferenceWeights:
 class ResidualRecorder:
     """Forward hooks on every GPT-NeoX block: the residual stream after each block.
 
-    Records max |x| over every position of the batch (``max_abs``, (L,)) and the block
-    output at the sampled positions (``sampled()``, (L, N, D) float32 on CPU). Pass
-    :meth:`hooks` as ``extra_hooks`` to :func:`lmdynamics.passes.run_pass`.
+    Records max |x| over every position of the batch (:attr:`max_abs`, (L,), NaN when the
+    block's output holds a NaN) and the block output at the sampled positions
+    (:meth:`sampled`, (L, N, D) float32 on CPU). Pass :meth:`hooks` as ``extra_hooks`` to
+    :func:`lmdynamics.passes.run_pass`. Both stay on the model's device until read, so the
+    hooks never wait for the GPU.
     """
 
     def __init__(self, model: torch.nn.Module):
         self.blocks = list(model.gpt_neox.layers)
-        self.max_abs = np.zeros(len(self.blocks))
+        self._max: list[torch.Tensor | None] = [None] * len(self.blocks)
         self._sampled: list[list[torch.Tensor]] = [[] for _ in self.blocks]
 
     def hooks(self, seq: torch.Tensor, pos: torch.Tensor, first: bool = False) -> list[Any]:
@@ -169,7 +171,7 @@ class ResidualRecorder:
         positions; ``first``: a new pass starts, forget what was recorded); returns the
         handles, which the caller removes."""
         if first:
-            self.max_abs[:] = 0.0
+            self._max = [None] * len(self.blocks)
             self._sampled = [[] for _ in self.blocks]
         return [block.register_forward_hook(self._hook(i, seq, pos))
                 for i, block in enumerate(self.blocks)]
@@ -177,15 +179,21 @@ class ResidualRecorder:
     def _hook(self, i: int, seq: torch.Tensor, pos: torch.Tensor) -> Callable:
         def hook(_module, _inputs, output):
             hidden = (output[0] if isinstance(output, tuple) else output).detach()
-            self.max_abs[i] = max(self.max_abs[i], float(hidden.abs().max().float()))
-            if torch.isnan(hidden).any():
-                self.max_abs[i] = np.nan
-            self._sampled[i].append(hidden[seq, pos].to("cpu", torch.float32))
+            # amax and maximum propagate NaN: a NaN anywhere makes the layer's maximum NaN
+            peak = hidden.abs().amax().float()
+            self._max[i] = peak if self._max[i] is None else torch.maximum(self._max[i], peak)
+            self._sampled[i].append(hidden[seq, pos])
         return hook
+
+    @property
+    def max_abs(self) -> np.ndarray:
+        """(L,) float64: max |x| of each block's output over the batch (0 before a pass)."""
+        return np.array([0.0 if m is None else float(m) for m in self._max], dtype=np.float64)
 
     def sampled(self) -> np.ndarray:
         """Block outputs at the sampled positions, (L, N, D) float32."""
-        return np.stack([torch.cat(parts).numpy() for parts in self._sampled])
+        return np.stack([torch.cat(parts).to("cpu", torch.float32).numpy()
+                         for parts in self._sampled])
 
 
 def shape_row(summary: dict[str, Any] | None) -> np.ndarray:

@@ -68,15 +68,30 @@ def nonfinite_flags(result: Extraction) -> dict[str, np.ndarray]:
 
 
 def _capture(buffer: list[list[torch.Tensor]], seq: torch.Tensor,
-             pos: torch.Tensor, finite: list[bool] | None = None,
+             pos: torch.Tensor, finite: list[torch.Tensor] | None = None,
              transform: Callable | None = None) -> Callable:
+    """A forward hook appending the output's sampled rows to ``buffer`` and whether the whole
+    output is finite to ``finite``, both left on the model's device: nothing here waits for
+    the GPU (a ``bool()`` or a host copy per layer would synchronise it 2L times per pass);
+    :func:`_host_rows` and :func:`_all_true` bring them over once the pass is done."""
     def hook(_module, _inputs, output):
         out = output.detach()
         if finite is not None:
-            finite.append(bool(torch.isfinite(out).all()))
+            finite.append(torch.isfinite(out).all())
         out = out[seq, pos]
-        buffer.append((out if transform is None else transform(out)).to("cpu", torch.float32))
+        buffer.append(out if transform is None else transform(out))
     return hook
+
+
+def _host_rows(parts: list[torch.Tensor]) -> np.ndarray:
+    """Captured rows of one layer, concatenated over micro-batches, as float32 on the host
+    (exact for float16/bfloat16 models: float32 holds every such value)."""
+    return torch.cat(parts).to("cpu", torch.float32).numpy()
+
+
+def _all_true(flags: list[torch.Tensor]) -> bool:
+    """Whether every captured device boolean is true (one host transfer)."""
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 def hook_targets(model: torch.nn.Module, attention_activation: str = "residual_write"
@@ -118,7 +133,7 @@ def run_pass(model: torch.nn.Module, batch: torch.Tensor, seq_idx: np.ndarray,
     model.zero_grad(set_to_none=True)
     captured: dict[tuple[str, int], list[torch.Tensor]] = {
         (c, i): [] for c in COMPONENTS for i in range(n_layers)}
-    finite: dict[tuple[str, int], list[bool]] = {key: [] for key in captured}
+    finite: dict[tuple[str, int], list[torch.Tensor]] = {key: [] for key in captured}
     loss_total = 0.0
     grads: dict[tuple[str, int], torch.Tensor] = {}
     for start in range(0, n_seq, micro):
@@ -142,7 +157,7 @@ def run_pass(model: torch.nn.Module, batch: torch.Tensor, seq_idx: np.ndarray,
         finally:
             for h in handles:
                 h.remove()
-    acts = np.stack([np.stack([torch.cat(captured[(c, i)]).numpy() for i in range(n_layers)])
+    acts = np.stack([np.stack([_host_rows(captured[(c, i)]) for i in range(n_layers)])
                      for c in COMPONENTS])
     # one batched call per component (layers stacked: same shape)
     w_sv = np.stack([singular_values(torch.stack([m.weight.detach() for m in modules[c]]))
@@ -164,7 +179,7 @@ def run_pass(model: torch.nn.Module, batch: torch.Tensor, seq_idx: np.ndarray,
 
     return Extraction(
         acts, w_sv, g_sv, loss_total,
-        nonfinite_activations=np.array([[not all(finite[(c, i)]) for i in range(n_layers)]
+        nonfinite_activations=np.array([[not _all_true(finite[(c, i)]) for i in range(n_layers)]
                                         for c in COMPONENTS], dtype=bool),
         nonfinite_weights=nonfinite(lambda m: bool(torch.isfinite(m.weight).all())),
         nonfinite_grads=~grad_finite)
