@@ -428,8 +428,10 @@ def bench_dag(a: argparse.Namespace, root: Path) -> None:
             shutil.copy(src, work / name)
     cmd = ["snakemake", "--cores", str(a.cores), "--configfile", "config/tiny.yaml",
            "--quiet", "rules"]
-    if a.quick:
-        cmd += ["--config", 'sizes=["42k"]', "steps=[0,64,512]", "tokens=256"]
+    if a.quick:  # (--config would pass the steps as strings)
+        (work / "config/quick.yaml").write_text(
+            'sizes: ["42k"]\nsteps: [0, 64, 512]\ntokens: 256\n')
+        cmd[5:5] = ["config/quick.yaml"]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     for name in ("OMP_WAIT_POLICY", *THREAD_VARIABLES):  # the jobs get Snakemake's own
         env.pop(name, None)

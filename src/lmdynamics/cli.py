@@ -164,9 +164,10 @@ def pin_threads(threads: int | None) -> None:
     only torch's own counts change). One pass alternates torch kernels (OpenMP threads) with
     numpy's LAPACK and BLAS (OpenBLAS's own threads); by default each runtime's idle threads
     spin, waiting for more work, while the other runtime's run. On a machine whose cores are
-    all busy those spinning threads take the cores the working ones need: an extraction of
-    the 70m shape with 2 threads took 10x its time at a load of 10, a plain transformers pass
-    beside it 2x (benchmarks/RESULTS.md, "Contention"). So: ``OMP_WAIT_POLICY=PASSIVE``
+    all busy those spinning threads take the cores the working ones need: at a load average
+    of 10 on 2 cores, a 70m-shaped extraction with statistics took 119-256 s on 2 threads
+    with the libraries' defaults and 28 s pinned (benchmarks/RESULTS.md, "Contention").
+    So: ``OMP_WAIT_POLICY=PASSIVE``
     (OpenMP threads sleep when idle; torch's pool restarts in microseconds), every BLAS/OpenMP
     pool at ``threads``, and one inter-op thread (the passes never run operators side by
     side). A variable the user set already is kept. ``None`` or 0 changes nothing.
