@@ -32,17 +32,36 @@ One run measures and prints, as ratios against rates measured in the same run:
 3. The same CKA (both estimators, each step against the final one) through a straightforward
    Gram-form implementation (N x N Gram matrices, as Kornblith et al.'s reference code):
    its time over ours.
-4. End-to-end wall time of the tiny DAG from an empty results/ (``--skip-dag`` leaves it out).
+4. End-to-end wall time of the tiny DAG from an empty results/ (``--skip-dag`` leaves it out),
+   against the sum of its jobs' work: the **overhead ratio** ``wall / (sum of work / cores)``
+   (1 would be a DAG with no per-job cost, perfectly packed). A job's work is its measured
+   time (Snakemake's ``benchmarks/<rule>/...`` file where the rule writes one, else the span
+   of its log's timestamps plus the time to its first log line) less its rule's **start
+   time**: a fresh ``python`` process importing what the rule's ``lmdynamics`` subcommand
+   imports, and exiting (median of 3; the subcommand's imports are read from its source).
+5. Contention (``--contention``): a plain transformers forward+backward pass and the
+   extraction's pass (with statistics) of a small Pythia-70m-shaped batch, each in a fresh
+   process on ``--threads`` threads, on the machine as it is and beside ``--load-procs`` busy
+   loops; each pass's slowdown under that load, with the threads left to the libraries'
+   defaults and pinned by :func:`lmdynamics.cli.pin_threads` (as ``lmdynamics extract`` and
+   this script do).
+
+Threads: this script pins its own threads like the workflow's commands do
+(:func:`lmdynamics.cli.pin_threads`, ``--threads``, default: every core), before numpy and
+torch load.
 
     python benchmarks/bench.py                       # CPU: 70m, float32, 8 x 2048
     python benchmarks/bench.py --quick               # a smoke run in about a minute
     python benchmarks/bench.py --arch 1.4b --device cuda --dtype bfloat16 --skip-dag
+    python benchmarks/bench.py --skip-extraction --skip-reduction --contention
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
+import inspect
 import logging
 import os
 import platform
@@ -51,27 +70,42 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from io import StringIO
 from pathlib import Path
 
-import numpy as np
-import torch
-import xarray as xr
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+from lmdynamics.cli import COMMANDS, THREAD_VARIABLES, pin_threads
 
-from lmdynamics.checkpoints import save_checkpoint
-from lmdynamics.cka_reduce import CKAOptions, cka_dataset
-from lmdynamics.conjecture import StatsOptions
-from lmdynamics.extract import (
+
+def _threads_argument(argv: list[str]) -> int:
+    """``--threads`` of the command line, before numpy and torch load (default: every core)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--_unpinned", action="store_true")
+    known, _ = p.parse_known_args(argv)
+    return 0 if known._unpinned else known.threads
+
+
+pin_threads(_threads_argument(sys.argv[1:]))
+
+import numpy as np  # noqa: E402  (after pin_threads: thread variables are read at load)
+import torch  # noqa: E402
+import xarray as xr  # noqa: E402
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM  # noqa: E402
+
+from lmdynamics.checkpoints import save_checkpoint  # noqa: E402
+from lmdynamics.cka_reduce import CKAOptions, cka_dataset  # noqa: E402
+from lmdynamics.conjecture import StatsOptions  # noqa: E402
+from lmdynamics.extract import (  # noqa: E402
     activation_encoding,
     extract_checkpoint,
     extraction_dataset,
     sample_token_positions,
 )
-from lmdynamics.passes import Extraction
-from lmdynamics.reduce import reduce_size
-from lmdynamics.store import write_store
+from lmdynamics.passes import Extraction  # noqa: E402
+from lmdynamics.reduce import reduce_size  # noqa: E402
+from lmdynamics.store import write_store  # noqa: E402
 
 #: Pythia architectures (hidden, layers, heads); vocab 50304, MLP 4x, rotary 25%.
 PYTHIA = {"70m": (512, 6, 8), "160m": (768, 12, 12), "410m": (1024, 24, 16),
@@ -94,9 +128,12 @@ def machine() -> str:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    pinned = ", ".join(f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", *THREAD_VARIABLES)
+                       if k in os.environ)
     return (f"{datetime.datetime.now().isoformat(timespec='minutes')}; CPU {cpu}, "
             f"{os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()}"
-            f" threads; GPU {gpu}; load average {load:.2f} at start")
+            f" threads ({torch.get_num_interop_threads()} inter-op; {pinned or 'not pinned'});"
+            f" GPU {gpu}; load average {load:.2f} at start")
 
 
 def _sync(device: str) -> None:
@@ -334,6 +371,52 @@ def bench_reduction(a: argparse.Namespace, root: Path) -> None:
 
 # -------------------------------------------------------------------------------- DAG
 
+def command_imports(name: str) -> str:
+    """The import statements of ``lmdynamics <name>``'s function, as source (its start cost)."""
+    func = COMMANDS[name][1]
+    tree = ast.parse(textwrap.dedent(inspect.getsource(func)))
+    return "\n".join(ast.unparse(node) for node in ast.walk(tree)
+                     if isinstance(node, (ast.Import, ast.ImportFrom)))
+
+
+def start_time(name: str | None, repeats: int = 3) -> float:
+    """Median wall time of a fresh process that imports ``lmdynamics.cli`` and then what
+    subcommand ``name`` imports (nothing more when None), and exits."""
+    code = "import lmdynamics.cli\n" + (command_imports(name) if name else "")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], env=env, check=True)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+_STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+
+
+def job_spans(results: Path, cli_start: float) -> list[tuple[str, str, float]]:
+    """(rule, subcommand, seconds) of every job of a finished run: its benchmark file's
+    wall time, else its log's first-to-last timestamp plus ``cli_start`` (the time to the
+    first log line)."""
+    spans = []
+    for log in sorted((results / "logs").rglob("*.log")):
+        rel = log.relative_to(results / "logs").with_suffix("")
+        lines = log.read_text(errors="replace").splitlines()
+        stamps = [datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f")
+                  for line in lines if (m := _STAMP.match(line))]
+        first = re.search(r"lmdynamics: lmdynamics (\S+)", lines[0]) if lines else None
+        if not stamps or first is None:
+            continue
+        bench = results / "benchmarks" / rel.with_suffix(".tsv")
+        if bench.is_file():
+            seconds = float(bench.read_text().splitlines()[1].split("\t")[0])
+        else:
+            seconds = (stamps[-1] - stamps[0]).total_seconds() + cli_start
+        spans.append((rel.parts[0], first.group(1), seconds))
+    return spans
+
+
 def bench_dag(a: argparse.Namespace, root: Path) -> None:
     work = root / "workflow"
     work.mkdir()
@@ -345,16 +428,98 @@ def bench_dag(a: argparse.Namespace, root: Path) -> None:
             shutil.copy(src, work / name)
     cmd = ["snakemake", "--cores", str(a.cores), "--configfile", "config/tiny.yaml",
            "--quiet", "rules"]
-    if a.quick:
-        cmd += ["--config", 'sizes=["42k"]', "steps=[0,64,512]", "tokens=256"]
+    if a.quick:  # (--config would pass the steps as strings)
+        (work / "config/quick.yaml").write_text(
+            'sizes: ["42k"]\nsteps: [0, 64, 512]\ntokens: 256\n')
+        cmd[5:5] = ["config/quick.yaml"]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    for name in ("OMP_WAIT_POLICY", *THREAD_VARIABLES):  # the jobs get Snakemake's own
+        env.pop(name, None)
+    load = os.getloadavg()[0]
     t = time.perf_counter()
     done = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t
     if done.returncode:
         sys.exit(f"tiny DAG failed:\n{done.stderr[-3000:]}")
+    cores = os.cpu_count() if a.cores == "all" else int(a.cores)
     print(f"\n## 4. tiny DAG from an empty results/ ({' '.join(cmd[:5])} ...): "
-          f"**{wall:.0f} s** wall")
+          f"**{wall:.0f} s** wall (load average {load:.2f} before, "
+          f"{os.getloadavg()[0]:.2f} after)")
+    cli_start = start_time(None)
+    spans = job_spans(work / "results/tiny", cli_start)
+    starts = {sub: start_time(sub) for sub in sorted({s for _, s, _ in spans})}
+    rules: dict[str, list[tuple[float, float]]] = {}
+    for rule, sub, seconds in spans:
+        rules.setdefault(rule, []).append((seconds, starts[sub]))
+    print(f"- per rule (python + `import lmdynamics.cli` alone: {cli_start:.2f} s): jobs, "
+          "start time (fresh process: imports, exit), median job time, work (job - start)")
+    total_work = total_jobs = 0.0
+    for rule, rows in sorted(rules.items()):
+        seconds = [s for s, _ in rows]
+        work_s = [max(s - st, 0.0) for s, st in rows]
+        total_work += sum(work_s)
+        total_jobs += sum(seconds)
+        print(f"  - {rule}: {len(rows)} jobs, start {rows[0][1]:.2f} s, job "
+              f"{np.median(seconds):.2f} s, work {sum(work_s):.1f} s in all")
+    print(f"- {len(spans)} jobs: {total_jobs:.0f} s of job time, {total_work:.0f} s of work "
+          f"({total_work / total_jobs:.0%}); **overhead ratio wall / (work / {cores} cores) "
+          f"= {wall / (total_work / cores):.2f}**")
+
+
+# ---------------------------------------------------------------------------- contention
+
+def contention_pass(kind: str, root: Path) -> dict[str, float]:
+    """One pass in this process (``--_pass``): ``plain`` (transformers' own loss and
+    backward) or ``extract`` (the extraction with statistics); seconds of the pass (and
+    the statistics)."""
+    batch = root / "batch.npy"
+    if kind == "plain":
+        model = GPTNeoXForCausalLM.from_pretrained(root / "mid", attn_implementation="sdpa")
+        ids = torch.from_numpy(np.load(batch)).long()[:, :-1]
+        t = time.perf_counter()
+        model(ids, labels=ids).loss.backward()
+        return {"pass": time.perf_counter() - t}
+    timed = timed_extract(root / "mid", batch, root / f"store-{os.getpid()}.zarr",
+                          StatsOptions(root / "step0", root / "final"), tokens=128)
+    return {"pass": timed["pass"] + timed["stats"], "wall": timed["wall"]}
+
+
+def bench_contention(a: argparse.Namespace, root: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    pythia_checkpoints("70m", root)
+    np.save(root / "batch.npy", np.random.default_rng(0).integers(0, 50304, (1, 257)))
+    print(f"\n## 5. contention: pythia-70m shape, 1 x 256 tokens, {a.threads} threads, "
+          f"alone and beside {a.load_procs} busy loops (load average "
+          f"{os.getloadavg()[0]:.2f} at start)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    for name in ("OMP_WAIT_POLICY", *THREAD_VARIABLES):  # as a shell without them
+        env.pop(name, None)
+
+    def run(kind: str, pinned: bool) -> float:
+        cmd = [sys.executable, __file__, "--_pass", kind, "--_root", str(root),
+               "--threads", str(a.threads)] + ([] if pinned else ["--_unpinned"])
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+        return float(out.stdout.strip().splitlines()[-1].split()[1])
+
+    rows = {}
+    for pinned in (False, True):
+        for kind in ("plain", "extract"):
+            alone = run(kind, pinned)
+            busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                    for _ in range(a.load_procs)]
+            try:
+                loaded = run(kind, pinned)
+            finally:
+                for proc in busy:
+                    proc.kill()
+                    proc.wait()
+            rows[pinned, kind] = (alone, loaded)
+            print(f"- {'pinned' if pinned else 'library defaults'}, {kind} pass: "
+                  f"{alone:.2f} s alone, {loaded:.2f} s loaded: **{loaded / alone:.2f}x**")
+    for pinned in (False, True):
+        (pa, pl), (ea, el) = rows[pinned, "plain"], rows[pinned, "extract"]
+        print(f"- {'pinned' if pinned else 'library defaults'}: the extraction's slowdown "
+              f"over the plain pass's **{(el / ea) / (pl / pa):.2f}**")
 
 
 def main() -> None:
@@ -378,7 +543,18 @@ def main() -> None:
     p.add_argument("--skip-dag", action="store_true")
     p.add_argument("--quick", action="store_true", help="smoke mode: 1 x 256 tokens, "
                    "5 steps x 1 layer of N=512, D=64, a reduced DAG")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="threads of this process (pinned before numpy and torch load)")
+    p.add_argument("--contention", action="store_true", help="run section 5")
+    p.add_argument("--load-procs", type=int, default=os.cpu_count() or 1,
+                   help="busy loops beside the contention passes")
+    p.add_argument("--_unpinned", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--_pass", choices=("plain", "extract"), help=argparse.SUPPRESS)
+    p.add_argument("--_root", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a._pass:
+        print(a._pass, contention_pass(a._pass, a._root)["pass"])
+        return
     if a.quick:
         a.sequences, a.seq_len, a.steps, a.reduce_layers = 1, 256, 5, 1
         a.reduce_tokens, a.reduce_dim, a.bootstrap = 512, 64, 50
@@ -392,6 +568,8 @@ def main() -> None:
             bench_reduction(a, root)
         if not a.skip_dag:
             bench_dag(a, root)
+        if a.contention:
+            bench_contention(a, root / "contention")
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 @command("train-tiny", _train_args)
 def _train(a: argparse.Namespace) -> None:
+    pin_threads(a.threads)
+
     from lmdynamics.tiny import train_tiny_model
 
     spec = {"hidden_size": a.hidden_size, "num_layers": a.num_layers, "num_heads": a.num_heads}
@@ -148,14 +150,50 @@ def _stats_options(a: argparse.Namespace):
                         spectrum_fit=tuple(a.stats_spectrum_fit), seed=a.seed)
 
 
+#: What sizes the thread pools of the libraries one process loads: OpenMP (torch's intra-op
+#: pool), OpenBLAS (numpy's BLAS and LAPACK), MKL, numexpr; Snakemake sets these to a job's
+#: ``threads`` (snakemake/shell.py). Each is read once, when its library loads.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "GOTO_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                    "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+def pin_threads(threads: int | None) -> None:
+    """Run this process's numerical work on ``threads`` threads, and let idle ones sleep.
+
+    Call it before numpy or torch is imported (the variables are read when they load; later
+    only torch's own counts change). One pass alternates torch kernels (OpenMP threads) with
+    numpy's LAPACK and BLAS (OpenBLAS's own threads); by default each runtime's idle threads
+    spin, waiting for more work, while the other runtime's run. On a machine whose cores are
+    all busy those spinning threads take the cores the working ones need: at a load average
+    of 10 on 2 cores, a 70m-shaped extraction with statistics took 119-256 s on 2 threads
+    with the libraries' defaults and 28 s pinned (benchmarks/RESULTS.md, "Contention").
+    So: ``OMP_WAIT_POLICY=PASSIVE``
+    (OpenMP threads sleep when idle; torch's pool restarts in microseconds), every BLAS/OpenMP
+    pool at ``threads``, and one inter-op thread (the passes never run operators side by
+    side). A variable the user set already is kept. ``None`` or 0 changes nothing.
+    """
+    if not threads:
+        return
+    if threads < 0:
+        raise ValueError(f"--threads {threads}: must be a positive integer")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    for name in THREAD_VARIABLES:
+        os.environ.setdefault(name, str(threads))
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set, or inter-op work already started in this process
+        pass
+
+
 @command("extract", _extract_args)
 def _extract(a: argparse.Namespace) -> None:
-    import torch
+    pin_threads(a.threads)
 
     from lmdynamics.extract import extract_checkpoint
 
-    if a.threads:
-        torch.set_num_threads(a.threads)
     extract_checkpoint(a.checkpoint, a.eval_batch, a.out, tokens=a.tokens, seed=a.seed,
                        size=a.size, step=a.step, model_name=a.model, revision=a.revision,
                        device=a.device, dtype=a.dtype, micro_batch=a.micro_batch,

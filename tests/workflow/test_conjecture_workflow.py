@@ -1,4 +1,5 @@
-"""The Conjecture statistics in the end-to-end tiny DAG (reuses the session's ``tiny_run``)."""
+"""The Conjecture statistics in the end-to-end DAG: on the session's ``mini_run`` (default
+test run) what holds for any suite, on ``tiny_run`` (slow) what needs the full training."""
 
 from __future__ import annotations
 
@@ -13,13 +14,12 @@ from conftest import REPO, snakemake
 from lmdynamics.conjecture_reduce import STAT_VARIABLES
 from lmdynamics.store import open_store
 
-pytestmark = pytest.mark.slow
-
 TINY = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
 RESULTS = "results/tiny"
 FIGURES = ["norms", "distance", "shape", "residual", "spectra", "embedding", "closeness"]
 
 
+@pytest.mark.slow
 def test_stats_store_and_figures(tiny_run):
     results = tiny_run / RESULTS
     for name in FIGURES:
@@ -48,24 +48,25 @@ def test_stats_store_and_figures(tiny_run):
     assert float(kurt.sel(step=final).mean()) > float(kurt.sel(step=0).mean())
 
 
-def test_per_pair_stores_carry_the_statistics(tiny_run):
-    size = TINY["sizes"][-1]
-    ds = xr.open_zarr(tiny_run / RESULTS / f"extract/{size}/step64.zarr", consolidated=False)
+def test_per_pair_stores_carry_the_statistics(mini_run):
+    config = mini_run.config
+    size, step = config["sizes"][-1], config["steps"][1]
+    ds = xr.open_zarr(mini_run.results / f"extract/{size}/step{step}.zarr", consolidated=False)
     assert all(v in ds for v in STAT_VARIABLES)
-    log = (tiny_run / RESULTS / f"logs/extract/{size}/step64.log").read_text()
+    log = (mini_run.results / f"logs/extract/{size}/step{step}.log").read_text()
     assert "Conjecture statistics in" in log
-    benchmarks = tiny_run / RESULTS / "benchmarks"
-    assert len(list((benchmarks / "reduce_stats").glob("*.tsv"))) == len(TINY["sizes"])
+    benchmarks = mini_run.results / "benchmarks"
+    assert len(list((benchmarks / "reduce_stats").glob("*.tsv"))) == len(config["sizes"])
     assert (benchmarks / "combine_stats.tsv").is_file()
 
 
-def test_adding_a_size_reruns_no_other_size(tiny_run):
-    config = {**TINY, "sizes": [*TINY["sizes"], "1m"]}
-    path = tiny_run / "config" / "plus_1m.yaml"
+def test_adding_a_size_reruns_no_other_size(mini_run, tmp_path):
+    config = {**mini_run.config, "sizes": [*mini_run.config["sizes"], "1m"]}
+    path = tmp_path / "plus_1m.yaml"
     path.write_text(yaml.safe_dump(config))
-    proc = snakemake(tiny_run, "--configfile", str(path), "-n")
+    proc = snakemake(mini_run.workdir, "--configfile", str(path), "-n")
     counts = dict(re.findall(r"^(\w+)\s+(\d+)\s*$", proc.stdout, flags=re.M))
-    assert counts["extract"] == str(len(TINY["steps"]))  # the new size's steps only
+    assert counts["extract"] == str(len(config["steps"]))  # the new size's steps only
     assert counts["reduce_stats"] == "1" and counts["train_tiny"] == "1"
     assert counts["combine_stats"] == "1" and counts["stats_figure"] == str(len(FIGURES))
     assert "size=42k" not in proc.stdout

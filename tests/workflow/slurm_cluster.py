@@ -14,7 +14,7 @@ The node has the machine's real CPUs and memory (``slurmd -C``) and one fake GPU
 
 By hand (as root)::
 
-    python tests/slurm_cluster.py /tmp/slurm-state    # starts it; Ctrl-C stops it
+    python tests/workflow/slurm_cluster.py /tmp/slurm-state    # starts it; Ctrl-C stops it
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""Incremental reruns of the tiny suite: what ``snakemake -n`` plans after a finished run.
+"""Incremental reruns: what ``snakemake -n`` plans after a finished run.
 
-Each test works on a fresh copy of the session's finished tiny run (outputs, mtimes and
-Snakemake's metadata), so nothing leaks into other tests.
+Each test works on a fresh copy of the session's finished ``mini_run`` (outputs, mtimes and
+Snakemake's metadata), so nothing leaks into other tests. The plans are dry runs (seconds);
+adding a step also reruns the reductions for real, so that one is marked slow.
 """
 
 from __future__ import annotations
@@ -16,16 +17,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, copy_workflow, snakemake
+from conftest import REPO, copy_workflow, mini_config, snakemake
 from lmdynamics import conjecture_figures
 
-pytestmark = pytest.mark.slow
-
-TINY = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
-SIZES, STEPS = TINY["sizes"], TINY["steps"]
+#: The configuration of ``mini_run`` and its file, relative to the run's folder.
+CONFIG, CONFIGFILE = mini_config(), "config/mini.yaml"
+SIZES, STEPS = CONFIG["sizes"], CONFIG["steps"]
 FIGURES = [f"figure{i}" for i in range(1, 7)]
 STATS_FIGURES = list(conjecture_figures.STATS_FIGURES)
-RESULTS = "results/tiny"
+RESULTS = f"results/{CONFIG['suite']}"
 
 Job = tuple[str, tuple[tuple[str, str], ...]]
 
@@ -72,11 +72,11 @@ def parse_plan(text: str) -> set[Job]:
 def plan(workdir: Path, *args: str, pythonpath: Path | None = None) -> set[Job]:
     """What ``snakemake -n`` would run in ``workdir``; ``pythonpath`` replaces the package."""
     if pythonpath is None:
-        proc = snakemake(workdir, "-n", "--configfile", "config/tiny.yaml", *args)
+        proc = snakemake(workdir, "-n", "--configfile", CONFIGFILE, *args)
     else:
         env = {**os.environ, "PYTHONPATH": str(pythonpath)}
         proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "2",
-                               "--configfile", "config/tiny.yaml", *args], cwd=workdir,
+                               "--configfile", CONFIGFILE, *args], cwd=workdir,
                               env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
@@ -86,18 +86,21 @@ def plan(workdir: Path, *args: str, pythonpath: Path | None = None) -> set[Job]:
     return jobs
 
 
-def finished_copy(tiny_run: Path, dest: Path) -> Path:
-    """A new copy of the workflow holding tiny_run's outputs and metadata, mtimes kept."""
+def finished_copy(run: Path, dest: Path) -> Path:
+    """A new copy of the workflow holding ``run``'s outputs, config file and metadata, mtimes
+    kept."""
     workdir = copy_workflow(dest)
-    shutil.copytree(tiny_run / "results", workdir / "results", symlinks=True)
-    shutil.copytree(tiny_run / ".snakemake", workdir / ".snakemake", symlinks=True,
+    shutil.copy2(run / CONFIGFILE, workdir / CONFIGFILE)
+    shutil.copytree(run / "results", workdir / "results", symlinks=True)
+    shutil.copytree(run / ".snakemake", workdir / ".snakemake", symlinks=True,
                     ignore=shutil.ignore_patterns("locks", "log", "incomplete", "slurm_logs"))
     return workdir
 
 
 @pytest.fixture
-def finished(tiny_run, tmp_path) -> Path:
-    return finished_copy(tiny_run, tmp_path / "workflow")
+def finished(mini_run, tmp_path) -> Path:
+    assert mini_run.configfile == CONFIGFILE and mini_run.config == CONFIG
+    return finished_copy(mini_run.workdir, tmp_path / "workflow")
 
 
 def test_a_copied_finished_run_is_up_to_date(finished):
@@ -114,17 +117,18 @@ def test_adding_a_size_plans_only_that_size_and_what_combines_sizes(finished):
     assert jobs == expected
 
 
+@pytest.mark.slow
 def test_adding_a_step_plans_its_extractions_and_the_reductions(finished):
-    added = 128
-    # The state after a run without step 128: no stores for it, reductions made without it.
-    before = {**TINY, "steps": [s for s in STEPS if s != added]}
+    added = STEPS[1]
+    # The state after a run without that step: no stores for it, reductions made without it.
+    before = {**CONFIG, "steps": [s for s in STEPS if s != added]}
     (finished / "config/before.yaml").write_text(yaml.safe_dump(before))
     for size in SIZES:
         shutil.rmtree(finished / RESULTS / f"extract/{size}/step{added}.zarr")
     snakemake(finished, "--configfile", "config/before.yaml")
     assert plan(finished, "--configfile", "config/before.yaml") == set()
 
-    jobs = plan(finished)  # the default steps again: 128 added
+    jobs = plan(finished)  # the run's steps again: that step added
     expected = {*(job("extract", size=s, step=added) for s in SIZES),
                 *(job("reduce_size", size=s) for s in SIZES),
                 *(job("reduce_stats", size=s) for s in SIZES),
