@@ -10,7 +10,7 @@ import xarray as xr
 import yaml
 
 from conftest import REPO, snakemake
-from lmdynamics.conjecture_reduce import STAT_VARIABLES
+from lmdynamics.reduction.stats import STAT_VARIABLES
 from lmdynamics.store import open_store
 
 pytestmark = pytest.mark.slow

@@ -19,7 +19,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from lmdynamics.schedule import checkpoint_schedule, pythia_schedule
+from lmdynamics.sources.schedule import checkpoint_schedule, pythia_schedule
 
 #: Pythia sizes published as ``EleutherAI/pythia-<size>-deduped`` on the hub.
 PYTHIA_SIZES = ("14m", "31m", "70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b", "12b")

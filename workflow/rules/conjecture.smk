@@ -38,7 +38,7 @@ rule combine_stats:
 rule stats_figure:
     input:
         stats=f"{RESULTS}/stats.zarr",
-        code=package_sources("figures", "conjecture_figures"),
+        code=package_sources("report.figures", "report.conjecture"),
     output:
         png=report(
             f"{RESULTS}/figures/conjecture_{{stat_figure}}.png",

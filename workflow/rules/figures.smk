@@ -4,7 +4,7 @@
 rule figure:
     input:
         metrics=f"{RESULTS}/metrics.zarr",
-        code=package_sources("figures", "figures_cka"),
+        code=package_sources("report.figures", "report.cka"),
     output:
         png=report(
             f"{RESULTS}/figures/{{figure}}.png",
@@ -30,7 +30,7 @@ rule figure:
 rule mcc_table:
     input:
         metrics=f"{RESULTS}/metrics.zarr",
-        code=package_sources("tables"),
+        code=package_sources("report.tables"),
     output:
         csv=report(
             f"{RESULTS}/tables/mcc.csv",
@@ -54,7 +54,7 @@ rule mcc_table:
 rule mcc_sensitivity:
     input:
         metrics=f"{RESULTS}/metrics.zarr",
-        code=package_sources("tables", "figures_mcc", "figures", "figures_cka"),
+        code=package_sources("report.tables", "report.mcc", "report.figures", "report.cka"),
     output:
         png=report(
             f"{RESULTS}/figures/mcc_sensitivity.png",

@@ -1,9 +1,9 @@
 """Figures of the Conjecture analyses, drawn from the combined ``stats.zarr``.
 
-Input: the dataset of :func:`lmdynamics.conjecture_reduce.combine_stats` (dims ``size``
+Input: the dataset of :func:`lmdynamics.reduction.stats.combine_stats` (dims ``size``
 ordered by parameter count, ``step``, ``param``/``matrix`` with ``*_layer``/``*_module``
 coordinates, ``layer``, ...). Conventions, helpers and palettes are those of
-:mod:`lmdynamics.figures` (x axis symlog step or fraction of training, depth colours,
+:mod:`lmdynamics.report.figures` (x axis symlog step or fraction of training, depth colours,
 size colours, PNG at 300 dpi + PDF). Each function writes ``<out_stem>.{png,pdf}`` and
 returns both paths.
 """
@@ -27,7 +27,8 @@ from matplotlib.cm import ScalarMappable  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
-from lmdynamics.figures import (  # noqa: E402
+from lmdynamics.estimators.spectrum import fit_window, power_law_fit  # noqa: E402
+from lmdynamics.report.figures import (
     _RC,
     DEPTH_CMAP,
     DEPTH_LABEL,
@@ -42,7 +43,6 @@ from lmdynamics.figures import (  # noqa: E402
     x_label,
     x_values,
 )
-from lmdynamics.stats import fit_window, power_law_fit  # noqa: E402
 
 #: Weight matrices of a block, in the post's order, with panel titles.
 BLOCK_MATRICES: dict[str, str] = {
@@ -89,7 +89,7 @@ def depth_lines(ax: Any, x: np.ndarray, rows: np.ndarray, **kw: Any) -> None:
 
 
 def depth_colorbar(fig: Any, axes: Any) -> None:
-    """The shared layer-depth colour bar of :mod:`lmdynamics.figures`."""
+    """The shared layer-depth colour bar of :mod:`lmdynamics.report.figures`."""
     fig.colorbar(ScalarMappable(norm=Normalize(0.0, 1.0), cmap=plt.get_cmap(DEPTH_CMAP)),
                  ax=axes, label=DEPTH_LABEL, aspect=30, pad=0.01)
 

@@ -14,7 +14,7 @@ matrix or in that matrix's gradient) is recorded, not refused: booleans
 ``nonfinite_activations``, ``nonfinite_weights``, ``nonfinite_grads`` (component, layer) and
 the store attr ``nonfinite``, with a warning naming size, step, component and layer.
 The paper code's attention activation, gradient protocol and token sampling are options
-(:mod:`lmdynamics.paper_code`, :func:`token_positions`).
+(:mod:`lmdynamics.extraction.paper_code`, :func:`token_positions`).
 """
 
 from __future__ import annotations
@@ -30,22 +30,19 @@ import xarray as xr
 import zarr.codecs
 
 from lmdynamics import __version__
-from lmdynamics.audit import discard_corrupt_download, revision_attrs
-from lmdynamics.checkpoints import (
-    CorruptCheckpointError,
-    load_model,
-    n_parameters,
-    weights_sha256,
+from lmdynamics.extraction.conjecture import (
+    SITES,
+    ResidualRecorder,
+    StatsOptions,
+    checkpoint_stats,
 )
-from lmdynamics.conjecture import SITES, ResidualRecorder, StatsOptions, checkpoint_stats
-from lmdynamics.heap import reuse_freed_memory
-from lmdynamics.paper_code import (
+from lmdynamics.extraction.paper_code import (
     GRADIENT_PROTOCOLS,
     check_choice,
     gradient_steps,
     paper_code_gradient_singular_values,
 )
-from lmdynamics.passes import (
+from lmdynamics.extraction.passes import (
     COMPONENTS,
     Extraction,
     default_micro_batch,
@@ -53,6 +50,14 @@ from lmdynamics.passes import (
     only_write_weights_train,
     run_pass_fitting,
 )
+from lmdynamics.heap import reuse_freed_memory
+from lmdynamics.sources.checkpoints import (
+    CorruptCheckpointError,
+    load_model,
+    n_parameters,
+    weights_sha256,
+)
+from lmdynamics.sources.revision import discard_corrupt_download, revision_attrs
 from lmdynamics.store import load_token_array, write_store
 
 log = logging.getLogger(__name__)
@@ -176,12 +181,13 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
     """Load one checkpoint, run the eval batch through it and write its store to ``out``.
 
     ``micro_batch`` sequences per forward/backward; None or 0: :func:`default_micro_batch`.
-    ``attention_implementation``: :data:`lmdynamics.checkpoints.ATTENTION_IMPLEMENTATIONS`.
+    ``attention_implementation``: :data:`lmdynamics.sources.checkpoints.ATTENTION_IMPLEMENTATIONS`.
     On CPU the process keeps freed memory for reuse (:func:`reuse_freed_memory`).
 
     ``gradient_protocol="paper_code"`` needs ``gradient_batches``: an .npy (2, S, T) of
-    the training batches of :func:`lmdynamics.paper_code.gradient_steps` ``(step)``.
-    With ``stats``, the Conjecture statistics (:mod:`lmdynamics.conjecture`) of the same pass
+    the training batches of :func:`lmdynamics.extraction.paper_code.gradient_steps` ``(step)``.
+    With ``stats``, the Conjecture statistics (:mod:`lmdynamics.extraction.conjecture`) of the
+    same pass
     are added to the store as ``stat_*`` variables.
     """
     t0 = time.perf_counter()

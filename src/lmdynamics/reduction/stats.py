@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from lmdynamics.conjecture import param_parts, param_sort_key
+from lmdynamics.extraction.names import param_parts, param_sort_key
 from lmdynamics.store import IncompleteStoreError, open_store, redo_hint, write_store
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
-"""Debiased linear CKA, per-dimension standardisation and step-by-step (pairwise) CKA.
+"""Linear CKA, biased and debiased, per-dimension standardisation and step-by-step (pairwise) CKA.
 
-The biased estimator (Kornblith et al. 2019) lives in :mod:`lmdynamics.metrics`
-(:func:`~lmdynamics.metrics.linear_cka`, :class:`~lmdynamics.metrics.CKAReference`). It is
+The biased estimator (Kornblith et al. 2019) is :func:`linear_cka` and
+:class:`CKAReference` (first section below). It is
 inflated when the number of samples ``n`` is not much larger than the feature dimension: for
 two *independent* representations it is about ``d_eff / (n + d_eff)``, ``d_eff`` the
 participation ratio of the features (reference-facts, "Known estimator issues"). The debiased
@@ -39,10 +39,14 @@ from typing import Any
 
 import numpy as np
 
-from lmdynamics.metrics import _as_2d, _undefined
+from lmdynamics.estimators.arrays import as_2d, undefined
 
 __all__ = [
     "CKA_ESTIMATORS",
+    "CKAReference",
+    "centre",
+    "linear_cka",
+    "linear_cka_to_reference",
     "DebiasedCKAReference",
     "cka_variable",
     "debiased_cka_to_reference",
@@ -53,6 +57,94 @@ __all__ = [
     "standardize",
     "unbiased_hsic_from_terms",
 ]
+
+
+# Biased estimator (Kornblith et al. 2019) ------------------------------------------
+
+def centre(x: Any) -> np.ndarray:
+    """Subtract column means: ``x - x.mean(axis=0)`` in float64.
+
+    ``x``: numpy array or torch tensor of shape (n samples, d features), any float dtype.
+    Returns a new float64 numpy array of shape (n, d) whose columns have mean zero.
+    """
+    arr = as_2d(x, "x")
+    return arr - arr.mean(axis=0, keepdims=True)
+
+
+@dataclass(frozen=True, eq=False)
+class CKAReference:
+    """Reference activations for many linear-CKA evaluations against the same matrix.
+
+    Holds the centred reference ``centred`` (n, d2) float64 (read-only) and its self-product
+    norm ``self_norm`` = ||Yc^T Yc||_F, computed once, so comparing every training step with
+    the final step does not recentre and re-multiply the final step each time.
+    ``defined`` is False when the reference has zero variance or non-finite values; every
+    CKA against it is then NaN. Build with :meth:`from_activations`.
+    """
+
+    centred: np.ndarray
+    self_norm: float
+    defined: bool
+
+    @classmethod
+    def from_activations(cls, y: Any) -> CKAReference:
+        """Centre ``y`` (n, d2) (numpy or torch, any float dtype) and compute ||Yc^T Yc||_F."""
+        arr = as_2d(y, "y")
+        defined = not undefined(arr)
+        with np.errstate(all="ignore"):  # inf - inf when undefined: NaN, reported as NaN CKA
+            yc = arr - arr.mean(axis=0, keepdims=True)
+        norm = float(np.linalg.norm(yc.T @ yc)) if defined else math.nan
+        yc.setflags(write=False)
+        return cls(centred=yc, self_norm=norm, defined=defined and norm > 0.0)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Shape (n samples, d2 features) of the reference activations."""
+        return self.centred.shape  # type: ignore[return-value]
+
+
+def linear_cka_to_reference(x: Any, ref: CKAReference) -> float:
+    """Linear CKA of activations ``x`` (n, d1) against a precomputed :class:`CKAReference`.
+
+    Same value as ``linear_cka(x, y)`` for ``ref = CKAReference.from_activations(y)`` (that
+    function is this one). Raises ValueError if ``x`` is not 2-D or its n differs from the
+    reference's; returns NaN when either side has zero variance or non-finite values.
+    """
+    arr = as_2d(x, "x")
+    if arr.shape[0] != ref.shape[0]:
+        raise ValueError(f"linear CKA needs the same number of samples (rows): x has shape "
+                         f"{arr.shape}, y has shape {ref.shape}")
+    if not ref.defined or undefined(arr):
+        return math.nan
+    xc = arr - arr.mean(axis=0, keepdims=True)
+    x_norm = float(np.linalg.norm(xc.T @ xc))
+    if x_norm == 0.0:
+        return math.nan
+    cross = ref.centred.T @ xc  # (d2, d1): feature-space form, memory O(d1 d2), never O(n^2)
+    return float(np.vdot(cross, cross) / (x_norm * ref.self_norm))
+
+
+def linear_cka(x: Any, y: Any) -> float:
+    """Linear CKA (Kornblith et al. 2019), biased HSIC estimator, in feature-space form.
+
+    ``CKA = ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)`` with ``Xc``, ``Yc`` the
+    column-centred inputs. ``x``: (n, d1), ``y``: (n, d2), numpy arrays or torch tensors of
+    any float dtype (float16/bfloat16/float32/float64); everything is cast to float64 and
+    centred before any product. Dimensionless, in [0, 1]. The biased estimator is inflated
+    when n is not much larger than d (reference-facts: "Known estimator issues").
+
+    Returns NaN (no warning) when either input has zero variance (all columns constant) or
+    non-finite values; raises ValueError when the inputs are not 2-D or differ in n.
+    """
+    arr = as_2d(x, "x")
+    other = as_2d(y, "y")
+    if arr.shape[0] != other.shape[0]:
+        raise ValueError(f"linear CKA needs the same number of samples (rows): x has shape "
+                         f"{arr.shape}, y has shape {other.shape}")
+    return linear_cka_to_reference(arr, CKAReference.from_activations(other))
+
+
+# Debiased estimator -----------------------------------------------------------------
 
 #: Estimators stored by the reductions; ``metrics.cka_estimator`` picks the one figures use.
 CKA_ESTIMATORS: tuple[str, ...] = ("biased", "debiased")
@@ -94,8 +186,8 @@ def _centred(x: Any, name: str, overwrite: bool = False) -> tuple[np.ndarray, bo
     biased CKA's conditions); the debiased estimator also needs n >= 4. ``overwrite``:
     centre a writeable float64 numpy ``x`` in place and return it (no copy).
     """
-    arr = _as_2d(x, name)
-    defined = not _undefined(arr)
+    arr = as_2d(x, name)
+    defined = not undefined(arr)
     with np.errstate(all="ignore"):  # inf - inf when undefined: NaN, reported as NaN CKA
         mean = arr.mean(axis=0, keepdims=True)
         if overwrite and arr is x and arr.flags.writeable:
@@ -200,8 +292,8 @@ def debiased_linear_cka(x: Any, y: Any) -> float:
     Dimensionless, in [-1, 1], 1 for ``x = y``, about 0 (not ``d_eff / (n + d_eff)``) for
     independent inputs. NaN (no warning) when undefined; ValueError when n differs.
     """
-    other = _as_2d(y, "y")
-    _same_n(_as_2d(x, "x"), other)
+    other = as_2d(y, "y")
+    _same_n(as_2d(x, "x"), other)
     return debiased_cka_to_reference(x, DebiasedCKAReference.from_activations(other))
 
 
@@ -214,7 +306,7 @@ def standardize(x: Any) -> np.ndarray:
     CKA is dominated by a few outlier dimensions in these models (Davari et al. 2022):
     standardising weighs every dimension equally.
     """
-    arr = _as_2d(x, "x")
+    arr = as_2d(x, "x")
     with np.errstate(all="ignore"):
         xc = arr - arr.mean(axis=0, keepdims=True)
         std = np.sqrt(np.mean(xc * xc, axis=0))

@@ -32,8 +32,8 @@ import pandas as pd
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from lmdynamics.checkpoints import save_checkpoint
-from lmdynamics.schedule import checkpoint_schedule
+from lmdynamics.sources.checkpoints import save_checkpoint
+from lmdynamics.sources.schedule import checkpoint_schedule
 from lmdynamics.store import write_text_atomic
 
 __all__ = ["VOCAB_SIZE", "DEFAULT_SPECS", "checkpoint_schedule", "load_corpus", "corpus_sha256",

@@ -3,7 +3,8 @@
 What a pass yields (:class:`Extraction`): the activations each layer writes to the residual
 stream at the sampled token positions, the singular values of the write matrices and of
 their gradients, the loss, and which layers went non-finite. The loss and its gradient go
-through :func:`lmdynamics.lm_loss.lm_loss` (chunked unembedding). :func:`run_pass_fitting`
+through :func:`lmdynamics.extraction.lm_loss.lm_loss` (chunked unembedding).
+:func:`run_pass_fitting`
 adds the micro-batch policy: :func:`default_micro_batch` sequences at a time, halved on
 CUDA out-of-memory.
 """
@@ -18,9 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lmdynamics.lm_loss import lm_loss
-from lmdynamics.metrics import singular_values
-from lmdynamics.paper_code import attention_hook_target
+from lmdynamics.extraction.lm_loss import lm_loss
+from lmdynamics.extraction.paper_code import attention_hook_target
+from lmdynamics.extraction.spectra import singular_values
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def nonfinite_flags(result: Extraction) -> dict[str, np.ndarray]:
     """The three (component, layer) booleans of ``result``, derived from its arrays if unset.
 
     Derived: a layer's sampled activations, or its weight / gradient singular values (NaN when
-    the matrix has a non-finite entry, :func:`lmdynamics.metrics.singular_values`).
+    the matrix has a non-finite entry, :func:`lmdynamics.extraction.spectra.singular_values`).
     """
     derived = {
         "nonfinite_activations": ~np.isfinite(result.activations).all(axis=(2, 3)),
@@ -84,7 +85,7 @@ def hook_targets(model: torch.nn.Module, attention_activation: str = "residual_w
     """Per component and layer: the module whose output is captured and how it is mapped.
 
     ``residual_write`` hooks :func:`write_modules`; ``paper_code`` hooks attention's fused
-    ``query_key_value`` instead (:func:`lmdynamics.paper_code.attention_hook_target`).
+    ``query_key_value`` instead (:func:`lmdynamics.extraction.paper_code.attention_hook_target`).
     """
     mlp = [(m, None) for m in write_modules(model)["mlp"]]
     if attention_activation == "residual_write":

@@ -3,13 +3,14 @@
 For one size, from its per-pair stores (one per step), per (component, layer):
 
 - ``cka`` / ``cka_debiased`` (component, layer, step): biased / debiased linear CKA of each
-  step's activations against the final step's (:mod:`lmdynamics.metrics`,
-  :mod:`lmdynamics.cka`), read off the pairwise matrices below (the same numbers as
+  step's activations against the final step's (:mod:`lmdynamics.estimators.rank`,
+  :mod:`lmdynamics.estimators.cka`), read off the pairwise matrices below (the same numbers as
   ``linear_cka``/``debiased_linear_cka``; computing all pairs in Gram space costs about what
   the comparisons with the final step alone cost in feature space when n < 2d);
 - with ``bootstrap_samples > 0``: ``<var>_low`` / ``<var>_high`` (component, layer, step), a
   percentile interval at ``bootstrap_level`` from resampling *sequences*
-  (:mod:`lmdynamics.bootstrap`), and ``<var>_layer_mean_low`` / ``_high`` (component, step),
+  (:mod:`lmdynamics.estimators.bootstrap`), and ``<var>_layer_mean_low`` / ``_high``
+  (component, step),
   the interval of the mean over layers (what figure 2 draws: every layer is evaluated on the
   same resamples, so the mean's distribution is the distribution of the per-resample means),
   and ``<var>_resamples`` (component, layer, step, resample), every resample's value (not
@@ -27,19 +28,21 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import xarray as xr
 
-from lmdynamics.bootstrap import (
+from lmdynamics.estimators.bootstrap import (
     BootstrapReference,
     bootstrap_cka_to_reference,
     bootstrap_weights,
     percentile_interval,
 )
-from lmdynamics.cka import CKA_ESTIMATORS, cka_variable, pairwise_cka, standardize
+from lmdynamics.estimators.cka import CKA_ESTIMATORS, cka_variable, pairwise_cka, standardize
+from lmdynamics.options import defaults, resolve
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,10 @@ UNDEFINED_REASON = {
     "biased": "zero variance or non-finite activations",
     "debiased": "zero variance, non-finite activations or fewer than 4 tokens",
 }
+
+
+#: Schema defaults of config section ``metrics`` (the defaults below).
+_DEFAULTS = defaults("metrics")
 
 
 @dataclass(frozen=True)
@@ -58,10 +65,18 @@ class CKAOptions:
     ``standardize``: also compute CKA of per-dimension standardised activations.
     """
 
-    bootstrap_samples: int = 0
-    bootstrap_level: float = 0.9
-    seed: int = 0
-    standardize: bool = False
+    bootstrap_samples: int = _DEFAULTS["bootstrap"]["samples"]
+    bootstrap_level: float = _DEFAULTS["bootstrap"]["level"]
+    seed: int = resolve("seed")
+    standardize: bool = _DEFAULTS["standardize"]
+
+    @classmethod
+    def from_config(cls, metrics: Mapping[str, Any], *, seed: int) -> CKAOptions:
+        """The options of config section ``metrics`` (as :func:`lmdynamics.options.resolve`
+        returns it) and the config's ``seed``."""
+        return cls(bootstrap_samples=metrics["bootstrap"]["samples"],
+                   bootstrap_level=metrics["bootstrap"]["level"], seed=seed,
+                   standardize=metrics["standardize"])
 
     def __post_init__(self) -> None:
         if isinstance(self.bootstrap_samples, bool) or self.bootstrap_samples < 0:

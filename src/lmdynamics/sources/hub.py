@@ -4,7 +4,7 @@
 model directory the tiny suite writes (``config.json`` + ``model.safetensors``), plus a
 ``revision.json`` record (repo, revision, commit, sha256 and size of the weights). Only those
 files are fetched; pickled weights (``pytorch_model.bin``, or shards) are read only with
-``torch.load(weights_only=True)`` (:func:`lmdynamics.checkpoints.read_state_dict`) and
+``torch.load(weights_only=True)`` (:func:`lmdynamics.sources.checkpoints.read_state_dict`) and
 rewritten as ``model.safetensors``, so extraction always loads the same way; no code from the
 hub is ever run (no ``trust_remote_code``).
 
@@ -40,9 +40,9 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from lmdynamics.audit import REVISION_FILE
-from lmdynamics.checkpoints import CONFIG_NAME, SAFETENSORS_NAME, read_model_config
-from lmdynamics.schedule import nearest_step
+from lmdynamics.sources.checkpoints import CONFIG_NAME, SAFETENSORS_NAME, read_model_config
+from lmdynamics.sources.revision import REVISION_FILE
+from lmdynamics.sources.schedule import nearest_step
 from lmdynamics.store import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ def _missing_revision(api: HfApi, repo: str, revision: str, retries: int,
         available = steps_from_refs(b.name for b in refs.branches)
         source = "branches on the hub"
     except Exception as exc:  # the listing is a courtesy: fall back to the published schedule
-        from lmdynamics.schedule import pythia_schedule
+        from lmdynamics.sources.schedule import pythia_schedule
         available, source = pythia_schedule(), f"Pythia's published schedule ({exc})"
     if step and available:
         near = ", ".join(f"step{s}" for s in nearest_steps(available, int(step.group(1))))
@@ -336,7 +336,7 @@ def convert_to_safetensors(paths: list[Path], out: Path,
                            weight_map: dict[str, str] | None = None) -> None:
     """Merge weight files (pickles read with ``weights_only=True``, or safetensors shards)
     into one ``model.safetensors``, names and dtypes unchanged (the loader accepts
-    transformers 4.x's names, :mod:`lmdynamics.checkpoints`); shared storage is copied
+    transformers 4.x's names, :mod:`lmdynamics.sources.checkpoints`); shared storage is copied
     (safetensors refuses it).
 
     The files must be disjoint (a tensor in two files is refused, never resolved by order),
@@ -345,7 +345,7 @@ def convert_to_safetensors(paths: list[Path], out: Path,
     """
     import safetensors.torch
 
-    from lmdynamics.checkpoints import read_state_dict
+    from lmdynamics.sources.checkpoints import read_state_dict
 
     state: dict = {}
     origin: dict[str, str] = {}

@@ -17,9 +17,16 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from lmdynamics.audit import duplicate_flag
-from lmdynamics.cka_reduce import CKAOptions, cka_dataset
-from lmdynamics.flags import (
+from lmdynamics.estimators.rank import (
+    per_divisor,
+    proportional_effective_rank,
+    random_gaussian_per,
+)
+from lmdynamics.heap import reuse_freed_memory
+from lmdynamics.options import defaults
+from lmdynamics.reduction.audit import duplicate_flag
+from lmdynamics.reduction.cka import CKAOptions, cka_dataset
+from lmdynamics.reduction.flags import (
     flag_nonfinite,
     set_flagged,
     split_flags,
@@ -27,8 +34,6 @@ from lmdynamics.flags import (
     warn,
     warn_nan_metrics,
 )
-from lmdynamics.heap import reuse_freed_memory
-from lmdynamics.metrics import per_divisor, proportional_effective_rank, random_gaussian_per
 from lmdynamics.store import (
     DigestedReader,
     IncompleteStoreError,
@@ -54,6 +59,9 @@ METRIC_VARIABLES = ("cka", "per_weight", "per_grad")
 SHARED_ATTRS = ("final_step", "per_divisor", "per_truncate", "bootstrap_samples",
                 "bootstrap_level", "bootstrap_seed", "standardize")
 
+
+#: Schema defaults of config section ``metrics``.
+_DEFAULTS = defaults("metrics")
 
 def open_pair_stores(paths: Sequence[Path | str], *, defer: tuple[str, ...] = ()
                      ) -> dict[int, xr.Dataset]:
@@ -179,7 +187,7 @@ def per_baseline(ref: xr.Dataset, components: Sequence[str], divisor_kind: str,
     """``per_random`` / ``per_random_se`` (component,): PER of a Gaussian write matrix.
 
     The same shape, divisor and truncation as the measured PER
-    (:func:`~lmdynamics.metrics.random_gaussian_per`, seeded, cached per shape); NaN with a
+    (:func:`~lmdynamics.estimators.rank.random_gaussian_per`, seeded, cached per shape); NaN with a
     warning when the store's attrs do not give the shape (``intermediate_size``).
     """
     k = ref["weight_singular_values"].sizes["k"]
@@ -201,18 +209,19 @@ def per_baseline(ref: xr.Dataset, components: Sequence[str], divisor_kind: str,
 
 
 def reduce_size(paths: Sequence[Path | str], out: Path | str, *, final_step: int,
-                per_divisor_kind: str = "min_dim", per_truncate: bool = True,
+                per_divisor: str = _DEFAULTS["per_divisor"],
+                per_truncate: bool = _DEFAULTS["per_truncate"],
                 cka_options: CKAOptions | None = None) -> xr.Dataset:
     """Reduce one size's per-pair stores into CKA and PER variables.
 
     ``cka`` (biased), ``cka_debiased``, ``per_weight``, ``per_grad`` have dims (component,
     layer, step), float64; ``cka_options`` adds bootstrap intervals, standardised variants
-    (see :mod:`lmdynamics.cka_reduce`); ``cka_pairwise``/``cka_debiased_pairwise`` are over
+    (see :mod:`lmdynamics.reduction.cka`); ``cka_pairwise``/``cka_debiased_pairwise`` are over
     (component, layer, step, step_ref). The final step's centred activations and their
     self-products are computed once per (component, layer) and reused for every step. An
     undefined CKA (zero variance, non-finite input) is NaN and logged with size, step and
     layer. ``per_truncate``: keep only the top ``divisor`` singular values when there are
-    more (the paper's code; see :func:`~lmdynamics.metrics.proportional_effective_rank`).
+    more (the paper's code; see :func:`~lmdynamics.estimators.rank.proportional_effective_rank`).
     The process keeps freed memory for reuse (:func:`~lmdynamics.heap.reuse_freed_memory`).
 
     Every store is verified (:func:`~lmdynamics.store.open_store`); the activations' digest
@@ -239,15 +248,15 @@ def reduce_size(paths: Sequence[Path | str], out: Path | str, *, final_step: int
                       read_block=read_block)
     for reader in readers.values():  # every value was read once: its digest is complete
         reader.finish()
-    per_w = np.stack([_per(stores[s], "weight_singular_values", per_divisor_kind, per_truncate)
+    per_w = np.stack([_per(stores[s], "weight_singular_values", per_divisor, per_truncate)
                       for s in steps], axis=-1)
-    per_g = np.stack([_per(stores[s], "grad_singular_values", per_divisor_kind, per_truncate)
+    per_g = np.stack([_per(stores[s], "grad_singular_values", per_divisor, per_truncate)
                       for s in steps], axis=-1)
     head_w = np.stack([_per(stores[s], "weight_singular_values", "head_dim")
                        for s in steps], axis=-1)
     head_g = np.stack([_per(stores[s], "grad_singular_values", "head_dim")
                        for s in steps], axis=-1)
-    baseline = per_baseline(ref, [str(c) for c in cka.component.values], per_divisor_kind,
+    baseline = per_baseline(ref, [str(c) for c in cka.component.values], per_divisor,
                             per_truncate)
     flags = flag_nonfinite(stores, {s: ~f for s, f in finite.items()})
     dims = ("component", "layer", "step")
@@ -267,7 +276,7 @@ def reduce_size(paths: Sequence[Path | str], out: Path | str, *, final_step: int
         attrs={"size": ref.attrs["size"], "n_params": int(ref.attrs["n_params"]),
                "num_layers": int(ref.sizes["layer"]),
                "hidden_size": int(ref.attrs["hidden_size"]), "final_step": int(final_step),
-               "per_divisor": per_divisor_kind, "per_truncate": bool(per_truncate),
+               "per_divisor": per_divisor, "per_truncate": bool(per_truncate),
                "model": ref.attrs["model"]},
     )
     ds["flag_duplicate"] = duplicate_flag(stores)

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from lmdynamics.metrics import _as_2d, _undefined
+from lmdynamics.estimators.arrays import as_2d, undefined
 
 __all__ = [
     "BootstrapReference",
@@ -123,13 +123,13 @@ class GroupedActivations:
     @classmethod
     def build(cls, x: Any, groups: Any) -> GroupedActivations:
         """``x`` (n, d) any float dtype; ``groups`` (n,) labels (e.g. the sequence index)."""
-        arr = _as_2d(x, "x")
+        arr = as_2d(x, "x")
         return cls._from_layout(arr, *_group_layout(groups, arr.shape[0]))
 
     @classmethod
     def like(cls, x: Any, other: GroupedActivations) -> GroupedActivations:
         """Group ``x`` (n, d) like ``other``: the same tokens in the same input order."""
-        arr = _as_2d(x, "x")
+        arr = as_2d(x, "x")
         if arr.shape[0] != other.x.shape[0]:
             raise ValueError(f"CKA needs the same number of samples (rows): x has shape "
                              f"{arr.shape}, the reference has {other.x.shape}")
@@ -138,7 +138,7 @@ class GroupedActivations:
     @classmethod
     def _from_layout(cls, arr: np.ndarray, order: np.ndarray, token_group: np.ndarray,
                      starts: np.ndarray) -> GroupedActivations:
-        defined = not _undefined(arr)
+        defined = not undefined(arr)
         xc = arr - arr.mean(axis=0, keepdims=True) if defined else np.zeros_like(arr)
         if not np.array_equal(order, np.arange(order.size)):  # tokens not already grouped
             xc = xc[order]

@@ -1,6 +1,6 @@
 """Per-checkpoint statistics of the Conjecture post, collected during the extraction pass.
 
-After :func:`lmdynamics.passes.run_pass` the model holds its weights and the gradients of
+After :func:`lmdynamics.extraction.passes.run_pass` the model holds its weights and the gradients of
 the LM loss on the eval batch; :class:`ResidualRecorder` hooks (passed to ``run_pass`` as
 ``extra_hooks``) have seen every block's output. :func:`checkpoint_stats` turns those,
 the sampled layer outputs of the pass and the step-0 and final checkpoints (read tensor by
@@ -11,7 +11,6 @@ No second forward pass is made.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,15 +21,10 @@ import safetensors
 import torch
 import xarray as xr
 
-from lmdynamics.checkpoints import (
-    CheckpointMismatchError,
-    key_renaming,
-    read_model_config,
-    read_state_dict,
-    weights_path,
-)
-from lmdynamics.metrics import singular_values
-from lmdynamics.stats import (
+from lmdynamics.estimators.spectrum import power_law_slope
+from lmdynamics.extraction.names import MODULE_ORDER, param_key  # noqa: F401
+from lmdynamics.extraction.spectra import singular_values
+from lmdynamics.extraction.stats import (
     DISTRIBUTIONS,
     QUANTILES,
     compare_to_reference,
@@ -38,8 +32,14 @@ from lmdynamics.stats import (
     distribution_summary,
     embedding_correlation,
     ov_left_singular_vectors,
-    power_law_slope,
     top_left_singular_vectors,
+)
+from lmdynamics.sources.checkpoints import (
+    CheckpointMismatchError,
+    key_renaming,
+    read_model_config,
+    read_state_dict,
+    weights_path,
 )
 
 #: Activation sites: the residual stream after each block, and what attention and the MLP
@@ -47,7 +47,8 @@ from lmdynamics.stats import (
 SITES: tuple[str, ...] = ("residual", "attention", "mlp")
 #: Circuits whose top singular directions are compared with the final checkpoint's.
 CIRCUITS: tuple[str, ...] = ("mlp", "ov")
-#: Entries of the ``shape_stat`` dimension (see :func:`lmdynamics.stats.distribution_summary`).
+#: Entries of the ``shape_stat`` dimension (see
+#: :func:`lmdynamics.extraction.stats.distribution_summary`).
 SHAPE_STATS: tuple[str, ...] = (
     "mean", "std", "kurtosis", "max_abs", "loglik_gaussian", "loglik_logistic",
     "ppcc_gaussian", "ppcc_logistic", "tail_ratio_gaussian", "tail_ratio_logistic",
@@ -55,11 +56,7 @@ SHAPE_STATS: tuple[str, ...] = (
 #: Entries of the ``param_stat`` dimension.
 PARAM_STATS: tuple[str, ...] = ("norm", "grad_norm", "dist_init", "rel_dist_init", "cos_init",
                                 "cos_final")
-#: Order of a block's modules in the stores (GPT-NeoX's own order).
-MODULE_ORDER: tuple[str, ...] = (
-    "input_layernorm", "post_attention_layernorm", "attention.query_key_value",
-    "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
-_LAYER_NAME = re.compile(r"^(?:gpt_neox\.)?layers\.(\d+)\.(.+)$")
+
 
 
 @dataclass(frozen=True)
@@ -92,35 +89,6 @@ class StatsOptions:
         for name, value, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"{name}={value!r}: allowed {allowed}")
-
-
-def param_key(name: str) -> str:
-    """Store name of a parameter: ``gpt_neox.layers.3.mlp.dense_4h_to_h.weight`` ->
-    ``layer3.mlp.dense_4h_to_h.weight``; ``gpt_neox.embed_in.weight`` -> ``embed_in.weight``."""
-    m = _LAYER_NAME.match(name)
-    if m:
-        return f"layer{m.group(1)}.{m.group(2)}"
-    return "embed_out.weight" if name == "lm_head.weight" else name.removeprefix("gpt_neox.")
-
-
-def param_parts(key: str) -> tuple[int, str, str]:
-    """(layer or -1, module, kind) of a store name: ``layer3.mlp.dense_4h_to_h.weight`` ->
-    (3, ``mlp.dense_4h_to_h``, ``weight``); ``embed_in`` -> (-1, ``embed_in``, ``weight``)."""
-    m = re.match(r"^layer(\d+)\.(.+)$", key)
-    layer, rest = (int(m.group(1)), m.group(2)) if m else (-1, key)
-    module, _, kind = rest.rpartition(".")
-    if kind not in ("weight", "bias"):
-        module, kind = rest, "weight"
-    return layer, module, kind
-
-
-def param_sort_key(key: str) -> tuple[int, int, int, str]:
-    """Model order: embed_in, layers in numeric order (modules in :data:`MODULE_ORDER`,
-    weight before bias), final layer norm, embed_out."""
-    layer, module, kind = param_parts(key)
-    rank = MODULE_ORDER.index(module) if module in MODULE_ORDER else len(MODULE_ORDER)
-    group = 1 if layer >= 0 else 0 if module == "embed_in" else 3 if module == "embed_out" else 2
-    return (group, layer, 2 * rank + (kind == "bias"), key)
 
 
 class ReferenceWeights:
@@ -156,7 +124,7 @@ class ResidualRecorder:
 
     Records max |x| over every position of the batch (``max_abs``, (L,)) and the block
     output at the sampled positions (``sampled()``, (L, N, D) float32 on CPU). Pass
-    :meth:`hooks` as ``extra_hooks`` to :func:`lmdynamics.passes.run_pass`.
+    :meth:`hooks` as ``extra_hooks`` to :func:`lmdynamics.extraction.passes.run_pass`.
     """
 
     def __init__(self, model: torch.nn.Module):

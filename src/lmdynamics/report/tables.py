@@ -24,7 +24,7 @@ the size (layers that are NaN in either input are dropped). When either label pu
 in one class the coefficient is undefined: NaN with the reason in ``undefined_reason``.
 
 Intervals: when the metrics hold bootstrap resamples of CKA (``cka_resamples``, one value per
-resample of *sequences*, :mod:`lmdynamics.cka_reduce`), every resample relabels the layers'
+resample of *sequences*, :mod:`lmdynamics.reduction.cka`), every resample relabels the layers'
 early convergence and gives one MCC; ``mcc_low``/``mcc_high`` are the percentile interval of
 those MCCs at the bootstrap level (resamples where the MCC is undefined are left out and
 counted in ``resamples_undefined``; more than half undefined -> no interval). PER labels are
@@ -44,8 +44,9 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from lmdynamics.bootstrap import percentile_interval
-from lmdynamics.metrics import matthews_corrcoef, mcc_undefined_reason
+from lmdynamics.estimators.bootstrap import percentile_interval
+from lmdynamics.estimators.mcc import matthews_corrcoef, mcc_undefined_reason
+from lmdynamics.options import defaults
 from lmdynamics.store import write_text_atomic
 
 COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -93,25 +94,31 @@ def _check_choice(name: str, value: str, allowed: Any) -> str:
     return value
 
 
+#: Schema defaults of config section ``mcc`` (the defaults below).
+_DEFAULTS = defaults("mcc")
+
+
 @dataclass(frozen=True)
 class MCCOptions:
     """The definitions behind Table 1 (config section ``mcc``; see the module docstring).
 
-    Defaults follow the paper's text where it decides (thresholds 0.45 / 0.95 / 0.9, ``>=``,
-    converged *by* 10 % of training, the gradient reference within one component);
+    Fields are the keys of config section ``mcc``; their defaults are the schema's
+    (``workflow/schemas/config.schema.yaml``). Defaults follow the paper's text where it
+    decides (thresholds 0.45 / 0.95 / 0.9, ``>=``, converged *by* 10 % of training, the
+    gradient reference within one component);
     ``per_quantity`` defaults to ``per_normalized`` and ``weight_threshold`` to ``relative``:
     no trained tiny-suite weight reaches 0.95 of a random matrix's PER (README, Table 1).
     """
 
-    cka_threshold: float = 0.45
-    early_fraction: float = 0.1
-    early_step: str = "at_or_before"
-    per_quantity: str = "per_normalized"
-    per_weight_threshold: float = 0.95
-    per_grad_fraction: float = 0.9
-    weight_threshold: str = "relative"
-    reference: str = "component"
-    comparison: str = "at_least"
+    cka_threshold: float = _DEFAULTS["cka_threshold"]
+    early_fraction: float = _DEFAULTS["early_fraction"]
+    early_step: str = _DEFAULTS["early_step"]
+    per_quantity: str = _DEFAULTS["per_quantity"]
+    per_weight_threshold: float = _DEFAULTS["per_weight_threshold"]
+    per_grad_fraction: float = _DEFAULTS["per_grad_fraction"]
+    weight_threshold: str = _DEFAULTS["weight_threshold"]
+    reference: str = _DEFAULTS["reference"]
+    comparison: str = _DEFAULTS["comparison"]
 
     def __post_init__(self) -> None:
         _check_range("cka_threshold", self.cka_threshold, low_open=False)

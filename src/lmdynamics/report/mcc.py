@@ -2,7 +2,7 @@
 
 One panel per (Table 1 column, size): x the CKA threshold of early convergence, y the PER
 threshold (weights) or the fraction of the largest layer PER (gradients), colour the MCC
-(:func:`lmdynamics.tables.mcc_grid`; grey where undefined). A star marks the configured
+(:func:`lmdynamics.report.tables.mcc_grid`; grey where undefined). A star marks the configured
 thresholds, a ring the paper's (0.45 and 0.95 / 0.9), so a reader sees whether a cell's
 sign rests on one threshold.
 """
@@ -16,9 +16,9 @@ import numpy as np
 import xarray as xr
 from matplotlib.colors import Normalize
 
-from lmdynamics.figures import _RC, _new_figure, save_figure
-from lmdynamics.figures_cka import cka_label
-from lmdynamics.tables import COLUMNS, PAPER_THRESHOLDS, MCCOptions, mcc_grid
+from lmdynamics.report.cka import cka_label
+from lmdynamics.report.figures import _RC, _new_figure, save_figure
+from lmdynamics.report.tables import COLUMNS, PAPER_THRESHOLDS, MCCOptions, mcc_grid
 
 MCC_CMAP = "RdBu_r"
 UNDEFINED_COLOR = "0.85"

@@ -2,7 +2,7 @@
 
 The metrics datasets store both estimators (``cka`` biased, ``cka_debiased``) and, when
 enabled, standardised variants, bootstrap intervals and pairwise matrices
-(:mod:`lmdynamics.cka_reduce`). Figures and the MCC table read ``cka`` (and ``cka_low``,
+(:mod:`lmdynamics.reduction.cka`). Figures and the MCC table read ``cka`` (and ``cka_low``,
 ``cka_layer_mean_low``, ``cka_pairwise``, ...): :func:`select_cka` renames the configured
 estimator's variables to those names, so the drawing code stays estimator-agnostic, and
 records the choice in ``attrs["cka_estimator"]`` for labels.
@@ -18,8 +18,9 @@ import numpy as np
 import xarray as xr
 from matplotlib.colors import Normalize
 
-from lmdynamics.cka import cka_variable
-from lmdynamics.figures import (
+from lmdynamics.estimators.cka import cka_variable
+from lmdynamics.options import defaults
+from lmdynamics.report.figures import (
     _RC,
     COMPONENT_NAMES,
     _new_figure,
@@ -31,13 +32,16 @@ from lmdynamics.figures import (
     step_tick_label,
 )
 
-#: Suffixes of the variables that belong to one CKA estimator (see lmdynamics.cka_reduce).
+#: Suffixes of the variables that belong to one CKA estimator (see lmdynamics.reduction.cka).
 CKA_SUFFIXES: tuple[str, ...] = ("", "_low", "_high", "_layer_mean_low", "_layer_mean_high",
                                  "_pairwise", "_resamples")
 #: Figure names that draw the standardised variant of a base figure.
 STANDARDIZED_SUFFIX = "_standardized"
 PAIRWISE_CMAP = "viridis"
 
+
+#: Schema defaults of the config sections the CKA figures read.
+_DEFAULTS = {"metrics": defaults("metrics"), "figures": defaults("figures")}
 
 def select_cka(ds: xr.Dataset, estimator: str, *, standardized: bool = False) -> xr.Dataset:
     """``ds`` with the chosen CKA variables renamed to ``cka``, ``cka_low``, ... .
@@ -129,13 +133,15 @@ def figure6(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step") -> list[Pat
         return save_figure(fig, out_stem)
 
 
-#: Figures drawn by this module (the paper's 1-5 are in :data:`lmdynamics.figures.FIGURES`).
+#: Figures drawn by this module (the paper's 1-5 are in :data:`lmdynamics.report.figures.FIGURES`).
 CKA_FIGURES = {"figure6": figure6}
 
 
-def render_figure(name: str, ds: xr.Dataset, out_stem: Path, *, estimator: str = "biased",
-                  x_axis: str = "step") -> list[Path]:
-    """Draw figure ``name`` (figure1-6 or figure2_standardized) with ``estimator``'s CKA."""
+def render_figure(name: str, ds: xr.Dataset, out_stem: Path, *,
+                  estimator: str = _DEFAULTS["metrics"]["cka_estimator"],
+                  x_axis: str = _DEFAULTS["figures"]["x_axis"]) -> list[Path]:
+    """Draw figure ``name`` (figure1-6 or figure2_standardized) with ``estimator``'s CKA
+    (default: the schema's ``metrics.cka_estimator``, as in the workflow)."""
     base, data = figure_dataset(name, ds, estimator)
     if base in CKA_FIGURES:
         return CKA_FIGURES[base](data, Path(out_stem), x_axis=x_axis)

@@ -40,11 +40,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmdynamics.lm_loss import lm_loss
-from lmdynamics.metrics import singular_values
+from lmdynamics.extraction.lm_loss import lm_loss
+from lmdynamics.extraction.spectra import singular_values
 
 if TYPE_CHECKING:
-    from lmdynamics.pile import TokenSource
+    from lmdynamics.sources.pile import TokenSource
 
 ATTENTION_ACTIVATIONS: tuple[str, ...] = ("residual_write", "paper_code")
 GRADIENT_PROTOCOLS: tuple[str, ...] = ("eval_batch", "paper_code")
@@ -160,9 +160,9 @@ def tiny_gradient_batches(step: int, *, batch_size: int, seq_len: int, seed: int
     """The tiny suite's training batches of :func:`gradient_steps` ``(step)``.
 
     int64 (2, min(batch_size, 128), seq_len): the first sequences of the batches consumed by
-    updates ``max(0, step - 5)`` and the next one (:func:`lmdynamics.tiny.training_batch`).
+    updates ``max(0, step - 5)`` and the next one (:func:`lmdynamics.sources.tiny.training_batch`).
     """
-    from lmdynamics.tiny import load_corpus, training_batch
+    from lmdynamics.sources.tiny import load_corpus, training_batch
 
     data = load_corpus() if corpus is None else corpus
     keep = min(batch_size, PAPER_GRADIENT_SEQUENCES)
@@ -174,16 +174,17 @@ def hub_gradient_batches(step: int, source: TokenSource) -> tuple[np.ndarray, li
     """Pythia's training batches of :func:`gradient_steps` ``(step)`` for the paper's gradients.
 
     Reads, by byte range from ``source`` (the preshuffled Pile on the hub, or local shards:
-    :class:`lmdynamics.pile.HubTokens` / :class:`~lmdynamics.pile.LocalTokens`), the first
+    :class:`lmdynamics.sources.pile.HubTokens` /
+    :class:`~lmdynamics.sources.pile.LocalTokens`), the first
     :data:`PAPER_GRADIENT_SEQUENCES` sequences of the batches consumed by updates
     ``step - 5`` and ``step - 4`` (batch N = sequences [N * 1024, (N + 1) * 1024), as for the
     last batch): 2 x 128 x 2049 tokens, 1 MiB. Steps below 5 take batches 0 and 1, as the
     paper's code did (its ``range(max(0, c - 5), ...)``; step 0's gradient is then measured
     on the first two batches, which the step-0 weights have not been trained on either).
     Returns int64 (2, 128, 2049) and the two provenance records of
-    :func:`lmdynamics.pile.read_sequences`.
+    :func:`lmdynamics.sources.pile.read_sequences`.
     """
-    from lmdynamics.pile import read_sequences
+    from lmdynamics.sources.pile import read_sequences
 
     batches, records = [], []
     for batch in gradient_steps(step):

@@ -215,7 +215,7 @@ class HubTokens:
 
     The dataset's revision is resolved to a commit once, so every read sees the same files;
     shard sizes come from the hub's tree listing. Transient errors are retried with backoff
-    (:func:`lmdynamics.hub.with_retries`); a server that ignores the ``Range`` header is
+    (:func:`lmdynamics.sources.hub.with_retries`); a server that ignores the ``Range`` header is
     refused rather than streamed a 30 GB shard.
     """
 
@@ -223,7 +223,7 @@ class HubTokens:
                  backoff: float = 2.0):
         from huggingface_hub import HfApi, constants
 
-        from lmdynamics.hub import with_retries
+        from lmdynamics.sources.hub import with_retries
 
         self.repo, self.retries, self.backoff = repo, retries, backoff
         self.api = HfApi()
@@ -237,7 +237,7 @@ class HubTokens:
     def shards(self) -> list[Shard]:
         from huggingface_hub.hf_api import RepoFile
 
-        from lmdynamics.hub import with_retries
+        from lmdynamics.sources.hub import with_retries
 
         entries = with_retries(
             lambda: list(self.api.list_repo_tree(self.repo, revision=self.commit,
@@ -246,7 +246,7 @@ class HubTokens:
         return order_shards((e.path, e.size) for e in entries if isinstance(e, RepoFile))
 
     def read(self, piece: Piece) -> bytes:
-        from lmdynamics.hub import with_retries
+        from lmdynamics.sources.hub import with_retries
 
         return with_retries(lambda: self._read_once(piece),
                             what=f"dataset {self.repo}: bytes {piece.offset}+{piece.length} of "

@@ -7,12 +7,11 @@ Every per-pair store records the sha256 of the weights it was computed from
 ``hub_weights_sha256`` from ``revision.json``). This module finds revisions of one size that
 share a sha256, writes ``tables/checkpoint_audit.csv``, and gives the metrics the boolean
 ``flag_duplicate`` (step) that figures mark through ``flagged``
-(:func:`lmdynamics.flags.set_flagged`).
+(:func:`lmdynamics.reduction.flags.set_flagged`).
 """
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,8 +22,7 @@ import xarray as xr
 
 from lmdynamics.store import open_store, write_text_atomic
 
-#: The record the download writes next to the weights, copied into the store attrs.
-REVISION_FILE = "revision.json"
+#: Columns of ``tables/checkpoint_audit.csv``.
 AUDIT_COLUMNS = ["size", "step", "model", "revision", "revision_commit", "weights_sha256",
                  "hub_weights_sha256", "hub_weights_bytes", "duplicate", "duplicate_of"]
 
@@ -65,32 +63,3 @@ def write_audit(stores: Sequence[Path | str], out_csv: Path | str) -> pd.DataFra
     table = audit_table([open_store(p, defer=("activations",)).attrs for p in stores])
     write_text_atomic(table.to_csv(index=False), out_csv)
     return table
-
-
-def read_revision_record(checkpoint: Path | str) -> dict | None:
-    """The ``revision.json`` of a downloaded checkpoint, or None (tiny suite)."""
-    path = Path(checkpoint) / REVISION_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def revision_attrs(checkpoint: Path | str) -> dict:
-    """Store attrs from ``revision.json``: ``revision_commit``, ``hub_weights_sha256``,
-    ``hub_weights_bytes``, ``hub_repo`` (empty for checkpoints not from the hub)."""
-    record = read_revision_record(checkpoint)
-    if record is None:
-        return {}
-    return {"revision_commit": record["commit"], "hub_repo": record["repo"],
-            "hub_weights_sha256": record["sha256"], "hub_weights_bytes": int(record["bytes"])}
-
-
-def discard_corrupt_download(checkpoint: Path | str, exc: Exception) -> Exception:
-    """A downloaded checkpoint whose files are corrupt is removed (weights and
-    ``revision.json``) so the next run downloads it again; returns the error to raise, which
-    says so. Checkpoints not from the hub are left alone."""
-    checkpoint = Path(checkpoint)
-    if not (checkpoint / REVISION_FILE).is_file():
-        return exc
-    for name in ("model.safetensors", "pytorch_model.bin", REVISION_FILE):
-        (checkpoint / name).unlink(missing_ok=True)
-    return type(exc)(f"{exc}; deleted the downloaded weights of {checkpoint}: the next run "
-                     "downloads them again")

@@ -84,7 +84,7 @@ def hub_revision_bytes(repo: str, revision: str) -> int:
     requests)."""
     from huggingface_hub import HfApi, constants
 
-    from lmdynamics.hub import remote_file, weight_files
+    from lmdynamics.sources.hub import remote_file, weight_files
 
     info = HfApi().model_info(repo, revision=revision, timeout=constants.HF_HUB_ETAG_TIMEOUT)
     names, _, index = weight_files(s.rfilename for s in info.siblings or [])
@@ -134,7 +134,7 @@ def plan(config: Mapping[str, Any], *, online: bool = True, tflops: float = DEFA
 def format_plan(table: pd.DataFrame, *, tflops: float = DEFAULT_TFLOPS,
                 download_mb_s: float = DEFAULT_DOWNLOAD_MB_S) -> str:
     """The plan as a text table with totals and the notes a user needs."""
-    from lmdynamics.hub import human_bytes
+    from lmdynamics.sources.hub import human_bytes
 
     head = (f"{'size':>6} {'params':>9} {'steps':>5} {'download':>10} {'dl h':>6} "
             f"{'stores':>10} {'PFLOP/ckpt':>10} {'PFLOP':>8} {'GPU h':>6}  download from")
