@@ -150,7 +150,7 @@ def test_per_truncate_option(stores, tmp_path):
     kinds = {}
     for truncate in (True, False):
         ds = reduce_size(stores, tmp_path / f"{truncate}.zarr", final_step=FINAL,
-                         per_divisor_kind="head_dim", per_truncate=truncate)
+                         per_divisor="head_dim", per_truncate=truncate)
         assert ds.attrs["per_truncate"] is truncate
         kinds[truncate] = ds
     sv = open_store(stores[-1]).weight_singular_values.values[0, 0]

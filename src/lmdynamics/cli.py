@@ -340,9 +340,7 @@ def _combine_stats(a: argparse.Namespace) -> None:
 def _stats_figure_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("name")
     p.add_argument("--stats", type=Path, required=True)
-    p.add_argument("--x-axis", default="step")
-    p.add_argument("--steps", type=int, nargs="*", default=[],
-                   help="steps of the snapshot figures (default: chosen automatically)")
+    _options_arg(p, "figures", "conjecture")
     p.add_argument("--out-stem", type=Path, required=True)
 
 
@@ -351,8 +349,9 @@ def _stats_figure(a: argparse.Namespace) -> None:
     from lmdynamics.report.conjecture import render_stats
     from lmdynamics.store import open_store
 
-    render_stats(a.name, open_store(a.stats).load(), a.out_stem, x_axis=a.x_axis,
-                 steps=a.steps)
+    opts = _options(a)
+    render_stats(a.name, open_store(a.stats).load(), a.out_stem,
+                 x_axis=opts["figures"]["x_axis"], steps=opts["conjecture"]["figure_steps"])
 
 
 # Subcommands of the hub source: download, pile-batch, hub-eval-batch, audit, plan.

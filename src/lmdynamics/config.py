@@ -21,6 +21,8 @@ import yaml
 
 from lmdynamics.sources.schedule import checkpoint_schedule, pythia_schedule
 
+#: Where checkpoints come from (config key ``source``).
+SOURCES: tuple[str, ...] = ("tiny", "hub")
 #: Pythia sizes published as ``EleutherAI/pythia-<size>-deduped`` on the hub.
 PYTHIA_SIZES = ("14m", "31m", "70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b", "12b")
 #: Pythia's training sequence length (2049 tokens per sequence in the data files).

@@ -5,6 +5,7 @@ from types import SimpleNamespace
 from snakemake.utils import validate
 
 from lmdynamics.config import canonical, check_config, schedule_for
+from lmdynamics.options import job_options
 
 SCHEMA = workflow.source_path("../schemas/config.schema.yaml")
 
@@ -38,13 +39,6 @@ REPORT_CATEGORIES = {
     "figure6": "Figure 6: pairwise CKA between steps",
     "figure2_standardized": "Figure 2 with standardised dimensions",
 }
-# Table 1's definitions as `lmdynamics mcc` arguments, one list item each (the rules quote
-# each one): --cka-threshold 0.45 ..., sorted by key.
-MCC_OPTIONS = [
-    arg
-    for key, value in sorted(config["mcc"].items())
-    for arg in (f"--{key.replace('_', '-')}", value)
-]
 # GPUs one extraction job asks for: `--resources gpu=N` locally, `--gpus=1` on SLURM.
 EXTRACTION_GPUS = 0 if config["extraction"]["device"] == "cpu" else 1
 

@@ -62,6 +62,8 @@ from lmdynamics.store import load_token_array, write_store
 
 log = logging.getLogger(__name__)
 
+#: Allowed values of ``extraction.device``: ``auto`` = CUDA when available, else CPU.
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -115,8 +117,8 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("extraction.device: 'cuda' was asked for but no CUDA device is "
                            "available; allowed here: auto, cpu")
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"device={name!r}: allowed auto, cpu, cuda")
+    if name not in DEVICES:
+        raise ValueError(f"device={name!r}: allowed {', '.join(DEVICES)}")
     return torch.device(name)
 
 
