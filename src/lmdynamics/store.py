@@ -160,6 +160,16 @@ class TokenArrayError(ValueError):
     shape; the message names the file."""
 
 
+def file_sha256(path: Path | str) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks (the one file hash of the package:
+    downloaded weights, checkpoint identities)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def load_token_array(path: Path | str, *, ndim: int, what: str) -> np.ndarray:
     """Load an .npy of token ids, refusing anything but a non-empty ``ndim``-D integer array.
 

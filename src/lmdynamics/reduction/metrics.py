@@ -34,6 +34,7 @@ from lmdynamics.reduction.flags import (
     warn,
     warn_nan_metrics,
 )
+from lmdynamics.reduction.sizes import agreed_attrs, load_sizes, stack_sizes
 from lmdynamics.store import (
     DigestedReader,
     IncompleteStoreError,
@@ -297,23 +298,12 @@ def combine_sizes(paths: Sequence[Path | str]) -> xr.Dataset:
 
     Sizes are ordered by parameter count (not by label text); layers a size lacks are NaN.
     """
-    per_size = [open_store(p, required=METRIC_VARIABLES,
-                           required_attrs=("size", "n_params", "num_layers")).load()
-                for p in paths]
-    per_size.sort(key=lambda d: d.attrs["n_params"])
-    shared = {}
-    for key in SHARED_ATTRS:
-        values = {repr(d.attrs.get(key)) for d in per_size}
-        if len(values) != 1:
-            raise ValueError(f"per-size metrics disagree on {key}: {sorted(values)}; rerun "
-                             "the reductions with one configuration")
-        if key in per_size[0].attrs:
-            shared[key] = per_size[0].attrs[key]
+    per_size = load_sizes(paths, required=METRIC_VARIABLES,
+                          required_attrs=("size", "n_params", "num_layers"))
+    shared = agreed_attrs(per_size, SHARED_ATTRS, "metrics")
     sizes = [d.attrs["size"] for d in per_size]
     per_size, flags = zip(*(split_flags(d) for d in per_size), strict=True)
-    combined = xr.concat(
-        [d.drop_attrs() for d in per_size], dim=pd.Index(sizes, name="size"), join="outer",
-        combine_attrs="drop", coords="minimal", compat="override", fill_value=np.nan)
+    combined = stack_sizes(per_size, sizes)
     combined = combined.assign_coords(
         size=np.array(sizes, dtype=object),
         n_params=("size", np.array([d.attrs["n_params"] for d in per_size], dtype=np.int64)),

@@ -18,6 +18,7 @@ import pandas as pd
 import xarray as xr
 
 from lmdynamics.extraction.names import param_parts, param_sort_key
+from lmdynamics.reduction.sizes import agreed_attrs, load_sizes, stack_sizes
 from lmdynamics.store import IncompleteStoreError, open_store, redo_hint, write_store
 
 log = logging.getLogger(__name__)
@@ -93,18 +94,11 @@ def location_coords(names: Sequence[str], prefix: str) -> dict[str, tuple]:
 
 def combine_stats(paths: Sequence[Path | str]) -> xr.Dataset:
     """Stack per-size statistics into one dataset over ``size`` (by parameter count)."""
-    per_size = [open_store(p, required=STAT_VARIABLES, required_attrs=_SIZE_ATTRS[:4]
-                           + ("final_step",)).load() for p in paths]
-    per_size.sort(key=lambda d: d.attrs["n_params"])
-    finals = {d.attrs["final_step"] for d in per_size}
-    if len(finals) != 1:
-        raise ValueError(f"per-size statistics disagree on final_step {finals}; rerun the "
-                         f"reductions with one configuration")
+    per_size = load_sizes(paths, required=STAT_VARIABLES,
+                          required_attrs=(*_SIZE_ATTRS[:4], "final_step"))
+    final = agreed_attrs(per_size, ("final_step",), "statistics")["final_step"]
     sizes = [d.attrs["size"] for d in per_size]
-    combined = xr.concat([d.drop_attrs(deep=False) for d in per_size],
-                         dim=pd.Index(sizes, name="size"), join="outer",
-                         combine_attrs="override", coords="minimal", compat="override",
-                         fill_value=np.nan)
+    combined = stack_sizes(per_size, sizes)
     params = sorted({str(p) for p in combined.param.values}, key=param_sort_key)
     matrices = sorted({str(m) for m in combined.matrix.values}, key=param_sort_key)
     combined = combined.reindex(param=params, matrix=matrices, layer=np.sort(combined.layer),
@@ -115,7 +109,7 @@ def combine_stats(paths: Sequence[Path | str]) -> xr.Dataset:
         **location_coords(params, "param"), **location_coords(matrices, "matrix"),
         **{a: ("size", np.array([d.attrs[a] for d in per_size]))
            for a in ("n_params", "num_layers", "hidden_size")})
-    combined.attrs = {"final_step": finals.pop()}
+    combined.attrs = {"final_step": final}
     return combined
 
 

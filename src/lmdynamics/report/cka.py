@@ -26,11 +26,11 @@ from lmdynamics.report.figures import (
     _new_figure,
     _require,
     check_x_axis,
-    final_step,
     render,
     save_figure,
     step_tick_label,
 )
+from lmdynamics.report.tables import final_step  # noqa: E402
 
 #: Suffixes of the variables that belong to one CKA estimator (see lmdynamics.reduction.cka).
 CKA_SUFFIXES: tuple[str, ...] = ("", "_low", "_high", "_layer_mean_low", "_layer_mean_high",

@@ -35,7 +35,6 @@ from lmdynamics.report.figures import (
     _new_figure,
     check_x_axis,
     depth_fraction,
-    final_step,
     format_x,
     render,
     save_figure,
@@ -43,6 +42,7 @@ from lmdynamics.report.figures import (
     x_label,
     x_values,
 )
+from lmdynamics.report.tables import final_step  # noqa: E402
 
 #: Weight matrices of a block, in the post's order, with panel titles.
 BLOCK_MATRICES: dict[str, str] = {

@@ -30,6 +30,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, SymmetricalLogLocator  # noqa: E402
 
+from lmdynamics.report.tables import final_step  # noqa: E402
 from lmdynamics.store import atomic_path  # noqa: E402
 
 X_AXES: tuple[str, ...] = ("step", "fraction")
@@ -66,13 +67,6 @@ def check_x_axis(x_axis: str) -> str:
     if x_axis not in X_AXES:
         raise ValueError(f"unknown x_axis {x_axis!r}; allowed values: {', '.join(X_AXES)}")
     return x_axis
-
-
-def final_step(ds: xr.Dataset) -> int:
-    """Final training step: ``ds.attrs["final_step"]``, else the largest ``step`` coordinate."""
-    if "final_step" in ds.attrs:
-        return int(ds.attrs["final_step"])
-    return int(ds["step"].max())
 
 
 def x_values(ds: xr.Dataset, x_axis: str) -> np.ndarray:

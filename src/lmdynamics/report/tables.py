@@ -161,7 +161,8 @@ def early_step(steps: np.ndarray, final_step: int, early_fraction: float,
 
 
 def final_step(ds: xr.Dataset) -> int:
-    """Final training step (``ds.attrs["final_step"]``); it must be a ``step`` coordinate."""
+    """Final training step: ``ds.attrs["final_step"]``, else the largest ``step`` coordinate;
+    ValueError when it is not a ``step`` coordinate. The one definition tables and figures use."""
     steps = ds["step"].to_numpy()
     step = int(ds.attrs.get("final_step", steps.max()))
     if step not in set(steps.tolist()):

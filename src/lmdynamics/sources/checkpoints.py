@@ -23,7 +23,6 @@ keys to ignore; whatever is still missing, unexpected or of the wrong shape afte
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import re
@@ -53,7 +52,6 @@ CONFIG_LIMITS = {"hidden_size": 1 << 16, "num_hidden_layers": 1 << 10,
 #: A config implying more parameters than this multiple of the values in the weights file is
 #: refused before anything is allocated (:func:`load_model`).
 MAX_IMPLIED_RATIO = 2
-_BLOCK = 1 << 20  # bytes per read when hashing (1 MiB)
 
 
 class UntrustedCheckpointError(ValueError):
@@ -385,8 +383,6 @@ def weights_sha256(directory: Path | str) -> str:
     For hub revisions this equals the LFS object id, which identifies byte-identical revisions
     (Pythia issues #195, #205, #206 in shared/notes/reference-facts.md).
     """
-    digest = hashlib.sha256()
-    with weights_path(directory).open("rb") as fh:
-        while block := fh.read(_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
+    from lmdynamics.store import file_sha256
+
+    return file_sha256(weights_path(directory))

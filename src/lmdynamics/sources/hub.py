@@ -43,7 +43,7 @@ from huggingface_hub.errors import (
 from lmdynamics.sources.checkpoints import CONFIG_NAME, SAFETENSORS_NAME, read_model_config
 from lmdynamics.sources.revision import REVISION_FILE
 from lmdynamics.sources.schedule import nearest_step
-from lmdynamics.store import write_text_atomic
+from lmdynamics.store import file_sha256, write_text_atomic
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -62,7 +62,6 @@ WEIGHT_LAYOUTS = (
     (r"pytorch_model-(\d+)-of-(\d+)\.bin", True, "pytorch_model.bin.index.json"),
 )
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_BLOCK = 1 << 20
 
 
 class HubError(RuntimeError):
@@ -267,15 +266,6 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1000
     raise AssertionError("unreachable")
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def git_blob_sha1(path: Path) -> str:
