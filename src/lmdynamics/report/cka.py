@@ -13,23 +13,21 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import xarray as xr
 from matplotlib.colors import Normalize
 
 from lmdynamics.estimators.cka import cka_variable
 from lmdynamics.options import defaults
-from lmdynamics.report.figures import (
-    _RC,
+from lmdynamics.report.figures import (  # noqa: E402
     COMPONENT_NAMES,
-    _new_figure,
-    _require,
     check_x_axis,
     render,
+    require,
     save_figure,
     step_tick_label,
 )
+from lmdynamics.report.style import STYLE, new_figure, style  # noqa: E402
 from lmdynamics.report.tables import final_step  # noqa: E402
 
 #: Suffixes of the variables that belong to one CKA estimator (see lmdynamics.reduction.cka).
@@ -97,7 +95,7 @@ def figure6(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step") -> list[Pat
     column of each panel is figure 3's curve averaged over layers.
     """
     check_x_axis(x_axis)
-    _require(ds, ["cka_pairwise"])
+    require(ds, ["cka_pairwise"])
     sizes = [str(s) for s in ds["size"].values]
     components = [str(c) for c in ds["component"].values]
     steps = ds["step"].to_numpy()
@@ -107,8 +105,8 @@ def figure6(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step") -> list[Pat
     else:
         labels = [f"{steps[i] / final_step(ds):.2g}" for i in ticks]
     norm = Normalize(0.0, 1.0)
-    with plt.rc_context(_RC):
-        fig, axes = _new_figure(len(components), len(sizes), height_per_row=1.7)
+    with style():
+        fig, axes = new_figure(len(components), len(sizes), height_per_row=1.7)
         image = None
         for i, comp in enumerate(components):
             for j, size in enumerate(sizes):
@@ -126,7 +124,7 @@ def figure6(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step") -> list[Pat
                 if j == 0:
                     ax.set_ylabel("step" if x_axis == "step" else "fraction of training")
         axis_name = "training step" if x_axis == "step" else "fraction of training"
-        fig.supxlabel(f"{axis_name} (one cell per checkpoint)", fontsize=_RC["axes.labelsize"])
+        fig.supxlabel(f"{axis_name} (one cell per checkpoint)", fontsize=STYLE["axes.labelsize"])
         if image is not None:
             fig.colorbar(image, ax=axes, label=f"{cka_label(ds)}, mean over layers",
                          aspect=30, pad=0.01, shrink=0.8, extend="min")

@@ -28,11 +28,9 @@ from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from lmdynamics.estimators.spectrum import fit_window, power_law_fit  # noqa: E402
-from lmdynamics.report.figures import (
-    _RC,
+from lmdynamics.report.figures import (  # noqa: E402
     DEPTH_CMAP,
     DEPTH_LABEL,
-    _new_figure,
     check_x_axis,
     depth_fraction,
     format_x,
@@ -42,6 +40,7 @@ from lmdynamics.report.figures import (
     x_label,
     x_values,
 )
+from lmdynamics.report.style import STYLE, grid, new_figure, style  # noqa: E402
 from lmdynamics.report.tables import final_step  # noqa: E402
 
 #: Weight matrices of a block, in the post's order, with panel titles.
@@ -96,7 +95,7 @@ def depth_colorbar(fig: Any, axes: Any) -> None:
 
 def _finish(fig: Any, x_axis: str, out_stem: Path, legend_axis: Any = None,
             title: str = "model size") -> list[Path]:
-    fig.supxlabel(x_label(x_axis), fontsize=_RC["axes.labelsize"])
+    fig.supxlabel(x_label(x_axis), fontsize=STYLE["axes.labelsize"])
     if legend_axis is not None:
         handles, labels = legend_axis.get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside upper center", ncol=max(1, len(handles)),
@@ -132,8 +131,8 @@ def norms_figure(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step",
     check_x_axis(x_axis)
     x = x_values(ds, x_axis)
     sizes = sizes_of(ds)
-    with plt.rc_context(_RC):
-        fig, axes = _new_figure(len(BLOCK_MATRICES) + 1, len(sizes), sharex=True,
+    with style():
+        fig, axes = new_figure(len(BLOCK_MATRICES) + 1, len(sizes), sharex=True,
                                 sharey="row", height_per_row=1.1)
         for j, size in enumerate(sizes):
             for i, (module, title) in enumerate(BLOCK_MATRICES.items()):
@@ -147,7 +146,7 @@ def norms_figure(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step",
             axes[0, j].set_title(f"{size} ({n_layers(ds, size)} layers)")
             for ax in axes[:, j]:
                 format_x(ax, x_axis, max_step=float(x.max()))
-                ax.grid(alpha=0.3, lw=0.5)
+                grid(ax)
         axes[-1, 0].legend(frameon=False)
         depth_colorbar(fig, axes)
         return _finish(fig, x_axis, out_stem)
@@ -163,8 +162,8 @@ def _size_mean_grid(ds: xr.Dataset, out_stem: Path, x_axis: str,
     x = x_values(ds, x_axis)
     sizes = sizes_of(ds)
     colors = dict(zip(sizes, size_colors(len(sizes)), strict=True))
-    with plt.rc_context(_RC):
-        fig, axes = _new_figure(len(rows), len(columns), sharex=True, sharey=sharey,
+    with style():
+        fig, axes = new_figure(len(rows), len(columns), sharex=True, sharey=sharey,
                                 height_per_row=1.3)
         for i, (label, values) in enumerate(rows):
             for j, (key, title) in enumerate(columns.items()):
@@ -177,7 +176,7 @@ def _size_mean_grid(ds: xr.Dataset, out_stem: Path, x_axis: str,
                     ax.set_yscale("symlog", linthresh=1.0)
                 axes[0, j].set_title(title)
                 format_x(ax, x_axis, max_step=float(x.max()))
-                ax.grid(alpha=0.3, lw=0.5)
+                grid(ax)
             axes[i, 0].set_ylabel(label)
         return _finish(fig, x_axis, out_stem, axes[0, 0], "model size (mean over layers)")
 
@@ -234,8 +233,8 @@ def residual_figure(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step",
     x = x_values(ds, x_axis)
     sizes = sizes_of(ds)
     colors = dict(zip(sizes, size_colors(len(sizes)), strict=True))
-    with plt.rc_context(_RC):
-        fig, axes = _new_figure(1, len(sizes) + 1, height_per_row=2.0)
+    with style():
+        fig, axes = new_figure(1, len(sizes) + 1, height_per_row=2.0)
         for j, size in enumerate(sizes):
             n = n_layers(ds, size)
             rows = ds["stat_resid_max_abs"].sel(size=size).isel(layer=slice(0, n))
@@ -244,7 +243,7 @@ def residual_figure(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step",
             depth_lines(ax, x, rows)
             ax.set_title(f"{size} ({n} layers)")
             format_x(ax, x_axis, max_step=float(x.max()))
-            ax.grid(alpha=0.3, lw=0.5)
+            grid(ax)
             peak = np.nanmax(rows, axis=1)
             axes[0, -1].plot([depth_fraction(i, n) for i in range(n)], peak, marker="o", ms=2,
                              color=colors[size], label=size)
@@ -252,7 +251,7 @@ def residual_figure(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step",
         last = axes[0, -1]
         last.set_title("max over training")
         last.set_xlabel(DEPTH_LABEL)
-        last.grid(alpha=0.3, lw=0.5)
+        grid(last)
         depth_colorbar(fig, axes)
         return _finish(fig, x_axis, out_stem, last)
 
@@ -273,8 +272,8 @@ def spectra_figure(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step",
     x = x_values(ds, x_axis)
     colors = dict(zip(sizes, size_colors(len(sizes)), strict=True))
     last_row = len(BLOCK_MATRICES) - 1
-    with plt.rc_context(_RC):
-        fig, axes = _new_figure(len(BLOCK_MATRICES), len(shown) + 1, height_per_row=1.3)
+    with style():
+        fig, axes = new_figure(len(BLOCK_MATRICES), len(shown) + 1, height_per_row=1.3)
         for i, (module, title) in enumerate(BLOCK_MATRICES.items()):
             ax = axes[i, 0]
             for s in sizes:
@@ -284,7 +283,7 @@ def spectra_figure(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step",
                         color=colors[s], label=s)
             ax.set_ylabel(f"{title}\nalpha (all sizes)")
             format_x(ax, x_axis, max_step=float(x.max()), label=i == last_row)
-            ax.grid(alpha=0.3, lw=0.5)
+            grid(ax)
             for j, step in enumerate(shown, start=1):
                 ax = axes[i, j]
                 alphas = []
@@ -300,9 +299,9 @@ def spectra_figure(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step",
                     ax.loglog(k, np.exp(log_c) * k**-alpha, color=color, lw=0.6, ls="--")
                     alphas.append(alpha)
                 ax.text(0.97, 0.95, f"mean alpha {np.nanmean(alphas):.2f}", ha="right",
-                        va="top", transform=ax.transAxes, fontsize=_RC["legend.fontsize"])
+                        va="top", transform=ax.transAxes, fontsize=STYLE["legend.fontsize"])
                 ax.yaxis.set_minor_formatter(NullFormatter())
-                ax.grid(alpha=0.3, lw=0.5)
+                grid(ax)
                 if i == 0:
                     ax.set_title(f"{size}, step {step}")
                 if i == last_row:
@@ -321,8 +320,8 @@ def embedding_figure(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step",
     check_x_axis(x_axis)
     shown = pick_steps(ds["step"].values, final_step(ds), steps)
     sizes = sizes_of(ds)
-    with plt.rc_context(_RC):
-        fig, axes = _new_figure(len(sizes), len(shown), height_per_row=1.5)
+    with style():
+        fig, axes = new_figure(len(sizes), len(shown), height_per_row=1.5)
         image = None
         for i, size in enumerate(sizes):
             for j, step in enumerate(shown):
@@ -349,8 +348,8 @@ def closeness_figure(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step",
     sizes = sizes_of(ds)
     colors = dict(zip(sizes, size_colors(len(sizes)), strict=True))
     circuits = [str(c) for c in ds["circuit"].values]
-    with plt.rc_context(_RC):
-        fig, axes = _new_figure(len(circuits), len(sizes) + 1, sharex=True, sharey=True,
+    with style():
+        fig, axes = new_figure(len(circuits), len(sizes) + 1, sharex=True, sharey=True,
                                 height_per_row=1.5)
         for i, circuit in enumerate(circuits):
             for j, size in enumerate(sizes):
@@ -365,7 +364,7 @@ def closeness_figure(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step",
             axes[0, -1].set_title("mean over layers")
             for ax in axes[i]:
                 format_x(ax, x_axis, max_step=float(x.max()))
-                ax.grid(alpha=0.3, lw=0.5)
+                grid(ax)
         depth_colorbar(fig, axes)
         return _finish(fig, x_axis, out_stem, axes[0, -1])
 

@@ -30,6 +30,13 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, SymmetricalLogLocator  # noqa: E402
 
+from lmdynamics.report.style import (  # noqa: E402
+    PNG_DPI,
+    STYLE,
+    grid,
+    new_figure,
+    style,
+)
 from lmdynamics.report.tables import final_step  # noqa: E402
 from lmdynamics.store import atomic_path  # noqa: E402
 
@@ -42,21 +49,6 @@ METRIC_TITLES: dict[str, str] = {
 DEPTH_CMAP = "viridis"
 SIZE_CMAP = "plasma"
 DEPTH_LABEL = "layer depth (fraction of layers)"
-PNG_DPI = 300
-COLUMN_WIDTH_IN = 3.4  # one column of a two-column paper
-PAGE_WIDTH_IN = 7.0  # both columns
-_RC: dict[str, Any] = {
-    "font.size": 7,
-    "axes.titlesize": 7,
-    "axes.labelsize": 7,
-    "xtick.labelsize": 6,
-    "ytick.labelsize": 6,
-    "legend.fontsize": 6,
-    "lines.linewidth": 1.0,
-    "axes.spines.top": False,
-    "axes.spines.right": False,
-    "pdf.fonttype": 42,
-}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -180,21 +172,7 @@ def save_figure(fig: Figure, out_stem: Path) -> list[Path]:
     return paths
 
 
-def _new_figure(nrows: int, ncols: int, *, height_per_row: float = 1.45, **kw: Any):
-    """Constrained-layout figure sized for print: one column wide up to 2 panels, else page."""
-    width = COLUMN_WIDTH_IN if ncols <= 2 else min(PAGE_WIDTH_IN, 1.5 * ncols + 1.2)
-    fig, axes = plt.subplots(
-        nrows,
-        ncols,
-        figsize=(width, height_per_row * nrows + 0.6),
-        squeeze=False,
-        layout="constrained",
-        **kw,
-    )
-    return fig, axes
-
-
-def _require(ds: xr.Dataset, metrics: Sequence[str]) -> None:
+def require(ds: xr.Dataset, metrics: Sequence[str]) -> None:
     """Raise ValueError if ``ds`` lacks a metric variable."""
     missing = [m for m in metrics if m not in ds]
     if missing:
@@ -211,13 +189,13 @@ def figure1(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step") -> list[Pat
     Shaded bands span the 10-90th and 25-75th percentiles per step; the line is the median.
     """
     check_x_axis(x_axis)
-    _require(ds, ["cka"])
+    require(ds, ["cka"])
     sizes = list(dict.fromkeys([str(ds["size"].values[0]), str(ds["size"].values[-1])]))
     components = [str(c) for c in ds["component"].values]
     x = x_values(ds, x_axis)
     colors = dict(zip(sizes, size_colors(len(sizes)), strict=True))
-    with plt.rc_context(_RC):
-        fig, axes = _new_figure(len(sizes), len(components), sharex=True, sharey=True)
+    with style():
+        fig, axes = new_figure(len(sizes), len(components), sharex=True, sharey=True)
         for i, size in enumerate(sizes):
             for j, comp in enumerate(components):
                 ax = axes[i, j]
@@ -232,7 +210,7 @@ def figure1(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step") -> list[Pat
                 format_x(ax, x_axis, max_step=float(x.max()))
                 if j == 0:
                     ax.set_ylabel(metric_ylabel(ds, "cka"))
-                ax.grid(alpha=0.3, lw=0.5)
+                grid(ax)
         grey = "0.35"
         handles = [
             plt.Rectangle((0, 0), 1, 1, color=grey, alpha=0.2, lw=0),
@@ -240,7 +218,7 @@ def figure1(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step") -> list[Pat
             Line2D([], [], color=grey),
         ]
         labels = ["10-90th pct.", "25-75th pct.", "median"]
-        fig.supxlabel(x_label(x_axis), fontsize=_RC["axes.labelsize"])
+        fig.supxlabel(x_label(x_axis), fontsize=STYLE["axes.labelsize"])
         fig.legend(handles, labels, loc="outside upper center", ncol=3, frameon=False,
                    title="distribution over layers")
         return save_figure(fig, out_stem)
@@ -286,14 +264,14 @@ def figure2(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step") -> list[Pat
     (size, step), flagged checkpoints are marked with a triangle on the x axis.
     """
     check_x_axis(x_axis)
-    _require(ds, METRICS)
+    require(ds, METRICS)
     sizes = [str(s) for s in ds["size"].values]
     components = [str(c) for c in ds["component"].values]
     colors = dict(zip(sizes, size_colors(len(sizes)), strict=True))
     x = x_values(ds, x_axis)
     flagged = banded = False
-    with plt.rc_context(_RC):
-        fig, axes = _new_figure(len(components), len(METRICS), sharex=True, sharey="col")
+    with style():
+        fig, axes = new_figure(len(components), len(METRICS), sharex=True, sharey="col")
         fig.get_layout_engine().set(wspace=0.1)  # room for the y labels between columns
         for i, comp in enumerate(components):
             for j, metric in enumerate(METRICS):
@@ -306,8 +284,8 @@ def figure2(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step") -> list[Pat
                 ax.set_title(f"{COMPONENT_NAMES.get(comp, comp)}: {METRIC_TITLES[metric]}")
                 ax.set_ylabel(metric_ylabel(ds, metric))
                 format_x(ax, x_axis, max_step=float(x.max()))
-                ax.grid(alpha=0.3, lw=0.5)
-        fig.supxlabel(x_label(x_axis), fontsize=_RC["axes.labelsize"])
+                grid(ax)
+        fig.supxlabel(x_label(x_axis), fontsize=STYLE["axes.labelsize"])
         handles, labels = axes[0, 0].get_legend_handles_labels()
         if flagged:
             handles.append(Line2D([], [], ls="none", marker="^", ms=3.5, color="0.3"))
@@ -329,14 +307,14 @@ def per_layer_figure(ds: xr.Dataset, out_stem: Path, metric: str, *,
     shared colour bar; y is shared within a row.
     """
     check_x_axis(x_axis)
-    _require(ds, [metric])
+    require(ds, [metric])
     sizes = [str(s) for s in ds["size"].values]
     components = [str(c) for c in ds["component"].values]
     x = x_values(ds, x_axis)
     cmap = plt.get_cmap(DEPTH_CMAP)
     norm = Normalize(0.0, 1.0)
-    with plt.rc_context(_RC):
-        fig, axes = _new_figure(len(components), len(sizes), sharex=True, sharey="row")
+    with style():
+        fig, axes = new_figure(len(components), len(sizes), sharex=True, sharey="row")
         for j, size in enumerate(sizes):
             layers = present_layers(ds, size)
             for i, comp in enumerate(components):
@@ -352,8 +330,8 @@ def per_layer_figure(ds: xr.Dataset, out_stem: Path, metric: str, *,
                     name = COMPONENT_NAMES.get(comp, comp)
                     ax.set_ylabel(f"{name}\n{metric_ylabel(ds, metric)}")
                 format_x(ax, x_axis, max_step=float(x.max()))
-                ax.grid(alpha=0.3, lw=0.5)
-        fig.supxlabel(x_label(x_axis), fontsize=_RC["axes.labelsize"])
+                grid(ax)
+        fig.supxlabel(x_label(x_axis), fontsize=STYLE["axes.labelsize"])
         fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes, label=DEPTH_LABEL,
                      aspect=30, pad=0.01)
         return save_figure(fig, out_stem)
@@ -407,8 +385,8 @@ def training_loss_figure(loss: pd.DataFrame, out_stem: Path, *,
         raise ValueError(f"smooth={smooth!r} is outside the allowed range [0, 1) or None")
     sizes = list(dict.fromkeys(str(s) for s in loss["size"]))
     colors = dict(zip(sizes, size_colors(len(sizes)), strict=True))
-    with plt.rc_context(_RC):
-        fig, axes = _new_figure(1, 1, height_per_row=2.0)
+    with style():
+        fig, axes = new_figure(1, 1, height_per_row=2.0)
         ax = axes[0, 0]
         for size in sizes:
             part = loss[loss["size"].astype(str) == size].sort_values("step")
@@ -420,7 +398,7 @@ def training_loss_figure(loss: pd.DataFrame, out_stem: Path, *,
             ax.plot(steps, raw, color=colors[size], label=size)
         format_x(ax, "step", label=True, max_step=float(loss["step"].max()))
         ax.set_ylabel("training loss (nats/token)")
-        ax.grid(alpha=0.3, lw=0.5)
+        grid(ax)
         ax.legend(title="model size", frameon=False)
         return save_figure(fig, out_stem)
 

@@ -17,7 +17,8 @@ import xarray as xr
 from matplotlib.colors import Normalize
 
 from lmdynamics.report.cka import cka_label
-from lmdynamics.report.figures import _RC, _new_figure, save_figure
+from lmdynamics.report.figures import save_figure
+from lmdynamics.report.style import new_figure, style
 from lmdynamics.report.tables import COLUMNS, PAPER_THRESHOLDS, MCCOptions, mcc_grid
 
 MCC_CMAP = "RdBu_r"
@@ -42,8 +43,8 @@ def mcc_sensitivity(ds: xr.Dataset, out_stem: Path,
     extent = (cka_t[0] - half_x, cka_t[-1] + half_x, per_t[0] - half_y, per_t[-1] + half_y)
     cmap = plt.get_cmap(MCC_CMAP).with_extremes(bad=UNDEFINED_COLOR)
     norm = Normalize(-1.0, 1.0)
-    with plt.rc_context(_RC):
-        fig, axes = _new_figure(len(COLUMNS), len(sizes), height_per_row=1.6)
+    with style():
+        fig, axes = new_figure(len(COLUMNS), len(sizes), height_per_row=1.6)
         image = None
         for i, (label, _, parameter) in enumerate(COLUMNS):
             key = "per_weight_threshold" if parameter == "weights" else "per_grad_fraction"
