@@ -264,14 +264,18 @@ def _combine(a: argparse.Namespace) -> None:
     write_combined(a.stores, a.out_zarr, a.out_csv)
 
 
-def _figure_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("name")
-    p.add_argument("--metrics", type=Path, required=True)
-    _options_arg(p, "figures", "metrics")
-    p.add_argument("--out-stem", type=Path, required=True)
+def _drawing_args(data: str, *sections: str) -> Callable[[argparse.ArgumentParser], None]:
+    """Arguments of a figure command: its name, ``--<data>`` (the dataset it draws), the config
+    ``sections`` it reads (``--options``) and ``--out-stem`` (``<stem>.png`` and ``.pdf``)."""
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument("name")
+        p.add_argument(f"--{data}", type=Path, required=True)
+        _options_arg(p, *sections)
+        p.add_argument("--out-stem", type=Path, required=True)
+    return add
 
 
-@command("figure", _figure_args)
+@command("figure", _drawing_args("metrics", "figures", "metrics"))
 def _figure(a: argparse.Namespace) -> None:
     from lmdynamics.report.cka import render_figure
     from lmdynamics.store import open_store
@@ -337,14 +341,7 @@ def _combine_stats(a: argparse.Namespace) -> None:
     write_combined_stats(a.stores, a.out)
 
 
-def _stats_figure_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("name")
-    p.add_argument("--stats", type=Path, required=True)
-    _options_arg(p, "figures", "conjecture")
-    p.add_argument("--out-stem", type=Path, required=True)
-
-
-@command("stats-figure", _stats_figure_args)
+@command("stats-figure", _drawing_args("stats", "figures", "conjecture"))
 def _stats_figure(a: argparse.Namespace) -> None:
     from lmdynamics.report.conjecture import render_stats
     from lmdynamics.store import open_store
