@@ -43,7 +43,8 @@ def schema() -> dict[str, Any]:
         raise FileNotFoundError(f"{SCHEMA_FILE}: the config schema is missing; lmdynamics reads "
                                 "it from its source tree: install with `pip install -e .` from "
                                 "the repository")
-    return yaml.safe_load(SCHEMA_FILE.read_text())
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: ~10x faster
+    return yaml.load(SCHEMA_FILE.read_text(), Loader=loader)  # noqa: S506 (a safe loader)
 
 
 def _resolve_ref(node: Mapping[str, Any]) -> dict[str, Any]:
