@@ -127,8 +127,8 @@ def _env() -> dict[str, str]:
 
 def _extract_argv(checkpoint: Path, batch: Path, out: Path) -> list[str]:
     return ["extract", "--checkpoint", str(checkpoint), "--eval-batch", str(batch),
-            "--tokens", str(TOKENS), "--size", "s", "--step", "0", "--model", "m",
-            "--revision", "step0", "--out", str(out)]
+            "--options", json.dumps({"tokens": TOKENS}), "--size", "s", "--step", "0",
+            "--model", "m", "--revision", "step0", "--out", str(out)]
 
 
 def _untrusted(case: str, directory: Path) -> tuple[type[Exception], list[str]]:

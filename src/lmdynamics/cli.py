@@ -100,42 +100,23 @@ def _training_loss(a: argparse.Namespace) -> None:
 def _extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", type=Path, required=True, help="HF model directory")
     p.add_argument("--eval-batch", type=Path, required=True, help=".npy (sequences, positions)")
-    p.add_argument("--tokens", type=int, required=True)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", required=True)
     p.add_argument("--step", type=int, required=True)
     p.add_argument("--model", required=True, help="model name recorded in the store")
     p.add_argument("--revision", required=True)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--micro-batch", type=int, default=None,
-                   help="sequences per forward/backward (0 or unset: all on CUDA, about 4096 "
-                   "tokens' worth on CPU)")
-    p.add_argument("--sampling", default="random_positions",
-                   help="token sampling protocol: random_positions | paper_code")
+    _options_arg(p, "tokens", "seed", "extraction", "sampling", "conjecture")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--attention-activation", default="residual_write",
-                   help="residual_write | paper_code")
-    p.add_argument("--attention-implementation", default="sdpa", help="sdpa | eager")
-    p.add_argument("--gradient-protocol", default="eval_batch", help="eval_batch | paper_code")
     p.add_argument("--gradient-batches", type=Path, default=None,
-                   help=".npy (2, sequences, positions) for --gradient-protocol paper_code")
+                   help=".npy (2, sequences, positions) for extraction.gradient_protocol "
+                        "paper_code")
     p.add_argument("--out", type=Path, required=True)
-    _stats_args(p)
-
-
-def _stats_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("Conjecture statistics (added when both checkpoints are given)")
+    g = p.add_argument_group("Conjecture statistics (added when both checkpoints are given; "
+                             "their options: config section conjecture)")
     g.add_argument("--init-checkpoint", type=Path, help="step-0 model directory, same size")
     g.add_argument("--final-checkpoint", type=Path, help="final-step model directory")
-    g.add_argument("--stats-max-elements", type=int, default=1 << 16)
-    g.add_argument("--stats-top-k", type=int, default=30)
-    g.add_argument("--stats-embedding-tokens", type=int, default=256)
-    g.add_argument("--stats-spectrum-fit", type=float, nargs=2, default=(0.0, 0.5),
-                   metavar=("LO", "HI"))
 
 
-def _stats_options(a: argparse.Namespace):
+def _stats_options(a: argparse.Namespace, conjecture: dict, seed: int):
     from lmdynamics.extraction.conjecture import StatsOptions
 
     if (a.init_checkpoint is None) != (a.final_checkpoint is None):
@@ -144,9 +125,9 @@ def _stats_options(a: argparse.Namespace):
     if a.init_checkpoint is None:
         return None
     return StatsOptions(a.init_checkpoint, a.final_checkpoint,
-                        max_elements=a.stats_max_elements, top_k=a.stats_top_k,
-                        embedding_tokens=a.stats_embedding_tokens,
-                        spectrum_fit=tuple(a.stats_spectrum_fit), seed=a.seed)
+                        max_elements=conjecture["max_elements"], top_k=conjecture["top_k"],
+                        embedding_tokens=conjecture["embedding_tokens"],
+                        spectrum_fit=tuple(conjecture["spectrum_fit"]), seed=seed)
 
 
 @command("extract", _extract_args)
@@ -155,17 +136,19 @@ def _extract(a: argparse.Namespace) -> None:
 
     from lmdynamics.extraction.extract import extract_checkpoint
 
+    opts = _options(a)
+    ex = opts["extraction"]
     if a.threads:
         torch.set_num_threads(a.threads)
-    extract_checkpoint(a.checkpoint, a.eval_batch, a.out, tokens=a.tokens, seed=a.seed,
-                       size=a.size, step=a.step, model_name=a.model, revision=a.revision,
-                       device=a.device, dtype=a.dtype, micro_batch=a.micro_batch,
-                       sampling=a.sampling,
-                       attention_activation=a.attention_activation,
-                       attention_implementation=a.attention_implementation,
-                       gradient_protocol=a.gradient_protocol,
+    extract_checkpoint(a.checkpoint, a.eval_batch, a.out, tokens=opts["tokens"],
+                       seed=opts["seed"], size=a.size, step=a.step, model_name=a.model,
+                       revision=a.revision, device=ex["device"], dtype=ex["dtype"],
+                       micro_batch=ex["micro_batch"], sampling=opts["sampling"]["protocol"],
+                       attention_activation=ex["attention_activation"],
+                       attention_implementation=ex["attention_implementation"],
+                       gradient_protocol=ex["gradient_protocol"],
                        gradient_batches=a.gradient_batches,
-                       stats=_stats_options(a))
+                       stats=_stats_options(a, opts["conjecture"], opts["seed"]))
 
 
 def _gradient_batches_args(p: argparse.ArgumentParser) -> None:
@@ -174,8 +157,8 @@ def _gradient_batches_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="tiny: sequences per batch")
     p.add_argument("--seq-len", type=int, default=128, help="tiny: bytes per sequence")
     p.add_argument("--seed", type=int, default=0, help="tiny: data order seed")
-    p.add_argument("--dataset", default="EleutherAI/pile-deduped-pythia-preshuffled",
-                   help="hub: the preshuffled Pile")
+    p.add_argument("--dataset", default=None,
+                   help="hub: the preshuffled Pile (default: the schema's hub.dataset)")
     p.add_argument("--dataset-revision", default="main", help="hub: its revision")
     p.add_argument("--tokens-path", default="",
                    help="hub: local shards folder or concatenated file instead of the hub "
@@ -204,7 +187,7 @@ def _gradient_batches(a: argparse.Namespace) -> None:
             source = LocalTokens(a.tokens_path)
         else:
             set_default_timeout()
-            source = HubTokens(a.dataset, a.dataset_revision, retries=a.retries,
+            source = HubTokens(_hub_dataset(a), a.dataset_revision, retries=a.retries,
                                backoff=a.backoff)
         batches, records = hub_gradient_batches(a.step, source)
     else:
@@ -224,6 +207,13 @@ def _options_arg(p: argparse.ArgumentParser, *sections: str) -> None:
                         "in a file, e.g. '{\"%s\": {...}}'; unset keys take the defaults of "
                         "workflow/schemas/config.schema.yaml" % sections[0])
     p.set_defaults(option_sections=sections)
+
+
+def _hub_dataset(a: argparse.Namespace) -> str:
+    """``--dataset``, else the schema's default of ``hub.dataset``."""
+    from lmdynamics.options import defaults
+
+    return a.dataset or defaults("hub")["dataset"]
 
 
 def _options(a: argparse.Namespace) -> dict:
@@ -383,7 +373,7 @@ def _download(a: argparse.Namespace) -> None:
 
 
 def _pile_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="EleutherAI/pile-deduped-pythia-preshuffled")
+    p.add_argument("--dataset", default=None, help="default: the schema's hub.dataset")
     p.add_argument("--dataset-revision", default="main")
     p.add_argument("--tokens-path", type=Path, default=None,
                    help="local shards folder or concatenated file instead of the hub")
@@ -404,7 +394,8 @@ def _pile_batch(a: argparse.Namespace) -> None:
         source = LocalTokens(a.tokens_path)
     else:
         set_default_timeout()
-        source = HubTokens(a.dataset, a.dataset_revision, retries=a.retries, backoff=a.backoff)
+        source = HubTokens(_hub_dataset(a), a.dataset_revision, retries=a.retries,
+                           backoff=a.backoff)
     tokens, record = read_sequences(source, a.batch)
     write_array_atomic(tokens, a.out)
     write_text_atomic(json.dumps(record, indent=2) + "\n", a.record)

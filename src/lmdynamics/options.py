@@ -141,7 +141,13 @@ def parse(text: str | None, sections: Sequence[str]) -> dict[str, Any]:
     return {s: resolve(s, value.get(s)) for s in sections}
 
 
-def job_options(config: Mapping[str, Any], *sections: str) -> str:
+def job_options(config: Mapping[str, Any], *sections: str, omit: Sequence[str] = ()) -> str:
     """The ``--options`` argument a rule hands its job: ``sections`` of the validated
-    ``config`` as one JSON object, keys sorted (so reordering a config file reruns nothing)."""
-    return json.dumps({s: config[s] for s in sections}, sort_keys=True, separators=(",", ":"))
+    ``config`` as one JSON object, keys sorted (so reordering a config file reruns nothing).
+    ``omit``: ``section.key`` entries the job does not read, left out so that changing them
+    does not rerun it (Snakemake reruns a job whose parameters changed)."""
+    chosen = {s: config[s] for s in sections}
+    for dotted in omit:
+        section, _, key = dotted.partition(".")
+        chosen[section] = {k: v for k, v in chosen[section].items() if k != key}
+    return json.dumps(chosen, sort_keys=True, separators=(",", ":"))

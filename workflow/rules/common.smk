@@ -99,26 +99,16 @@ def reference_checkpoints(wildcards):
 
 
 def stats_args(wildcards):
-    """The extract command's statistics flags, one list item per argument (the rule quotes
-    each one); empty when statistics are off."""
+    """The extract command's reference checkpoints, one list item per argument (the rule
+    quotes each one); empty when statistics are off."""
     if not CONJECTURE["enabled"]:
         return []
     refs = reference_checkpoints(wildcards)
-    lo, hi = CONJECTURE["spectrum_fit"]
     return [
         "--init-checkpoint",
         os.path.dirname(refs["init_weights"]),
         "--final-checkpoint",
         os.path.dirname(refs["final_weights"]),
-        "--stats-max-elements",
-        CONJECTURE["max_elements"],
-        "--stats-top-k",
-        CONJECTURE["top_k"],
-        "--stats-embedding-tokens",
-        CONJECTURE["embedding_tokens"],
-        "--stats-spectrum-fit",
-        lo,
-        hi,
     ]
 
 

@@ -124,19 +124,13 @@ def _first_line(exc: BaseException) -> str:
 
 
 def set_default_timeout(seconds: float | None = None) -> None:
-    """Give the client's HTTP session a default timeout (``HF_HUB_DOWNLOAD_TIMEOUT``), so that
-    calls without their own (refs and tree listings) cannot wait forever."""
-    from huggingface_hub import set_client_factory
-    from huggingface_hub.utils._http import default_client_factory
+    """Give the client's shared HTTP session (``huggingface_hub.get_session``) a default
+    timeout (``HF_HUB_DOWNLOAD_TIMEOUT``), so that calls without their own (refs and tree
+    listings) cannot wait forever. Public API only: the session is an ``httpx2.Client``, whose
+    ``timeout`` is its own public attribute."""
+    from huggingface_hub import get_session
 
-    timeout = float(seconds or constants.HF_HUB_DOWNLOAD_TIMEOUT)
-
-    def factory() -> httpx2.Client:
-        client = default_client_factory()
-        client.timeout = httpx2.Timeout(timeout)
-        return client
-
-    set_client_factory(factory)
+    get_session().timeout = httpx2.Timeout(float(seconds or constants.HF_HUB_DOWNLOAD_TIMEOUT))
 
 
 def steps_from_refs(names: Iterable[str]) -> list[int]:

@@ -23,10 +23,8 @@ from typing import Protocol
 
 import numpy as np
 
-#: Tokens per training sequence (2048 context + 1 for the shifted labels).
-SEQUENCE_TOKENS = 2049
-#: Sequences per training batch.
-BATCH_SEQUENCES = 1024
+from lmdynamics.sources.pythia import BATCH_SEQUENCES, SEQUENCE_TOKENS
+
 #: Bytes per token (uint16, little endian).
 TOKEN_BYTES = 2
 #: Shard file names of the preshuffled data, in any folder of the repository.
@@ -254,8 +252,7 @@ class HubTokens:
 
     def _read_once(self, piece: Piece) -> bytes:
         from huggingface_hub import constants, hf_hub_url
-        from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
-        from huggingface_hub.utils._http import http_stream_backoff
+        from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_stream_backoff
 
         url = hf_hub_url(self.repo, piece.shard, repo_type="dataset", revision=self.commit)
         last = piece.offset + piece.length - 1

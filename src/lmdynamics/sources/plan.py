@@ -19,18 +19,12 @@ from typing import Any
 
 import pandas as pd
 
-from lmdynamics.config import PYTHIA_CONTEXT, eval_sequences
+from lmdynamics.config import eval_sequences
+from lmdynamics.sources.pythia import ARCHITECTURES as PYTHIA_ARCHITECTURES
+from lmdynamics.sources.pythia import CONTEXT as PYTHIA_CONTEXT
 
 log = logging.getLogger(__name__)
 
-#: Pythia (layers, hidden, vocabulary) per size label, MLP width 4 x hidden
-#: (shared/notes/reference-facts.md; 14m, 31m, 1b, 6.9b, 12b from the Pythia README, whose
-#: parameter counts :func:`gpt_neox_parameters` reproduces exactly).
-PYTHIA_ARCHITECTURES = {"14m": (6, 128, 50304), "31m": (6, 256, 50304),
-                        "70m": (6, 512, 50304), "160m": (12, 768, 50304),
-                        "410m": (24, 1024, 50304), "1b": (16, 2048, 50304),
-                        "1.4b": (24, 2048, 50304), "2.8b": (32, 2560, 50304),
-                        "6.9b": (32, 4096, 50432), "12b": (36, 5120, 50688)}
 TINY_VOCAB = 256
 #: Bytes per parameter of the published weights (float16).
 PUBLISHED_BYTES_PER_PARAM = 2

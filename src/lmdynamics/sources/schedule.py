@@ -5,11 +5,9 @@ Pure and import-light (no torch): the Snakefile imports this module on every par
 
 from __future__ import annotations
 
-#: Pythia: step0, log-spaced step1 ... step512, then every 1000 steps to step143000
-#: (154 revisions on the hub; see shared/notes/reference-facts.md).
-PYTHIA_FINAL_STEP = 143_000
-PYTHIA_LOG_UNTIL = 512
-PYTHIA_INTERVAL = 1000
+from lmdynamics.sources.pythia import FINAL_STEP as PYTHIA_FINAL_STEP
+from lmdynamics.sources.pythia import INTERVAL as PYTHIA_INTERVAL
+from lmdynamics.sources.pythia import LOG_UNTIL as PYTHIA_LOG_UNTIL
 
 
 def _powers_of_two_until(limit: int) -> list[int]:
