@@ -180,16 +180,7 @@ def _gradient_batches(a: argparse.Namespace) -> None:
         batches = tiny_gradient_batches(a.step, batch_size=a.batch_size, seq_len=a.seq_len,
                                         seed=a.seed)
     elif a.source == "hub":
-        from lmdynamics.sources.hub import set_default_timeout
-        from lmdynamics.sources.pile import HubTokens, LocalTokens
-
-        if a.tokens_path:
-            source = LocalTokens(a.tokens_path)
-        else:
-            set_default_timeout()
-            source = HubTokens(_hub_dataset(a), a.dataset_revision, retries=a.retries,
-                               backoff=a.backoff)
-        batches, records = hub_gradient_batches(a.step, source)
+        batches, records = hub_gradient_batches(a.step, _token_source(a))
     else:
         raise ValueError(f"--source {a.source!r}: allowed tiny, hub")
     if a.record is not None:
@@ -209,11 +200,18 @@ def _options_arg(p: argparse.ArgumentParser, *sections: str) -> None:
     p.set_defaults(option_sections=sections)
 
 
-def _hub_dataset(a: argparse.Namespace) -> str:
-    """``--dataset``, else the schema's default of ``hub.dataset``."""
+def _token_source(a: argparse.Namespace):
+    """The Pile's tokens: local shards (``--tokens-path``) or the hub dataset (``--dataset``,
+    else the schema's default of ``hub.dataset``) read by range requests."""
     from lmdynamics.options import defaults
+    from lmdynamics.sources.hub import set_default_timeout
+    from lmdynamics.sources.pile import HubTokens, LocalTokens
 
-    return a.dataset or defaults("hub")["dataset"]
+    if a.tokens_path:
+        return LocalTokens(a.tokens_path)
+    set_default_timeout()
+    return HubTokens(a.dataset or defaults("hub")["dataset"], a.dataset_revision,
+                     retries=a.retries, backoff=a.backoff)
 
 
 def _options(a: argparse.Namespace) -> dict:
@@ -386,17 +384,10 @@ def _pile_args(p: argparse.ArgumentParser) -> None:
 @command("pile-batch", _pile_args)
 def _pile_batch(a: argparse.Namespace) -> None:
     """Read one training batch of the preshuffled Pile by byte range (hub or local files)."""
-    from lmdynamics.sources.hub import set_default_timeout
-    from lmdynamics.sources.pile import HubTokens, LocalTokens, read_sequences
+    from lmdynamics.sources.pile import read_sequences
     from lmdynamics.store import write_array_atomic, write_text_atomic
 
-    if a.tokens_path:
-        source = LocalTokens(a.tokens_path)
-    else:
-        set_default_timeout()
-        source = HubTokens(_hub_dataset(a), a.dataset_revision, retries=a.retries,
-                           backoff=a.backoff)
-    tokens, record = read_sequences(source, a.batch)
+    tokens, record = read_sequences(_token_source(a), a.batch)
     write_array_atomic(tokens, a.out)
     write_text_atomic(json.dumps(record, indent=2) + "\n", a.record)
     log.info("batch %d: %s tokens from %s -> %s", a.batch, tokens.shape, record["source"], a.out)
