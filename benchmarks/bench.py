@@ -3,7 +3,8 @@
 One run measures and prints, as ratios against rates measured in the same run:
 
 1. **Extraction** of one checkpoint of a Pythia architecture (random weights built locally,
-   ``--sequences`` x ``--seq-len`` tokens) through :func:`lmdynamics.extract.extract_checkpoint`
+   ``--sequences`` x ``--seq-len`` tokens) through
+   :func:`lmdynamics.extraction.extract.extract_checkpoint`
    on checkpoints saved to a temporary directory, with the Conjecture statistics (the
    workflow's default) and without. Achieved FLOP/s of the forward+backward pass over the
    device's own GEMM rate in ``--dtype`` (a large ``torch.matmul``). FLOPs are counted
@@ -21,7 +22,7 @@ One run measures and prints, as ratios against rates measured in the same run:
      the unembedding and of layers 1..L-1 (matmuls and attention), plus the weight gradients
      of the write matrices ``2 T L (d^2 + i d)``; layer 0 needs no input gradient.
 
-2. **Reduction** of one size through :func:`lmdynamics.reduce.reduce_size` on real zarr
+2. **Reduction** of one size through :func:`lmdynamics.reduction.metrics.reduce_size` on real zarr
    stores written with the extraction's own writer (``--steps`` steps, L layers x 2
    components, ``--reduce-tokens`` N tokens of width D), with the workflow's default CKA
    options (both estimators, pairwise, B=1000 sequence-bootstrap), over the GEMM floor of
@@ -94,17 +95,17 @@ import torch  # noqa: E402
 import xarray as xr  # noqa: E402
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM  # noqa: E402
 
-from lmdynamics.checkpoints import save_checkpoint  # noqa: E402
-from lmdynamics.cka_reduce import CKAOptions, cka_dataset  # noqa: E402
-from lmdynamics.conjecture import StatsOptions  # noqa: E402
-from lmdynamics.extract import (  # noqa: E402
+from lmdynamics.extraction.conjecture import StatsOptions  # noqa: E402
+from lmdynamics.extraction.extract import (  # noqa: E402
     activation_encoding,
     extract_checkpoint,
     extraction_dataset,
     sample_token_positions,
 )
-from lmdynamics.passes import Extraction  # noqa: E402
-from lmdynamics.reduce import reduce_size  # noqa: E402
+from lmdynamics.extraction.passes import Extraction  # noqa: E402
+from lmdynamics.reduction.cka import CKAOptions, cka_dataset  # noqa: E402
+from lmdynamics.reduction.metrics import reduce_size  # noqa: E402
+from lmdynamics.sources.checkpoints import save_checkpoint  # noqa: E402
 from lmdynamics.store import write_store  # noqa: E402
 
 #: Pythia architectures (hidden, layers, heads); vocab 50304, MLP 4x, rotary 25%.

@@ -12,7 +12,8 @@ layers x 2 components, N = 4096 tokens, D = 512, written with the extraction's e
    the activations deferred (every other array read and hashed; attrs digest) against opening
    without verification, plus the work the reduction adds per activation block it reads
    (sha256 and the finiteness check, :class:`lmdynamics.store.DigestedReader`).
-4. :func:`lmdynamics.reduce.reduce_size` of the size with the workflow's default CKA options
+4. :func:`lmdynamics.reduction.metrics.reduce_size` of the size with the workflow's default CKA
+   options
    (both estimators, pairwise, B = 1000 bootstrap), which includes 3's costs; their share of it.
 
     PYTHONPATH=src python benchmarks/integrity.py            # 27 steps, about 5 min on 2 cores
@@ -35,9 +36,9 @@ import zarr
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import machine, write_size_stores  # noqa: E402
 
-from lmdynamics.cka_reduce import CKAOptions  # noqa: E402
-from lmdynamics.extract import activation_encoding  # noqa: E402
-from lmdynamics.reduce import reduce_size  # noqa: E402
+from lmdynamics.extraction.extract import activation_encoding  # noqa: E402
+from lmdynamics.reduction.cka import CKAOptions  # noqa: E402
+from lmdynamics.reduction.metrics import reduce_size  # noqa: E402
 from lmdynamics.store import open_store, string_coords, write_store  # noqa: E402
 
 

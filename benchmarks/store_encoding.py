@@ -48,8 +48,8 @@ def chunk_shapes(shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
 
 def tiny_stores(root: Path) -> list[Path]:
     """Train the 497k tiny size briefly and extract three checkpoints (real activations)."""
-    from lmdynamics.extract import extract_checkpoint
-    from lmdynamics.tiny import eval_batch, load_corpus, train_tiny_model
+    from lmdynamics.extraction.extract import extract_checkpoint
+    from lmdynamics.sources.tiny import eval_batch, load_corpus, train_tiny_model
 
     corpus = load_corpus()
     spec = {"hidden_size": 96, "num_layers": 4, "num_heads": 4}

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmdynamics import checkpoints as ck
-from lmdynamics.extract import extract_checkpoint
+from lmdynamics.extraction.extract import extract_checkpoint
+from lmdynamics.sources import checkpoints as ck
+from lmdynamics.sources.tiny import model_config
 from lmdynamics.store import write_array_atomic
-from lmdynamics.tiny import model_config
 
 SPEC = {"hidden_size": 16, "num_layers": 2, "num_heads": 2}
 SEQ_LEN = 32

@@ -6,11 +6,11 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from lmdynamics import audit
-from lmdynamics.extract import extraction_dataset
-from lmdynamics.flags import set_flagged
-from lmdynamics.passes import Extraction
-from lmdynamics.reduce import reduce_size, write_combined
+from lmdynamics.extraction.extract import extraction_dataset
+from lmdynamics.extraction.passes import Extraction
+from lmdynamics.reduction import audit
+from lmdynamics.reduction.flags import set_flagged
+from lmdynamics.reduction.metrics import reduce_size, write_combined
 from lmdynamics.store import open_store, write_store
 
 

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cka_reference import weighted_biased_hsic, weighted_hsic_bruteforce
-from lmdynamics import bootstrap
-from lmdynamics.bootstrap import (
+from lmdynamics.estimators import bootstrap
+from lmdynamics.estimators.bootstrap import (
     BootstrapReference,
     GroupedActivations,
     bootstrap_cka_to_reference,
@@ -20,8 +20,7 @@ from lmdynamics.bootstrap import (
     percentile_interval,
     resampled_hsic,
 )
-from lmdynamics.cka import debiased_linear_cka, hsic_unbiased
-from lmdynamics.metrics import linear_cka
+from lmdynamics.estimators.cka import debiased_linear_cka, hsic_unbiased, linear_cka
 
 
 def data(seed: int, n: int = 9, d1: int = 3, d2: int = 4) -> tuple[np.ndarray, np.ndarray]:

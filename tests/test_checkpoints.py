@@ -1,4 +1,5 @@
-"""Tests of lmdynamics.checkpoints: save/load roundtrip and refusal of unsafe or broken files."""
+"""Tests of lmdynamics.sources.checkpoints: save/load roundtrip and refusal of unsafe or
+broken files."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmdynamics import checkpoints as ck
-from lmdynamics.tiny import model_config
+from lmdynamics.sources import checkpoints as ck
+from lmdynamics.sources.tiny import model_config
 
 SPEC = {"hidden_size": 16, "num_layers": 1, "num_heads": 2}
 
@@ -229,7 +230,7 @@ def test_legacy_revisions_load_bit_identical_to_from_pretrained(tmp_path, layout
     download's conversion to one ``model.safetensors``."""
     from transformers import GPTNeoXForCausalLM
 
-    from lmdynamics.hub import convert_to_safetensors, shard_map
+    from lmdynamics.sources.hub import convert_to_safetensors, shard_map
     from pythia_files import revision_files
 
     source = tmp_path / "hub"

@@ -12,18 +12,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cka_reference import biased_cka_gram, debiased_cka_gram, hsic_unbiased_gram
-from lmdynamics import cka
-from lmdynamics.cka import (
+from lmdynamics.estimators import cka
+from lmdynamics.estimators.cka import (
     DebiasedCKAReference,
     cka_variable,
     debiased_cka_to_reference,
     debiased_linear_cka,
     gram_inner_products,
     hsic_unbiased,
+    linear_cka,
     pairwise_cka,
     standardize,
 )
-from lmdynamics.metrics import linear_cka
 
 FAST = settings(max_examples=40, deadline=None)
 shapes = st.tuples(st.integers(0, 2**32 - 1), st.integers(5, 30), st.integers(1, 9),

@@ -3,6 +3,7 @@ standardisation, the combined store, figures and the command line."""
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import warnings
@@ -13,16 +14,16 @@ import pytest
 import xarray as xr
 
 from cka_reference import biased_cka_gram, debiased_cka_gram
-from lmdynamics import figures
-from lmdynamics.cka_reduce import CKAOptions
 from lmdynamics.cli import run
-from lmdynamics.extract import extract_checkpoint
-from lmdynamics.figures_cka import render_figure, select_cka
-from lmdynamics.metrics import effective_rank, proportional_effective_rank
-from lmdynamics.reduce import combine_sizes, reduce_size, tidy_metrics
+from lmdynamics.estimators.rank import effective_rank, proportional_effective_rank
+from lmdynamics.extraction.extract import extract_checkpoint
+from lmdynamics.reduction.cka import CKAOptions
+from lmdynamics.reduction.metrics import combine_sizes, reduce_size, tidy_metrics
+from lmdynamics.report import figures
+from lmdynamics.report.cka import render_figure, select_cka
+from lmdynamics.report.tables import header_line
+from lmdynamics.sources.tiny import eval_batch, load_corpus, train_tiny_model
 from lmdynamics.store import open_store, write_store
-from lmdynamics.tables import header_line
-from lmdynamics.tiny import eval_batch, load_corpus, train_tiny_model
 
 SPEC = {"hidden_size": 16, "num_layers": 2, "num_heads": 2}
 STEPS = [0, 2, 8]
@@ -149,7 +150,7 @@ def test_per_truncate_option(stores, tmp_path):
     kinds = {}
     for truncate in (True, False):
         ds = reduce_size(stores, tmp_path / f"{truncate}.zarr", final_step=FINAL,
-                         per_divisor_kind="head_dim", per_truncate=truncate)
+                         per_divisor="head_dim", per_truncate=truncate)
         assert ds.attrs["per_truncate"] is truncate
         kinds[truncate] = ds
     sv = open_store(stores[-1]).weight_singular_values.values[0, 0]
@@ -221,15 +222,16 @@ def test_figures_from_the_combined_store(reduced, tmp_path, monkeypatch, name, e
 
 def test_reduce_command_line(stores, tmp_path):
     out = tmp_path / "cli.zarr"
-    run(["reduce", *map(str, stores), "--final-step", str(FINAL), "--per-truncate", "false",
-          "--standardize", "yes", "--bootstrap-samples", "30", "--bootstrap-level", "0.8",
-          "--seed", "1", "--out", str(out)])
+    options = {"metrics": {"per_truncate": False, "standardize": True,
+                           "bootstrap": {"samples": 30, "level": 0.8}}, "seed": 1}
+    run(["reduce", *map(str, stores), "--final-step", str(FINAL), "--options",
+         json.dumps(options), "--out", str(out)])
     ds = open_store(out)
     assert ds.attrs["per_truncate"] is False and ds.attrs["standardize"] is True
     assert ds.attrs["bootstrap_level"] == 0.8 and "cka_debiased_standardized_low" in ds
-    with pytest.raises(SystemExit):
-        run(["reduce", str(stores[0]), "--final-step", "8", "--standardize", "maybe",
-              "--out", str(out)])
+    with pytest.raises(ValueError, match="metrics.standardize': 'maybe'"):
+        run(["reduce", str(stores[0]), "--final-step", "8", "--options",
+             '{"metrics": {"standardize": "maybe"}}', "--out", str(out)])
     with pytest.raises(ValueError, match=r"metrics.bootstrap.level=1.5.*\(0, 1\)"):
         CKAOptions(bootstrap_level=1.5)
     with pytest.raises(ValueError, match="metrics.bootstrap.samples=-1"):
@@ -250,7 +252,7 @@ def test_bootstrap_with_one_sequence_warns_and_leaves_intervals_nan(stores, tmp_
 
 
 def test_reduction_stores_the_random_per_baseline_and_cka_resamples(reduced, stores):
-    from lmdynamics.metrics import per_divisor, random_gaussian_per
+    from lmdynamics.estimators.rank import per_divisor, random_gaussian_per
 
     hidden = SPEC["hidden_size"]
     for comp, shape in (("attention", (hidden, hidden)), ("mlp", (hidden, 4 * hidden))):

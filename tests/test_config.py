@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from conftest import REPO, copy_workflow, snakemake
 from lmdynamics.config import ConfigError, check_config, load_config
-from lmdynamics.schedule import checkpoint_schedule, nearest_step, pythia_schedule
+from lmdynamics.sources.schedule import checkpoint_schedule, nearest_step, pythia_schedule
 
 SCHEMA = REPO / "workflow/schemas/config.schema.yaml"
 TINY = yaml.safe_load((REPO / "config/tiny.yaml").read_text())

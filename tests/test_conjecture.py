@@ -13,21 +13,16 @@ import safetensors.torch
 import torch
 import xarray as xr
 
-from lmdynamics import conjecture_figures, tiny
-from lmdynamics.checkpoints import CheckpointMismatchError, load_model
 from lmdynamics.config import conjecture_errors
-from lmdynamics.conjecture import (
-    ReferenceWeights,
-    ResidualRecorder,
-    StatsOptions,
-    param_key,
-    param_parts,
-    param_sort_key,
-)
-from lmdynamics.conjecture_reduce import STAT_VARIABLES, combine_stats, reduce_stats
-from lmdynamics.extract import extract_checkpoint, sample_token_positions
-from lmdynamics.passes import run_pass
-from lmdynamics.stats import Moments
+from lmdynamics.extraction.conjecture import ReferenceWeights, ResidualRecorder, StatsOptions
+from lmdynamics.extraction.extract import extract_checkpoint, sample_token_positions
+from lmdynamics.extraction.names import param_key, param_parts, param_sort_key
+from lmdynamics.extraction.passes import run_pass
+from lmdynamics.extraction.stats import Moments
+from lmdynamics.reduction.stats import STAT_VARIABLES, combine_stats, reduce_stats
+from lmdynamics.report import conjecture as conjecture_figures
+from lmdynamics.sources import tiny
+from lmdynamics.sources.checkpoints import CheckpointMismatchError, load_model
 from lmdynamics.store import IncompleteStoreError, open_store, write_array_atomic
 
 SPECS = {"a": {"hidden_size": 16, "num_layers": 2, "num_heads": 2},

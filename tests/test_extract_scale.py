@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from lmdynamics import extract as ex
-from lmdynamics import passes as ps
+from lmdynamics.extraction import extract as ex
+from lmdynamics.extraction import passes as ps
 
 
 def _model(dtype=torch.float32, context=16) -> GPTNeoXForCausalLM:

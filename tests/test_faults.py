@@ -23,14 +23,15 @@ import xarray as xr
 
 from conftest import REPO
 from faultlib import BROKEN_STORES, FINAL, HOSTILE_STORES, STEPS, TOKENS, copy_stores, extract
-from lmdynamics import checkpoints as ck
 from lmdynamics.cli import run
-from lmdynamics.figures import FIGURES, render
-from lmdynamics.flags import set_flagged
-from lmdynamics.metrics import proportional_effective_rank, singular_values
-from lmdynamics.reduce import combine_sizes, reduce_size
+from lmdynamics.estimators.rank import proportional_effective_rank
+from lmdynamics.extraction.spectra import singular_values
+from lmdynamics.reduction.flags import set_flagged
+from lmdynamics.reduction.metrics import combine_sizes, reduce_size
+from lmdynamics.report.figures import FIGURES, render
+from lmdynamics.report.tables import mcc_table
+from lmdynamics.sources import checkpoints as ck
 from lmdynamics.store import IncompleteStoreError, open_store, write_store
-from lmdynamics.tables import mcc_table
 
 DIVERGE = "gpt_neox.layers.1.mlp.dense_4h_to_h.weight"
 
@@ -126,8 +127,8 @@ def _env() -> dict[str, str]:
 
 def _extract_argv(checkpoint: Path, batch: Path, out: Path) -> list[str]:
     return ["extract", "--checkpoint", str(checkpoint), "--eval-batch", str(batch),
-            "--tokens", str(TOKENS), "--size", "s", "--step", "0", "--model", "m",
-            "--revision", "step0", "--out", str(out)]
+            "--options", json.dumps({"tokens": TOKENS}), "--size", "s", "--step", "0",
+            "--model", "m", "--revision", "step0", "--out", str(out)]
 
 
 def _untrusted(case: str, directory: Path) -> tuple[type[Exception], list[str]]:

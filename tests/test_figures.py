@@ -1,4 +1,4 @@
-"""Tests for lmdynamics.figures: every figure writes PNG and PDF, options are validated."""
+"""Tests for lmdynamics.report.figures: every figure writes PNG and PDF, options are validated."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from lmdynamics import figures
+from lmdynamics.report import figures
 
 STEPS = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
 SIZES_2 = {"70m": (6, 70_426_624), "160m": (12, 162_322_944)}

@@ -155,8 +155,8 @@ def test_extract_refuses_an_eval_batch_that_is_not_2d_integers(good_stores, tmp_
     out = tmp_path / "out" / "step0.zarr"
     with pytest.raises(TokenArrayError) as info:
         run(["extract", "--checkpoint", str(good_stores.parent / "ck" / "step0"),
-              "--eval-batch", str(path), "--tokens", "8", "--size", "s", "--step", "0",
-              "--model", "m", "--revision", "step0", "--out", str(out)])
+              "--eval-batch", str(path), "--options", '{"tokens": 8}', "--size", "s",
+              "--step", "0", "--model", "m", "--revision", "step0", "--out", str(out)])
     message = str(info.value)
     assert message.startswith(f"{path}: ") and "\n" not in message, message
     assert "2-D integer array" in message or "cannot be read" in message, message

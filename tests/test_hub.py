@@ -13,9 +13,9 @@ import torch
 from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
 
 from hub_server import HubServer, add_pythia, checkpoint_files, use_endpoint
-from lmdynamics import hub as hb
-from lmdynamics.audit import revision_attrs
-from lmdynamics.checkpoints import UntrustedCheckpointError, load_model, read_state_dict
+from lmdynamics.sources import hub as hb
+from lmdynamics.sources.checkpoints import UntrustedCheckpointError, load_model, read_state_dict
+from lmdynamics.sources.revision import revision_attrs
 from pythia_files import torch_bytes
 
 REPO = "EleutherAI/pythia-70m-deduped"
@@ -255,8 +255,8 @@ def test_weights_corrupted_on_disk_are_discarded_so_the_next_run_downloads_them(
                                                                               tmp_path):
     import numpy as np
 
-    from lmdynamics.checkpoints import CorruptCheckpointError
-    from lmdynamics.extract import extract_checkpoint
+    from lmdynamics.extraction.extract import extract_checkpoint
+    from lmdynamics.sources.checkpoints import CorruptCheckpointError
 
     out = tmp_path / "checkpoints/70m/step0"
     hb.download_revision(REPO, "step0", out, **FAST)

@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from lmdynamics import passes as ps
-from lmdynamics.checkpoints import load_model, save_checkpoint
-from lmdynamics.extract import sample_token_positions
-from lmdynamics.lm_loss import lm_loss
+from lmdynamics.extraction import passes as ps
+from lmdynamics.extraction.extract import sample_token_positions
+from lmdynamics.extraction.lm_loss import lm_loss
+from lmdynamics.sources.checkpoints import load_model, save_checkpoint
 
 VOCAB = 97
 

@@ -1,4 +1,5 @@
-"""Tests for lmdynamics.metrics against independent float64 references written from the formulas."""
+"""Tests of lmdynamics.estimators (biased CKA, effective rank and PER, MCC) against
+independent float64 references written from the formulas."""
 
 from __future__ import annotations
 
@@ -11,20 +12,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmdynamics.metrics import (
+from lmdynamics.estimators.cka import CKAReference, centre, linear_cka, linear_cka_to_reference
+from lmdynamics.estimators.mcc import matthews_corrcoef, mcc_undefined_reason
+from lmdynamics.estimators.rank import (
     DEFAULT_PER_DIVISOR,
     PER_DIVISORS,
-    CKAReference,
-    centre,
     effective_rank,
-    linear_cka,
-    linear_cka_to_reference,
-    matthews_corrcoef,
-    mcc_undefined_reason,
     per_divisor,
     proportional_effective_rank,
-    singular_values,
 )
+from lmdynamics.extraction.spectra import singular_values
 
 FAST = settings(max_examples=40, deadline=None)
 
@@ -445,7 +442,7 @@ def _mc_per(shape, divisor, truncate, draws, seed):
                          [((32, 32), 32, True), ((48, 192), 48, True), ((64, 256), 16, True),
                           ((40, 40), 20, False)])
 def test_random_gaussian_per_agrees_with_an_independent_monte_carlo(shape, divisor, truncate):
-    from lmdynamics.metrics import random_gaussian_per
+    from lmdynamics.estimators.rank import random_gaussian_per
 
     base = random_gaussian_per(shape, divisor, truncate=truncate)
     mean, se = _mc_per(shape, divisor, truncate, 200, seed=99)
@@ -458,7 +455,7 @@ def test_random_gaussian_per_agrees_with_an_independent_monte_carlo(shape, divis
 
 
 def test_random_gaussian_per_reaches_the_marchenko_pastur_limit():
-    from lmdynamics.metrics import marchenko_pastur_per, random_gaussian_per
+    from lmdynamics.estimators.rank import marchenko_pastur_per, random_gaussian_per
 
     assert marchenko_pastur_per(1.0) == pytest.approx(0.8050, abs=1e-4)
     assert marchenko_pastur_per(0.25) == pytest.approx(0.9662, abs=1e-4)
@@ -475,7 +472,7 @@ def test_random_gaussian_per_reaches_the_marchenko_pastur_limit():
 
 def test_marchenko_pastur_per_against_scipy_quadrature():
     integrate = pytest.importorskip("scipy.integrate")
-    from lmdynamics.metrics import marchenko_pastur_per
+    from lmdynamics.estimators.rank import marchenko_pastur_per
 
     for c in (1.0, 0.5, 0.25, 0.1):
         a, b = (1 - np.sqrt(c)) ** 2, (1 + np.sqrt(c)) ** 2

@@ -8,16 +8,16 @@ import torch
 import xarray as xr
 from transformers import GPTNeoXForCausalLM
 
-from lmdynamics.checkpoints import save_checkpoint
-from lmdynamics.extract import extract_checkpoint, sample_token_positions
-from lmdynamics.paper_code import (
+from lmdynamics.extraction.extract import extract_checkpoint, sample_token_positions
+from lmdynamics.extraction.paper_code import (
     gradient_steps,
     paper_code_gradient_singular_values,
     paper_code_sub_batches,
     tiny_gradient_batches,
 )
-from lmdynamics.passes import run_pass
-from lmdynamics.tiny import load_corpus, model_config, training_batch
+from lmdynamics.extraction.passes import run_pass
+from lmdynamics.sources.checkpoints import save_checkpoint
+from lmdynamics.sources.tiny import load_corpus, model_config, training_batch
 
 HIDDEN, HEADS, LAYERS, SEQ = 24, 3, 2, 16
 HEAD_DIM = HIDDEN // HEADS

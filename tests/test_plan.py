@@ -9,9 +9,9 @@ import yaml
 
 from conftest import REPO
 from hub_server import HubServer, add_pythia, checkpoint_files, use_endpoint
-from lmdynamics import plan as pl
 from lmdynamics.cli import run
 from lmdynamics.config import ConfigError, check_config
+from lmdynamics.sources import plan as pl
 
 SCHEMA = REPO / "workflow/schemas/config.schema.yaml"
 PYTHIA = yaml.safe_load((REPO / "config/config.yaml").read_text())

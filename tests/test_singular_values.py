@@ -1,4 +1,4 @@
-"""The Gram route of ``lmdynamics.metrics.singular_values`` against SVD in float64."""
+"""The Gram route of ``lmdynamics.extraction.spectra.singular_values`` against SVD in float64."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from lmdynamics.metrics import effective_rank, singular_values
+from lmdynamics.estimators.rank import effective_rank
+from lmdynamics.extraction.spectra import singular_values
 
 
 @pytest.mark.parametrize("shape", [(64, 256), (256, 64), (1, 7), (7, 1)])

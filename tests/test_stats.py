@@ -1,4 +1,5 @@
-"""Tests of lmdynamics.stats against direct float64 numpy computations on small inputs."""
+"""Tests of lmdynamics.extraction.stats against direct float64 numpy computations on small
+inputs."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from lmdynamics import stats
-from lmdynamics.stats import (
+from lmdynamics.estimators.spectrum import fit_window, power_law_fit, power_law_slope
+from lmdynamics.extraction import stats
+from lmdynamics.extraction.stats import (
     Moments,
     better_fit,
     compare_to_reference,
@@ -25,8 +27,6 @@ from lmdynamics.stats import (
     logistic_loglik,
     max_abs,
     ov_left_singular_vectors,
-    power_law_fit,
-    power_law_slope,
     ppcc,
     sample_elements,
     sorted_quantiles,
@@ -225,7 +225,7 @@ def test_power_law_fit_recovers_the_exponent_and_uses_the_window():
     bent[60:] *= 1e-3  # outside the default window (ranks 1-50): no effect
     np.testing.assert_allclose(power_law_slope(bent), 0.7, rtol=1e-10)
     assert power_law_slope(bent, 0.0, 1.0) > 1.0
-    assert stats.fit_window(100, 0.1, 0.5) == (10, 50)
+    assert fit_window(100, 0.1, 0.5) == (10, 50)
     assert math.isnan(power_law_slope(np.array([1.0, 0.5, 0.2, 0.1])))  # 2 ranks in window
     assert math.isnan(power_law_slope(np.zeros(20)))
 

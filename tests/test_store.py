@@ -77,9 +77,9 @@ def test_save_checkpoint_and_figures_clean_stale_temporaries(tmp_path):
     import matplotlib.pyplot as plt
     import torch
 
-    from lmdynamics import checkpoints as ck
-    from lmdynamics.figures import save_figure
-    from lmdynamics.tiny import model_config
+    from lmdynamics.report.figures import save_figure
+    from lmdynamics.sources import checkpoints as ck
+    from lmdynamics.sources.tiny import model_config
 
     (tmp_path / "step0.tmp-99").mkdir()  # the visible name of earlier versions
     (tmp_path / ".step0.tmp-98").mkdir()

@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 
-from lmdynamics.extract import activation_encoding, extraction_dataset
-from lmdynamics.passes import Extraction
+from lmdynamics.extraction.extract import activation_encoding, extraction_dataset
+from lmdynamics.extraction.passes import Extraction
 from lmdynamics.store import open_store, write_store
 
 

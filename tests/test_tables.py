@@ -1,4 +1,5 @@
-"""Tests for lmdynamics.tables: paper Table 1 (MCC between early convergence and large PER)."""
+"""Tests for lmdynamics.report.tables: paper Table 1 (MCC between early convergence and
+large PER)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from lmdynamics import tables
+from lmdynamics.report import tables
 
 STEPS = [0, 10, 20, 100]  # final step 100; nearest to 10 % is step 10
 T, F = True, False
@@ -393,7 +394,7 @@ def test_paper_code_config_reproduces_the_paper_definitions():
     """config/paper_code.yaml: biased CKA, head_dim PER, strict thresholds, nearest step."""
     import yaml
 
-    from lmdynamics.metrics import per_divisor, proportional_effective_rank
+    from lmdynamics.estimators.rank import per_divisor, proportional_effective_rank
 
     config = yaml.safe_load((Path(__file__).parents[1] / "config/paper_code.yaml").read_text())
     assert config["metrics"]["cka_estimator"] == "biased"

@@ -1,4 +1,5 @@
-"""Tests of lmdynamics.tiny: schedule, data order, model config and deterministic training."""
+"""Tests of lmdynamics.sources.tiny: schedule, data order, model config and deterministic
+training."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-from lmdynamics import tiny
-from lmdynamics.checkpoints import SAFETENSORS_NAME, load_model
+from lmdynamics.sources import tiny
+from lmdynamics.sources.checkpoints import SAFETENSORS_NAME, load_model
 
 SPEC = {"hidden_size": 16, "num_layers": 1, "num_heads": 2}
 SHORT = {"final_step": 8, "log_until": 4, "interval": 2, "batch_size": 4, "seq_len": 32,

@@ -8,6 +8,7 @@ hand. Logging goes to stderr (the rules redirect it to ``results/<suite>/logs/``
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import socket
@@ -51,7 +52,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 def _train(a: argparse.Namespace) -> None:
     pin_threads(a.threads)
 
-    from lmdynamics.tiny import train_tiny_model
+    from lmdynamics.sources.tiny import train_tiny_model
 
     spec = {"hidden_size": a.hidden_size, "num_layers": a.num_layers, "num_heads": a.num_heads}
     train_tiny_model(spec, size=a.size, out_dir=a.out_dir, loss_csv=a.loss_csv,
@@ -70,8 +71,8 @@ def _eval_batch_args(p: argparse.ArgumentParser) -> None:
 
 @command("tiny-eval-batch", _eval_batch_args)
 def _tiny_eval_batch(a: argparse.Namespace) -> None:
+    from lmdynamics.sources.tiny import eval_batch, load_corpus
     from lmdynamics.store import write_array_atomic
-    from lmdynamics.tiny import eval_batch, load_corpus
 
     batch = eval_batch(load_corpus(), final_step=a.final_step, batch_size=a.batch_size,
                        seq_len=a.seq_len, seed=a.seed)
@@ -90,7 +91,7 @@ def _training_loss_args(p: argparse.ArgumentParser) -> None:
 def _training_loss(a: argparse.Namespace) -> None:
     import pandas as pd
 
-    from lmdynamics.figures import training_loss_figure
+    from lmdynamics.report.figures import training_loss_figure
     from lmdynamics.store import write_text_atomic
 
     loss = pd.concat([pd.read_csv(p) for p in a.csvs], ignore_index=True)
@@ -101,43 +102,24 @@ def _training_loss(a: argparse.Namespace) -> None:
 def _extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", type=Path, required=True, help="HF model directory")
     p.add_argument("--eval-batch", type=Path, required=True, help=".npy (sequences, positions)")
-    p.add_argument("--tokens", type=int, required=True)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", required=True)
     p.add_argument("--step", type=int, required=True)
     p.add_argument("--model", required=True, help="model name recorded in the store")
     p.add_argument("--revision", required=True)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--micro-batch", type=int, default=None,
-                   help="sequences per forward/backward (0 or unset: all on CUDA, about 4096 "
-                   "tokens' worth on CPU)")
-    p.add_argument("--sampling", default="random_positions",
-                   help="token sampling protocol: random_positions | paper_code")
+    _options_arg(p, "tokens", "seed", "extraction", "sampling", "conjecture")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--attention-activation", default="residual_write",
-                   help="residual_write | paper_code")
-    p.add_argument("--attention-implementation", default="sdpa", help="sdpa | eager")
-    p.add_argument("--gradient-protocol", default="eval_batch", help="eval_batch | paper_code")
     p.add_argument("--gradient-batches", type=Path, default=None,
-                   help=".npy (2, sequences, positions) for --gradient-protocol paper_code")
+                   help=".npy (2, sequences, positions) for extraction.gradient_protocol "
+                        "paper_code")
     p.add_argument("--out", type=Path, required=True)
-    _stats_args(p)
-
-
-def _stats_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("Conjecture statistics (added when both checkpoints are given)")
+    g = p.add_argument_group("Conjecture statistics (added when both checkpoints are given; "
+                             "their options: config section conjecture)")
     g.add_argument("--init-checkpoint", type=Path, help="step-0 model directory, same size")
     g.add_argument("--final-checkpoint", type=Path, help="final-step model directory")
-    g.add_argument("--stats-max-elements", type=int, default=1 << 16)
-    g.add_argument("--stats-top-k", type=int, default=30)
-    g.add_argument("--stats-embedding-tokens", type=int, default=256)
-    g.add_argument("--stats-spectrum-fit", type=float, nargs=2, default=(0.0, 0.5),
-                   metavar=("LO", "HI"))
 
 
-def _stats_options(a: argparse.Namespace):
-    from lmdynamics.conjecture import StatsOptions
+def _stats_options(a: argparse.Namespace, conjecture: dict, seed: int):
+    from lmdynamics.extraction.conjecture import StatsOptions
 
     if (a.init_checkpoint is None) != (a.final_checkpoint is None):
         raise ValueError("--init-checkpoint and --final-checkpoint go together "
@@ -145,9 +127,9 @@ def _stats_options(a: argparse.Namespace):
     if a.init_checkpoint is None:
         return None
     return StatsOptions(a.init_checkpoint, a.final_checkpoint,
-                        max_elements=a.stats_max_elements, top_k=a.stats_top_k,
-                        embedding_tokens=a.stats_embedding_tokens,
-                        spectrum_fit=tuple(a.stats_spectrum_fit), seed=a.seed)
+                        max_elements=conjecture["max_elements"], top_k=conjecture["top_k"],
+                        embedding_tokens=conjecture["embedding_tokens"],
+                        spectrum_fit=tuple(conjecture["spectrum_fit"]), seed=seed)
 
 
 #: What sizes the thread pools of the libraries one process loads: OpenMP (torch's intra-op
@@ -192,17 +174,19 @@ def pin_threads(threads: int | None) -> None:
 def _extract(a: argparse.Namespace) -> None:
     pin_threads(a.threads)
 
-    from lmdynamics.extract import extract_checkpoint
+    from lmdynamics.extraction.extract import extract_checkpoint
 
-    extract_checkpoint(a.checkpoint, a.eval_batch, a.out, tokens=a.tokens, seed=a.seed,
-                       size=a.size, step=a.step, model_name=a.model, revision=a.revision,
-                       device=a.device, dtype=a.dtype, micro_batch=a.micro_batch,
-                       sampling=a.sampling,
-                       attention_activation=a.attention_activation,
-                       attention_implementation=a.attention_implementation,
-                       gradient_protocol=a.gradient_protocol,
+    opts = _options(a)
+    ex = opts["extraction"]
+    extract_checkpoint(a.checkpoint, a.eval_batch, a.out, tokens=opts["tokens"],
+                       seed=opts["seed"], size=a.size, step=a.step, model_name=a.model,
+                       revision=a.revision, device=ex["device"], dtype=ex["dtype"],
+                       micro_batch=ex["micro_batch"], sampling=opts["sampling"]["protocol"],
+                       attention_activation=ex["attention_activation"],
+                       attention_implementation=ex["attention_implementation"],
+                       gradient_protocol=ex["gradient_protocol"],
                        gradient_batches=a.gradient_batches,
-                       stats=_stats_options(a))
+                       stats=_stats_options(a, opts["conjecture"], opts["seed"]))
 
 
 def _gradient_batches_args(p: argparse.ArgumentParser) -> None:
@@ -211,8 +195,8 @@ def _gradient_batches_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="tiny: sequences per batch")
     p.add_argument("--seq-len", type=int, default=128, help="tiny: bytes per sequence")
     p.add_argument("--seed", type=int, default=0, help="tiny: data order seed")
-    p.add_argument("--dataset", default="EleutherAI/pile-deduped-pythia-preshuffled",
-                   help="hub: the preshuffled Pile")
+    p.add_argument("--dataset", default=None,
+                   help="hub: the preshuffled Pile (default: the schema's hub.dataset)")
     p.add_argument("--dataset-revision", default="main", help="hub: its revision")
     p.add_argument("--tokens-path", default="",
                    help="hub: local shards folder or concatenated file instead of the hub "
@@ -226,9 +210,7 @@ def _gradient_batches_args(p: argparse.ArgumentParser) -> None:
 @command("gradient-batches", _gradient_batches_args)
 def _gradient_batches(a: argparse.Namespace) -> None:
     """Training batches of steps c-5 and c-4 for the paper code's gradient protocol."""
-    import json
-
-    from lmdynamics.paper_code import hub_gradient_batches, tiny_gradient_batches
+    from lmdynamics.extraction.paper_code import hub_gradient_batches, tiny_gradient_batches
     from lmdynamics.store import write_array_atomic, write_text_atomic
 
     records: list[dict] = []
@@ -236,16 +218,7 @@ def _gradient_batches(a: argparse.Namespace) -> None:
         batches = tiny_gradient_batches(a.step, batch_size=a.batch_size, seq_len=a.seq_len,
                                         seed=a.seed)
     elif a.source == "hub":
-        from lmdynamics.hub import set_default_timeout
-        from lmdynamics.pile import HubTokens, LocalTokens
-
-        if a.tokens_path:
-            source = LocalTokens(a.tokens_path)
-        else:
-            set_default_timeout()
-            source = HubTokens(a.dataset, a.dataset_revision, retries=a.retries,
-                               backoff=a.backoff)
-        batches, records = hub_gradient_batches(a.step, source)
+        batches, records = hub_gradient_batches(a.step, _token_source(a))
     else:
         raise ValueError(f"--source {a.source!r}: allowed tiny, hub")
     if a.record is not None:
@@ -255,38 +228,53 @@ def _gradient_batches(a: argparse.Namespace) -> None:
     log.info("gradient batches of checkpoint %d: %s -> %s", a.step, batches.shape, a.out)
 
 
-def _bool(text: str) -> bool:
-    """Parse a boolean flag value: true/false, yes/no, 1/0 (any case)."""
-    value = text.strip().lower()
-    if value in ("true", "yes", "1"):
-        return True
-    if value in ("false", "no", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"{text!r}: allowed true or false")
+def _options_arg(p: argparse.ArgumentParser, *sections: str) -> None:
+    """``--options``: the config sections a step reads, as one JSON object (inline or a file;
+    see :func:`lmdynamics.options.parse`); keys left out take the schema's defaults."""
+    p.add_argument("--options", default=None, metavar="JSON|FILE",
+                   help=f"config sections {', '.join(sections)} as one JSON object, inline or "
+                        "in a file, e.g. '{\"%s\": {...}}'; unset keys take the defaults of "
+                        "workflow/schemas/config.schema.yaml" % sections[0])
+    p.set_defaults(option_sections=sections)
+
+
+def _token_source(a: argparse.Namespace):
+    """The Pile's tokens: local shards (``--tokens-path``) or the hub dataset (``--dataset``,
+    else the schema's default of ``hub.dataset``) read by range requests."""
+    from lmdynamics.options import defaults
+    from lmdynamics.sources.hub import set_default_timeout
+    from lmdynamics.sources.pile import HubTokens, LocalTokens
+
+    if a.tokens_path:
+        return LocalTokens(a.tokens_path)
+    set_default_timeout()
+    return HubTokens(a.dataset or defaults("hub")["dataset"], a.dataset_revision,
+                     retries=a.retries, backoff=a.backoff)
+
+
+def _options(a: argparse.Namespace) -> dict:
+    from lmdynamics.options import parse
+
+    return parse(a.options, a.option_sections)
 
 
 def _reduce_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("stores", nargs="+", type=Path)
     p.add_argument("--final-step", type=int, required=True)
-    p.add_argument("--per-divisor", default="min_dim")
-    p.add_argument("--per-truncate", type=_bool, default=True)
-    p.add_argument("--bootstrap-samples", type=int, default=0)
-    p.add_argument("--bootstrap-level", type=float, default=0.9)
-    p.add_argument("--seed", type=int, default=0, help="seeds the bootstrap resamples")
-    p.add_argument("--standardize", type=_bool, default=False)
+    _options_arg(p, "metrics", "seed")
     p.add_argument("--out", type=Path, required=True)
 
 
 @command("reduce", _reduce_args)
 def _reduce(a: argparse.Namespace) -> None:
-    from lmdynamics.cka_reduce import CKAOptions
-    from lmdynamics.reduce import reduce_size
+    from lmdynamics.reduction.cka import CKAOptions
+    from lmdynamics.reduction.metrics import reduce_size
 
-    options = CKAOptions(bootstrap_samples=a.bootstrap_samples,
-                         bootstrap_level=a.bootstrap_level, seed=a.seed,
-                         standardize=a.standardize)
-    reduce_size(a.stores, a.out, final_step=a.final_step, per_divisor_kind=a.per_divisor,
-                per_truncate=a.per_truncate, cka_options=options)
+    opts = _options(a)
+    metrics = opts["metrics"]
+    reduce_size(a.stores, a.out, final_step=a.final_step, per_divisor=metrics["per_divisor"],
+                per_truncate=metrics["per_truncate"],
+                cka_options=CKAOptions.from_config(metrics, seed=opts["seed"]))
 
 
 def _combine_args(p: argparse.ArgumentParser) -> None:
@@ -297,40 +285,35 @@ def _combine_args(p: argparse.ArgumentParser) -> None:
 
 @command("combine", _combine_args)
 def _combine(a: argparse.Namespace) -> None:
-    from lmdynamics.reduce import write_combined
+    from lmdynamics.reduction.metrics import write_combined
 
     write_combined(a.stores, a.out_zarr, a.out_csv)
 
 
-def _figure_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("name")
-    p.add_argument("--metrics", type=Path, required=True)
-    p.add_argument("--x-axis", default="step")
-    p.add_argument("--cka-estimator", default="biased", help="biased | debiased")
-    p.add_argument("--out-stem", type=Path, required=True)
+def _drawing_args(data: str, *sections: str) -> Callable[[argparse.ArgumentParser], None]:
+    """Arguments of a figure command: its name, ``--<data>`` (the dataset it draws), the config
+    ``sections`` it reads (``--options``) and ``--out-stem`` (``<stem>.png`` and ``.pdf``)."""
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument("name")
+        p.add_argument(f"--{data}", type=Path, required=True)
+        _options_arg(p, *sections)
+        p.add_argument("--out-stem", type=Path, required=True)
+    return add
 
 
-@command("figure", _figure_args)
+@command("figure", _drawing_args("metrics", "figures", "metrics"))
 def _figure(a: argparse.Namespace) -> None:
-    from lmdynamics.figures_cka import render_figure
+    from lmdynamics.report.cka import render_figure
     from lmdynamics.store import open_store
 
+    opts = _options(a)
     render_figure(a.name, open_store(a.metrics).load(), a.out_stem,
-                  estimator=a.cka_estimator, x_axis=a.x_axis)
-
-
-#: Fields of lmdynamics.tables.MCCOptions (checked there); unset ones keep its defaults.
-_MCC_NUMBERS = ("cka_threshold", "early_fraction", "per_weight_threshold", "per_grad_fraction")
-_MCC_CHOICES = ("early_step", "per_quantity", "weight_threshold", "reference",
-                "comparison")
+                  estimator=opts["metrics"]["cka_estimator"], x_axis=opts["figures"]["x_axis"])
 
 
 def _mcc_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics", type=Path, required=True)
-    for name in _MCC_NUMBERS + _MCC_CHOICES:
-        p.add_argument("--" + name.replace("_", "-"), dest=name, default=argparse.SUPPRESS,
-                       type=float if name in _MCC_NUMBERS else str)
-    p.add_argument("--cka-estimator", default="biased", help="biased | debiased")
+    _options_arg(p, "mcc", "metrics")
     p.add_argument("--csv", type=Path)
     p.add_argument("--md", type=Path)
     p.add_argument("--sensitivity-stem", type=Path,
@@ -339,21 +322,22 @@ def _mcc_args(p: argparse.ArgumentParser) -> None:
 
 @command("mcc", _mcc_args)
 def _mcc(a: argparse.Namespace) -> None:
-    from lmdynamics.figures_cka import select_cka
+    from lmdynamics.report.cka import select_cka
+    from lmdynamics.report.tables import MCCOptions, mcc_table, write_mcc_table
     from lmdynamics.store import open_store
-    from lmdynamics.tables import MCCOptions, mcc_table, write_mcc_table
 
     if not (a.csv and a.md) and not a.sensitivity_stem:
         raise ValueError("mcc: give --csv and --md (the table) and/or --sensitivity-stem")
-    ds = select_cka(open_store(a.metrics).load(), a.cka_estimator)
-    options = MCCOptions(**{k: v for k, v in vars(a).items()
-                            if k in _MCC_NUMBERS + _MCC_CHOICES})
+    opts = _options(a)
+    estimator = opts["metrics"]["cka_estimator"]
+    ds = select_cka(open_store(a.metrics).load(), estimator)
+    options = MCCOptions(**opts["mcc"])
     if a.csv and a.md:
         table = mcc_table(ds, options)
-        table.attrs["thresholds"]["cka_estimator"] = a.cka_estimator
+        table.attrs["thresholds"]["cka_estimator"] = estimator
         write_mcc_table(table, a.csv, a.md)
     if a.sensitivity_stem:
-        from lmdynamics.figures_mcc import mcc_sensitivity
+        from lmdynamics.report.mcc import mcc_sensitivity
 
         mcc_sensitivity(ds, a.sensitivity_stem, options)
 
@@ -366,7 +350,7 @@ def _reduce_stats_args(p: argparse.ArgumentParser) -> None:
 
 @command("reduce-stats", _reduce_stats_args)
 def _reduce_stats(a: argparse.Namespace) -> None:
-    from lmdynamics.conjecture_reduce import reduce_stats
+    from lmdynamics.reduction.stats import reduce_stats
 
     reduce_stats(a.stores, a.out, final_step=a.final_step)
 
@@ -378,27 +362,146 @@ def _combine_stats_args(p: argparse.ArgumentParser) -> None:
 
 @command("combine-stats", _combine_stats_args)
 def _combine_stats(a: argparse.Namespace) -> None:
-    from lmdynamics.conjecture_reduce import write_combined_stats
+    from lmdynamics.reduction.stats import write_combined_stats
 
     write_combined_stats(a.stores, a.out)
 
 
-def _stats_figure_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("name")
-    p.add_argument("--stats", type=Path, required=True)
-    p.add_argument("--x-axis", default="step")
-    p.add_argument("--steps", type=int, nargs="*", default=[],
-                   help="steps of the snapshot figures (default: chosen automatically)")
-    p.add_argument("--out-stem", type=Path, required=True)
-
-
-@command("stats-figure", _stats_figure_args)
+@command("stats-figure", _drawing_args("stats", "figures", "conjecture"))
 def _stats_figure(a: argparse.Namespace) -> None:
-    from lmdynamics.conjecture_figures import render_stats
+    from lmdynamics.report.conjecture import render_stats
     from lmdynamics.store import open_store
 
-    render_stats(a.name, open_store(a.stats).load(), a.out_stem, x_axis=a.x_axis,
-                 steps=a.steps)
+    opts = _options(a)
+    render_stats(a.name, open_store(a.stats).load(), a.out_stem,
+                 x_axis=opts["figures"]["x_axis"], steps=opts["conjecture"]["figure_steps"])
+
+
+# Subcommands of the hub source: download, pile-batch, hub-eval-batch, audit, plan.
+
+
+def _retry_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--retries", type=int, default=5, help="retries of transient hub errors")
+    p.add_argument("--backoff", type=float, default=2.0, help="first wait (s), doubled each time")
+
+
+def _download_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repo", required=True, help="e.g. EleutherAI/pythia-70m-deduped")
+    p.add_argument("--revision", required=True, help="e.g. step1000")
+    p.add_argument("--out-dir", type=Path, required=True)
+    p.add_argument("--min-free-gb", type=float, default=0.0,
+                   help="fail before writing if the download would leave less free disk")
+    _retry_args(p)
+
+
+@command("download", _download_args)
+def _download(a: argparse.Namespace) -> None:
+    """Download one hub revision (config.json, weights as model.safetensors, revision.json)."""
+    from huggingface_hub.utils import disable_progress_bars
+
+    from lmdynamics.sources.hub import download_revision, set_default_timeout
+
+    disable_progress_bars()
+    set_default_timeout()
+    record = download_revision(a.repo, a.revision, a.out_dir, retries=a.retries,
+                               backoff=a.backoff, min_free_bytes=int(a.min_free_gb * 1e9))
+    log.info("revision record: %s", json.dumps(record))
+
+
+def _pile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default=None, help="default: the schema's hub.dataset")
+    p.add_argument("--dataset-revision", default="main")
+    p.add_argument("--tokens-path", type=Path, default=None,
+                   help="local shards folder or concatenated file instead of the hub")
+    p.add_argument("--batch", type=int, required=True, help="training batch index (142999)")
+    p.add_argument("--out", type=Path, required=True, help=".npy uint16 (1024, 2049)")
+    p.add_argument("--record", type=Path, required=True, help=".json provenance")
+    _retry_args(p)
+
+
+@command("pile-batch", _pile_args)
+def _pile_batch(a: argparse.Namespace) -> None:
+    """Read one training batch of the preshuffled Pile by byte range (hub or local files)."""
+    from lmdynamics.sources.pile import read_sequences
+    from lmdynamics.store import write_array_atomic, write_text_atomic
+
+    tokens, record = read_sequences(_token_source(a), a.batch)
+    write_array_atomic(tokens, a.out)
+    write_text_atomic(json.dumps(record, indent=2) + "\n", a.record)
+    log.info("batch %d: %s tokens from %s -> %s", a.batch, tokens.shape, record["source"], a.out)
+
+
+def _select_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("batch", type=Path, help=".npy (sequences, 2049) from pile-batch")
+    p.add_argument("--sequences", type=int, required=True)
+    p.add_argument("--out", type=Path, required=True)
+
+
+@command("hub-eval-batch", _select_args)
+def _hub_eval_batch(a: argparse.Namespace) -> None:
+    """The eval batch: the first N sequences of the last training batch, as int64."""
+    from lmdynamics.sources.pile import select_eval_batch
+    from lmdynamics.store import load_token_array, write_array_atomic
+
+    tokens = load_token_array(a.batch, ndim=2, what="training batch (sequences, 2049 tokens)")
+    batch = select_eval_batch(tokens, a.sequences)
+    write_array_atomic(batch, a.out)
+    log.info("eval batch %s -> %s", batch.shape, a.out)
+
+
+def _audit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("stores", nargs="+", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+
+
+@command("audit", _audit_args)
+def _audit(a: argparse.Namespace) -> None:
+    """Table of revisions whose weights are byte-identical to another revision's."""
+    from lmdynamics.reduction.audit import write_audit
+
+    table = write_audit(a.stores, a.out)
+    dups = table[table.duplicate]
+    for row in dups.itertuples():
+        log.warning("%s step %s: weights identical to %s", row.size, row.step, row.duplicate_of)
+    log.info("%d checkpoints audited, %d duplicates -> %s", len(table), len(dups), a.out)
+
+
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--configfile", type=Path, default=Path("config/config.yaml"))
+    p.add_argument("--schema", type=Path,
+                   default=Path("workflow/schemas/config.schema.yaml"))
+    p.add_argument("--offline", action="store_true",
+                   help="estimate downloads from parameter counts (also with HF_HUB_OFFLINE=1)")
+    p.add_argument("--tflops", type=float, default=None,
+                   help="effective TFLOP/s for the GPU hours (default: measured on an H100)")
+    p.add_argument("--download-mb-s", type=float, default=None,
+                   help="download speed in MB/s for the download hours")
+
+
+@command("plan", _plan_args)
+def _plan(a: argparse.Namespace) -> None:
+    """Print, per size, bytes to download, bytes of the stores and compute, before a run."""
+    from lmdynamics.config import load_config
+    from lmdynamics.sources.plan import (
+        DEFAULT_DOWNLOAD_MB_S,
+        DEFAULT_TFLOPS,
+        format_plan,
+        offline_requested,
+        plan,
+    )
+
+    config = load_config(a.configfile, a.schema)
+    tflops = a.tflops or DEFAULT_TFLOPS
+    speed = a.download_mb_s or DEFAULT_DOWNLOAD_MB_S
+    online = not (a.offline or offline_requested())
+    if online:
+        from lmdynamics.sources.hub import set_default_timeout
+
+        set_default_timeout()
+    table = plan(config, online=online, tflops=tflops, download_mb_s=speed)
+    print(f"plan for {a.configfile} (suite {config['suite']}, {config['tokens']} stored tokens "
+          "per checkpoint)")
+    print(format_plan(table, tflops=tflops, download_mb_s=speed))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -464,6 +567,3 @@ def one_line(exc: BaseException) -> str:
 if __name__ == "__main__":
     raise SystemExit(main())
 
-
-# Subcommands of the hub source register themselves on COMMANDS.
-from lmdynamics import cli_hub  # noqa: E402,F401

@@ -19,14 +19,11 @@ from typing import Any
 import jsonschema
 import yaml
 
-from lmdynamics.schedule import checkpoint_schedule, pythia_schedule
+from lmdynamics.sources import pythia
+from lmdynamics.sources.schedule import checkpoint_schedule, pythia_schedule
 
-#: Pythia sizes published as ``EleutherAI/pythia-<size>-deduped`` on the hub.
-PYTHIA_SIZES = ("14m", "31m", "70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b", "12b")
-#: Pythia's training sequence length (2049 tokens per sequence in the data files).
-PYTHIA_SEQUENCE_TOKENS = 2049
-#: Pythia's context: positions 0..2047 are inputs (the 2049th token is only a label).
-PYTHIA_CONTEXT = 2048
+#: Where checkpoints come from (config key ``source``).
+SOURCES: tuple[str, ...] = ("tiny", "hub")
 #: Patterns of the schema's string values (``\A...\Z``: ``$`` would also match before a final
 #: newline). Each must equal the schema's text, which is how :data:`PATTERN_HINTS` finds it.
 #: Labels become path components (suite, sizes, model names).
@@ -186,7 +183,7 @@ def semantic_errors(config: Mapping[str, Any]) -> list[str]:
                     "when source is 'tiny'"]
         known = list(config["tiny"]["models"])
     else:
-        known = list(PYTHIA_SIZES)
+        known = list(pythia.SIZES)
     for size in config["sizes"]:
         if size not in known:
             errors.append(f"config key 'sizes': {size!r} is not a known size for source "
@@ -263,7 +260,7 @@ def eval_positions(config: Mapping[str, Any]) -> int:
     if config["source"] == "tiny":
         tiny = config["tiny"]
         return tiny.get("batch_size", 16) * tiny.get("seq_len", 128)
-    return eval_sequences(config) * PYTHIA_CONTEXT
+    return eval_sequences(config) * pythia.CONTEXT
 
 
 def check_config(config: Mapping[str, Any], schema: Mapping[str, Any] | Path | str,

@@ -11,7 +11,7 @@ import xarray as xr
 import yaml
 
 from conftest import REPO, snakemake
-from lmdynamics.conjecture_reduce import STAT_VARIABLES
+from lmdynamics.reduction.stats import STAT_VARIABLES
 from lmdynamics.store import open_store
 
 TINY = yaml.safe_load((REPO / "config/tiny.yaml").read_text())

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from conftest import REPO, snakemake
-from lmdynamics import conjecture_figures
+from lmdynamics.report import conjecture as conjecture_figures
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from conftest import REPO, copy_workflow, mini_config, snakemake
-from lmdynamics import conjecture_figures
+from lmdynamics.report import conjecture as conjecture_figures
 
 #: The configuration of ``mini_run`` and its file, relative to the run's folder.
 CONFIG, CONFIGFILE = mini_config(), "config/mini.yaml"

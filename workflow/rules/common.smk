@@ -5,6 +5,8 @@ from types import SimpleNamespace
 from snakemake.utils import validate
 
 from lmdynamics.config import canonical, check_config, schedule_for
+from lmdynamics.options import job_options
+from lmdynamics.report.registry import REPORT_CATEGORIES, STATS_FIGURES, paper_figures
 
 SCHEMA = workflow.source_path("../schemas/config.schema.yaml")
 
@@ -25,26 +27,7 @@ STEPS = sorted(config["steps"])
 FINAL_STEP = config["final_step"]
 SCHEDULE = schedule_for(config)
 ENV = "../../envs/lmdynamics.yaml"
-FIGURES = ["figure1", "figure2", "figure3", "figure4", "figure5", "figure6"]
-if config["metrics"]["standardize"]:
-    FIGURES.append("figure2_standardized")
-# `snakemake --report`: one category per paper figure (the report's sidebar).
-REPORT_CATEGORIES = {
-    "figure1": "Figure 1: CKA, smallest vs largest size",
-    "figure2": "Figure 2: mean CKA and PER per size",
-    "figure3": "Figure 3: CKA per layer",
-    "figure4": "Figure 4: PER of the weights per layer",
-    "figure5": "Figure 5: PER of the gradients per layer",
-    "figure6": "Figure 6: pairwise CKA between steps",
-    "figure2_standardized": "Figure 2 with standardised dimensions",
-}
-# Table 1's definitions as `lmdynamics mcc` arguments, one list item each (the rules quote
-# each one): --cka-threshold 0.45 ..., sorted by key.
-MCC_OPTIONS = [
-    arg
-    for key, value in sorted(config["mcc"].items())
-    for arg in (f"--{key.replace('_', '-')}", value)
-]
+FIGURES = paper_figures(config["metrics"]["standardize"])
 # GPUs one extraction job asks for: `--resources gpu=N` locally, `--gpus=1` on SLURM.
 EXTRACTION_GPUS = 0 if config["extraction"]["device"] == "cpu" else 1
 
@@ -102,15 +85,6 @@ def revision(step):
 # step-0 and final checkpoints of its size (distance from init, cosine and singular directions
 # vs final); Snakemake keeps a temp() checkpoint until every job that reads it has finished.
 CONJECTURE = config["conjecture"]
-STATS_FIGURES = [
-    "norms",
-    "distance",
-    "shape",
-    "residual",
-    "spectra",
-    "embedding",
-    "closeness",
-]
 
 
 def reference_checkpoints(wildcards):
@@ -125,26 +99,16 @@ def reference_checkpoints(wildcards):
 
 
 def stats_args(wildcards):
-    """The extract command's statistics flags, one list item per argument (the rule quotes
-    each one); empty when statistics are off."""
+    """The extract command's reference checkpoints, one list item per argument (the rule
+    quotes each one); empty when statistics are off."""
     if not CONJECTURE["enabled"]:
         return []
     refs = reference_checkpoints(wildcards)
-    lo, hi = CONJECTURE["spectrum_fit"]
     return [
         "--init-checkpoint",
         os.path.dirname(refs["init_weights"]),
         "--final-checkpoint",
         os.path.dirname(refs["final_weights"]),
-        "--stats-max-elements",
-        CONJECTURE["max_elements"],
-        "--stats-top-k",
-        CONJECTURE["top_k"],
-        "--stats-embedding-tokens",
-        CONJECTURE["embedding_tokens"],
-        "--stats-spectrum-fit",
-        lo,
-        hi,
     ]
 
 

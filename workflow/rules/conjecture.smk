@@ -38,7 +38,7 @@ rule combine_stats:
 rule stats_figure:
     input:
         stats=f"{RESULTS}/stats.zarr",
-        code=package_sources("figures", "conjecture_figures"),
+        code=package_sources("report.figures", "report.conjecture"),
     output:
         png=report(
             f"{RESULTS}/figures/conjecture_{{stat_figure}}.png",
@@ -53,10 +53,8 @@ rule stats_figure:
     conda:
         ENV
     params:
-        x_axis=config["figures"]["x_axis"],
-        steps=CONJECTURE["figure_steps"],
+        options=job_options(config, "figures", "conjecture"),
         stem=lambda wc, output: os.path.splitext(output.png)[0],
     shell:
         "lmdynamics stats-figure {wildcards.stat_figure:q} --stats {input.stats:q}"
-        " --x-axis {params.x_axis:q} --steps {params.steps:q} --out-stem {params.stem:q}"
-        " > {log:q} 2>&1"
+        " --options {params.options:q} --out-stem {params.stem:q} > {log:q} 2>&1"

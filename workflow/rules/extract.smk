@@ -19,17 +19,18 @@ rule extract:
     resources:
         gpu=EXTRACTION_GPUS,
     params:
-        tokens=config["tokens"],
-        seed=config["seed"],
-        device=config["extraction"]["device"],
-        dtype=config["extraction"]["dtype"],
-        micro_batch=config["extraction"]["micro_batch"],
-        sampling=config["sampling"]["protocol"],
+        # what the job reads of the config; figure_steps only chooses what figures show
+        options=job_options(
+            config,
+            "tokens",
+            "seed",
+            "extraction",
+            "sampling",
+            "conjecture",
+            omit=["conjecture.figure_steps"],
+        ),
         model=lambda wc: model_name(wc.size),
         revision=lambda wc: revision(wc.step),
-        attention=config["extraction"]["attention_activation"],
-        attention_implementation=config["extraction"]["attention_implementation"],
-        gradients=config["extraction"]["gradient_protocol"],
         grad_batches=lambda wc, input: (
             ["--gradient-batches", input.grad_batches]
             if "grad_batches" in input.keys()
@@ -39,14 +40,10 @@ rule extract:
         checkpoint=lambda wc, input: os.path.dirname(input.weights),
     shell:
         "lmdynamics extract --checkpoint {params.checkpoint:q}"
-        " --eval-batch {input.batch:q} --tokens {params.tokens:q} --seed {params.seed:q}"
-        " --size {wildcards.size:q} --step {wildcards.step:q} --model {params.model:q}"
-        " --revision {params.revision:q} --device {params.device:q} --dtype {params.dtype:q}"
-        " --micro-batch {params.micro_batch:q} --sampling {params.sampling:q}"
-        " --attention-activation {params.attention:q}"
-        " --gradient-protocol {params.gradients:q}"
-        " --attention-implementation {params.attention_implementation:q}"
-        " {params.grad_batches:q} --threads {threads:q} {params.stats:q}"
+        " --eval-batch {input.batch:q} --size {wildcards.size:q} --step {wildcards.step:q}"
+        " --model {params.model:q} --revision {params.revision:q}"
+        " --options {params.options:q} {params.grad_batches:q} --threads {threads:q}"
+        " {params.stats:q}"
         " --out {output:q} > {log:q} 2>&1"
 
 

@@ -4,7 +4,7 @@
 rule figure:
     input:
         metrics=f"{RESULTS}/metrics.zarr",
-        code=package_sources("figures", "figures_cka"),
+        code=package_sources("report.figures", "report.cka"),
     output:
         png=report(
             f"{RESULTS}/figures/{{figure}}.png",
@@ -18,19 +18,17 @@ rule figure:
     conda:
         ENV
     params:
-        x_axis=config["figures"]["x_axis"],
-        cka_estimator=config["metrics"]["cka_estimator"],
+        options=job_options(config, "figures", "metrics"),
         stem=lambda wc, output: os.path.splitext(output.png)[0],
     shell:
         "lmdynamics figure {wildcards.figure:q} --metrics {input.metrics:q}"
-        " --x-axis {params.x_axis:q} --cka-estimator {params.cka_estimator:q}"
-        " --out-stem {params.stem:q} > {log:q} 2>&1"
+        " --options {params.options:q} --out-stem {params.stem:q} > {log:q} 2>&1"
 
 
 rule mcc_table:
     input:
         metrics=f"{RESULTS}/metrics.zarr",
-        code=package_sources("tables"),
+        code=package_sources("report.tables"),
     output:
         csv=report(
             f"{RESULTS}/tables/mcc.csv",
@@ -44,17 +42,18 @@ rule mcc_table:
     conda:
         ENV
     params:
-        options=MCC_OPTIONS,
-        cka_estimator=config["metrics"]["cka_estimator"],
+        options=job_options(config, "mcc", "metrics"),
     shell:
-        "lmdynamics mcc --metrics {input.metrics:q} --cka-estimator {params.cka_estimator:q}"
-        " {params.options:q} --csv {output.csv:q} --md {output.md:q} > {log:q} 2>&1"
+        "lmdynamics mcc --metrics {input.metrics:q} --options {params.options:q}"
+        " --csv {output.csv:q} --md {output.md:q} > {log:q} 2>&1"
 
 
 rule mcc_sensitivity:
     input:
         metrics=f"{RESULTS}/metrics.zarr",
-        code=package_sources("tables", "figures_mcc", "figures", "figures_cka"),
+        code=package_sources(
+            "report.tables", "report.mcc", "report.figures", "report.cka"
+        ),
     output:
         png=report(
             f"{RESULTS}/figures/mcc_sensitivity.png",
@@ -71,9 +70,8 @@ rule mcc_sensitivity:
     conda:
         ENV
     params:
-        options=MCC_OPTIONS,
-        cka_estimator=config["metrics"]["cka_estimator"],
+        options=job_options(config, "mcc", "metrics"),
         stem=lambda wc, output: os.path.splitext(output.png)[0],
     shell:
-        "lmdynamics mcc --metrics {input.metrics:q} --cka-estimator {params.cka_estimator:q}"
-        " {params.options:q} --sensitivity-stem {params.stem:q} > {log:q} 2>&1"
+        "lmdynamics mcc --metrics {input.metrics:q} --options {params.options:q}"
+        " --sensitivity-stem {params.stem:q} > {log:q} 2>&1"

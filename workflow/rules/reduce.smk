@@ -14,18 +14,10 @@ rule reduce_size:
         ENV
     params:
         final_step=FINAL_STEP,
-        per_divisor=config["metrics"]["per_divisor"],
-        per_truncate=config["metrics"]["per_truncate"],
-        standardize=config["metrics"]["standardize"],
-        bootstrap=config["metrics"]["bootstrap"],
-        seed=config["seed"],
+        options=job_options(config, "metrics", "seed"),
     shell:
         "lmdynamics reduce {input:q} --final-step {params.final_step:q}"
-        " --per-divisor {params.per_divisor:q} --per-truncate {params.per_truncate:q}"
-        " --standardize {params.standardize:q}"
-        " --bootstrap-samples {params.bootstrap[samples]:q}"
-        " --bootstrap-level {params.bootstrap[level]:q} --seed {params.seed:q}"
-        " --out {output:q} > {log:q} 2>&1"
+        " --options {params.options:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule combine:

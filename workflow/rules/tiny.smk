@@ -58,7 +58,7 @@ rule tiny_eval_batch:
 rule training_loss:
     input:
         csvs=expand(f"{RESULTS}/training/{{size}}/loss.csv", size=SIZES),
-        code=package_sources("figures"),
+        code=package_sources("report.figures"),
     output:
         csv=report(
             f"{RESULTS}/training_loss.csv",

@@ -1,0 +1,321 @@
+"""Per-checkpoint statistics of the Conjecture post, collected during the extraction pass.
+
+After :func:`lmdynamics.extraction.passes.run_pass` the model holds its weights and the gradients of
+the LM loss on the eval batch; :class:`ResidualRecorder` hooks (passed to ``run_pass`` as
+``extra_hooks``) have seen every block's output. :func:`checkpoint_stats` turns those,
+the sampled layer outputs of the pass and the step-0 and final checkpoints (read tensor by
+tensor) into an :class:`xarray.Dataset` of ``stat_*`` variables that the extraction job
+merges into the per-pair store (layout: ``docs/architecture.md``, "Conjecture statistics").
+No second forward pass is made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors
+import torch
+import xarray as xr
+
+from lmdynamics.estimators.spectrum import power_law_slope
+from lmdynamics.extraction.names import MODULE_ORDER, param_key  # noqa: F401
+from lmdynamics.extraction.spectra import singular_values
+from lmdynamics.extraction.stats import (
+    DISTRIBUTIONS,
+    QUANTILES,
+    compare_to_reference,
+    direction_closeness,
+    distribution_summary,
+    embedding_correlation,
+    ov_left_singular_vectors,
+    top_left_singular_vectors,
+)
+from lmdynamics.sources.checkpoints import (
+    CheckpointMismatchError,
+    key_renaming,
+    read_model_config,
+    read_state_dict,
+    weights_path,
+)
+
+#: Activation sites: the residual stream after each block, and what attention and the MLP
+#: write to it (the ``activations`` variable of the per-pair store).
+SITES: tuple[str, ...] = ("residual", "attention", "mlp")
+#: Circuits whose top singular directions are compared with the final checkpoint's.
+CIRCUITS: tuple[str, ...] = ("mlp", "ov")
+#: Entries of the ``shape_stat`` dimension (see
+#: :func:`lmdynamics.extraction.stats.distribution_summary`).
+SHAPE_STATS: tuple[str, ...] = (
+    "mean", "std", "kurtosis", "max_abs", "loglik_gaussian", "loglik_logistic",
+    "ppcc_gaussian", "ppcc_logistic", "tail_ratio_gaussian", "tail_ratio_logistic",
+    "logistic_scale")
+#: Entries of the ``param_stat`` dimension.
+PARAM_STATS: tuple[str, ...] = ("norm", "grad_norm", "dist_init", "rel_dist_init", "cos_init",
+                                "cos_final")
+
+
+
+@dataclass(frozen=True)
+class StatsOptions:
+    """What :func:`checkpoint_stats` needs besides the model.
+
+    ``init_checkpoint`` / ``final_checkpoint``: Hugging Face model directories of step 0
+    and of the final step of the same size. ``max_elements``: sample size of quantiles and
+    fits (moments and max |x| use every element). ``top_k``: singular directions compared
+    with the final checkpoint's. ``embedding_tokens``: rows of the embedding correlation.
+    ``spectrum_fit``: rank window (fractions) of the power-law fit.
+    """
+
+    init_checkpoint: Path
+    final_checkpoint: Path
+    max_elements: int = 1 << 16
+    top_k: int = 30
+    embedding_tokens: int = 256
+    spectrum_fit: tuple[float, float] = (0.0, 0.5)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        lo, hi = self.spectrum_fit
+        checks = [("max_elements", self.max_elements, self.max_elements >= 16, ">= 16"),
+                  ("top_k", self.top_k, self.top_k >= 1, ">= 1"),
+                  ("embedding_tokens", self.embedding_tokens, self.embedding_tokens >= 2,
+                   ">= 2"),
+                  ("spectrum_fit", self.spectrum_fit, 0.0 <= lo < hi <= 1.0,
+                   "two fractions 0 <= lo < hi <= 1")]
+        for name, value, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"{name}={value!r}: allowed {allowed}")
+
+
+class ReferenceWeights:
+    """Tensors of another checkpoint, read one at a time (safetensors) or all at once."""
+
+    def __init__(self, directory: Path | str):
+        self.path = weights_path(directory)
+        self._state: dict[str, torch.Tensor] | None = None
+        if self.path.suffix != ".safetensors":
+            self._state = read_state_dict(self.path)
+            keys = list(self._state)
+        else:
+            with safetensors.safe_open(self.path, framework="pt", device="cpu") as fh:
+                keys = list(fh.keys())
+        rename = key_renaming(read_model_config(directory))
+        #: today's state-dict name -> the name in the file (Pythia's files: ``embed_out``)
+        self._names = {rename(key): key for key in keys}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """The tensor ``name`` (today's state-dict name, e.g. ``lm_head.weight``, whatever
+        the file calls it) as float32 on CPU."""
+        if name not in self._names:
+            raise CheckpointMismatchError(f"{self.path}: no tensor {name!r}; the reference "
+                                          "checkpoint must have the same architecture")
+        if self._state is not None:
+            return self._state[self._names[name]].float()
+        with safetensors.safe_open(self.path, framework="pt", device="cpu") as fh:
+            return fh.get_tensor(self._names[name]).float()
+
+
+class ResidualRecorder:
+    """Forward hooks on every GPT-NeoX block: the residual stream after each block.
+
+    Records max |x| over every position of the batch (:attr:`max_abs`, (L,), NaN when the
+    block's output holds a NaN) and the block output at the sampled positions
+    (:meth:`sampled`, (L, N, D) float32 on CPU). Pass :meth:`hooks` as ``extra_hooks`` to
+    :func:`lmdynamics.extraction.passes.run_pass`. Both stay on the model's device until
+    read, so the hooks never wait for the GPU.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.blocks = list(model.gpt_neox.layers)
+        self._max: list[torch.Tensor | None] = [None] * len(self.blocks)
+        self._sampled: list[list[torch.Tensor]] = [[] for _ in self.blocks]
+
+    def hooks(self, seq: torch.Tensor, pos: torch.Tensor, first: bool = False) -> list[Any]:
+        """Register the hooks for one micro-batch (``seq``, ``pos`` index its sampled
+        positions; ``first``: a new pass starts, forget what was recorded); returns the
+        handles, which the caller removes."""
+        if first:
+            self._max = [None] * len(self.blocks)
+            self._sampled = [[] for _ in self.blocks]
+        return [block.register_forward_hook(self._hook(i, seq, pos))
+                for i, block in enumerate(self.blocks)]
+
+    def _hook(self, i: int, seq: torch.Tensor, pos: torch.Tensor) -> Callable:
+        def hook(_module, _inputs, output):
+            hidden = (output[0] if isinstance(output, tuple) else output).detach()
+            # amax and maximum propagate NaN: a NaN anywhere makes the layer's maximum NaN
+            peak = hidden.abs().amax().float()
+            self._max[i] = peak if self._max[i] is None else torch.maximum(self._max[i], peak)
+            self._sampled[i].append(hidden[seq, pos])
+        return hook
+
+    @property
+    def max_abs(self) -> np.ndarray:
+        """(L,) float64: max |x| of each block's output over the batch (0 before a pass)."""
+        return np.array([0.0 if m is None else float(m) for m in self._max], dtype=np.float64)
+
+    def sampled(self) -> np.ndarray:
+        """Block outputs at the sampled positions, (L, N, D) float32."""
+        return np.stack([torch.cat(parts).to("cpu", torch.float32).numpy()
+                         for parts in self._sampled])
+
+
+def shape_row(summary: dict[str, Any] | None) -> np.ndarray:
+    """One :func:`distribution_summary` as a float64 row over :data:`SHAPE_STATS` (NaN for
+    None, e.g. a parameter without a gradient)."""
+    if summary is None:
+        return np.full(len(SHAPE_STATS), np.nan)
+    row = []
+    for name in SHAPE_STATS:
+        key, _, dist = name.rpartition("_")
+        if key in ("loglik", "ppcc", "tail_ratio"):
+            row.append(summary[key][DISTRIBUTIONS.index(dist)])
+        else:
+            row.append(summary[name])
+    return np.array(row, dtype=np.float64)
+
+
+def _shape_vars(prefix: str, dims: tuple[str, ...], summaries: list[dict[str, Any] | None],
+                shape: tuple[int, ...]) -> dict[str, tuple]:
+    """``<prefix>`` (dims, shape_stat) and ``<prefix>_quantile`` (dims, quantile)."""
+    nan_q = np.full(len(QUANTILES), np.nan)
+    return {
+        prefix: ((*dims, "shape_stat"),
+                 np.stack([shape_row(s) for s in summaries]).reshape(*shape, -1)),
+        f"{prefix}_quantile": ((*dims, "quantile"), np.stack(
+            [s["quantile"] if s is not None else nan_q for s in summaries]).reshape(*shape, -1)),
+    }
+
+
+def parameter_stats(model: torch.nn.Module, opts: StatsOptions) -> tuple[list[str], dict]:
+    """Per parameter: norms, distance and cosine to step 0 and to the final checkpoint,
+    distribution of weights and of gradients. Returns (store names, variables over
+    ``param``)."""
+    init, final = ReferenceWeights(opts.init_checkpoint), ReferenceWeights(opts.final_checkpoint)
+    names: list[str] = []
+    rows: list[list[float]] = []
+    w_sum: list[dict[str, Any] | None] = []
+    g_sum: list[dict[str, Any] | None] = []
+    for name, p in model.named_parameters():
+        w = p.detach()
+        # references in the model's dtype: at step 0 the distance is exactly 0
+        to_init = compare_to_reference(w, init[name].to(w.dtype))
+        to_final = compare_to_reference(w, final[name].to(w.dtype))
+        grad = p.grad
+        names.append(param_key(name))
+        rows.append([float(torch.linalg.vector_norm(w.double())),
+                     float(torch.linalg.vector_norm(grad.double())) if grad is not None
+                     else np.nan,
+                     to_init["dist"], to_init["rel_dist"], to_init["cos"], to_final["cos"]])
+        w_sum.append(distribution_summary(w, max_elements=opts.max_elements, seed=opts.seed))
+        g_sum.append(distribution_summary(grad, max_elements=opts.max_elements, seed=opts.seed)
+                     if grad is not None else None)
+    n = len(names)
+    return names, {
+        "stat_param": (("param", "param_stat"), np.array(rows, dtype=np.float64), {
+            "description": "Frobenius norms of weights and gradient; distance, relative "
+                           "distance and cosine to step 0; cosine to the final step"}),
+        **_shape_vars("stat_weight", ("param",), w_sum, (n,)),
+        **_shape_vars("stat_grad", ("param",), g_sum, (n,)),
+    }
+
+
+def spectrum_stats(model: torch.nn.Module, opts: StatsOptions) -> tuple[list[str], dict]:
+    """Singular values (descending, NaN-padded to the longest) and the power-law exponent
+    of every 2-D weight. Returns (matrix names, variables over ``matrix``)."""
+    names, spectra = [], []
+    for name, p in model.named_parameters():
+        if p.ndim == 2:
+            names.append(param_key(name).removesuffix(".weight"))
+            spectra.append(singular_values(p.detach()))
+    width = max(len(s) for s in spectra)
+    padded = np.full((len(spectra), width), np.nan)
+    for i, s in enumerate(spectra):
+        padded[i, :len(s)] = s
+    lo, hi = opts.spectrum_fit
+    slopes = np.array([power_law_slope(s, lo, hi) for s in spectra])
+    return names, {
+        "stat_spectrum": (("matrix", "sv"), padded, {"long_name": "singular values"}),
+        "stat_spectrum_slope": (("matrix",), slopes, {
+            "long_name": "alpha of sigma_k ~ k^-alpha", "fit_ranks": [lo, hi]}),
+    }
+
+
+def activation_stats(sites: dict[str, np.ndarray], opts: StatsOptions) -> dict:
+    """Distribution of each site's sampled activations per layer; ``sites`` maps each of
+    :data:`SITES` to an (L, N, D) array. Variables over (site, layer)."""
+    summaries = [distribution_summary(torch.from_numpy(sites[s][layer]),
+                                      max_elements=opts.max_elements, seed=opts.seed)
+                 for s in SITES for layer in range(sites[SITES[0]].shape[0])]
+    n_layers = sites[SITES[0]].shape[0]
+    return _shape_vars("stat_act", ("site", "layer"), summaries, (len(SITES), n_layers))
+
+
+def _circuit_directions(weights: Callable[[str], torch.Tensor], layer: int, n_heads: int,
+                        k: int) -> dict[str, list[torch.Tensor]]:
+    """Top-k left singular vectors of one layer's MLP-out matrix and of each head's OV."""
+    pre = f"gpt_neox.layers.{layer}."
+    mlp = [top_left_singular_vectors(weights(pre + "mlp.dense_4h_to_h.weight"), k)]
+    qkv = weights(pre + "attention.query_key_value.weight")
+    dense = weights(pre + "attention.dense.weight")
+    d = dense.shape[0]
+    head = d // n_heads
+    value = qkv.reshape(n_heads, 3, head, d)[:, 2]  # GPT-NeoX fuses [q; k; v] per head
+    ov = [ov_left_singular_vectors(dense[:, h * head:(h + 1) * head], value[h], k)
+          for h in range(n_heads)]
+    return {"mlp": mlp, "ov": ov}
+
+
+def direction_stats(model: torch.nn.Module, opts: StatsOptions) -> dict:
+    """Closeness of the top-k singular directions of each MLP-out and (mean over heads) OV
+    matrix to the final checkpoint's: ``stat_direction_closeness`` (circuit, layer)."""
+    final = ReferenceWeights(opts.final_checkpoint)
+    params = dict(model.named_parameters())
+    n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    out = np.full((len(CIRCUITS), n_layers), np.nan)
+    for layer in range(n_layers):
+        now = _circuit_directions(lambda n: params[n].detach(), layer, n_heads, opts.top_k)
+        ref = _circuit_directions(final.__getitem__, layer, n_heads, opts.top_k)
+        for c, circuit in enumerate(CIRCUITS):
+            out[c, layer] = np.mean([direction_closeness(u, r)
+                                     for u, r in zip(now[circuit], ref[circuit], strict=True)])
+    return {"stat_direction_closeness": (("circuit", "layer"), out, {
+        "long_name": "mean best |cosine| of the final top-k singular directions",
+        "top_k": opts.top_k})}
+
+
+def checkpoint_stats(model: torch.nn.Module, sampled: dict[str, np.ndarray],
+                     residual_max_abs: np.ndarray, opts: StatsOptions) -> xr.Dataset:
+    """Every ``stat_*`` variable of one checkpoint (see docs/architecture.md).
+
+    ``model``: after the pass (weights and ``.grad`` populated). ``sampled``: (L, N, D)
+    activations per site of :data:`SITES`. ``residual_max_abs``: (L,) max |x| of each
+    block's output over the whole eval batch.
+    """
+    with torch.no_grad():
+        params, param_vars = parameter_stats(model, opts)
+        matrices, spectrum_vars = spectrum_stats(model, opts)
+        act_vars = activation_stats(sampled, opts)
+        direction_vars = direction_stats(model, opts)
+        corr = embedding_correlation(model.gpt_neox.embed_in.weight, opts.embedding_tokens)
+    n_layers = len(residual_max_abs)
+    sv_width = spectrum_vars["stat_spectrum"][1].shape[1]
+    return xr.Dataset(
+        {**param_vars, **spectrum_vars, **act_vars, **direction_vars,
+         "stat_resid_max_abs": (("layer",), np.asarray(residual_max_abs, np.float64), {
+             "long_name": "max |x| of the block output over the eval batch"}),
+         "stat_embedding_corr": (("emb_row", "emb_col"), corr.astype(np.float32), {
+             "long_name": "Pearson correlation of token embeddings (embed_in rows)"})},
+        coords={"param": np.array(params, dtype=object),
+                "matrix": np.array(matrices, dtype=object),
+                "quantile": np.array(QUANTILES),
+                "shape_stat": np.array(SHAPE_STATS, dtype=object),
+                "param_stat": np.array(PARAM_STATS, dtype=object),
+                "site": np.array(SITES, dtype=object), "layer": np.arange(n_layers),
+                "circuit": np.array(CIRCUITS, dtype=object), "sv": np.arange(sv_width),
+                "emb_row": np.arange(corr.shape[0]), "emb_col": np.arange(corr.shape[0])},
+    )

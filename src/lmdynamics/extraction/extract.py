@@ -1,0 +1,287 @@
+"""Per-checkpoint extraction: one forward and backward pass on the eval batch.
+
+For each layer of a GPT-NeoX model we record what the layer writes to the residual stream:
+
+- attention activation: the output of ``attention.dense`` (bias included), the paper's text;
+- MLP activation: the output of ``mlp.dense_4h_to_h`` (bias included),
+
+at a fixed, seeded subsample of token positions, and the singular values of the two write
+matrices (``attention.dense.weight``, ``mlp.dense_4h_to_h.weight``) and of their gradients
+of the language-modelling loss (labels = inputs) on the same batch.
+
+A diverged checkpoint (NaN or inf in a layer's output over the whole batch, in its write
+matrix or in that matrix's gradient) is recorded, not refused: booleans
+``nonfinite_activations``, ``nonfinite_weights``, ``nonfinite_grads`` (component, layer) and
+the store attr ``nonfinite``, with a warning naming size, step, component and layer.
+The paper code's attention activation, gradient protocol and token sampling are options
+(:mod:`lmdynamics.extraction.paper_code`, :func:`token_positions`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import xarray as xr
+import zarr.codecs
+
+from lmdynamics import __version__
+from lmdynamics.extraction.conjecture import (
+    SITES,
+    ResidualRecorder,
+    StatsOptions,
+    checkpoint_stats,
+)
+from lmdynamics.extraction.paper_code import (
+    GRADIENT_PROTOCOLS,
+    check_choice,
+    gradient_steps,
+    paper_code_gradient_singular_values,
+)
+from lmdynamics.extraction.passes import (
+    COMPONENTS,
+    Extraction,
+    default_micro_batch,
+    nonfinite_flags,
+    only_write_weights_train,
+    run_pass_fitting,
+)
+from lmdynamics.heap import reuse_freed_memory
+from lmdynamics.sources.checkpoints import (
+    CorruptCheckpointError,
+    load_model,
+    n_parameters,
+    weights_sha256,
+)
+from lmdynamics.sources.revision import discard_corrupt_download, revision_attrs
+from lmdynamics.store import load_token_array, write_store
+
+log = logging.getLogger(__name__)
+
+#: Allowed values of ``extraction.device``: ``auto`` = CUDA when available, else CPU.
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def sample_token_positions(n_sequences: int, seq_len: int, n_tokens: int,
+                           seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded subsample of ``n_tokens`` distinct (sequence, position) pairs of the eval batch.
+
+    Depends only on the batch shape and the seed, so every step and size gets the same
+    positions. Returns two int64 arrays of length ``n_tokens`` in row-major order.
+    """
+    total = n_sequences * seq_len
+    if not 1 <= n_tokens <= total:
+        raise ValueError(f"tokens={n_tokens}: allowed 1..{total} (the eval batch holds "
+                         f"{n_sequences} sequences x {seq_len} positions)")
+    flat = np.sort(np.random.default_rng(seed).choice(total, size=n_tokens, replace=False))
+    return (flat // seq_len).astype(np.int64), (flat % seq_len).astype(np.int64)
+
+
+#: Token sampling protocols (config ``sampling.protocol``).
+SAMPLING_PROTOCOLS = ("random_positions", "paper_code")
+
+
+def token_positions(protocol: str, n_sequences: int, seq_len: int, n_tokens: int, seed: int,
+                    context: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The (sequence, position) pairs whose activations are stored, by sampling protocol.
+
+    ``random_positions``: :func:`sample_token_positions` over the positions inside the
+    model's context (``min(seq_len, context)``: Pythia's 2049-token sequences feed a
+    2048-position model, whose last input position only serves as a label).
+    ``paper_code``: the last position of each of the first ``n_tokens`` sequences, as the
+    paper's code did (``hidden_states[:, -1, :]`` of the first 128 sequences of the last
+    batch; shared/notes/reference-facts.md).
+    """
+    if protocol == "random_positions":
+        usable = seq_len if context is None else min(seq_len, context)
+        return sample_token_positions(n_sequences, usable, n_tokens, seed)
+    if protocol == "paper_code":
+        if not 1 <= n_tokens <= n_sequences:
+            raise ValueError(f"tokens={n_tokens} with sampling protocol paper_code (one token "
+                             f"per sequence): allowed 1..{n_sequences}, the eval batch's "
+                             "sequences")
+        return (np.arange(n_tokens, dtype=np.int64),
+                np.full(n_tokens, seq_len - 1, dtype=np.int64))
+    raise ValueError(f"sampling protocol {protocol!r}: allowed {', '.join(SAMPLING_PROTOCOLS)}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("extraction.device: 'cuda' was asked for but no CUDA device is "
+                           "available; allowed here: auto, cpu")
+    if name not in DEVICES:
+        raise ValueError(f"device={name!r}: allowed {', '.join(DEVICES)}")
+    return torch.device(name)
+
+
+def extraction_dataset(result: Extraction, seq_idx: np.ndarray, pos_idx: np.ndarray,
+                       attrs: dict) -> xr.Dataset:
+    """Package one pass as the per-pair dataset described in docs/architecture.md."""
+    n_comp, n_layers, n_tokens, dim = result.activations.shape
+    k = result.weight_singular_values.shape[-1]
+    coords = {
+        "component": np.array(COMPONENTS, dtype=object),
+        "layer": np.arange(n_layers),
+        "token": np.arange(n_tokens),
+        "sequence": ("token", seq_idx),
+        "position": ("token", pos_idx),
+        "dim": np.arange(dim),
+        "k": np.arange(k),
+    }
+    ds = xr.Dataset(
+        {
+            "activations": (("component", "layer", "token", "dim"), result.activations,
+                            {"description": "layer output written to the residual stream"}),
+            "weight_singular_values": (("component", "layer", "k"),
+                                       result.weight_singular_values),
+            "grad_singular_values": (("component", "layer", "k"), result.grad_singular_values),
+            "loss": ((), result.loss, {"units": "nats/token"}),
+        },
+        coords=coords,
+        attrs=attrs,
+    )
+    flags = nonfinite_flags(result)
+    for name, value in flags.items():
+        ds[name] = (("component", "layer"), value,
+                    {"description": f"NaN or inf in the layer's {name.split('_')[1]}"})
+    ds.attrs["nonfinite"] = bool(any(v.any() for v in flags.values())
+                                 or not np.isfinite(result.loss))
+    return ds
+
+
+def warn_nonfinite(ds: xr.Dataset) -> None:
+    """Log a warning per (component, layer) of ``ds`` with non-finite values recorded."""
+    for name in ("nonfinite_activations", "nonfinite_weights", "nonfinite_grads"):
+        for comp, layer in zip(*np.nonzero(ds[name].values), strict=True):
+            log.warning("non-finite %s (NaN or inf) for size %s step %s %s layer %d: recorded "
+                        "in the store; metrics computed from them will be NaN",
+                        name.split("_")[1], ds.attrs.get("size"), ds.attrs.get("step"),
+                        ds.component.values[comp], layer)
+    if not np.isfinite(float(ds.loss)):
+        log.warning("non-finite loss %s for size %s step %s", float(ds.loss),
+                    ds.attrs.get("size"), ds.attrs.get("step"))
+
+
+def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path | str, *,
+                       tokens: int, seed: int, size: str, step: int, model_name: str,
+                       revision: str, device: str = "auto", dtype: str = "float32",
+                       micro_batch: int | None = None,
+                       sampling: str = "random_positions",
+                       attention_activation: str = "residual_write",
+                       attention_implementation: str = "sdpa",
+                       gradient_protocol: str = "eval_batch",
+                       gradient_batches: Path | str | None = None,
+                       stats: StatsOptions | None = None) -> Path:
+    """Load one checkpoint, run the eval batch through it and write its store to ``out``.
+
+    ``micro_batch`` sequences per forward/backward; None or 0: :func:`default_micro_batch`.
+    ``attention_implementation``: :data:`lmdynamics.sources.checkpoints.ATTENTION_IMPLEMENTATIONS`.
+    On CPU the process keeps freed memory for reuse (:func:`reuse_freed_memory`).
+
+    ``gradient_protocol="paper_code"`` needs ``gradient_batches``: an .npy (2, S, T) of
+    the training batches of :func:`lmdynamics.extraction.paper_code.gradient_steps` ``(step)``.
+    With ``stats``, the Conjecture statistics (:mod:`lmdynamics.extraction.conjecture`) of the
+    same pass
+    are added to the store as ``stat_*`` variables.
+    """
+    t0 = time.perf_counter()
+    dev = resolve_device(device)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: allowed {', '.join(DTYPES)}")
+    check_choice("extraction.gradient_protocol", gradient_protocol, GRADIENT_PROTOCOLS)
+    if gradient_protocol == "paper_code" and gradient_batches is None:
+        raise ValueError("extraction.gradient_protocol='paper_code' needs the training "
+                         "batches of steps c-5 and c-4 (--gradient-batches); none was given")
+    try:
+        model = load_model(checkpoint, dtype=DTYPES[dtype], device=dev,
+                           attention=attention_implementation)
+    except CorruptCheckpointError as exc:
+        raise discard_corrupt_download(checkpoint, exc) from exc
+    batch_array = load_token_array(eval_batch, ndim=2, what="eval batch (sequences, positions)")
+    batch = torch.as_tensor(batch_array, dtype=torch.long)
+    check_vocabulary(batch, model.config.vocab_size, eval_batch)
+    seq_idx, pos_idx = token_positions(sampling, *batch.shape, tokens, seed,
+                                       context=model.config.max_position_embeddings)
+    if stats is None:  # the Conjecture statistics need every parameter's gradient
+        only_write_weights_train(model)
+    log.info("loaded %s step %d (%s) on %s in %.1fs; eval batch %s, %d sampled tokens",
+             size, step, checkpoint, dev, time.perf_counter() - t0, tuple(batch.shape), tokens)
+    residual = ResidualRecorder(model) if stats is not None else None
+    if dev.type == "cpu":
+        reuse_freed_memory()
+    micro = micro_batch or default_micro_batch(dev, batch.shape[1])
+    t_pass = time.perf_counter()
+    result = run_pass_fitting(model, batch, seq_idx, pos_idx, micro_batch=micro,
+                              attention_activation=attention_activation,
+                              gradients=gradient_protocol == "eval_batch",
+                              extra_hooks=residual.hooks if residual is not None else None)
+    log.info("forward+backward pass in %.2fs (%s attention, micro-batches of %s sequences)",
+             time.perf_counter() - t_pass, attention_implementation, micro or batch.shape[0])
+    if gradient_protocol == "paper_code":
+        grad_batches = torch.as_tensor(
+            load_token_array(gradient_batches, ndim=3,
+                             what="gradient batches (batches, sequences, positions)"),
+            dtype=torch.long)
+        result.grad_singular_values = paper_code_gradient_singular_values(
+            model, grad_batches, micro_batch=micro_batch)
+    cfg = model.config
+    attrs = {
+        "model": model_name, "revision": revision, "size": size, "step": int(step),
+        "dtype": dtype, "lmdynamics_version": __version__,
+        "hidden_size": cfg.hidden_size, "num_attention_heads": cfg.num_attention_heads,
+        "intermediate_size": cfg.intermediate_size, "num_layers": cfg.num_hidden_layers,
+        "n_params": n_parameters(model), "weights_sha256": weights_sha256(checkpoint),
+        "eval_batch_shape": list(batch.shape), "token_seed": seed,
+        "sampling_protocol": sampling, **revision_attrs(checkpoint),
+        "eval_batch_sha256": hashlib.sha256(
+            np.ascontiguousarray(batch_array, dtype=np.int64).tobytes()).hexdigest(),
+        "attention_activation": attention_activation, "gradient_protocol": gradient_protocol,
+        "attention_implementation": attention_implementation,
+    }
+    if gradient_protocol == "paper_code":
+        attrs["gradient_steps"] = list(gradient_steps(step))
+    ds = extraction_dataset(result, seq_idx, pos_idx, attrs)
+    warn_nonfinite(ds)
+    if stats is not None and residual is not None:
+        t_stats = time.perf_counter()
+        sampled = dict(zip(SITES, (residual.sampled(), *result.activations), strict=True))
+        ds = ds.merge(checkpoint_stats(model, sampled, residual.max_abs, stats))
+        log.info("Conjecture statistics in %.2fs", time.perf_counter() - t_stats)
+    write_store(ds, out, encoding=activation_encoding(result.activations.shape))
+    log.info("wrote %s (loss %.4f) in %.1fs", out, result.loss, time.perf_counter() - t0)
+    return Path(out)
+
+
+def activation_encoding(shape: tuple[int, ...]) -> dict[str, dict]:
+    """Zarr encoding of a per-pair store's ``activations`` (component, layer, token, dim).
+
+    Measured (benchmarks/store_encoding.py on real tiny-suite activations; figures in
+    benchmarks/RESULTS.md), not guessed:
+
+    - one chunk per (component, layer): the reduction reads one layer of one component at
+      a time; chunks of a whole component read slower, quarter-layer chunks compress worse
+      and write and read at about half the speed;
+    - blosc zstd level 3 with bit-shuffle: float32 activations are nearly incompressible
+      (mantissa noise); bit-shuffle lets zstd find the sign and exponent bits, 1.30x against
+      1.22x for zarr's default (zstd level 0, no shuffle) and for zstd up to level 9, and
+      1.28x for byte-shuffle, at a write and read speed within the noise of the others.
+    """
+    codec = zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+    return {"activations": {"chunks": (1, 1, *shape[2:]), "compressors": (codec,)}}
+
+
+def check_vocabulary(batch: torch.Tensor, vocab_size: int, source: Path | str) -> None:
+    """Refuse an eval batch with token ids the model's embedding does not have."""
+    top = int(batch.max())
+    if top >= vocab_size or int(batch.min()) < 0:
+        raise ValueError(f"{source}: token ids span {int(batch.min())}..{top}, the model's "
+                         f"vocabulary has {vocab_size}; the eval batch does not belong to "
+                         "this suite")

@@ -1,0 +1,153 @@
+"""One source of truth from the config to the code: a job's options are one config section.
+
+The workflow's JSON schema (``workflow/schemas/config.schema.yaml``) is the only place where a
+config option, its type, its allowed values and its default are written down. This module
+reads it once and gives the rest of the package:
+
+- :func:`defaults`: the schema's defaults of a section (nested sections as dicts), which the
+  typed options classes (:class:`lmdynamics.report.tables.MCCOptions`,
+  :class:`lmdynamics.reduction.cka.CKAOptions`, ...) use as their field defaults;
+- :func:`enum`: a key's allowed values (``tests/test_options.py`` asserts that every enum of
+  the schema equals the allowed values the code declares beside its use);
+- :func:`resolve`: a section as a job receives it, checked against the schema (one line per
+  bad key) with the schema's defaults filled in;
+- :func:`job_options` / :func:`parse`: the ``--options`` argument of ``lmdynamics``
+  subcommands, the config sections a job reads as one JSON object, built by the rule
+  (``--options {params.options:q}``) or, for a step run by hand, given inline or as the path
+  of a ``.json`` file; what it leaves out takes the schema's default. So a rule hands its job
+  the options in one piece, and adding an option is one schema entry plus the code using it.
+
+The schema is found beside the package in the source tree (``src/lmdynamics`` ->
+``workflow/schemas``): lmdynamics is installed from its repository (``pip install -e .``).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+#: The workflow's config schema (``common.smk`` validates the config against the same file).
+SCHEMA_FILE = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+@functools.cache
+def schema() -> dict[str, Any]:
+    """The config schema, parsed once per process."""
+    if not SCHEMA_FILE.is_file():
+        raise FileNotFoundError(f"{SCHEMA_FILE}: the config schema is missing; lmdynamics reads "
+                                "it from its source tree: install with `pip install -e .` from "
+                                "the repository")
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: ~10x faster
+    return yaml.load(SCHEMA_FILE.read_text(), Loader=loader)  # noqa: S506 (a safe loader)
+
+
+def _resolve_ref(node: Mapping[str, Any]) -> dict[str, Any]:
+    """``node`` with a local ``$ref`` (``#/$defs/name``) merged in (its own keys win)."""
+    node = dict(node)
+    ref = node.pop("$ref", None)
+    if ref is None:
+        return node
+    target: Any = schema()
+    for part in ref.removeprefix("#/").split("/"):
+        target = target[part]
+    return {**_resolve_ref(target), **node}
+
+
+def section_schema(section: str) -> dict[str, Any]:
+    """The schema of top-level config key ``section`` (``$ref`` resolved)."""
+    props = schema()["properties"]
+    if section not in props:
+        raise KeyError(f"{section!r} is not a section of the config schema; sections: "
+                       + ", ".join(props))
+    return _resolve_ref(props[section])
+
+
+def _defaults_of(node: Mapping[str, Any]) -> Any:
+    node = _resolve_ref(node)
+    if node.get("type") == "object" and "properties" in node:
+        return {k: _defaults_of(v) for k, v in node["properties"].items()
+                if "default" in _resolve_ref(v) or _resolve_ref(v).get("type") == "object"}
+    return copy.deepcopy(node.get("default"))
+
+
+def defaults(section: str) -> dict[str, Any]:
+    """The schema's default of every key of ``section`` (nested objects as dicts)."""
+    return _defaults_of(section_schema(section))
+
+
+def enum(section: str, *keys: str) -> tuple[Any, ...]:
+    """Allowed values of ``section.keys...`` as the schema lists them, in its order."""
+    node = section_schema(section)
+    for key in keys:
+        node = _resolve_ref(node["properties"][key])
+    return tuple(node["enum"])
+
+
+def _merge(default: Any, given: Any) -> Any:
+    if isinstance(default, dict) and isinstance(given, Mapping):
+        return {**default, **{k: _merge(default.get(k), v) for k, v in given.items()}}
+    return default if given is None else given
+
+
+def resolve(section: str, given: Any = None) -> Any:
+    """``given`` (config section ``section``, or a subset of it) checked against the schema,
+    with the schema's defaults filled in. Raises ValueError listing every bad key as
+    ``section.key: value — what is allowed``."""
+    from lmdynamics.config import schema_errors
+
+    node = section_schema(section)
+    is_object = node.get("type") == "object"
+    if given is None:
+        given = {} if is_object else node.get("default")
+    root = {k: v for k, v in schema().items() if k not in ("properties", "required")}
+    errors = schema_errors({section: given}, {**root, "properties": {section: node}})
+    if errors:
+        raise ValueError("invalid options: " + "; ".join(errors))
+    return _merge(defaults(section), given) if is_object else given
+
+
+def parse(text: str | None, sections: Sequence[str]) -> dict[str, Any]:
+    """The ``--options`` argument of a job that reads config ``sections``: a JSON object
+    ``{section: value}`` inline, or the path of a file holding one (``None``: all defaults).
+    Every section is checked and completed by :func:`resolve`; other keys are refused."""
+    value: Any = {}
+    if text is not None:
+        stripped, source = text.strip(), "--options"
+        if not stripped.startswith("{"):
+            path = Path(text)
+            if not path.is_file():
+                raise ValueError(f"--options {text!r}: neither a JSON object nor an existing "
+                                 "file; give e.g. --options '{\"figures\": {\"x_axis\": "
+                                 "\"step\"}}' or the path of a .json file")
+            source, stripped = str(path), path.read_text()
+        try:
+            value = json.loads(stripped)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{source}: not valid JSON ({exc}); give a JSON object of the "
+                             "config sections " + ", ".join(sections)) from None
+        if not isinstance(value, dict):
+            raise ValueError(f"{source}: expected a JSON object of the config sections "
+                             f"{', '.join(sections)}; got {type(value).__name__}")
+        unknown = sorted(set(value) - set(sections))
+        if unknown:
+            raise ValueError(f"{source}: unknown section(s) {', '.join(unknown)}; this step "
+                             "reads " + ", ".join(sections))
+    return {s: resolve(s, value.get(s)) for s in sections}
+
+
+def job_options(config: Mapping[str, Any], *sections: str, omit: Sequence[str] = ()) -> str:
+    """The ``--options`` argument a rule hands its job: ``sections`` of the validated
+    ``config`` as one JSON object, keys sorted (so reordering a config file reruns nothing).
+    ``omit``: ``section.key`` entries the job does not read, left out so that changing them
+    does not rerun it (Snakemake reruns a job whose parameters changed)."""
+    chosen = {s: config[s] for s in sections}
+    for dotted in omit:
+        section, _, key = dotted.partition(".")
+        chosen[section] = {k: v for k, v in chosen[section].items() if k != key}
+    return json.dumps(chosen, sort_keys=True, separators=(",", ":"))

@@ -1,0 +1,32 @@
+"""Names of every figure the workflow draws, and their report categories: the one registry
+``workflow/rules/common.smk`` imports (no matplotlib: the Snakefile parses fast).
+
+The drawing functions are registered under the same names in
+:data:`lmdynamics.report.figures.FIGURES`
+(1-5), :data:`lmdynamics.report.cka.CKA_FIGURES` (6) and
+:data:`lmdynamics.report.conjecture.STATS_FIGURES`; ``tests/test_registry.py`` checks they agree.
+"""
+
+from __future__ import annotations
+
+#: The paper's figures: ``results/<suite>/figures/<name>.png``, one ``report()`` category each.
+REPORT_CATEGORIES: dict[str, str] = {
+    "figure1": "Figure 1: CKA, smallest vs largest size",
+    "figure2": "Figure 2: mean CKA and PER per size",
+    "figure3": "Figure 3: CKA per layer",
+    "figure4": "Figure 4: PER of the weights per layer",
+    "figure5": "Figure 5: PER of the gradients per layer",
+    "figure6": "Figure 6: pairwise CKA between steps",
+    "figure2_standardized": "Figure 2 with standardised dimensions",
+}
+#: Drawn only with ``metrics.standardize`` (from the ``*_standardized`` CKA variables).
+STANDARDIZED_FIGURES: tuple[str, ...] = ("figure2_standardized",)
+#: The Conjecture figures: ``results/<suite>/figures/conjecture_<name>.png``.
+STATS_FIGURES: tuple[str, ...] = (
+    "norms", "distance", "shape", "residual", "spectra", "embedding", "closeness")
+
+
+def paper_figures(standardize: bool) -> list[str]:
+    """The paper figures a configuration draws (``metrics.standardize`` adds one)."""
+    return [name for name in REPORT_CATEGORIES
+            if standardize or name not in STANDARDIZED_FIGURES]

@@ -1,0 +1,27 @@
+"""Facts about the Pythia suite, in one place (shared/notes/reference-facts.md; the Pythia
+README and its training data on the hub). Pure constants: the Snakefile imports them on every
+parse, through :mod:`lmdynamics.config`."""
+
+from __future__ import annotations
+
+#: Sizes published as ``EleutherAI/pythia-<size>-deduped`` on the hub.
+SIZES: tuple[str, ...] = ("14m", "31m", "70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b",
+                          "12b")
+#: (layers, hidden, vocabulary) per size, MLP width 4 x hidden (14m, 31m, 1b, 6.9b, 12b from
+#: the Pythia README, whose parameter counts ``plan.gpt_neox_parameters`` reproduces exactly).
+ARCHITECTURES: dict[str, tuple[int, int, int]] = {
+    "14m": (6, 128, 50304), "31m": (6, 256, 50304), "70m": (6, 512, 50304),
+    "160m": (12, 768, 50304), "410m": (24, 1024, 50304), "1b": (16, 2048, 50304),
+    "1.4b": (24, 2048, 50304), "2.8b": (32, 2560, 50304), "6.9b": (32, 4096, 50432),
+    "12b": (36, 5120, 50688)}
+#: Tokens per training sequence in the data files (2048 context + 1 for the shifted labels).
+SEQUENCE_TOKENS = 2049
+#: Context: positions 0..2047 are inputs (the 2049th token is only a label).
+CONTEXT = 2048
+#: Sequences per training batch.
+BATCH_SEQUENCES = 1024
+#: Checkpoints: step0, log-spaced step1 ... step512, then every 1000 steps to step143000
+#: (154 revisions on the hub).
+FINAL_STEP = 143_000
+LOG_UNTIL = 512
+INTERVAL = 1000

@@ -1,0 +1,98 @@
+"""One source of truth from the config to the code (issue 17): every enum of the config schema
+equals the allowed values the code declares beside their use, the options classes take their
+fields and defaults from the schema, and the ``--options`` argument of the command line is
+checked against the schema."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from lmdynamics import config, options
+from lmdynamics.estimators.cka import CKA_ESTIMATORS
+from lmdynamics.estimators.rank import PER_DIVISORS
+from lmdynamics.extraction import extract, paper_code
+from lmdynamics.reduction.cka import CKAOptions
+from lmdynamics.report import figures, tables
+from lmdynamics.report.tables import MCCOptions
+from lmdynamics.sources import checkpoints
+
+#: Every enum of the schema -> the code's allowed values (the test fails on a new enum
+#: without an entry here, so a new choice is declared once, beside the code that uses it).
+CODE_CHOICES = {
+    ("source",): config.SOURCES,
+    ("metrics", "per_divisor"): PER_DIVISORS,
+    ("metrics", "cka_estimator"): CKA_ESTIMATORS,
+    ("mcc", "early_step"): tables.EARLY_STEP_RULES,
+    ("mcc", "per_quantity"): tuple(tables.PER_QUANTITIES),
+    ("mcc", "weight_threshold"): tables.WEIGHT_THRESHOLDS,
+    ("mcc", "reference"): tables.REFERENCES,
+    ("mcc", "comparison"): tables.COMPARISONS,
+    ("figures", "x_axis"): figures.X_AXES,
+    ("extraction", "device"): extract.DEVICES,
+    ("extraction", "dtype"): tuple(extract.DTYPES),
+    ("extraction", "attention_activation"): paper_code.ATTENTION_ACTIVATIONS,
+    ("extraction", "attention_implementation"): checkpoints.ATTENTION_IMPLEMENTATIONS,
+    ("extraction", "gradient_protocol"): paper_code.GRADIENT_PROTOCOLS,
+    ("sampling", "protocol"): extract.SAMPLING_PROTOCOLS,
+}
+
+
+def _schema_enums(node, path=()):
+    node = options._resolve_ref(node)
+    if "enum" in node:
+        yield path, tuple(node["enum"])
+    for key, child in node.get("properties", {}).items():
+        yield from _schema_enums(child, (*path, key))
+    if isinstance(node.get("items"), dict):
+        yield from _schema_enums(node["items"], path)
+    if isinstance(node.get("additionalProperties"), dict):
+        yield from _schema_enums(node["additionalProperties"], path)
+
+
+def test_every_schema_enum_equals_the_codes_allowed_values():
+    enums = dict(_schema_enums(options.schema()))
+    assert set(enums) == set(CODE_CHOICES), "schema enums and CODE_CHOICES differ"
+    for path, values in enums.items():
+        assert set(values) == set(CODE_CHOICES[path]), ".".join(path)
+
+
+def test_options_classes_take_fields_and_defaults_from_the_schema():
+    mcc = options.defaults("mcc")
+    assert {f.name: f.default for f in dataclasses.fields(MCCOptions)} == mcc
+    metrics = options.defaults("metrics")
+    assert CKAOptions() == CKAOptions.from_config(metrics, seed=options.resolve("seed"))
+    # the drift of issue 17: a figure drawn by hand uses the workflow's estimator
+    import inspect
+
+    from lmdynamics.report.cka import render_figure
+
+    params = inspect.signature(render_figure).parameters
+    assert params["estimator"].default == metrics["cka_estimator"] == "debiased"
+    assert params["x_axis"].default == options.defaults("figures")["x_axis"]
+
+
+def test_options_argument_inline_file_and_errors(tmp_path):
+    got = options.parse('{"metrics": {"per_divisor": "hidden"}}', ["metrics", "seed"])
+    assert got["metrics"]["per_divisor"] == "hidden" and got["seed"] == 0
+    assert got["metrics"]["bootstrap"] == {"samples": 0, "level": 0.9}  # nested defaults
+    path = tmp_path / "options.json"
+    path.write_text(json.dumps({"figures": {"x_axis": "fraction"}}))
+    assert options.parse(str(path), ["figures"]) == {"figures": {"x_axis": "fraction"}}
+    assert options.parse(None, ["figures"]) == {"figures": {"x_axis": "step"}}
+    with pytest.raises(ValueError, match="metrics.per_divisor.*allowed: one of min_dim"):
+        options.parse('{"metrics": {"per_divisor": "rows"}}', ["metrics"])
+    with pytest.raises(ValueError, match="unknown section.*mcc.*reads figures"):
+        options.parse('{"mcc": {}}', ["figures"])
+    with pytest.raises(ValueError, match="not valid JSON"):
+        options.parse("{metrics: 1}", ["metrics"])
+    with pytest.raises(ValueError, match="neither a JSON object nor an existing file"):
+        options.parse(str(tmp_path / "missing.json"), ["metrics"])
+
+
+def test_job_options_is_what_parse_reads_back():
+    cfg = {"metrics": options.defaults("metrics"), "seed": 3, "figures": {"x_axis": "step"}}
+    text = options.job_options(cfg, "metrics", "seed")
+    assert options.parse(text, ["metrics", "seed"]) == {"metrics": cfg["metrics"], "seed": 3}
