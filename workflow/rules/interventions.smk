@@ -69,6 +69,8 @@ rule intervention_run:
     conda:
         ENV
     threads: 1
+    resources:
+        gpu=1 if IV["device"] == "cuda" else 0,
     params:
         variant=lambda wc: json.dumps(IV["variants"][wc.variant], sort_keys=True),
         arch=lambda wc: json.dumps(IV["sizes"][wc.arch], sort_keys=True),

@@ -114,11 +114,13 @@ def normalised_entropy(matrix: torch.Tensor) -> torch.Tensor:
     ``exp(H)`` is the effective rank (Roy & Vetterli 2007) that
     :func:`lmdynamics.metrics.effective_rank` computes in float64 for the analysis; here it is
     differentiable (:func:`torch.linalg.svdvals`), in the matrix's dtype, with ``0 log 0 = 0``
-    (zero singular values contribute nothing and no NaN gradient).
+    (zero singular values contribute nothing to the value and a finite gradient).
     """
     s = torch.linalg.svdvals(matrix)
     p = s / s.sum(dim=-1, keepdim=True)
-    return -(torch.xlogy(p, p)).sum(dim=-1)
+    # p log max(p, tiny): the same value (0 log 0 = 0) with a finite gradient at p = 0,
+    # where d(p log p)/dp = log p + 1 diverges (xlogy's gradient is NaN there)
+    return -(p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))).sum(dim=-1)
 
 
 def entropy_penalty(matrices: list[torch.Tensor], strength: float) -> torch.Tensor:
