@@ -429,5 +429,6 @@ if __name__ == "__main__":
 
 # Subcommands of the hub source register themselves on COMMANDS.
 from lmdynamics import cli_hub  # noqa: E402,F401
+
 # Subcommands of the intervention study (lmdynamics.interventions) register themselves too.
 from lmdynamics.interventions import cli as interventions_cli  # noqa: E402,F401

@@ -1,49 +1,10 @@
 # Intervention study (lmdynamics.interventions): one job per (variant, size, seed) run that
 # trains and analyses all its checkpoints; then outcomes, effects, table and figures.
-# Target: `snakemake --cores 2 --configfile config/interventions.yaml interventions`.
-import json
-
-import yaml
-
-from lmdynamics.config import ConfigError, schema_errors
-from lmdynamics.interventions.study import TINY_TOKENS, run_section, section_errors
-
-_ISCHEMA = workflow.source_path("../schemas/interventions.schema.yaml")
-with open(_ISCHEMA) as _f:
-    _ierrors = schema_errors(config, yaml.safe_load(_f))
-if not _ierrors:
-    validate(config, _ISCHEMA)  # fills in the defaults
-    _ierrors = section_errors(config["interventions"])
-if _ierrors:
-    raise ConfigError("invalid configuration:\n  " + "\n  ".join(_ierrors))
-
-IV = config["interventions"]
-IV_RESULTS = f"results/interventions/{IV['name']}"
-IV_VARIANTS = list(IV["variants"])
-IV_SIZES = list(IV["sizes"])
-IV_SEEDS = list(IV["seeds"])
-IV_RUN = json.dumps(run_section(IV), sort_keys=True)
-IV_OUT = f"{IV_RESULTS}/effects"
+# Target: `snakemake interventions --cores 2 --configfile config/interventions.yaml` (the
+# target first: --configfile takes every name after it).
 
 
-wildcard_constraints:
-    variant="|".join(map(re.escape, IV_VARIANTS)),
-    arch="|".join(map(re.escape, IV_SIZES)),
-    seed=r"\d+",
-
-
-def iv_runs(name):
-    return expand(
-        f"{IV_RESULTS}/runs/{{variant}}/{{arch}}/seed{{seed}}_{name}.csv",
-        variant=IV_VARIANTS,
-        arch=IV_SIZES,
-        seed=IV_SEEDS,
-    )
-
-
-def iv_tokens(wildcards):
-    """The user's token file, when one is configured (a changed file reruns the runs)."""
-    return [] if IV["tokens"] == TINY_TOKENS else [IV["tokens"]]
+include: "interventions_common.smk"
 
 
 rule interventions:
@@ -109,7 +70,7 @@ rule intervention_summarise:
         estimator=IV["outcomes"]["cka_estimator"],
         samples=IV["outcomes"]["bootstrap"]["samples"],
         level=IV["outcomes"]["bootstrap"]["level"],
-        out_dir=IV_OUT,
+        out_dir=lambda wc, output: os.path.dirname(output.outcomes),
     shell:
         "lmdynamics intervention-summarise --metrics {input.metrics:q}"
         " --losses {input.losses:q} --baseline {params.baseline:q}"
@@ -137,7 +98,8 @@ rule intervention_figures:
             labels={"result": "effect scatter", "file": "figures/effect_scatter.png"},
         ),
         pdfs=expand(
-            f"{IV_RESULTS}/figures/{{name}}.pdf", name=["convergence", "effect_scatter"]
+            f"{IV_RESULTS}/figures/{{name}}.pdf",
+            name=["convergence", "effect_scatter"],
         ),
     log:
         f"{IV_RESULTS}/logs/intervention_figures.log",
@@ -146,7 +108,7 @@ rule intervention_figures:
     params:
         threshold=IV["outcomes"]["threshold"],
         estimator=IV["outcomes"]["cka_estimator"],
-        out_dir=f"{IV_RESULTS}/figures",
+        out_dir=lambda wc, output: os.path.dirname(output.convergence),
     shell:
         "lmdynamics intervention-figures --runs {input.runs:q} --effects {input.effects:q}"
         " --threshold {params.threshold:q} --cka-estimator {params.estimator:q}"
