@@ -359,3 +359,29 @@ def test_gpu_script_runs_on_cpu(tmp_path):
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rank_up" in (tmp_path / "effects.md").read_text()
+
+
+def test_training_batch_keeps_token_ids_beyond_bytes():
+    from lmdynamics.tiny import training_batch
+
+    tokens = np.arange(1000, 1400, dtype=np.int64)  # 100 sequences of 4 tokens
+    batch = training_batch(tokens, 0, batch_size=5, seq_len=4, seed=0)
+    assert batch.min() >= 1000 and (np.diff(batch, axis=1) == 1).all()
+
+
+def test_study_code_imports_without_zarr_or_snakemake():
+    """The GPU script's machine has neither (benchmarks/interventions_gpu.sh)."""
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('zarr', 'snakemake'):\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import lmdynamics.interventions.study, lmdynamics.interventions.report\n"
+        "from lmdynamics.interventions.report import effects_markdown\n"
+        "print('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**__import__("os").environ, "PYTHONPATH": str(REPO / "src")},
+                          timeout=300)
+    assert proc.stdout.strip() == "ok", proc.stderr[-2000:]
