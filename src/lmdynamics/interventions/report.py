@@ -97,14 +97,13 @@ def convergence_figure(metrics: pd.DataFrame, out_stem: Path, *, threshold: floa
                 ax.plot(x, stat["mean"], color=colors[v], lw=1.2, label=v)
                 ax.fill_between(x, stat["min"], stat["max"], color=colors[v], alpha=0.18, lw=0)
             ax.axhline(threshold, color="0.4", ls="--", lw=0.8)
-            ax.set_xscale("symlog", linthresh=1.0)
-            ax.set_xlim(left=0)
+            ax.set_xlim(0, float(metrics["step"].max()))  # linear: layers converge late
             ax.set_title(f"{size} {comp} L{col}", fontsize=8)
             ax.tick_params(labelsize=7)
             if col == 0:
                 ax.set_ylabel("CKA to final", fontsize=8)
             if r == len(rows) - 1:
-                ax.set_xlabel("step (symlog)", fontsize=8)
+                ax.set_xlabel("training step", fontsize=8)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=len(variants), fontsize=8)
     return _save(fig, out_stem)
