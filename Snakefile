@@ -31,6 +31,11 @@ include: "workflow/rules/audit.smk"
 include: "workflow/rules/conjecture.smk"
 
 
+if "interventions" in config:
+
+    include: "workflow/rules/interventions.smk"
+
+
 rule all:
     default_target: True
     input:

@@ -567,3 +567,6 @@ def one_line(exc: BaseException) -> str:
 if __name__ == "__main__":
     raise SystemExit(main())
 
+
+# Subcommands of the intervention study (lmdynamics.interventions) register themselves.
+from lmdynamics.interventions import cli as interventions_cli  # noqa: E402,F401

@@ -50,6 +50,7 @@ from lmdynamics.extraction.passes import (
     only_write_weights_train,
     run_pass_fitting,
 )
+from lmdynamics.extraction.positions import sample_token_positions
 from lmdynamics.heap import reuse_freed_memory
 from lmdynamics.sources.checkpoints import (
     CorruptCheckpointError,
@@ -65,21 +66,6 @@ log = logging.getLogger(__name__)
 #: Allowed values of ``extraction.device``: ``auto`` = CUDA when available, else CPU.
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def sample_token_positions(n_sequences: int, seq_len: int, n_tokens: int,
-                           seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded subsample of ``n_tokens`` distinct (sequence, position) pairs of the eval batch.
-
-    Depends only on the batch shape and the seed, so every step and size gets the same
-    positions. Returns two int64 arrays of length ``n_tokens`` in row-major order.
-    """
-    total = n_sequences * seq_len
-    if not 1 <= n_tokens <= total:
-        raise ValueError(f"tokens={n_tokens}: allowed 1..{total} (the eval batch holds "
-                         f"{n_sequences} sequences x {seq_len} positions)")
-    flat = np.sort(np.random.default_rng(seed).choice(total, size=n_tokens, replace=False))
-    return (flat // seq_len).astype(np.int64), (flat % seq_len).astype(np.int64)
 
 
 #: Token sampling protocols (config ``sampling.protocol``).

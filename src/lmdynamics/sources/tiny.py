@@ -34,7 +34,6 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from lmdynamics.sources.checkpoints import save_checkpoint
 from lmdynamics.sources.schedule import checkpoint_schedule
-from lmdynamics.store import write_text_atomic
 
 __all__ = ["VOCAB_SIZE", "DEFAULT_SPECS", "checkpoint_schedule", "load_corpus", "corpus_sha256",
            "n_sequences", "training_batch", "eval_batch", "model_config", "learning_rate",
@@ -108,7 +107,7 @@ def training_batch(corpus: np.ndarray, update: int, *, batch_size: int, seq_len:
         rows[mask] = _epoch_order(seed, int(epoch), n)[slots[mask]]
     starts = rows * seq_len
     index = starts[:, None] + np.arange(seq_len)[None, :]
-    return np.asarray(corpus, dtype=np.uint8)[index].astype(np.int64)
+    return np.asarray(corpus)[index].astype(np.int64)  # any integer token ids, not only bytes
 
 
 def eval_batch(corpus: np.ndarray, *, final_step: int, batch_size: int, seq_len: int,
@@ -261,6 +260,8 @@ def train_tiny_model(spec: Mapping[str, int], *, size: str, out_dir: Path | str,
             if step % report_every == 0 or step == final_step:
                 log.info("tiny %s: step %d/%d loss %.4f (%.1f s)", size, step, final_step,
                          losses[update], time.perf_counter() - start)
+    from lmdynamics.store import write_text_atomic  # here: the rest imports without zarr
+
     frame = pd.DataFrame({"size": size, "step": np.arange(1, final_step + 1), "loss": losses})
     write_text_atomic(frame.to_csv(index=False), loss_csv)
     return frame
