@@ -396,7 +396,7 @@ def test_paper_code_config_reproduces_the_paper_definitions():
 
     from lmdynamics.estimators.rank import per_divisor, proportional_effective_rank
 
-    config = yaml.safe_load((Path(__file__).parents[1] / "config/paper_code.yaml").read_text())
+    config = yaml.safe_load((Path(__file__).parents[2] / "config/paper_code.yaml").read_text())
     assert config["metrics"]["cka_estimator"] == "biased"
     assert config["metrics"]["per_divisor"] == "head_dim" and config["metrics"]["per_truncate"]
     options = tables.MCCOptions(**config["mcc"])
@@ -432,7 +432,7 @@ def test_schema_enums_and_defaults_match_the_code():
 
     import yaml
 
-    schema = yaml.safe_load((Path(__file__).parents[1] /
+    schema = yaml.safe_load((Path(__file__).parents[2] /
                              "workflow/schemas/config.schema.yaml").read_text())
     mcc = schema["properties"]["mcc"]["properties"]
     allowed = {"early_step": tables.EARLY_STEP_RULES, "per_quantity": tuple(tables.PER_QUANTITIES),

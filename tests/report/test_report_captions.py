@@ -13,7 +13,7 @@ import jinja2
 import pytest
 import yaml
 
-REPORT = Path(__file__).resolve().parents[1] / "workflow" / "report"
+REPORT = Path(__file__).resolve().parents[2] / "workflow" / "report"
 
 
 @pytest.mark.parametrize("caption", sorted(REPORT.glob("*.rst")), ids=lambda p: p.name)
