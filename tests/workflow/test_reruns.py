@@ -153,7 +153,7 @@ def test_editing_a_plotting_module_redraws_figures_and_never_extracts(finished, 
     # Unchanged code (mtimes kept by the copy): nothing to do.
     assert plan(finished, "--rerun-triggers", "mtime", pythonpath=src) == set()
 
-    module = src / "lmdynamics/figures.py"
+    module = src / "lmdynamics/report/figures.py"
     module.write_text(module.read_text() + "\n# an edit of the plotting code\n")
     jobs = plan(finished, "--rerun-triggers", "mtime", pythonpath=src)
     assert jobs == {job("training_loss"), *(job("figure", figure=f) for f in FIGURES),
