@@ -47,12 +47,9 @@ from lmdynamics.estimators.rank import per_divisor, proportional_effective_rank
 from lmdynamics.extraction.passes import COMPONENTS, only_write_weights_train, run_pass
 from lmdynamics.extraction.positions import sample_token_positions
 from lmdynamics.sources.tiny import (
-    BETAS,
-    GRAD_CLIP,
-    WEIGHT_DECAY,
-    _torch_settings,
-    learning_rate,
+    deterministic_torch,
     model_config,
+    train_updates,
     training_batch,
 )
 
@@ -115,7 +112,7 @@ def _settings(device: torch.device, threads: int | None):
     """Deterministic algorithms on the CPU (bit-identical reruns at equal thread counts);
     a GPU run keeps torch's defaults (cuBLAS determinism needs an environment variable)."""
     if device.type == "cpu":
-        return _torch_settings(threads)
+        return deterministic_torch(threads)
     return contextlib.nullcontext()
 
 
@@ -146,8 +143,6 @@ def train_run(variant: Variant, spec: Mapping[str, int], tokens: np.ndarray, *,
         raise ValueError(f"token ids reach {top}; vocab_size={s.vocab_size} is too small")
     wanted = set(s.steps)
     states: dict[int, dict[str, torch.Tensor]] = {}
-    losses = np.empty(s.final_step)
-    penalties = np.zeros(s.final_step)
     with _settings(device, s.threads):
         config = model_config(spec, seq_len=s.seq_len)
         config.vocab_size = s.vocab_size
@@ -155,33 +150,17 @@ def train_run(variant: Variant, spec: Mapping[str, int], tokens: np.ndarray, *,
         model = GPTNeoXForCausalLM(config).to(device).train()
         if variant.init is not None:
             variant.init(model)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, betas=BETAS,
-                                      weight_decay=WEIGHT_DECAY)
 
-        def keep(step: int) -> None:
+        def keep(step: int, _loss: float = 0.0) -> None:
             if step in wanted:
                 states[step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
         keep(0)
         start = time.perf_counter()
-        for update in range(s.final_step):
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(update, lr=s.lr, warmup=s.warmup,
-                                            final_step=s.final_step)
-            batch = torch.from_numpy(training_batch(tokens, update, batch_size=s.batch_size,
-                                                    seq_len=s.seq_len, seed=seed)).to(device)
-            loss = model(input_ids=batch, labels=batch).loss
-            total = loss
-            if variant.loss is not None:
-                penalty = variant.loss(model)
-                total = loss + penalty
-                penalties[update] = penalty.item()
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-            optimizer.step()
-            losses[update] = loss.item()
-            keep(update + 1)
+        losses, penalties = train_updates(
+            model, tokens, final_step=s.final_step, batch_size=s.batch_size,
+            seq_len=s.seq_len, lr=s.lr, warmup=s.warmup, seed=seed, extra_loss=variant.loss,
+            after_update=keep)
         log.info("%s seed %d: trained %d updates in %.1f s, loss %.4f", variant.name, seed,
                  s.final_step, time.perf_counter() - start, losses[-1])
         eval_batch = training_batch(tokens, s.final_step - 1, batch_size=s.batch_size,

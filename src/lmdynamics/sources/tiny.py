@@ -24,7 +24,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +37,7 @@ from lmdynamics.sources.schedule import checkpoint_schedule
 
 __all__ = ["VOCAB_SIZE", "DEFAULT_SPECS", "checkpoint_schedule", "load_corpus", "corpus_sha256",
            "n_sequences", "training_batch", "eval_batch", "model_config", "learning_rate",
-           "train_tiny_model"]
+           "deterministic_torch", "train_updates", "train_tiny_model"]
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def _check_nonnegative(name: str, value: int) -> None:
 
 
 @contextlib.contextmanager
-def _torch_settings(threads: int | None) -> Iterator[None]:
+def deterministic_torch(threads: int | None) -> Iterator[None]:
     """Deterministic algorithms and (optionally) a fixed thread count, restored afterwards."""
     old_det = torch.are_deterministic_algorithms_enabled()
     old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
@@ -184,6 +184,52 @@ def _torch_settings(threads: int | None) -> Iterator[None]:
     finally:
         torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
         torch.set_num_threads(old_threads)
+
+
+def train_updates(model: torch.nn.Module, tokens: np.ndarray, *, final_step: int,
+                  batch_size: int, seq_len: int, lr: float, warmup: int, seed: int,
+                  extra_loss: Callable[[torch.nn.Module], torch.Tensor] | None = None,
+                  after_update: Callable[[int, float], None] | None = None,
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The tiny suite's optimisation: ``final_step`` AdamW updates of ``model``.
+
+    Update ``u`` sets the learning rate :func:`learning_rate` ``(u)``, takes batch
+    :func:`training_batch` ``(tokens, u)`` (onto the model's device), back-propagates the
+    language-model loss plus ``extra_loss(model)`` if given (an intervention's term), clips
+    the gradient norm at :data:`GRAD_CLIP` and steps; then ``after_update(u + 1, loss)`` (e.g.
+    save checkpoint ``u + 1``). The one training loop of the tiny suite and of the
+    intervention study (:mod:`lmdynamics.interventions.run`).
+
+    Returns
+    -------
+    losses, extras : (final_step,) float64 arrays
+        The language-model loss of each update (without the extra term) and the extra
+        term's value (0 without one).
+    """
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=BETAS,
+                                  weight_decay=WEIGHT_DECAY)
+    losses = np.empty(final_step, dtype=np.float64)
+    extras = np.zeros(final_step, dtype=np.float64)
+    for update in range(final_step):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(update, lr=lr, warmup=warmup, final_step=final_step)
+        batch = torch.from_numpy(training_batch(tokens, update, batch_size=batch_size,
+                                                seq_len=seq_len, seed=seed)).to(device)
+        loss = model(input_ids=batch, labels=batch).loss
+        total = loss
+        if extra_loss is not None:
+            term = extra_loss(model)
+            total = loss + term
+            extras[update] = term.item()
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        optimizer.step()
+        losses[update] = loss.item()
+        if after_update is not None:
+            after_update(update + 1, losses[update])
+    return losses, extras
 
 
 def train_tiny_model(spec: Mapping[str, int], *, size: str, out_dir: Path | str,
@@ -234,32 +280,23 @@ def train_tiny_model(spec: Mapping[str, int], *, size: str, out_dir: Path | str,
         raise ValueError(f"lr={lr!r}: must be a positive number")
     corpus = load_corpus() if corpus is None else corpus
     out_dir, loss_csv = Path(out_dir), Path(loss_csv)
-    losses = np.empty(final_step, dtype=np.float64)
-    with _torch_settings(threads):
+    with deterministic_torch(threads):
         config = model_config(spec, seq_len=seq_len)
         torch.manual_seed(seed)
         model = GPTNeoXForCausalLM(config).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=BETAS,
-                                      weight_decay=WEIGHT_DECAY)
         save_checkpoint(model, out_dir / "step0")
         start, report_every = time.perf_counter(), max(1, final_step // 10)
-        for update in range(final_step):
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(update, lr=lr, warmup=warmup, final_step=final_step)
-            batch = torch.from_numpy(training_batch(corpus, update, batch_size=batch_size,
-                                                    seq_len=seq_len, seed=seed))
-            loss = model(input_ids=batch, labels=batch).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-            optimizer.step()
-            losses[update] = loss.item()
-            step = update + 1
+
+        def after_update(step: int, loss: float) -> None:
             if step in schedule:
                 save_checkpoint(model, out_dir / f"step{step}")
             if step % report_every == 0 or step == final_step:
                 log.info("tiny %s: step %d/%d loss %.4f (%.1f s)", size, step, final_step,
-                         losses[update], time.perf_counter() - start)
+                         loss, time.perf_counter() - start)
+
+        losses, _ = train_updates(model, corpus, final_step=final_step, batch_size=batch_size,
+                                  seq_len=seq_len, lr=lr, warmup=warmup, seed=seed,
+                                  after_update=after_update)
     from lmdynamics.store import write_text_atomic  # here: the rest imports without zarr
 
     frame = pd.DataFrame({"size": size, "step": np.arange(1, final_step + 1), "loss": losses})
