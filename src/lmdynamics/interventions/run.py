@@ -1,12 +1,10 @@
 """One run of the intervention study: train one (variant, size, seed), analyse every checkpoint.
 
-Training follows :func:`lmdynamics.sources.tiny.train_tiny_model` piece by piece (its
-:func:`~lmdynamics.sources.tiny.model_config`, :func:`~lmdynamics.sources.tiny.training_batch`
-data order, :func:`~lmdynamics.sources.tiny.learning_rate` schedule, AdamW betas, weight decay
-and gradient clip), plus the variant's initialisation hook and loss term. Instead of writing
-checkpoint directories, the analysed steps' weights are kept in memory and analysed in the
-same process at the end (one job per run: nothing of one run waits on, or reruns with,
-another):
+Training is the tiny suite's own loop, :func:`lmdynamics.sources.tiny.train_updates` (its
+data order, learning-rate schedule, AdamW and gradient clip), plus the variant's
+initialisation hook and loss term. Instead of writing checkpoint directories, the analysed
+steps' weights are kept in memory and analysed in the same process at the end (one job per
+run: nothing of one run waits on, or reruns with, another):
 
 - each checkpoint runs the project's extraction pass
   (:func:`lmdynamics.extraction.passes.run_pass`) on the eval batch (the last training batch,
