@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import GPTNeoXForCausalLM
 
 from lmdynamics.extraction.extract import extract_checkpoint
 from lmdynamics.sources import checkpoints as ck
@@ -24,7 +25,7 @@ TOKENS = 64
 def tiny_checkpoint(directory: Path, seed: int, *, diverge: str | None = None) -> Path:
     """Save a randomly initialised tiny GPT-NeoX; ``diverge`` names a parameter set to inf."""
     torch.manual_seed(seed)
-    model = ck.GPTNeoXForCausalLM(model_config(SPEC, seq_len=SEQ_LEN))
+    model = GPTNeoXForCausalLM(model_config(SPEC, seq_len=SEQ_LEN))
     if diverge:
         with torch.no_grad():
             model.get_parameter(diverge).fill_(float("inf"))

@@ -76,6 +76,7 @@ def test_atomic_writers_use_hidden_names_and_remove_what_killed_writers_left(tmp
 def test_save_checkpoint_and_figures_clean_stale_temporaries(tmp_path):
     import matplotlib.pyplot as plt
     import torch
+    from transformers import GPTNeoXForCausalLM
 
     from lmdynamics.report.figures import save_figure
     from lmdynamics.sources import checkpoints as ck
@@ -85,7 +86,7 @@ def test_save_checkpoint_and_figures_clean_stale_temporaries(tmp_path):
     (tmp_path / ".step0.tmp-98").mkdir()
     (tmp_path / ".fig.png.tmp-97").write_text("half")
     torch.manual_seed(0)
-    model = ck.GPTNeoXForCausalLM(model_config({"hidden_size": 16, "num_layers": 1,
+    model = GPTNeoXForCausalLM(model_config({"hidden_size": 16, "num_layers": 1,
                                                 "num_heads": 2}, seq_len=8))
     ck.save_checkpoint(model, tmp_path / "step0")
     save_figure(plt.figure(), tmp_path / "fig")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import GPTNeoXForCausalLM
 
 from lmdynamics.sources import checkpoints as ck
 from lmdynamics.sources.tiny import model_config
@@ -19,7 +20,7 @@ SPEC = {"hidden_size": 16, "num_layers": 1, "num_heads": 2}
 
 def _model(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return ck.GPTNeoXForCausalLM(model_config(SPEC, seq_len=16)).eval()
+    return GPTNeoXForCausalLM(model_config(SPEC, seq_len=16)).eval()
 
 
 @pytest.fixture
@@ -89,16 +90,16 @@ def test_refuses_remote_code(saved, change):
 
 def test_unknown_architecture_lists_known_ones(saved):
     _, directory = saved
-    _edit_config(directory, architectures=["LlamaForCausalLM"])
-    with pytest.raises(ck.UnknownArchitectureError, match="LlamaForCausalLM") as info:
+    _edit_config(directory, architectures=["MambaForCausalLM"])
+    with pytest.raises(ck.UnknownArchitectureError, match="MambaForCausalLM") as info:
         ck.read_model_config(directory)
     assert "GPTNeoXForCausalLM" in str(info.value) and "config.json" in str(info.value)
 
 
 def test_unknown_model_type(saved):
     _, directory = saved
-    _edit_config(directory, model_type="llama")
-    with pytest.raises(ck.UnknownArchitectureError, match="llama"):
+    _edit_config(directory, model_type="mamba")
+    with pytest.raises(ck.UnknownArchitectureError, match="mamba"):
         ck.read_model_config(directory)
 
 

@@ -1,25 +1,42 @@
-"""Store names of model parameters (GPT-NeoX order), shared by the extraction, which
-writes them, and the reduction, which sorts and splits them. No torch: the reductions import
-this module."""
+"""Store names of model parameters, shared by the extraction, which writes them, and the
+reduction, which sorts and splits them. No torch: the reductions import this module.
+
+A block parameter is ``layer<i>.<module>.<kind>`` (the family's module path, e.g.
+``layer3.mlp.dense_4h_to_h.weight``, ``layer3.self_attn.o_proj.weight``); any other is its
+name under the family's trunk (``embed_in.weight``, ``model.norm.weight`` ->
+``norm.weight``), renamed by the family's ``store_renames`` (GPT-NeoX's ``lm_head`` is
+``embed_out``, as in Pythia's files). GPT-NeoX's names are those the stores have always had.
+"""
 
 from __future__ import annotations
 
 import re
 
-#: Order of a block's modules in the stores (GPT-NeoX's own order).
-MODULE_ORDER: tuple[str, ...] = (
-    "input_layernorm", "post_attention_layernorm", "attention.query_key_value",
-    "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
-_LAYER_NAME = re.compile(r"^(?:gpt_neox\.)?layers\.(\d+)\.(.+)$")
+from lmdynamics import families
+from lmdynamics.families import Family
+
+#: Order of a GPT-NeoX block's modules in the stores (other families: ``module_order``).
+MODULE_ORDER: tuple[str, ...] = families.get("gpt_neox").module_order
 
 
-def param_key(name: str) -> str:
-    """Store name of a parameter: ``gpt_neox.layers.3.mlp.dense_4h_to_h.weight`` ->
-    ``layer3.mlp.dense_4h_to_h.weight``; ``gpt_neox.embed_in.weight`` -> ``embed_in.weight``."""
-    m = _LAYER_NAME.match(name)
+def _family(family: Family | str | None) -> Family:
+    return family if isinstance(family, Family) else families.get(family)
+
+
+def param_key(name: str, family: Family | str | None = None) -> str:
+    """Store name of a parameter (default family GPT-NeoX):
+    ``gpt_neox.layers.3.mlp.dense_4h_to_h.weight`` -> ``layer3.mlp.dense_4h_to_h.weight``;
+    ``gpt_neox.embed_in.weight`` -> ``embed_in.weight``; ``lm_head.weight`` ->
+    ``embed_out.weight``."""
+    fam = _family(family)
+    rest = name.removeprefix(f"{fam.base}.")
+    m = re.match(rf"^{re.escape(fam.layers)}\.(\d+)\.(.+)$", rest)
     if m:
         return f"layer{m.group(1)}.{m.group(2)}"
-    return "embed_out.weight" if name == "lm_head.weight" else name.removeprefix("gpt_neox.")
+    module, _, kind = rest.rpartition(".")
+    if not module:
+        return fam.store_renames.get(rest, rest)
+    return f"{fam.store_renames.get(module, module)}.{kind}"
 
 
 def param_parts(key: str) -> tuple[int, str, str]:
@@ -33,10 +50,14 @@ def param_parts(key: str) -> tuple[int, str, str]:
     return layer, module, kind
 
 
-def param_sort_key(key: str) -> tuple[int, int, int, str]:
-    """Model order: embed_in, layers in numeric order (modules in :data:`MODULE_ORDER`,
-    weight before bias), final layer norm, embed_out."""
+def param_sort_key(key: str, family: Family | str | None = None) -> tuple[int, int, int, str]:
+    """Model order: input embeddings, layers in numeric order (modules in the family's
+    ``module_order``, weight before bias), final norm, unembedding."""
+    fam = _family(family)
     layer, module, kind = param_parts(key)
-    rank = MODULE_ORDER.index(module) if module in MODULE_ORDER else len(MODULE_ORDER)
-    group = 1 if layer >= 0 else 0 if module == "embed_in" else 3 if module == "embed_out" else 2
+    order = fam.module_order
+    rank = order.index(module) if module in order else len(order)
+    unembedding = fam.store_renames.get(fam.unembedding, fam.unembedding)
+    group = (1 if layer >= 0 else 0 if module in fam.input_embeddings
+             else 3 if module == unembedding else 2)
     return (group, layer, 2 * rank + (kind == "bias"), key)

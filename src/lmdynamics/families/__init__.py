@@ -80,6 +80,9 @@ class Family:
     transposed_writes : bool
         The write modules store ``weight`` as (in, out) (``Conv1D``); :meth:`write_matrix`
         returns the (out, in) matrix either way.
+    config_keys : mapping
+        This family's ``config.json`` keys for transformers' common names of :data:`DIMS`
+        where they differ (GPT-2: ``hidden_size`` -> ``n_embd``), for messages.
     activation_key, default_activation : str
         ``config.json`` key of the activation function and its default.
     dims : callable
@@ -125,6 +128,7 @@ class Family:
     activation_key: str = "hidden_act"
     default_activation: str = "gelu"
     store_renames: Mapping[str, str] = field(default_factory=dict)
+    config_keys: Mapping[str, str] = field(default_factory=dict)
     activation_sites: Mapping[str, tuple[str, str]] = field(default_factory=dict)
     paper_code_attention: bool = False
 

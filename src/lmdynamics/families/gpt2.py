@@ -96,6 +96,7 @@ GPT2 = Family(
     tiny_config=tiny_config,
     ov_weights=ov_weights,
     transposed_writes=True,
+    config_keys=RENAMES,
     activation_key="activation_function",
     default_activation="gelu_new",
 )

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from lmdynamics import families
 from lmdynamics.extraction.names import param_parts, param_sort_key
 from lmdynamics.reduction.sizes import agreed_attrs, load_sizes, stack_sizes
 from lmdynamics.store import IncompleteStoreError, open_store, redo_hint, write_store
@@ -28,7 +29,8 @@ STAT_VARIABLES: tuple[str, ...] = (
     "stat_param", "stat_weight", "stat_weight_quantile", "stat_grad", "stat_grad_quantile",
     "stat_act", "stat_act_quantile", "stat_resid_max_abs", "stat_spectrum",
     "stat_spectrum_slope", "stat_direction_closeness", "stat_embedding_corr")
-_SIZE_ATTRS = ("size", "n_params", "num_layers", "hidden_size", "num_attention_heads", "model")
+_SIZE_ATTRS = ("size", "n_params", "num_layers", "hidden_size", "num_attention_heads", "model",
+               "family")
 
 
 def _open_with_stats(path: Path | str) -> xr.Dataset:
@@ -99,8 +101,11 @@ def combine_stats(paths: Sequence[Path | str]) -> xr.Dataset:
     final = agreed_attrs(per_size, ("final_step",), "statistics")["final_step"]
     sizes = [d.attrs["size"] for d in per_size]
     combined = stack_sizes(per_size, sizes)
-    params = sorted({str(p) for p in combined.param.values}, key=param_sort_key)
-    matrices = sorted({str(m) for m in combined.matrix.values}, key=param_sort_key)
+    family = _family(per_size)
+    params = sorted({str(p) for p in combined.param.values},
+                    key=lambda k: param_sort_key(k, family))
+    matrices = sorted({str(m) for m in combined.matrix.values},
+                      key=lambda k: param_sort_key(k, family))
     combined = combined.reindex(param=params, matrix=matrices, layer=np.sort(combined.layer),
                                 sv=np.sort(combined.sv), step=np.sort(combined.step))
     combined = combined.assign_coords(
@@ -109,8 +114,17 @@ def combine_stats(paths: Sequence[Path | str]) -> xr.Dataset:
         **location_coords(params, "param"), **location_coords(matrices, "matrix"),
         **{a: ("size", np.array([d.attrs[a] for d in per_size]))
            for a in ("n_params", "num_layers", "hidden_size")})
-    combined.attrs = {"final_step": final}
+    combined.attrs = {"final_step": final, "family": family}
     return combined
+
+
+def _family(per_size: Sequence[xr.Dataset]) -> str:
+    """The model family all sizes share (stores without the attr are GPT-NeoX's)."""
+    found = {str(d.attrs.get("family", families.DEFAULT)) for d in per_size}
+    if len(found) > 1:
+        raise IncompleteStoreError(f"the sizes' statistics are of different model families "
+                                   f"({', '.join(sorted(found))}); one run is one family")
+    return found.pop()
 
 
 def write_combined_stats(paths: Sequence[Path | str], out: Path | str) -> xr.Dataset:

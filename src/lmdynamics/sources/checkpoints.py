@@ -1,11 +1,12 @@
-"""Saving and loading GPT-NeoX checkpoints: the tiny suite's and Pythia's hub revisions.
+"""Saving and loading checkpoints of the known model families: the tiny suite's and the hub's.
 
 A checkpoint is a Hugging Face model directory: ``config.json`` plus ``model.safetensors``
 (or, for some Pythia revisions, ``pytorch_model.bin``). Loading never runs code from the
 checkpoint: ``config.json`` is parsed as plain JSON and refused when it asks for remote code
-or names an architecture other than :data:`KNOWN_ARCHITECTURES`; the model is built from the
-config with :class:`transformers.GPTNeoXForCausalLM` (never ``trust_remote_code``), and
-pickled weights are read only with ``torch.load(weights_only=True)``
+or names a model type or architecture no :mod:`lmdynamics.families` family loads
+(:data:`KNOWN_ARCHITECTURES`); the model is built from the config with the family's
+transformers class (``GPTNeoXForCausalLM``, ``LlamaForCausalLM``, ``GPT2LMHeadModel``; never
+``trust_remote_code``), and pickled weights are read only with ``torch.load(weights_only=True)``
 (shared/notes/reference-facts.md: "never unpickle untrusted files except with
 ``torch.load(weights_only=True)``").
 
@@ -17,7 +18,8 @@ persist per-layer buffers (``attention.bias``, ``attention.masked_bias``,
 load: :func:`load_model` hands the tensors it read to ``from_pretrained(None, config=...,
 state_dict=...)``, so transformers applies its own conversion mapping
 (``transformers.conversion_mapping``: ``embed_out.`` -> ``lm_head.``) and its own lists of
-keys to ignore; whatever is still missing, unexpected or of the wrong shape after that is a
+keys to ignore (GPT-2's ``attn.bias`` masks, and the ``transformer.`` prefix its released
+files lack); whatever is still missing, unexpected or of the wrong shape after that is a
 :class:`CheckpointMismatchError` naming the file and the keys. No name table is kept here.
 """
 
@@ -33,12 +35,15 @@ from typing import Any
 import safetensors
 import safetensors.torch
 import torch
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers import PretrainedConfig, PreTrainedModel
+
+from lmdynamics import families
+from lmdynamics.families import Family, UnknownFamilyError
 
 #: Architectures :func:`load_model` builds (``config.json`` key ``architectures``).
-KNOWN_ARCHITECTURES = ("GPTNeoXForCausalLM",)
+KNOWN_ARCHITECTURES = tuple(a for f in families.registry().values() for a in f.architectures)
 #: ``config.json`` key ``model_type`` of every known architecture.
-KNOWN_MODEL_TYPES = ("gpt_neox",)
+KNOWN_MODEL_TYPES = tuple(t for f in families.registry().values() for t in f.model_types)
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
 PICKLE_NAME = "pytorch_model.bin"
@@ -110,8 +115,20 @@ def _plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def read_model_config(directory: Path | str) -> GPTNeoXConfig:
-    """Parse and vet ``<directory>/config.json``; return the GPT-NeoX config it describes.
+def config_family(config: PretrainedConfig) -> Family:
+    """The family of a transformers config object (by its ``model_type``)."""
+    for family in families.registry().values():
+        if config.model_type in family.model_types:
+            return family
+    raise UnknownArchitectureError(f"model_type {config.model_type!r}: no known family; known "
+                                   f"model types: {', '.join(KNOWN_MODEL_TYPES)}")
+
+
+def read_model_config(directory: Path | str, family: str | None = None) -> PretrainedConfig:
+    """Parse and vet ``<directory>/config.json``; return the config it describes.
+
+    ``family``: the configured model family (``family`` config key); the checkpoint's must
+    be it. None accepts any known family.
 
     Raises
     ------
@@ -122,8 +139,8 @@ def read_model_config(directory: Path | str) -> GPTNeoXConfig:
     UntrustedCheckpointError
         The config asks for remote code (an ``auto_map`` key, or ``trust_remote_code`` true).
     UnknownArchitectureError
-        ``architectures`` is not a list of :data:`KNOWN_ARCHITECTURES`, or ``model_type`` is
-        not ``gpt_neox``.
+        ``model_type`` is no family's, ``architectures`` not a list of that family's
+        architectures, or the family is not ``family``.
     """
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
@@ -135,44 +152,46 @@ def read_model_config(directory: Path | str) -> GPTNeoXConfig:
     if not isinstance(data, dict):
         raise CorruptCheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
     _refuse_remote_code(data, path)
-    known = ", ".join(KNOWN_ARCHITECTURES)
-    archs = data.get("architectures")
-    if not isinstance(archs, list) or not archs or any(a not in KNOWN_ARCHITECTURES
-                                                        for a in archs):
-        raise UnknownArchitectureError(f"{path}: key 'architectures' is {archs!r}; "
-                                       f"known architectures: {known}")
-    if data.get("model_type") not in KNOWN_MODEL_TYPES:
-        raise UnknownArchitectureError(
-            f"{path}: key 'model_type' is {data.get('model_type')!r}; known model types: "
-            f"{', '.join(KNOWN_MODEL_TYPES)} (architectures {known})")
-    _check_config_values(data, path)
     try:
-        return GPTNeoXConfig.from_dict(data)
+        fam = families.for_config(data, where=str(path))
+    except UnknownFamilyError as exc:
+        raise UnknownArchitectureError(str(exc)) from None
+    if family is not None and fam.name != family:
+        raise UnknownArchitectureError(
+            f"{path}: a {fam.name} checkpoint (model_type {data.get('model_type')!r}), but "
+            f"config key 'family' is {family!r}; set family: {fam.name} or use this family's "
+            "checkpoints")
+    _check_config_values(data, path, fam)
+    try:
+        return fam.config_from_dict(data)
     except (TypeError, ValueError) as exc:
-        raise CorruptCheckpointError(f"{path}: not a valid GPT-NeoX config ({exc})") from exc
+        raise CorruptCheckpointError(f"{path}: not a valid {fam.config_class} ({exc})") from exc
 
 
-def _check_config_values(data: dict[str, Any], path: Path) -> None:
+def _check_config_values(data: dict[str, Any], path: Path, family: Family) -> None:
     """Refuse sizes that are not positive integers within :data:`CONFIG_LIMITS`, heads that
     do not divide the hidden size, and an activation transformers does not know, before any
     tensor is allocated (a hostile ``vocab_size: 1e12`` would otherwise ask for terabytes)."""
     from transformers.activations import ACT2FN
 
+    dims = family.dims(data)
+    spelled = {key: family.config_keys.get(key, key) for key in dims}
     for key, limit in CONFIG_LIMITS.items():
-        value = data.get(key)
+        value = dims.get(key)
         if value is None and key == "intermediate_size":
             continue  # transformers' default (4 x hidden)
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
             raise CorruptCheckpointError(
-                f"{path}: key {key!r} is {value!r}; expected an integer from 1 to {limit}")
-    if data["hidden_size"] % data["num_attention_heads"]:
+                f"{path}: key {spelled[key]!r} is {data.get(spelled[key])!r}; expected an "
+                f"integer from 1 to {limit}")
+    if dims["hidden_size"] % dims["num_attention_heads"]:
         raise CorruptCheckpointError(
-            f"{path}: key 'hidden_size' ({data['hidden_size']}) is not a multiple of "
-            f"'num_attention_heads' ({data['num_attention_heads']})")
-    act = data.get("hidden_act", "gelu")
+            f"{path}: key {spelled['hidden_size']!r} ({dims['hidden_size']}) is not a multiple "
+            f"of {spelled['num_attention_heads']!r} ({dims['num_attention_heads']})")
+    act = data.get(family.activation_key, family.default_activation)
     if act not in ACT2FN:
-        raise CorruptCheckpointError(f"{path}: key 'hidden_act' is {act!r}; transformers knows "
-                                     f"{', '.join(sorted(ACT2FN))}")
+        raise CorruptCheckpointError(f"{path}: key {family.activation_key!r} is {act!r}; "
+                                     f"transformers knows {', '.join(sorted(ACT2FN))}")
 
 
 def _refuse_remote_code(data: dict[str, Any], path: Path) -> None:
@@ -236,8 +255,11 @@ ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 
 def load_model(directory: Path | str, *, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu",
-               attention: str = "sdpa") -> GPTNeoXForCausalLM:
-    """Build the GPT-NeoX model of ``directory`` and load its weights strictly.
+               attention: str = "sdpa", family: str | None = None) -> PreTrainedModel:
+    """Build the model of ``directory`` (its family's class) and load its weights strictly.
+
+    ``family``: the configured family; a checkpoint of another is refused
+    (:func:`read_model_config`).
 
     ``attention``: the attention implementation, one of :data:`ATTENTION_IMPLEMENTATIONS`.
     ``sdpa`` (default) is torch's fused ``scaled_dot_product_attention``, causal, with no
@@ -258,12 +280,13 @@ def load_model(directory: Path | str, *, dtype: torch.dtype = torch.float32,
     :class:`CheckpointMismatchError` naming the file and the keys.
 
     Returns the model in eval mode (Pythia has no dropout; eval mode makes that explicit).
+    A tied GPT-2 unembedding missing from the file is filled by transformers from ``wte``.
     """
     directory = Path(directory)
     if attention not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"extraction.attention_implementation={attention!r}: allowed "
                          f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
-    config = read_model_config(directory)
+    config = read_model_config(directory, family)
     path = weights_path(directory)
     state = read_state_dict(path)
     _refuse_non_float(state, path)
@@ -272,14 +295,14 @@ def load_model(directory: Path | str, *, dtype: torch.dtype = torch.float32,
     return _cast(model, dtype=dtype, device=device).eval()
 
 
-def _check_weights_fit(config: GPTNeoXConfig, state: dict[str, torch.Tensor],
+def _check_weights_fit(config: PretrainedConfig, state: dict[str, torch.Tensor],
                        path: Path) -> None:
     """Refuse a config that implies more than :data:`MAX_IMPLIED_RATIO` times the values the
     file holds, before the model is allocated (the count is taken on the meta device, which
     allocates nothing), so a hostile size costs at most that multiple of the file's memory;
     smaller differences are named key by key by the strict check that follows."""
     with torch.device("meta"):
-        implied = n_parameters(GPTNeoXForCausalLM(config))
+        implied = n_parameters(config_family(config).model_cls()(config))
     held = sum(t.numel() for t in state.values() if t.is_floating_point())
     if implied > MAX_IMPLIED_RATIO * held:
         raise CheckpointMismatchError(
@@ -288,10 +311,11 @@ def _check_weights_fit(config: GPTNeoXConfig, state: dict[str, torch.Tensor],
 
 
 def _refuse_non_float(state: dict[str, torch.Tensor], path: Path) -> None:
-    """Weights must be floating point; only buffers that transformers' GPT-NeoX lists in
-    ``_keys_to_ignore_on_load_unexpected`` (the old causal mask) may be boolean or integer."""
-    ignored = [re.compile(p) for p in
-               GPTNeoXForCausalLM._keys_to_ignore_on_load_unexpected or ()]
+    """Weights must be floating point; only buffers that a known family's transformers class
+    lists in ``_keys_to_ignore_on_load_unexpected`` (old causal masks) may be boolean or
+    integer."""
+    ignored = [re.compile(p) for f in families.registry().values()
+               for p in f.model_cls()._keys_to_ignore_on_load_unexpected or ()]
     bad = sorted(f"{k} ({v.dtype})" for k, v in state.items()
                  if not v.is_floating_point() and not any(p.search(k) for p in ignored))
     if bad:
@@ -299,15 +323,15 @@ def _refuse_non_float(state: dict[str, torch.Tensor], path: Path) -> None:
                                       f"{_short(bad)} are not")
 
 
-def _load_state(config: GPTNeoXConfig, state: dict[str, torch.Tensor], path: Path,
-                attention: str) -> GPTNeoXForCausalLM:
+def _load_state(config: PretrainedConfig, state: dict[str, torch.Tensor], path: Path,
+                attention: str) -> PreTrainedModel:
     """``from_pretrained`` on tensors already read and vetted, float32, strictly checked."""
     from transformers.utils import logging as hf_logging
 
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:  # mismatched shapes come back in the loading info and are refused below
-        model, info = GPTNeoXForCausalLM.from_pretrained(
+        model, info = config_family(config).model_cls().from_pretrained(
             None, config=config, state_dict=state, dtype=torch.float32,
             attn_implementation=attention, output_loading_info=True,
             ignore_mismatched_sizes=True)
@@ -326,7 +350,7 @@ def _load_state(config: GPTNeoXConfig, state: dict[str, torch.Tensor], path: Pat
     return model
 
 
-def key_renaming(config: GPTNeoXConfig) -> Callable[[str], str]:
+def key_renaming(config: PretrainedConfig) -> Callable[[str], str]:
     """The renaming ``from_pretrained`` applies to a checkpoint key of this architecture
     (transformers' own conversion mapping: ``embed_out.weight`` -> ``lm_head.weight``), for
     readers that take tensors one at a time from a file instead of loading a model."""
