@@ -46,6 +46,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out-dir", type=Path, required=True)
     p.add_argument("--loss-csv", type=Path, required=True)
+    p.add_argument("--family", default="gpt_neox",
+                   help="model family (lmdynamics.families): gpt_neox | llama | gpt2")
 
 
 @command("train-tiny", _train_args)
@@ -58,7 +60,7 @@ def _train(a: argparse.Namespace) -> None:
     train_tiny_model(spec, size=a.size, out_dir=a.out_dir, loss_csv=a.loss_csv,
                      final_step=a.final_step, log_until=a.log_until, interval=a.interval,
                      batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr, warmup=a.warmup,
-                     seed=a.seed, threads=a.threads)
+                     seed=a.seed, threads=a.threads, family=a.family)
 
 
 def _eval_batch_args(p: argparse.ArgumentParser) -> None:
@@ -106,7 +108,8 @@ def _extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step", type=int, required=True)
     p.add_argument("--model", required=True, help="model name recorded in the store")
     p.add_argument("--revision", required=True)
-    _options_arg(p, "tokens", "seed", "extraction", "sampling", "conjecture")
+    _options_arg(p, "tokens", "seed", "extraction", "sampling", "conjecture",
+                 "family")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--gradient-batches", type=Path, default=None,
                    help=".npy (2, sequences, positions) for extraction.gradient_protocol "
@@ -185,7 +188,7 @@ def _extract(a: argparse.Namespace) -> None:
                        attention_activation=ex["attention_activation"],
                        attention_implementation=ex["attention_implementation"],
                        gradient_protocol=ex["gradient_protocol"],
-                       gradient_batches=a.gradient_batches,
+                       gradient_batches=a.gradient_batches, family=opts["family"],
                        stats=_stats_options(a, opts["conjecture"], opts["seed"]))
 
 

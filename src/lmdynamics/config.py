@@ -282,9 +282,22 @@ def check_config(config: Mapping[str, Any], schema: Mapping[str, Any] | Path | s
     if not errors:
         errors = semantic_errors(config)
     if not errors:
-        errors = model_spec_errors(config) + hub_errors(config)
+        errors = model_spec_errors(config) + hub_errors(config) + family_errors(config)
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+
+
+def family_errors(config: Mapping[str, Any]) -> list[str]:
+    """Options that exist for one model family only (the paper code's attention slice)."""
+    from lmdynamics import families
+
+    family = families.get(config.get("family", families.DEFAULT))
+    try:
+        families.check_attention_activation(
+            family, config.get("extraction", {}).get("attention_activation", "residual_write"))
+    except ValueError as exc:
+        return [f"config key {exc}"]
+    return []
 
 
 def model_spec_errors(config: Mapping[str, Any]) -> list[str]:

@@ -27,6 +27,7 @@ rule extract:
             "extraction",
             "sampling",
             "conjecture",
+            "family",
             omit=["conjecture.figure_steps"],
         ),
         model=lambda wc: model_name(wc.size),

@@ -24,8 +24,9 @@ rule train_tiny:
         out_dir=lambda wc: f"{RESULTS}/checkpoints/{wc.size}",
         final_step=FINAL_STEP,
         seed=config["seed"],
+        family=config["family"],
     shell:
-        "lmdynamics train-tiny --size {wildcards.size:q}"
+        "lmdynamics train-tiny --size {wildcards.size:q} --family {params.family:q}"
         " --hidden-size {params.spec[hidden_size]:q}"
         " --num-layers {params.spec[num_layers]:q}"
         " --num-heads {params.spec[num_heads]:q} --final-step {params.final_step:q}"

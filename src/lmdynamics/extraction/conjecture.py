@@ -21,6 +21,7 @@ import safetensors
 import torch
 import xarray as xr
 
+from lmdynamics import families
 from lmdynamics.estimators.spectrum import power_law_slope
 from lmdynamics.extraction.names import MODULE_ORDER, param_key  # noqa: F401
 from lmdynamics.extraction.spectra import singular_values
@@ -36,6 +37,7 @@ from lmdynamics.extraction.stats import (
 )
 from lmdynamics.sources.checkpoints import (
     CheckpointMismatchError,
+    config_family,
     key_renaming,
     read_model_config,
     read_state_dict,
@@ -103,13 +105,18 @@ class ReferenceWeights:
         else:
             with safetensors.safe_open(self.path, framework="pt", device="cpu") as fh:
                 keys = list(fh.keys())
-        rename = key_renaming(read_model_config(directory))
+        config = read_model_config(directory)
+        rename = key_renaming(config)
         #: today's state-dict name -> the name in the file (Pythia's files: ``embed_out``)
         self._names = {rename(key): key for key in keys}
+        #: the trunk's prefix, absent from files saved from the trunk (GPT-2's released files)
+        self._base = f"{config_family(config).base}."
 
     def __getitem__(self, name: str) -> torch.Tensor:
         """The tensor ``name`` (today's state-dict name, e.g. ``lm_head.weight``, whatever
         the file calls it) as float32 on CPU."""
+        if name not in self._names and name.removeprefix(self._base) in self._names:
+            name = name.removeprefix(self._base)
         if name not in self._names:
             raise CheckpointMismatchError(f"{self.path}: no tensor {name!r}; the reference "
                                           "checkpoint must have the same architecture")
@@ -120,7 +127,7 @@ class ReferenceWeights:
 
 
 class ResidualRecorder:
-    """Forward hooks on every GPT-NeoX block: the residual stream after each block.
+    """Forward hooks on every block (the family's layers): the residual stream after each.
 
     Records max |x| over every position of the batch (:attr:`max_abs`, (L,), NaN when the
     block's output holds a NaN) and the block output at the sampled positions
@@ -130,7 +137,7 @@ class ResidualRecorder:
     """
 
     def __init__(self, model: torch.nn.Module):
-        self.blocks = list(model.gpt_neox.layers)
+        self.blocks = families.for_model(model).blocks(model)
         self._max: list[torch.Tensor | None] = [None] * len(self.blocks)
         self._sampled: list[list[torch.Tensor]] = [[] for _ in self.blocks]
 
@@ -196,6 +203,7 @@ def parameter_stats(model: torch.nn.Module, opts: StatsOptions) -> tuple[list[st
     distribution of weights and of gradients. Returns (store names, variables over
     ``param``)."""
     init, final = ReferenceWeights(opts.init_checkpoint), ReferenceWeights(opts.final_checkpoint)
+    family = families.for_model(model)
     names: list[str] = []
     rows: list[list[float]] = []
     w_sum: list[dict[str, Any] | None] = []
@@ -206,7 +214,7 @@ def parameter_stats(model: torch.nn.Module, opts: StatsOptions) -> tuple[list[st
         to_init = compare_to_reference(w, init[name].to(w.dtype))
         to_final = compare_to_reference(w, final[name].to(w.dtype))
         grad = p.grad
-        names.append(param_key(name))
+        names.append(param_key(name, family))
         rows.append([float(torch.linalg.vector_norm(w.double())),
                      float(torch.linalg.vector_norm(grad.double())) if grad is not None
                      else np.nan,
@@ -228,9 +236,10 @@ def spectrum_stats(model: torch.nn.Module, opts: StatsOptions) -> tuple[list[str
     """Singular values (descending, NaN-padded to the longest) and the power-law exponent
     of every 2-D weight. Returns (matrix names, variables over ``matrix``)."""
     names, spectra = [], []
+    family = families.for_model(model)
     for name, p in model.named_parameters():
-        if p.ndim == 2:
-            names.append(param_key(name).removesuffix(".weight"))
+        if p.ndim == 2:  # singular values: the same for GPT-2's transposed Conv1D weights
+            names.append(param_key(name, family).removesuffix(".weight"))
             spectra.append(singular_values(p.detach()))
     width = max(len(s) for s in spectra)
     padded = np.full((len(spectra), width), np.nan)
@@ -256,16 +265,14 @@ def activation_stats(sites: dict[str, np.ndarray], opts: StatsOptions) -> dict:
 
 
 def _circuit_directions(weights: Callable[[str], torch.Tensor], layer: int, n_heads: int,
-                        k: int) -> dict[str, list[torch.Tensor]]:
-    """Top-k left singular vectors of one layer's MLP-out matrix and of each head's OV."""
-    pre = f"gpt_neox.layers.{layer}."
-    mlp = [top_left_singular_vectors(weights(pre + "mlp.dense_4h_to_h.weight"), k)]
-    qkv = weights(pre + "attention.query_key_value.weight")
-    dense = weights(pre + "attention.dense.weight")
-    d = dense.shape[0]
-    head = d // n_heads
-    value = qkv.reshape(n_heads, 3, head, d)[:, 2]  # GPT-NeoX fuses [q; k; v] per head
-    ov = [ov_left_singular_vectors(dense[:, h * head:(h + 1) * head], value[h], k)
+                        k: int, family: families.Family) -> dict[str, list[torch.Tensor]]:
+    """Top-k left singular vectors (residual-stream directions) of one layer's MLP write
+    matrix (out, in) and of each head's OV (the family's ``ov_weights``)."""
+    mlp_out = family.write_matrix(weights(family.param_name(layer, family.mlp_write)))
+    mlp = [top_left_singular_vectors(mlp_out, k)]
+    out, values = family.ov_weights(weights, layer, n_heads)
+    head = out.shape[1] // n_heads
+    ov = [ov_left_singular_vectors(out[:, h * head:(h + 1) * head], values[h], k)
           for h in range(n_heads)]
     return {"mlp": mlp, "ov": ov}
 
@@ -275,11 +282,13 @@ def direction_stats(model: torch.nn.Module, opts: StatsOptions) -> dict:
     matrix to the final checkpoint's: ``stat_direction_closeness`` (circuit, layer)."""
     final = ReferenceWeights(opts.final_checkpoint)
     params = dict(model.named_parameters())
+    family = families.for_model(model)
     n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
     out = np.full((len(CIRCUITS), n_layers), np.nan)
     for layer in range(n_layers):
-        now = _circuit_directions(lambda n: params[n].detach(), layer, n_heads, opts.top_k)
-        ref = _circuit_directions(final.__getitem__, layer, n_heads, opts.top_k)
+        now = _circuit_directions(lambda n: params[n].detach(), layer, n_heads, opts.top_k,
+                                  family)
+        ref = _circuit_directions(final.__getitem__, layer, n_heads, opts.top_k, family)
         for c, circuit in enumerate(CIRCUITS):
             out[c, layer] = np.mean([direction_closeness(u, r)
                                      for u, r in zip(now[circuit], ref[circuit], strict=True)])
@@ -296,12 +305,14 @@ def checkpoint_stats(model: torch.nn.Module, sampled: dict[str, np.ndarray],
     activations per site of :data:`SITES`. ``residual_max_abs``: (L,) max |x| of each
     block's output over the whole eval batch.
     """
+    family = families.for_model(model)
     with torch.no_grad():
         params, param_vars = parameter_stats(model, opts)
         matrices, spectrum_vars = spectrum_stats(model, opts)
         act_vars = activation_stats(sampled, opts)
         direction_vars = direction_stats(model, opts)
-        corr = embedding_correlation(model.gpt_neox.embed_in.weight, opts.embedding_tokens)
+        corr = embedding_correlation(family.token_embedding(model).weight,
+                                     opts.embedding_tokens)
     n_layers = len(residual_max_abs)
     sv_width = spectrum_vars["stat_spectrum"][1].shape[1]
     return xr.Dataset(
@@ -309,7 +320,8 @@ def checkpoint_stats(model: torch.nn.Module, sampled: dict[str, np.ndarray],
          "stat_resid_max_abs": (("layer",), np.asarray(residual_max_abs, np.float64), {
              "long_name": "max |x| of the block output over the eval batch"}),
          "stat_embedding_corr": (("emb_row", "emb_col"), corr.astype(np.float32), {
-             "long_name": "Pearson correlation of token embeddings (embed_in rows)"})},
+             "long_name": "Pearson correlation of token embeddings "
+                          f"({family.input_embeddings[0]} rows)"})},
         coords={"param": np.array(params, dtype=object),
                 "matrix": np.array(matrices, dtype=object),
                 "quantile": np.array(QUANTILES),

@@ -7,7 +7,10 @@ For each layer of a GPT-NeoX model we record what the layer writes to the residu
 
 at a fixed, seeded subsample of token positions, and the singular values of the two write
 matrices (``attention.dense.weight``, ``mlp.dense_4h_to_h.weight``) and of their gradients
-of the language-modelling loss (labels = inputs) on the same batch.
+of the language-modelling loss (labels = inputs) on the same batch. Those are GPT-NeoX's
+names; other families hook their own write modules (``self_attn.o_proj`` / ``mlp.down_proj``,
+``attn.c_proj`` / ``mlp.c_proj``; :mod:`lmdynamics.families`), and the store records the
+family in its attr ``family``.
 
 A diverged checkpoint (NaN or inf in a layer's output over the whole batch, in its write
 matrix or in that matrix's gradient) is recorded, not refused: booleans
@@ -29,7 +32,7 @@ import torch
 import xarray as xr
 import zarr.codecs
 
-from lmdynamics import __version__
+from lmdynamics import __version__, families
 from lmdynamics.extraction.conjecture import (
     SITES,
     ResidualRecorder,
@@ -165,12 +168,15 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
                        attention_implementation: str = "sdpa",
                        gradient_protocol: str = "eval_batch",
                        gradient_batches: Path | str | None = None,
-                       stats: StatsOptions | None = None) -> Path:
+                       stats: StatsOptions | None = None,
+                       family: str = families.DEFAULT) -> Path:
     """Load one checkpoint, run the eval batch through it and write its store to ``out``.
 
     ``micro_batch`` sequences per forward/backward; None or 0: :func:`default_micro_batch`.
     ``attention_implementation``: :data:`lmdynamics.sources.checkpoints.ATTENTION_IMPLEMENTATIONS`.
     On CPU the process keeps freed memory for reuse (:func:`reuse_freed_memory`).
+    ``family``: the configured model family (:mod:`lmdynamics.families`); the checkpoint
+    must be of it, and it is recorded in the store's attrs.
 
     ``gradient_protocol="paper_code"`` needs ``gradient_batches``: an .npy (2, S, T) of
     the training batches of :func:`lmdynamics.extraction.paper_code.gradient_steps` ``(step)``.
@@ -183,12 +189,14 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: allowed {', '.join(DTYPES)}")
     check_choice("extraction.gradient_protocol", gradient_protocol, GRADIENT_PROTOCOLS)
+    fam = families.get(family)
+    families.check_attention_activation(fam, attention_activation)
     if gradient_protocol == "paper_code" and gradient_batches is None:
         raise ValueError("extraction.gradient_protocol='paper_code' needs the training "
                          "batches of steps c-5 and c-4 (--gradient-batches); none was given")
     try:
         model = load_model(checkpoint, dtype=DTYPES[dtype], device=dev,
-                           attention=attention_implementation)
+                           attention=attention_implementation, family=fam.name)
     except CorruptCheckpointError as exc:
         raise discard_corrupt_download(checkpoint, exc) from exc
     batch_array = load_token_array(eval_batch, ndim=2, what="eval batch (sequences, positions)")
@@ -223,14 +231,15 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
         "model": model_name, "revision": revision, "size": size, "step": int(step),
         "dtype": dtype, "lmdynamics_version": __version__,
         "hidden_size": cfg.hidden_size, "num_attention_heads": cfg.num_attention_heads,
-        "intermediate_size": cfg.intermediate_size, "num_layers": cfg.num_hidden_layers,
+        "intermediate_size": fam.dims(cfg.to_dict())["intermediate_size"],
+        "num_layers": cfg.num_hidden_layers,
         "n_params": n_parameters(model), "weights_sha256": weights_sha256(checkpoint),
         "eval_batch_shape": list(batch.shape), "token_seed": seed,
         "sampling_protocol": sampling, **revision_attrs(checkpoint),
         "eval_batch_sha256": hashlib.sha256(
             np.ascontiguousarray(batch_array, dtype=np.int64).tobytes()).hexdigest(),
         "attention_activation": attention_activation, "gradient_protocol": gradient_protocol,
-        "attention_implementation": attention_implementation,
+        "attention_implementation": attention_implementation, "family": fam.name,
     }
     if gradient_protocol == "paper_code":
         attrs["gradient_steps"] = list(gradient_steps(step))

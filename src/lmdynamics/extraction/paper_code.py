@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lmdynamics import families
 from lmdynamics.extraction.lm_loss import lm_loss
 from lmdynamics.extraction.spectra import singular_values
 
@@ -129,17 +130,18 @@ def paper_code_gradient_singular_values(model: torch.nn.Module, batches: torch.T
     ``batches`` (2, S, T) int64 token ids: the training batches of :func:`gradient_steps`,
     ``S <= 128`` sequences each. For each batch: zero the gradients, accumulate the gradient
     of each :func:`paper_code_sub_batches` sub-batch's mean LM loss (labels = inputs),
-    take the singular values (float64) of ``attention.dense.weight.grad`` and
-    ``mlp.dense_4h_to_h.weight.grad`` per layer. Returns their mean over the batches,
+    take the singular values (float64) of the write matrices' gradients per layer
+    (``attention.dense`` and ``mlp.dense_4h_to_h`` for GPT-NeoX; the family's write modules
+    otherwise, :mod:`lmdynamics.families`). Returns their mean over the batches,
     float64 (component = attention, mlp; layer; k), descending.
     """
     if batches.ndim != 3:
         raise ValueError(f"gradient batches must have shape (batches, sequences, positions); "
                          f"got {tuple(batches.shape)}")
     device = next(model.parameters()).device
-    layers = model.gpt_neox.layers
-    mats = [[layer.attention.dense for layer in layers],
-            [layer.mlp.dense_4h_to_h for layer in layers]]
+    family = families.for_model(model)
+    modules = family.write_modules(model)
+    mats = [modules["attention"], modules["mlp"]]
     per_batch = []
     for batch in batches:
         model.zero_grad(set_to_none=True)
@@ -149,8 +151,8 @@ def paper_code_gradient_singular_values(model: torch.nn.Module, batches: torch.T
                 hi = min(lo + step, stop)
                 inputs = batch[lo:hi].to(device)
                 lm_loss(model, inputs, scale=(hi - lo) / (stop - start))
-        per_batch.append(np.stack([np.stack([singular_values(m.weight.grad) for m in comp])
-                                   for comp in mats]))
+        per_batch.append(np.stack([np.stack([singular_values(family.write_matrix(m.weight.grad))
+                                             for m in comp]) for comp in mats]))
     model.zero_grad(set_to_none=True)
     return np.mean(per_batch, axis=0)
 

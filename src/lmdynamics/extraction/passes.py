@@ -1,4 +1,10 @@
-"""One forward and backward pass of a GPT-NeoX model on the eval batch, with capture hooks.
+"""One forward and backward pass of a causal LM on the eval batch, with capture hooks.
+
+The modules hooked and the write matrices are the model family's
+(:mod:`lmdynamics.families`: ``attention.dense`` / ``mlp.dense_4h_to_h`` for GPT-NeoX,
+``self_attn.o_proj`` / ``mlp.down_proj`` for Llama-style, ``attn.c_proj`` / ``mlp.c_proj``
+for GPT-2, whose ``Conv1D`` weights are transposed to (out, in) before anything is taken of
+them).
 
 What a pass yields (:class:`Extraction`): the activations each layer writes to the residual
 stream at the sampled token positions, the singular values of the write matrices and of
@@ -19,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lmdynamics import families
 from lmdynamics.extraction.lm_loss import lm_loss
 from lmdynamics.extraction.paper_code import attention_hook_target
 from lmdynamics.extraction.spectra import singular_values
@@ -28,10 +35,8 @@ log = logging.getLogger(__name__)
 COMPONENTS = ("attention", "mlp")
 
 def write_modules(model: torch.nn.Module) -> dict[str, list[torch.nn.Linear]]:
-    """The per-layer modules whose outputs are written to the residual stream."""
-    layers = model.gpt_neox.layers
-    return {"attention": [layer.attention.dense for layer in layers],
-            "mlp": [layer.mlp.dense_4h_to_h for layer in layers]}
+    """The per-layer write-matrix modules (the family's attention and MLP write modules)."""
+    return families.for_model(model).write_modules(model)
 
 
 @dataclass
@@ -99,14 +104,19 @@ def hook_targets(model: torch.nn.Module, attention_activation: str = "residual_w
                  ) -> dict[str, list[tuple[torch.nn.Module, Callable | None]]]:
     """Per component and layer: the module whose output is captured and how it is mapped.
 
-    ``residual_write`` hooks :func:`write_modules`; ``paper_code`` hooks attention's fused
-    ``query_key_value`` instead (:func:`lmdynamics.extraction.paper_code.attention_hook_target`).
+    ``residual_write`` hooks what each block writes to the residual stream (the write
+    modules, or the family's ``activation_sites``: OLMo 2's output norms); ``paper_code``
+    (GPT-NeoX only) hooks attention's fused ``query_key_value`` instead
+    (:func:`lmdynamics.extraction.paper_code.attention_hook_target`).
     """
-    mlp = [(m, None) for m in write_modules(model)["mlp"]]
+    family = families.for_model(model)
+    sites = family.activation_modules(model)
+    mlp = [(m, None) for m in sites["mlp"]]
     if attention_activation == "residual_write":
-        return {"attention": [(m, None) for m in write_modules(model)["attention"]], "mlp": mlp}
+        return {"attention": [(m, None) for m in sites["attention"]], "mlp": mlp}
+    families.check_attention_activation(family, attention_activation)
     return {"attention": [attention_hook_target(layer, attention_activation)
-                          for layer in model.gpt_neox.layers], "mlp": mlp}
+                          for layer in family.blocks(model)], "mlp": mlp}
 
 
 def run_pass(model: torch.nn.Module, batch: torch.Tensor, seq_idx: np.ndarray,
@@ -126,7 +136,8 @@ def run_pass(model: torch.nn.Module, batch: torch.Tensor, seq_idx: np.ndarray,
     out-of-memory retry) and returns their handles, removed after the micro-batch.
     """
     device = next(model.parameters()).device
-    modules = write_modules(model)
+    family = families.for_model(model)
+    modules = family.write_modules(model)
     targets = hook_targets(model, attention_activation)
     n_layers = len(modules["attention"])
     n_seq = batch.shape[0]
@@ -160,11 +171,12 @@ def run_pass(model: torch.nn.Module, batch: torch.Tensor, seq_idx: np.ndarray,
                 h.remove()
     acts = np.stack([np.stack([_host_rows(captured[(c, i)]) for i in range(n_layers)])
                      for c in COMPONENTS])
-    # one batched call per component (layers stacked: same shape)
-    w_sv = np.stack([singular_values(torch.stack([m.weight.detach() for m in modules[c]]))
-                     for c in COMPONENTS])
+    # one batched call per component (layers stacked: same shape), on (out, in) matrices
+    w_sv = np.stack([singular_values(torch.stack([family.write_matrix(m.weight.detach())
+                                                  for m in modules[c]])) for c in COMPONENTS])
     if gradients:
-        g_sv = np.stack([singular_values(torch.stack([grads[(c, i)] for i in range(n_layers)]))
+        g_sv = np.stack([singular_values(torch.stack([family.write_matrix(grads[(c, i)])
+                                                      for i in range(n_layers)]))
                          for c in COMPONENTS])
         grad_finite = np.array([[bool(torch.isfinite(grads[(c, i)]).all())
                                  for i in range(n_layers)] for c in COMPONENTS], dtype=bool)

@@ -251,6 +251,31 @@ def for_config(config: Mapping[str, Any], where: str = "config.json") -> Family:
                              f"(model types): {known}")
 
 
+def for_model_type(model_type: str | None) -> Family:
+    """The family whose ``model_types`` hold ``model_type`` (a built model's
+    ``config.model_type``)."""
+    for family in registry().values():
+        if model_type in family.model_types:
+            return family
+    raise UnknownFamilyError(f"model_type {model_type!r}: no known family; known families: "
+                             f"{', '.join(names())}")
+
+
+def for_model(model: Any) -> Family:
+    """The family of a built transformers model (by ``model.config.model_type``)."""
+    return for_model_type(getattr(model.config, "model_type", None))
+
+
+def check_attention_activation(family: Family, kind: str) -> None:
+    """Refuse ``extraction.attention_activation: paper_code`` for a family without GPT-NeoX's
+    fused QKV (one line naming the key and the family)."""
+    if kind == "paper_code" and not family.paper_code_attention:
+        raise ValueError(
+            f"extraction.attention_activation='paper_code' slices GPT-NeoX's fused "
+            f"query_key_value and exists only for gpt_neox; family {family.name!r} has no "
+            "such module: use residual_write")
+
+
 def family_of(attrs: Mapping[str, Any]) -> Family:
     """The family recorded in a store's attributes (``family``; stores written before
     families existed are GPT-NeoX's)."""

@@ -27,6 +27,7 @@ from matplotlib.cm import ScalarMappable  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
+from lmdynamics import families  # noqa: E402
 from lmdynamics.estimators.spectrum import fit_window, power_law_fit  # noqa: E402
 from lmdynamics.report.figures import (  # noqa: E402
     DEPTH_CMAP,
@@ -43,13 +44,24 @@ from lmdynamics.report.figures import (  # noqa: E402
 from lmdynamics.report.style import STYLE, grid, new_figure, style  # noqa: E402
 from lmdynamics.report.tables import final_step  # noqa: E402
 
-#: Weight matrices of a block, in the post's order, with panel titles.
-BLOCK_MATRICES: dict[str, str] = {
-    "attention.query_key_value": "Attention QKV",
-    "attention.dense": "Attention dense (output)",
-    "mlp.dense_h_to_4h": "MLP in (h to 4h)",
-    "mlp.dense_4h_to_h": "MLP out (4h to h)",
-}
+#: Weight matrices of a GPT-NeoX block, in the post's order, with panel titles by role
+#: (every family's: :func:`block_matrices`).
+BLOCK_MATRICES: dict[str, str] = dict(families.get("gpt_neox").block_matrices)
+
+
+def block_matrices(ds: xr.Dataset) -> dict[str, str]:
+    """Block weight matrices (module -> panel title by role) of the family recorded in the
+    dataset's attrs (``family``; GPT-NeoX when absent), :attr:`Family.block_matrices`."""
+    return dict(families.family_of(ds.attrs).block_matrices)
+
+
+def embedding_names(ds: xr.Dataset) -> list[str]:
+    """Store names of the input embeddings and the unembedding the dataset holds, in model
+    order (GPT-NeoX: ``embed_in``, ``embed_out``; a tied unembedding is absent)."""
+    family = families.family_of(ds.attrs)
+    unembedding = family.store_renames.get(family.unembedding, family.unembedding)
+    params = {str(p) for p in ds["param"].values}
+    return [n for n in (*family.input_embeddings, unembedding) if f"{n}.weight" in params]
 CIRCUIT_TITLES: dict[str, str] = {"mlp": "MLP out", "ov": "OV circuits (mean over heads)"}
 
 
@@ -127,21 +139,25 @@ def pick_steps(steps: Sequence[int], final: int, wanted: Sequence[int] = ()) -> 
 def norms_figure(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step",
                  steps: Sequence[int] = ()) -> list[Path]:
     """Frobenius norm over training: rows = block matrices (one line per block, colour =
-    depth) and the embeddings (embed_in solid, embed_out dashed); columns = sizes."""
+    depth) and the embeddings (GPT-NeoX: embed_in solid, embed_out dashed; the family's
+    own names otherwise, unembedding last); columns = sizes."""
     check_x_axis(x_axis)
     x = x_values(ds, x_axis)
     sizes = sizes_of(ds)
+    matrices = block_matrices(ds)
+    embeddings = embedding_names(ds)
     with style():
-        fig, axes = new_figure(len(BLOCK_MATRICES) + 1, len(sizes), sharex=True,
+        fig, axes = new_figure(len(matrices) + 1, len(sizes), sharex=True,
                                 sharey="row", height_per_row=1.1)
         for j, size in enumerate(sizes):
-            for i, (module, title) in enumerate(BLOCK_MATRICES.items()):
+            for i, (module, title) in enumerate(matrices.items()):
                 depth_lines(axes[i, j], x, block_param(ds, "stat_param", size, module, "norm"))
                 axes[i, 0].set_ylabel(f"{title}\n||W||_F")
             ax = axes[-1, j]
-            for name, ls in (("embed_in.weight", "-"), ("embed_out.weight", "--")):
-                y = ds["stat_param"].sel(size=size, param=name, param_stat="norm")
-                ax.plot(x, y.to_numpy(), color="0.2", ls=ls, label=name.split(".")[0])
+            for k, name in enumerate(embeddings):
+                ls = "--" if k == len(embeddings) - 1 and k > 0 else ("-", ":")[k % 2]
+                y = ds["stat_param"].sel(size=size, param=f"{name}.weight", param_stat="norm")
+                ax.plot(x, y.to_numpy(), color="0.2", ls=ls, label=name)
             axes[-1, 0].set_ylabel("embeddings\n||W||_F")
             axes[0, j].set_title(f"{size} ({n_layers(ds, size)} layers)")
             for ax in axes[:, j]:
@@ -183,7 +199,7 @@ def _size_mean_grid(ds: xr.Dataset, out_stem: Path, x_axis: str,
 
 def _matrix_values(ds: xr.Dataset, var: str, stat: str) -> Callable[[str, str], np.ndarray]:
     def values(size: str, key: str) -> np.ndarray:
-        if key.startswith("embed"):
+        if "." not in key:  # an embedding (block matrices are module paths)
             da = ds[var].sel(size=size, param=f"{key}.weight")
             return da.sel(param_stat=stat).to_numpy()[None].astype(float)
         return block_param(ds, var, size, key, stat)
@@ -195,7 +211,7 @@ def distance_figure(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step",
     """Relative distance from the step-0 weights and cosine to the final weights, mean over
     blocks per size, for each block matrix and the embeddings."""
     check_x_axis(x_axis)
-    columns = {**BLOCK_MATRICES, "embed_in": "embed_in", "embed_out": "embed_out"}
+    columns = {**block_matrices(ds), **{n: n for n in embedding_names(ds)}}
     rows = [("||W - W0|| / ||W0||", _matrix_values(ds, "stat_param", "rel_dist_init")),
             ("cosine to final W", _matrix_values(ds, "stat_param", "cos_final"))]
     return _size_mean_grid(ds, out_stem, x_axis, rows, columns, refs={1: [1.0]}, sharey=False)
@@ -207,7 +223,9 @@ def shape_figure(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step",
     (bottom, nats per element, > 0: logistic fits better) of the block weight matrices, the
     MLP-out gradient and the residual stream; mean over blocks per size."""
     check_x_axis(x_axis)
-    columns = {**BLOCK_MATRICES, "grad": "MLP out gradient", "residual": "residual stream"}
+    family = families.family_of(ds.attrs)
+    columns = {**block_matrices(ds), "grad": "MLP write gradient",
+               "residual": "residual stream"}
 
     def pick(size: str, key: str, stat: str) -> np.ndarray:
         if key == "residual":
@@ -215,7 +233,7 @@ def shape_figure(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step",
             return da.isel(layer=slice(0, n_layers(ds, size))).transpose(
                 "layer", "step").to_numpy().astype(float)
         if key == "grad":
-            return block_param(ds, "stat_grad", size, "mlp.dense_4h_to_h", stat)
+            return block_param(ds, "stat_grad", size, family.mlp_write, stat)
         return block_param(ds, "stat_weight", size, key, stat)
 
     rows = [("excess kurtosis", lambda s, k: pick(s, k, "kurtosis")),
@@ -271,10 +289,11 @@ def spectra_figure(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step",
     n = n_layers(ds, size)
     x = x_values(ds, x_axis)
     colors = dict(zip(sizes, size_colors(len(sizes)), strict=True))
-    last_row = len(BLOCK_MATRICES) - 1
+    matrices = block_matrices(ds)
+    last_row = len(matrices) - 1
     with style():
-        fig, axes = new_figure(len(BLOCK_MATRICES), len(shown) + 1, height_per_row=1.3)
-        for i, (module, title) in enumerate(BLOCK_MATRICES.items()):
+        fig, axes = new_figure(len(matrices), len(shown) + 1, height_per_row=1.3)
+        for i, (module, title) in enumerate(matrices.items()):
             ax = axes[i, 0]
             for s in sizes:
                 names = [f"layer{li}.{module}" for li in range(n_layers(ds, s))]

@@ -117,11 +117,10 @@ def _plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def config_family(config: PretrainedConfig) -> Family:
     """The family of a transformers config object (by its ``model_type``)."""
-    for family in families.registry().values():
-        if config.model_type in family.model_types:
-            return family
-    raise UnknownArchitectureError(f"model_type {config.model_type!r}: no known family; known "
-                                   f"model types: {', '.join(KNOWN_MODEL_TYPES)}")
+    try:
+        return families.for_model_type(config.model_type)
+    except UnknownFamilyError as exc:
+        raise UnknownArchitectureError(str(exc)) from None
 
 
 def read_model_config(directory: Path | str, family: str | None = None) -> PretrainedConfig:

@@ -58,6 +58,22 @@ def extraction_flops(params: int, vocab: int, hidden: int, eval_tokens: int) -> 
     return 6.0 * (params - vocab * hidden) * eval_tokens
 
 
+def parameters(config: Mapping[str, Any], size: str) -> int:
+    """Parameters of a size: the configured family's count (:mod:`lmdynamics.families`) of
+    its tiny config for the tiny suite; GPT-NeoX's (:func:`gpt_neox_parameters`) for Pythia."""
+    if config["source"] == "tiny":
+        from lmdynamics import families
+
+        family = families.get(config.get("family", families.DEFAULT))
+        spec = config["tiny"]["models"][size]
+        tiny = family.tiny_config(hidden_size=spec["hidden_size"],
+                                  num_layers=spec["num_layers"], num_heads=spec["num_heads"],
+                                  seq_len=config["tiny"].get("seq_len", 128),
+                                  vocab_size=TINY_VOCAB)
+        return family.parameters(tiny)
+    return gpt_neox_parameters(*architecture(config, size))
+
+
 def architecture(config: Mapping[str, Any], size: str) -> tuple[int, int, int]:
     """(layers, hidden, vocab) of a size of the configured suite."""
     if config["source"] == "tiny":
@@ -96,7 +112,7 @@ def plan(config: Mapping[str, Any], *, online: bool = True, tflops: float = DEFA
     n_tokens = eval_tokens(config)
     for size in config["sizes"]:
         layers, hidden, vocab = architecture(config, size)
-        params = gpt_neox_parameters(layers, hidden, vocab)
+        params = parameters(config, size)
         download, source = 0, "none (trained locally)"
         if config["source"] == "hub":
             download = len(steps) * (params * PUBLISHED_BYTES_PER_PARAM + 1000)

@@ -1,12 +1,14 @@
-"""The embedded tiny suite: small GPT-NeoX models trained locally, Pythia-style.
+"""The embedded tiny suite: small models trained locally, Pythia-style.
 
 Every size is trained with the same seed, data order and batch sequence (as Pythia's suite
 is; shared/notes/reference-facts.md), on a byte-level (vocabulary 256) encoding of text that
 ships with Python, :data:`pydoc_data.topics.topics` (~466 kB; its exact bytes depend on the
-Python version, see :func:`corpus_sha256`). The architecture follows Pythia: GPT-NeoX, rotary
-embeddings on 25% of each head's dimensions, parallel residual, untied input/output
-embeddings, no dropout, AdamW with betas (0.9, 0.95), linear warmup then cosine decay to 10%
-of the peak learning rate, gradient clipping at 1.0.
+Python version, see :func:`corpus_sha256`). The architecture follows Pythia by default:
+GPT-NeoX, rotary embeddings on 25% of each head's dimensions, parallel residual, untied
+input/output embeddings, no dropout; ``family`` (config key ``family``) trains the same shapes
+as Llama-style or GPT-2 models instead (:mod:`lmdynamics.families`, each family's
+``tiny_config``). Training: AdamW with betas (0.9, 0.95), linear warmup then cosine decay to
+10% of the peak learning rate, gradient clipping at 1.0.
 
 Steps and batches
 -----------------
@@ -30,8 +32,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers import PretrainedConfig
 
+from lmdynamics import families
 from lmdynamics.sources.checkpoints import save_checkpoint
 from lmdynamics.sources.schedule import checkpoint_schedule
 
@@ -118,13 +121,16 @@ def eval_batch(corpus: np.ndarray, *, final_step: int, batch_size: int, seq_len:
                           seed=seed)
 
 
-def model_config(spec: Mapping[str, int], *, seq_len: int) -> GPTNeoXConfig:
-    """Pythia-like GPT-NeoX config for ``spec`` = {hidden_size, num_layers, num_heads}.
+def model_config(spec: Mapping[str, int], *, seq_len: int,
+                 family: str = families.DEFAULT) -> PretrainedConfig:
+    """The tiny config of ``family`` for ``spec`` = {hidden_size, num_layers, num_heads}.
 
-    MLP width 4 x hidden, vocabulary 256 (bytes), context ``seq_len``, rotary on 25% of each
-    head's dimensions (base 10000), parallel residual, untied embeddings, no dropout,
-    initializer range 0.02, eager attention.
+    Vocabulary 256 (bytes), context ``seq_len``, eager attention; the rest is the family's
+    ``tiny_config``. GPT-NeoX (default), Pythia-like: MLP width 4 x hidden, rotary on 25% of
+    each head's dimensions (base 10000), parallel residual, untied embeddings, no dropout,
+    initializer range 0.02.
     """
+    fam = families.get(family)
     missing = {"hidden_size", "num_layers", "num_heads"} - set(spec)
     if missing:
         raise ValueError(f"spec={dict(spec)!r}: missing keys {sorted(missing)}; allowed: "
@@ -135,15 +141,7 @@ def model_config(spec: Mapping[str, int], *, seq_len: int) -> GPTNeoXConfig:
         _check_positive(name, value)
     if hidden % heads:
         raise ValueError(f"hidden_size={hidden}: must be divisible by num_heads={heads}")
-    config = GPTNeoXConfig(
-        vocab_size=VOCAB_SIZE, hidden_size=hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, intermediate_size=4 * hidden, hidden_act="gelu",
-        max_position_embeddings=seq_len, rotary_pct=0.25, rotary_emb_base=10000,
-        use_parallel_residual=True, tie_word_embeddings=False, hidden_dropout=0.0,
-        attention_dropout=0.0, initializer_range=0.02, layer_norm_eps=1e-5,
-        bos_token_id=0, eos_token_id=0, use_cache=False)
-    config._attn_implementation = "eager"
-    return config
+    return fam.build_tiny_config(spec, seq_len=seq_len, vocab_size=VOCAB_SIZE)
 
 
 def learning_rate(update: int, *, lr: float, warmup: int, final_step: int) -> float:
@@ -236,13 +234,16 @@ def train_tiny_model(spec: Mapping[str, int], *, size: str, out_dir: Path | str,
                      loss_csv: Path | str, final_step: int, log_until: int, interval: int,
                      batch_size: int = 16, seq_len: int = 128, lr: float = 3e-3,
                      warmup: int = 16, seed: int = 0, threads: int | None = None,
-                     corpus: np.ndarray | None = None) -> pd.DataFrame:
+                     corpus: np.ndarray | None = None,
+                     family: str = families.DEFAULT) -> pd.DataFrame:
     """Train one size of the tiny suite; save its checkpoints and training loss.
 
     Parameters
     ----------
     spec : {hidden_size, num_layers, num_heads}
         Architecture (:func:`model_config`).
+    family : str
+        Model family (:mod:`lmdynamics.families`), default GPT-NeoX.
     size : str
         Label written to the ``size`` column of the loss table.
     out_dir : path
@@ -281,9 +282,9 @@ def train_tiny_model(spec: Mapping[str, int], *, size: str, out_dir: Path | str,
     corpus = load_corpus() if corpus is None else corpus
     out_dir, loss_csv = Path(out_dir), Path(loss_csv)
     with deterministic_torch(threads):
-        config = model_config(spec, seq_len=seq_len)
+        config = model_config(spec, seq_len=seq_len, family=family)
         torch.manual_seed(seed)
-        model = GPTNeoXForCausalLM(config).train()
+        model = families.get(family).model_cls()(config).train()
         save_checkpoint(model, out_dir / "step0")
         start, report_every = time.perf_counter(), max(1, final_step // 10)
 
