@@ -270,7 +270,8 @@ def _circuit_directions(weights: Callable[[str], torch.Tensor], layer: int, n_he
     matrix (out, in) and of each head's OV (the family's ``ov_weights``)."""
     mlp_out = family.write_matrix(weights(family.param_name(layer, family.mlp_write)))
     mlp = [top_left_singular_vectors(mlp_out, k)]
-    out, values = family.ov_weights(weights, layer, n_heads)
+    stored, values = family.ov_weights(weights, layer, n_heads)
+    out = family.write_matrix(stored)
     head = out.shape[1] // n_heads
     ov = [ov_left_singular_vectors(out[:, h * head:(h + 1) * head], values[h], k)
           for h in range(n_heads)]

@@ -52,7 +52,11 @@ class Family:
     name : str
         Registry key and the ``family`` config value / store attribute.
     model_class, config_class : str
-        Names in ``transformers`` (e.g. ``GPTNeoXForCausalLM``), resolved when needed.
+        Names in ``transformers`` (e.g. ``GPTNeoXForCausalLM``), resolved when needed; the
+        classes of the tiny suite's models.
+    classes : mapping
+        ``model_type -> (model class, config class)`` for model types built by other classes
+        of the same layout (``olmo`` -> ``OlmoForCausalLM``, ``OlmoConfig``).
     model_types, architectures : tuple of str
         ``config.json`` values (``model_type``, ``architectures``) this family loads.
     base : str
@@ -94,9 +98,9 @@ class Family:
         keyword arguments of :attr:`config_class` for a tiny model of the tiny suite.
     ov_weights : callable
         ``ov_weights(weight, layer, n_heads) -> (w_out, w_values)``; ``weight(name)`` returns
-        a tensor by its state-dict name; ``w_out`` (d, n_heads * head_dim) is the attention
-        write matrix (out, in) and ``w_values`` a list of per-head value matrices
-        (head_dim, d).
+        a tensor by its state-dict name; ``w_out`` is the attention write module's weight as
+        stored (:meth:`write_matrix` makes it (d, n_heads * head_dim)) and ``w_values`` a
+        list of per-head value matrices (head_dim, d).
     activation_sites : mapping
         ``model_type -> (attention module, MLP module)`` where what a block writes to the
         residual stream is the output of another module than the write matrix (OLMo 2
@@ -128,22 +132,25 @@ class Family:
     activation_key: str = "hidden_act"
     default_activation: str = "gelu"
     store_renames: Mapping[str, str] = field(default_factory=dict)
+    classes: Mapping[str, tuple[str, str]] = field(default_factory=dict)
     config_keys: Mapping[str, str] = field(default_factory=dict)
     activation_sites: Mapping[str, tuple[str, str]] = field(default_factory=dict)
     paper_code_attention: bool = False
 
     # --- transformers classes (imported when called) -----------------------------------
-    def model_cls(self) -> type:
-        """The ``transformers`` causal-LM class."""
+    def model_cls(self, model_type: str | None = None) -> type:
+        """The ``transformers`` causal-LM class (of ``model_type``, default the family's)."""
         import transformers
 
-        return getattr(transformers, self.model_class)
+        name = self.classes.get(model_type, (self.model_class, self.config_class))[0]
+        return getattr(transformers, name)
 
-    def config_cls(self) -> type:
-        """The ``transformers`` config class."""
+    def config_cls(self, model_type: str | None = None) -> type:
+        """The ``transformers`` config class (of ``model_type``, default the family's)."""
         import transformers
 
-        return getattr(transformers, self.config_class)
+        name = self.classes.get(model_type, (self.model_class, self.config_class))[1]
+        return getattr(transformers, name)
 
     # --- modules of a built model ---------------------------------------------------------
     def blocks(self, model: Any) -> list[Any]:
@@ -187,7 +194,7 @@ class Family:
 
     def config_from_dict(self, config: Mapping[str, Any]) -> Any:
         """The ``transformers`` config object of a ``config.json`` dict."""
-        return self.config_cls().from_dict(dict(config))
+        return self.config_cls(config.get("model_type")).from_dict(dict(config))
 
     def build_tiny_config(self, spec: Mapping[str, int], *, seq_len: int,
                           vocab_size: int) -> Any:

@@ -63,12 +63,13 @@ def tiny_config(*, hidden_size: int, num_layers: int, num_heads: int, seq_len: i
 
 
 def ov_weights(weight, layer: int, n_heads: int):
-    """``attn.c_proj.weight`` transposed to (d, d) and each head's value rows (hd, d) of
-    ``attn.c_attn.weight`` (stored (d, 3d)) transposed to (3d, d): rows 2d + h hd ..."""
+    """``attn.c_proj.weight`` as stored (the caller applies :meth:`Family.write_matrix`) and
+    each head's value rows (hd, d) of ``attn.c_attn.weight`` (a ``Conv1D``, stored (d, 3d))
+    transposed to (3d, d): rows ``2d + h hd`` to ``2d + (h + 1) hd``."""
     pre = f"transformer.h.{layer}.attn."
-    out = weight(pre + "c_proj.weight").T
+    out = weight(pre + "c_proj.weight")
     qkv = weight(pre + "c_attn.weight").T
-    d = out.shape[0]
+    d = qkv.shape[1]
     hd = d // n_heads
     return out, [qkv[2 * d + h * hd:2 * d + (h + 1) * hd] for h in range(n_heads)]
 

@@ -111,5 +111,7 @@ LLAMA = Family(
     ov_weights=ov_weights,
     activation_key="hidden_act",
     default_activation="silu",
+    classes={"olmo": ("OlmoForCausalLM", "OlmoConfig"),
+             "olmo2": ("Olmo2ForCausalLM", "Olmo2Config")},
     activation_sites={"olmo2": ("post_attention_layernorm", "post_feedforward_layernorm")},
 )

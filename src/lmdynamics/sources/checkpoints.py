@@ -301,7 +301,7 @@ def _check_weights_fit(config: PretrainedConfig, state: dict[str, torch.Tensor],
     allocates nothing), so a hostile size costs at most that multiple of the file's memory;
     smaller differences are named key by key by the strict check that follows."""
     with torch.device("meta"):
-        implied = n_parameters(config_family(config).model_cls()(config))
+        implied = n_parameters(config_family(config).model_cls(config.model_type)(config))
     held = sum(t.numel() for t in state.values() if t.is_floating_point())
     if implied > MAX_IMPLIED_RATIO * held:
         raise CheckpointMismatchError(
@@ -330,7 +330,7 @@ def _load_state(config: PretrainedConfig, state: dict[str, torch.Tensor], path: 
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:  # mismatched shapes come back in the loading info and are refused below
-        model, info = config_family(config).model_cls().from_pretrained(
+        model, info = config_family(config).model_cls(config.model_type).from_pretrained(
             None, config=config, state_dict=state, dtype=torch.float32,
             attn_implementation=attention, output_loading_info=True,
             ignore_mismatched_sizes=True)
