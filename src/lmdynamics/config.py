@@ -288,10 +288,15 @@ def check_config(config: Mapping[str, Any], schema: Mapping[str, Any] | Path | s
 
 
 def family_errors(config: Mapping[str, Any]) -> list[str]:
-    """Options that exist for one model family only (the paper code's attention slice)."""
+    """An unknown ``family`` (the registry, not the schema, knows the families), and options
+    that exist for one model family only (the paper code's attention slice)."""
     from lmdynamics import families
 
-    family = families.get(config.get("family", families.DEFAULT))
+    name = config.get("family", families.DEFAULT)
+    if name not in families.names():
+        return [f"config key 'family': {name!r} is not a known model family; known: "
+                f"{', '.join(families.names())} (src/lmdynamics/families/)"]
+    family = families.get(name)
     try:
         families.check_attention_activation(
             family, config.get("extraction", {}).get("attention_activation", "residual_write"))
