@@ -262,6 +262,11 @@ def test_store_names_keep_gpt_neox_and_follow_each_family():
         "embed_tokens.weight", "layer0.input_layernorm.weight",
         "layer0.self_attn.o_proj.weight", "layer0.post_attention_layernorm.weight",
         "layer0.mlp.down_proj.weight", "norm.weight", "lm_head.weight"]
+    gpt2 = ["lm_head.weight", "ln_f.bias", "layer0.ln_1.weight", "wpe.weight", "wte.weight",
+            "layer0.attn.c_proj.weight", "layer0.attn.c_attn.bias", "ln_f.weight"]
+    assert sorted(gpt2, key=lambda k: param_sort_key(k, "gpt2")) == [
+        "wte.weight", "wpe.weight", "layer0.ln_1.weight", "layer0.attn.c_attn.bias",
+        "layer0.attn.c_proj.weight", "ln_f.weight", "ln_f.bias", "lm_head.weight"]
 
 
 def test_paper_code_attention_is_gpt_neox_only(tmp_path):

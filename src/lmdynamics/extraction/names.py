@@ -51,11 +51,12 @@ def param_parts(key: str) -> tuple[int, str, str]:
 
 
 def param_sort_key(key: str, family: Family | str | None = None) -> tuple[int, int, int, str]:
-    """Model order: input embeddings, layers in numeric order (modules in the family's
-    ``module_order``, weight before bias), final norm, unembedding."""
+    """Model order: input embeddings (in the family's order), layers in numeric order
+    (modules in the family's ``module_order``, weight before bias), final norm,
+    unembedding."""
     fam = _family(family)
     layer, module, kind = param_parts(key)
-    order = fam.module_order
+    order = fam.module_order if layer >= 0 else fam.input_embeddings
     rank = order.index(module) if module in order else len(order)
     unembedding = fam.store_renames.get(fam.unembedding, fam.unembedding)
     group = (1 if layer >= 0 else 0 if module in fam.input_embeddings
