@@ -294,14 +294,14 @@ def family_errors(config: Mapping[str, Any]) -> list[str]:
 
     name = config.get("family", families.DEFAULT)
     if name not in families.names():
-        return [f"config key 'family': {name!r} is not a known model family; known: "
-                f"{', '.join(families.names())} (src/lmdynamics/families/)"]
+        return [f"config key 'family': {name!r} is not a known model family "
+                f"(src/lmdynamics/families/); allowed: {', '.join(families.names())}"]
     family = families.get(name)
-    try:
-        families.check_attention_activation(
-            family, config.get("extraction", {}).get("attention_activation", "residual_write"))
-    except ValueError as exc:
-        return [f"config key {exc}"]
+    if (config.get("extraction", {}).get("attention_activation") == "paper_code"
+            and not family.paper_code_attention):
+        return [f"config key 'extraction.attention_activation': 'paper_code' slices GPT-NeoX's "
+                f"fused query_key_value, which family {name!r} does not have; allowed: "
+                "residual_write"]
     return []
 
 
