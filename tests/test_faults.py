@@ -143,12 +143,12 @@ def _untrusted(case: str, directory: Path) -> tuple[type[Exception], list[str]]:
         return ck.UntrustedCheckpointError, [str(directory / ck.PICKLE_NAME), "refused"]
     changes = {"auto_map": {"auto_map": {"AutoModelForCausalLM": "evil.Model"}},
                "trust_remote_code": {"trust_remote_code": True},
-               "unknown_architecture": {"architectures": ["LlamaForCausalLM"],
-                                        "model_type": "llama"}}[case]
+               "unknown_architecture": {"architectures": ["MambaForCausalLM"],
+                                        "model_type": "mamba"}}[case]
     config.write_text(json.dumps({**data, **changes}))
     if case == "unknown_architecture":
-        return ck.UnknownArchitectureError, [str(config), "LlamaForCausalLM",
-                                             "known architectures: GPTNeoXForCausalLM"]
+        return ck.UnknownArchitectureError, [str(config), "'mamba'", "known families",
+                                             "gpt_neox (gpt_neox)"]
     return ck.UntrustedCheckpointError, [str(config), case, "refused"]
 
 
