@@ -89,8 +89,8 @@ GPT2 = Family(
     norm_placement="pre-LN (LayerNorm with bias: ln_1 before attention, ln_2 before the MLP), "
                    "final ln_f before the unembedding",
     module_order=("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj"),
-    block_matrices=(("attn.c_attn", "Attention QKV (c_attn)"),
-                    ("attn.c_proj", "Attention write (c_proj)"),
+    block_matrices=(("attn.c_attn", "Attn QKV (c_attn)"),
+                    ("attn.c_proj", "Attn write (c_proj)"),
                     ("mlp.c_fc", "MLP in (c_fc)"), ("mlp.c_proj", "MLP write (c_proj)")),
     dims=dims,
     parameters=parameters,
