@@ -282,3 +282,32 @@ def test_paper_code_attention_is_gpt_neox_only(tmp_path):
     model = ck.load_model(tmp_path / "llama")
     with pytest.raises(ValueError, match="extraction.attention_activation.*'llama'"):
         ps.hook_targets(model, "paper_code")
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "olmo"])
+def test_extraction_with_statistics_on_published_files(tmp_path, kind):
+    """The extraction job on a released-style checkpoint (GPT-2's keys lack ``transformer.``;
+    both tie the unembedding): the store records the family, its own parameter names, and
+    statistics against the reference checkpoints (here the same files: distance 0)."""
+    import xarray as xr
+
+    from lmdynamics.extraction.conjecture import StatsOptions
+    from lmdynamics.extraction.extract import extract_checkpoint
+
+    directory = tmp_path / kind
+    write_checkpoint(directory, kind)
+    batch = tmp_path / "batch.npy"
+    np.save(batch, np.random.default_rng(0).integers(0, 64, (2, 8)))
+    out = extract_checkpoint(directory, batch, tmp_path / "out.zarr", tokens=8, seed=0,
+                             size="s", step=0, model_name=kind, revision="main",
+                             device="cpu", family=FAMILY[kind],
+                             stats=StatsOptions(directory, directory, top_k=2))
+    ds = xr.open_zarr(out, consolidated=False)
+    family = families.get(FAMILY[kind])
+    assert ds.attrs["family"] == family.name
+    params = [str(p) for p in ds.param.values]
+    assert f"layer1.{family.mlp_write}.weight" in params
+    assert "lm_head.weight" not in params  # tied: counted once, as the token embedding
+    dist = ds.stat_param.sel(param_stat="dist_init").values
+    np.testing.assert_array_equal(dist, 0.0)
+    np.testing.assert_allclose(ds.stat_direction_closeness.values, 1.0, atol=1e-9)
