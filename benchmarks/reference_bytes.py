@@ -7,13 +7,18 @@ after the download's conversion: ``config.json`` with transformers 4.24.0's Pyth
 legacy-named float16 ``model.safetensors`` (tests/pythia_files.py, whose facts come from
 shared/notes/reference-facts.md: layers, hidden, heads, vocabulary 50304, float16). Then runs
 one extraction of the middle revision with the statistics, in this process, and reports what it
-read, two ways:
+read:
 
-- ``storage``: ``read_bytes`` of ``/proc/self/io`` over the extraction, after evicting every
-  checkpoint and store file from the page cache (``posix_fadvise(DONTNEED)``), so it counts the
-  bytes fetched from the disk, through ``read()`` and memory maps (safetensors maps its file);
-- ``syscall``: ``rchar`` (bytes through ``read()``-like calls, page cache or not; memory-mapped
-  reads are not counted).
+- ``loader_bytes``: bytes read through the loaders, counted by wrapping them: the tensors
+  returned by ``safetensors.torch.load_file`` and ``safetensors.safe_open(...).get_tensor``
+  (safetensors maps the file and copies out what is asked for), whole files for
+  ``torch.load`` and ``lmdynamics.store.file_sha256``, and the chunk and metadata bytes zarr's
+  ``LocalStore.get`` returns for the reference store (not the job's own output store), by file;
+- ``storage_read_bytes`` / ``syscall_rchar``: ``read_bytes`` and ``rchar`` of
+  ``/proc/self/io`` over the extraction, after evicting the files from the page cache
+  (``posix_fadvise(DONTNEED)``). On this VM ``read_bytes`` stays far below the bytes the loaders
+  copy out (memory-mapped reads are not all attributed to the process), and ``rchar`` misses
+  memory-mapped reads altogether: reported, but the loader count is the figure.
 
 Works with the code before the reference store (``StatsOptions(init, final)``) and after it
 (``StatsOptions(reference)``, the store built first and not counted): run it with each
@@ -27,6 +32,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +59,76 @@ def evict(path: Path) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+class LoaderBytes:
+    """Bytes read through the loaders, by file (module docstring)."""
+
+    def __init__(self, count_zarr_under: Path | None):
+        self.by_file: dict[str, int] = {}
+        self.zarr_root = None if count_zarr_under is None else str(count_zarr_under)
+
+    def add(self, path: object, n: int) -> None:
+        key = str(path)
+        if self.zarr_root and key.startswith(self.zarr_root):
+            key = self.zarr_root
+        self.by_file[key] = self.by_file.get(key, 0) + n
+
+    def install(self) -> None:
+        import safetensors
+        import safetensors.torch
+        import torch
+        import zarr.storage
+
+        import lmdynamics.store as store
+
+        counter, safe_open, load_file = self, safetensors.safe_open, safetensors.torch.load_file
+        torch_load, sha, get = torch.load, store.file_sha256, zarr.storage.LocalStore.get
+
+        class CountingHandle:
+            def __init__(self, path, *args, **kw):
+                self.path, self.handle = path, safe_open(path, *args, **kw)
+
+            def __enter__(self):
+                self.inner = self.handle.__enter__()
+                return self
+
+            def __exit__(self, *exc):
+                return self.handle.__exit__(*exc)
+
+            def get_tensor(self, name):
+                t = self.inner.get_tensor(name)
+                counter.add(self.path, t.numel() * t.element_size())
+                return t
+
+            def __getattr__(self, name):
+                return getattr(self.inner, name)
+
+        def counting_load_file(path, *args, **kw):
+            state = load_file(path, *args, **kw)
+            counter.add(path, sum(t.numel() * t.element_size() for t in state.values()))
+            return state
+
+        def counting_torch_load(path, *args, **kw):
+            counter.add(path, Path(path).stat().st_size)
+            return torch_load(path, *args, **kw)
+
+        def counting_sha(path):
+            counter.add(path, Path(path).stat().st_size)
+            return sha(path)
+
+        async def counting_get(self, key, *args, **kw):
+            buf = await get(self, key, *args, **kw)
+            if buf is not None and counter.zarr_root and str(self.root).startswith(
+                    counter.zarr_root):
+                counter.add(Path(self.root) / key, len(buf.to_bytes()))
+            return buf
+
+        safetensors.safe_open = CountingHandle
+        safetensors.torch.load_file = counting_load_file
+        torch.load = counting_torch_load
+        store.file_sha256 = counting_sha
+        zarr.storage.LocalStore.get = counting_get
 
 
 def revisions(arch: str, root: Path) -> list[Path]:
@@ -106,17 +182,23 @@ def main() -> None:
     out = a.root / f"store-{os.getpid()}.zarr"
     for path in (init, mid, final, *([reference] if reference else [])):
         evict(path)
-    before = io_counters()
+    counter = LoaderBytes(reference)
+    counter.install()
+    before, start = io_counters(), time.perf_counter()
     extract_checkpoint(mid, batch, out, tokens=32, seed=0, size=a.arch, step=1,
                        model_name="bench", revision="step1", stats=stats)
-    after = io_counters()
+    after, wall = io_counters(), time.perf_counter() - start
     sizes = {p.name: (p / "model.safetensors").stat().st_size for p in (init, mid, final)}
     ref_bytes = (sum(f.stat().st_size for f in reference.rglob("*") if f.is_file())
                  if reference else 0)
     print(json.dumps({"layout": layout, "arch": a.arch, "checkpoint_file_bytes": sizes,
                       "reference_store_bytes": ref_bytes,
+                      "loader_bytes": sum(counter.by_file.values()),
+                      "loader_bytes_by_file": {os.path.relpath(k, a.root): v
+                                               for k, v in counter.by_file.items()},
                       "storage_read_bytes": after["read_bytes"] - before["read_bytes"],
-                      "syscall_rchar": after["rchar"] - before["rchar"]}, indent=1))
+                      "syscall_rchar": after["rchar"] - before["rchar"],
+                      "extraction_seconds": round(wall, 1)}, indent=1))
 
 
 if __name__ == "__main__":

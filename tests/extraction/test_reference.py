@@ -110,6 +110,7 @@ def test_statistics_equal_a_direct_computation_from_the_two_checkpoints(trained,
 
 
 def test_an_extraction_reads_each_reference_array_once(trained, tmp_path, monkeypatch):
+    """Every array of the store, once, through the reader that checks its sha256."""
     from lmdynamics.extraction import reference
 
     reads: list[str] = []
@@ -122,7 +123,8 @@ def test_an_extraction_reads_each_reference_array_once(trained, tmp_path, monkey
     monkeypatch.setattr(reference.DigestedReader, "read", counting)
     _extract(trained, MID, trained / "ref.zarr", tmp_path / "s.zarr")
     names = open_store(trained / "ref.zarr").attrs["params"]
-    assert sorted(reads) == sorted([f"init.{n}" for n in names] + [f"final.{n}" for n in names])
+    assert sorted(reads) == sorted([f"init.{n}" for n in names] + [f"final.{n}" for n in names]
+                                   + ["direction_mlp", "direction_ov"])
 
 
 def _damage(store: Path, array: str) -> None:

@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import xarray as xr
+import zarr
 
 from lmdynamics.extraction.conjecture import ReferenceWeights, circuit_directions
 from lmdynamics.sources.checkpoints import (
@@ -165,14 +166,17 @@ class ReferenceStore:
 
     ``size`` and ``top_k``: what the extraction expects (its ``--size`` and
     ``conjecture.top_k``); a store built for other values raises
-    :class:`ReferenceMismatchError`. Opening verifies everything but the weight arrays'
-    content, which :meth:`init` / :meth:`final` verify as they read it.
+    :class:`ReferenceMismatchError`. Opening verifies the store's structure and attrs and reads
+    the directions (sha256 checked); the weight arrays are verified by :meth:`init` /
+    :meth:`final` as they read them, so each array is read once.
     """
 
     def __init__(self, path: Path | str, *, size: str | None, top_k: int):
         self.path = Path(path)
-        ds = open_store(self.path, required=DIRECTION_VARIABLES,
-                        required_attrs=REQUIRED_ATTRS, defer=self._weight_names(path))
+        ds = open_store(self.path, required=DIRECTION_VARIABLES, required_attrs=REQUIRED_ATTRS,
+                        defer=(*self._weight_names(path), *DIRECTION_VARIABLES))
+        # opened once: its zarr.json (attrs, digests) is not read again for every array
+        self._group = zarr.open_group(self.path, mode="r", use_consolidated=False)
         self.attrs = dict(ds.attrs)
         fmt = self.attrs["reference_format"]
         if fmt != REFERENCE_FORMAT:
@@ -189,14 +193,12 @@ class ReferenceStore:
         if missing:
             self._mismatch(f"lacks {', '.join(missing[:4])}")
         self.shapes = {p: tuple(ds[INIT_PREFIX + p].shape) for p in self.params}
-        self._directions = {v: ds[v].values for v in DIRECTION_VARIABLES}
+        self._directions = {v: self._read_verified(v) for v in DIRECTION_VARIABLES}
         self._orders = {v: ds[v].attrs.get("memory_order", "C") for v in DIRECTION_VARIABLES}
 
     @staticmethod
     def _weight_names(path: Path | str) -> tuple[str, ...]:
         """Names of the weight arrays (their content is verified as it is read)."""
-        import zarr
-
         try:
             group = zarr.open_group(Path(path), mode="r", use_consolidated=False)
             names = [n for n, _ in group.arrays()]
@@ -223,11 +225,15 @@ class ReferenceStore:
             self._mismatch(f"has {self.attrs['num_attention_heads']} attention heads, this "
                            f"checkpoint {heads}")
 
-    def _read(self, variable: str) -> torch.Tensor:
-        reader = DigestedReader(self.path, variable)
+    def _read_verified(self, variable: str) -> np.ndarray:
+        """One array, read once, its sha256 checked against the recorded one."""
+        reader = DigestedReader(self.path, variable, self._group)
         array = reader.read(())
         reader.finish()
-        return torch.from_numpy(np.ascontiguousarray(array)).float()
+        return array
+
+    def _read(self, variable: str) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self._read_verified(variable))).float()
 
     def init(self, name: str) -> torch.Tensor:
         """The step-0 value of parameter ``name`` as float32 on CPU (verified as read)."""
