@@ -97,6 +97,15 @@ def finished_copy(run: Path, dest: Path) -> Path:
     return workdir
 
 
+def with_config(workdir: Path, **changes: object) -> str:
+    """A config file in ``workdir``: the run's config with ``changes`` (integers stay integers,
+    which ``--config`` would pass as strings); its path, for ``--configfile`` (which then
+    replaces the run's file)."""
+    path = workdir / "config/changed.yaml"
+    path.write_text(yaml.safe_dump({**CONFIG, **changes}))
+    return str(path.relative_to(workdir))
+
+
 @pytest.fixture
 def finished(mini_run, tmp_path) -> Path:
     assert mini_run.configfile == CONFIGFILE and mini_run.config == CONFIG
@@ -141,7 +150,7 @@ def test_a_new_saved_step_plans_its_extractions_and_never_the_references(finishe
     its extractions and the reductions; the reference stores (and training) stay."""
     added = 16
     assert added not in STEPS
-    jobs = plan(finished, "--config", f"steps={sorted([*STEPS, added])!r}")
+    jobs = plan(finished, "--configfile", with_config(finished, steps=sorted([*STEPS, added])))
     assert jobs == {*(job("extract", size=s, step=added) for s in SIZES),
                     *(job("reduce_size", size=s) for s in SIZES),
                     *(job("reduce_stats", size=s) for s in SIZES),
@@ -152,9 +161,12 @@ def test_a_statistics_option_reruns_the_reference_only_when_it_shapes_it(finishe
     """Only conjecture.top_k shapes the reference store; other statistics options rerun the
     extractions (and what reads them) but not the reference jobs."""
     extracts = {job("extract", size=s, step=t) for s in SIZES for t in STEPS}
-    jobs = plan(finished, "--config", "conjecture={max_elements: 4096}")
+    other = with_config(finished, conjecture={**CONFIG.get("conjecture", {}),
+                                              "max_elements": 4096})
+    jobs = plan(finished, "--configfile", other)
     assert extracts <= jobs and not {j for j in jobs if j[0] == "reference"}
-    jobs = plan(finished, "--config", "conjecture={top_k: 7}")
+    jobs = plan(finished, "--configfile", with_config(finished, conjecture={
+        **CONFIG.get("conjecture", {}), "top_k": 7}))
     assert {job("reference", size=s) for s in SIZES} | extracts <= jobs
 
 
