@@ -103,6 +103,7 @@ from lmdynamics.extraction.extract import (  # noqa: E402
     sample_token_positions,
 )
 from lmdynamics.extraction.passes import Extraction  # noqa: E402
+from lmdynamics.extraction.reference import build_reference  # noqa: E402
 from lmdynamics.reduction.cka import CKAOptions, cka_dataset  # noqa: E402
 from lmdynamics.reduction.metrics import reduce_size  # noqa: E402
 from lmdynamics.sources.checkpoints import save_checkpoint  # noqa: E402
@@ -196,6 +197,16 @@ def pythia_checkpoints(arch: str, root: Path) -> tuple[Path, Path, Path]:
     return dirs[0], dirs[1], dirs[2]
 
 
+def reference_options(init: Path, final: Path, root: Path) -> StatsOptions:
+    """The statistics' options with the reference store of ``init`` and ``final`` (built once
+    here, as the workflow's reference job does once per size; not part of any timing)."""
+    top_k = StatsOptions(root).top_k
+    store = root / "reference.zarr"
+    if not store.exists():
+        build_reference(init, final, store, size="bench", top_k=top_k)
+    return StatsOptions(store, top_k=top_k)
+
+
 def pass_flops(cfg: GPTNeoXConfig, sequences: int, seq_len: int, all_grads: bool,
                causal: bool = False) -> float:
     """FLOPs of one forward+backward pass (formula in the module docstring); ``causal``
@@ -251,7 +262,8 @@ def bench_extraction(a: argparse.Namespace, root: Path) -> None:
     kw = {"tokens": tokens, "device": a.device, "dtype": a.dtype}
     print(f"\n## 1. extraction: pythia-{a.arch} architecture, {a.sequences} x {a.seq_len} "
           f"tokens, {a.dtype} on {a.device}, {tokens} sampled tokens")
-    for label, stats in (("with Conjecture statistics (default)", StatsOptions(init, final)),
+    for label, stats in (("with Conjecture statistics (default)",
+                          reference_options(init, final, root)),
                          ("without statistics", None)):
         rate0 = gemm_rate(a.device, DTYPES[a.dtype], a.gemm_n)
         t = timed_extract(mid, batch, root / "store.zarr", stats, **kw)
@@ -481,13 +493,15 @@ def contention_pass(kind: str, root: Path) -> dict[str, float]:
         model(ids, labels=ids).loss.backward()
         return {"pass": time.perf_counter() - t}
     timed = timed_extract(root / "mid", batch, root / f"store-{os.getpid()}.zarr",
-                          StatsOptions(root / "step0", root / "final"), tokens=128)
+                          reference_options(root / "step0", root / "final", root),
+                          tokens=128)
     return {"pass": timed["pass"] + timed["stats"], "wall": timed["wall"]}
 
 
 def bench_contention(a: argparse.Namespace, root: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
     pythia_checkpoints("70m", root)
+    reference_options(root / "step0", root / "final", root)  # once, before the passes start
     np.save(root / "batch.npy", np.random.default_rng(0).integers(0, 50304, (1, 257)))
     print(f"\n## 5. contention: pythia-70m shape, 1 x 256 tokens, {a.threads} threads, "
           f"alone and beside {a.load_procs} busy loops (load average "

@@ -115,21 +115,18 @@ def _extract_args(p: argparse.ArgumentParser) -> None:
                    help=".npy (2, sequences, positions) for extraction.gradient_protocol "
                         "paper_code")
     p.add_argument("--out", type=Path, required=True)
-    g = p.add_argument_group("Conjecture statistics (added when both checkpoints are given; "
-                             "their options: config section conjecture)")
-    g.add_argument("--init-checkpoint", type=Path, help="step-0 model directory, same size")
-    g.add_argument("--final-checkpoint", type=Path, help="final-step model directory")
+    g = p.add_argument_group("Conjecture statistics (added when --reference is given; their "
+                             "options: config section conjecture)")
+    g.add_argument("--reference", type=Path,
+                   help="the size's reference store (lmdynamics reference)")
 
 
 def _stats_options(a: argparse.Namespace, conjecture: dict, seed: int):
     from lmdynamics.extraction.conjecture import StatsOptions
 
-    if (a.init_checkpoint is None) != (a.final_checkpoint is None):
-        raise ValueError("--init-checkpoint and --final-checkpoint go together "
-                         f"(got {a.init_checkpoint} and {a.final_checkpoint})")
-    if a.init_checkpoint is None:
+    if a.reference is None:
         return None
-    return StatsOptions(a.init_checkpoint, a.final_checkpoint,
+    return StatsOptions(a.reference,
                         max_elements=conjecture["max_elements"], top_k=conjecture["top_k"],
                         embedding_tokens=conjecture["embedding_tokens"],
                         spectrum_fit=tuple(conjecture["spectrum_fit"]), seed=seed)
@@ -190,6 +187,34 @@ def _extract(a: argparse.Namespace) -> None:
                        gradient_protocol=ex["gradient_protocol"],
                        gradient_batches=a.gradient_batches, family=opts["family"],
                        stats=_stats_options(a, opts["conjecture"], opts["seed"]))
+
+
+def _reference_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--init-checkpoint", type=Path, required=True,
+                   help="step-0 model directory of the size")
+    p.add_argument("--final-checkpoint", type=Path, required=True,
+                   help="final-step model directory of the size")
+    p.add_argument("--size", required=True)
+    p.add_argument("--model", default="", help="model name recorded in the store")
+    p.add_argument("--final-step", type=int, default=None, help="recorded in the store")
+    _options_arg(p, "conjecture")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", type=Path, required=True)
+
+
+@command("reference", _reference_args)
+def _reference(a: argparse.Namespace) -> None:
+    """The per-size reference store of the Conjecture statistics, read by every extraction of
+    the size (:mod:`lmdynamics.extraction.reference`)."""
+    pin_threads(a.threads)
+
+    from lmdynamics.extraction.reference import build_reference
+
+    opts = _options(a)
+    build_reference(a.init_checkpoint, a.final_checkpoint, a.out, size=a.size,
+                    top_k=opts["conjecture"]["top_k"], model_name=a.model,
+                    final_step=a.final_step)
+    log.info("reference store of %s -> %s", a.size, a.out)
 
 
 def _gradient_batches_args(p: argparse.ArgumentParser) -> None:

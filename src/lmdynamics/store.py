@@ -242,9 +242,10 @@ class DigestedReader:
     damaged chunk raises the same error, naming the store and the array, when read.
     """
 
-    def __init__(self, path: Path | str, name: str):
+    def __init__(self, path: Path | str, name: str, group: zarr.Group | None = None):
         self.path, self.name = Path(path), name
-        group = zarr.open_group(self.path, mode="r", use_consolidated=False)
+        if group is None:  # a reader of many arrays passes the group it opened once
+            group = zarr.open_group(self.path, mode="r", use_consolidated=False)
         self.array = group[name]
         self.expected = group.attrs[DIGESTS_ATTR][name]
         self.digest = _digest_start(self.array)

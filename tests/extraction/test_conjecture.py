@@ -18,6 +18,7 @@ from lmdynamics.extraction.conjecture import ReferenceWeights, ResidualRecorder,
 from lmdynamics.extraction.extract import extract_checkpoint, sample_token_positions
 from lmdynamics.extraction.names import param_key, param_parts, param_sort_key
 from lmdynamics.extraction.passes import run_pass
+from lmdynamics.extraction.reference import build_reference
 from lmdynamics.extraction.stats import Moments
 from lmdynamics.reduction.stats import STAT_VARIABLES, combine_stats, reduce_stats
 from lmdynamics.report import conjecture as conjecture_figures
@@ -34,7 +35,8 @@ TOKENS = 64
 
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory) -> Path:
-    """Two tiny sizes trained for 8 updates; per-pair stores with statistics at 3 steps."""
+    """Two tiny sizes trained for 8 updates; their reference stores; per-pair stores with
+    statistics at 3 steps."""
     root = tmp_path_factory.mktemp("conjecture")
     corpus = tiny.load_corpus()
     batch = tiny.eval_batch(corpus, final_step=FINAL, batch_size=4, seq_len=32, seed=0)
@@ -44,6 +46,8 @@ def suite(tmp_path_factory) -> Path:
         tiny.train_tiny_model(spec, size=size, out_dir=ck, loss_csv=root / f"{size}.csv",
                               final_step=FINAL, log_until=4, interval=4, batch_size=4,
                               seq_len=32, lr=1e-2, warmup=1, threads=1, corpus=corpus)
+        build_reference(ck / "step0", ck / f"step{FINAL}", root / "reference" / f"{size}.zarr",
+                        size=size, top_k=4, final_step=FINAL)
         for step in STEPS:
             extract_checkpoint(ck / f"step{step}", root / "eval_batch.npy",
                                root / "extract" / size / f"step{step}.zarr", tokens=TOKENS,
@@ -53,8 +57,7 @@ def suite(tmp_path_factory) -> Path:
 
 
 def _options(root: Path, size: str, **kw) -> StatsOptions:
-    ck = root / "checkpoints" / size
-    return StatsOptions(ck / "step0", ck / f"step{FINAL}", top_k=4, **kw)
+    return StatsOptions(root / "reference" / f"{size}.zarr", top_k=4, **kw)
 
 
 def _store(root: Path, size: str, step: int) -> xr.Dataset:
@@ -81,7 +84,7 @@ def test_stats_options_are_checked(tmp_path):
     for kw, match in [({"top_k": 0}, "top_k=0"), ({"spectrum_fit": (0.5, 0.5)}, "spectrum_fit"),
                       ({"max_elements": 3}, "max_elements=3")]:
         with pytest.raises(ValueError, match=match):
-            StatsOptions(tmp_path, tmp_path, **kw)
+            StatsOptions(tmp_path, **kw)
 
 
 def test_store_carries_every_statistic_and_keeps_the_pass_variables(suite, tmp_path):

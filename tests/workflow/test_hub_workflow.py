@@ -33,8 +33,8 @@ def test_the_paper_grid_dry_run_is_offline_and_lists_135_extractions(tmp_path, m
     proc = snakemake(workdir, "-n", "--configfile", "config/config.yaml", "--quiet", "rules")
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", proc.stdout, flags=re.M))
     assert counts["extract"] == "135"
-    # step 0 and the final step of each size are kept (every extraction of the size reads them)
-    assert counts["download"] == "125" and counts["download_reference"] == "10"
+    # one download per (size, step), all temporary; one reference store per size
+    assert counts["download"] == "135" and counts["reference"] == "5"
     assert counts["pile_batch"] == "1" and counts["checkpoint_audit"] == "1"
 
 
@@ -61,6 +61,15 @@ def test_pythia_config_runs_end_to_end_through_the_hub_client(tmp_path, monkeypa
         assert hub.state.bytes_sent(r"/datasets/.*\.bin$") == 1024 * 2049 * 2  # once
         rerun = snakemake(workdir, *args, "-n")
         assert "Nothing to be done" in rerun.stdout + rerun.stderr
+        # adding a step: its download and extraction only; step 0 and the final step, whose
+        # weights are gone, are neither downloaded again nor re-extracted, and the reference
+        # store stays
+        (workdir / "config/more.yaml").write_text(yaml.safe_dump({"steps": [*STEPS, 1000]}))
+        more = snakemake(workdir, "--configfile", "config/config.yaml", "config/test_hub.yaml",
+                         "config/more.yaml", "-n", "--quiet", "rules")
+        counts = dict(re.findall(r"^(\w+)\s+(\d+)$", more.stdout, flags=re.M))
+        assert counts["download"] == "1" and counts["extract"] == "1", more.stdout
+        assert "reference" not in counts, more.stdout
 
     results = workdir / RESULTS
     # the eval batch is the first sequences of the last training batch (batch 142999)
@@ -70,11 +79,12 @@ def test_pythia_config_runs_end_to_end_through_the_hub_client(tmp_path, monkeypa
     record = json.loads((results / "data/batch142999.json").read_text())
     assert record["pieces"] == [{"shard": "document-00020-of-00020.bin",
                                  "offset": 74_139_648, "length": 4_196_352}]
-    # weights were temporary except the reference steps' (0 and final); the revision records
-    # stay, and the stores carry them
+    # weights were all temporary (the size's reference store holds what the statistics need
+    # of step 0 and the final step); the revision records stay, and the stores carry them
     ckpts = results / "checkpoints/70m"
-    assert sorted(p.parent.name for p in ckpts.rglob("model.safetensors")) == [
-        "step0", "step143000"]
+    assert not list(ckpts.rglob("model.safetensors"))
+    reference = xr.open_zarr(results / "reference/70m.zarr", consolidated=False)
+    assert reference.attrs["final_step"] == 143000
     for step in STEPS:
         rev = json.loads((ckpts / f"step{step}/revision.json").read_text())
         assert rev["commit"] == repo.branches[f"step{step}"]

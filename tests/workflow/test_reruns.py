@@ -97,6 +97,15 @@ def finished_copy(run: Path, dest: Path) -> Path:
     return workdir
 
 
+def with_config(workdir: Path, **changes: object) -> str:
+    """A config file in ``workdir``: the run's config with ``changes`` (integers stay integers,
+    which ``--config`` would pass as strings); its path, for ``--configfile`` (which then
+    replaces the run's file)."""
+    path = workdir / "config/changed.yaml"
+    path.write_text(yaml.safe_dump({**CONFIG, **changes}))
+    return str(path.relative_to(workdir))
+
+
 @pytest.fixture
 def finished(mini_run, tmp_path) -> Path:
     assert mini_run.configfile == CONFIGFILE and mini_run.config == CONFIG
@@ -111,7 +120,7 @@ def test_adding_a_size_plans_only_that_size_and_what_combines_sizes(finished):
     sizes = [*SIZES, "1m"]
     jobs = plan(finished, "--config", f"sizes={sizes!r}".replace("'", '"'))
     expected = {job("train_tiny", size="1m"), job("reduce_size", size="1m"),
-                job("reduce_stats", size="1m"),
+                job("reduce_stats", size="1m"), job("reference", size="1m"),
                 *(job("extract", size="1m", step=s) for s in STEPS),
                 job("training_loss"), *downstream_of_metrics(), *downstream_of_stores()}
     assert jobs == expected
@@ -134,6 +143,31 @@ def test_adding_a_step_plans_its_extractions_and_the_reductions(finished):
                 *(job("reduce_stats", size=s) for s in SIZES),
                 *downstream_of_metrics(), *downstream_of_stores()}
     assert jobs == expected
+
+
+def test_a_new_saved_step_plans_its_extractions_and_never_the_references(finished):
+    """A step the tiny training saved but the run did not analyse (16 of 0, 1, 2, ..., 64):
+    its extractions and the reductions; the reference stores (and training) stay."""
+    added = 16
+    assert added not in STEPS
+    jobs = plan(finished, "--configfile", with_config(finished, steps=sorted([*STEPS, added])))
+    assert jobs == {*(job("extract", size=s, step=added) for s in SIZES),
+                    *(job("reduce_size", size=s) for s in SIZES),
+                    *(job("reduce_stats", size=s) for s in SIZES),
+                    *downstream_of_metrics(), *downstream_of_stores()}
+
+
+def test_a_statistics_option_reruns_the_reference_only_when_it_shapes_it(finished):
+    """Only conjecture.top_k shapes the reference store; other statistics options rerun the
+    extractions (and what reads them) but not the reference jobs."""
+    extracts = {job("extract", size=s, step=t) for s in SIZES for t in STEPS}
+    other = with_config(finished, conjecture={**CONFIG.get("conjecture", {}),
+                                              "max_elements": 4096})
+    jobs = plan(finished, "--configfile", other)
+    assert extracts <= jobs and not {j for j in jobs if j[0] == "reference"}
+    jobs = plan(finished, "--configfile", with_config(finished, conjecture={
+        **CONFIG.get("conjecture", {}), "top_k": 7}))
+    assert {job("reference", size=s) for s in SIZES} | extracts <= jobs
 
 
 def test_changing_a_figure_option_redraws_only_the_figures(finished):

@@ -81,16 +81,16 @@ def revision(step):
     return config["hub"]["revision"].format(step=step)
 
 
-# Conjecture statistics (workflow/rules/conjecture.smk). Each extraction job also reads the
-# step-0 and final checkpoints of its size (distance from init, cosine and singular directions
-# vs final); Snakemake keeps a temp() checkpoint until every job that reads it has finished.
+# Conjecture statistics (workflow/rules/conjecture.smk). What they need of the step-0 and
+# final checkpoints of a size (init weights, final weights, the final top-k singular
+# directions) is computed once per size into reference/<size>.zarr (rule reference); each
+# extraction job reads that store and its own checkpoint. The two checkpoints are inputs of the
+# reference job only, so on the hub they are temp() like every other revision's weights.
 CONJECTURE = config["conjecture"]
 
 
 def reference_checkpoints(wildcards):
-    """Files of the step-0 and final checkpoints of a size (none when statistics are off)."""
-    if not CONJECTURE["enabled"]:
-        return {}
+    """Files of the step-0 and final checkpoints of a size (the reference job's inputs)."""
     files = {}
     for name, step in (("init", 0), ("final", FINAL_STEP)):
         ref = checkpoint_files(SimpleNamespace(size=wildcards.size, step=step))
@@ -98,18 +98,18 @@ def reference_checkpoints(wildcards):
     return files
 
 
-def stats_args(wildcards):
-    """The extract command's reference checkpoints, one list item per argument (the rule
-    quotes each one); empty when statistics are off."""
+def reference_store(wildcards):
+    """The size's reference store, read by its extractions (none when statistics are off)."""
     if not CONJECTURE["enabled"]:
-        return []
-    refs = reference_checkpoints(wildcards)
-    return [
-        "--init-checkpoint",
-        os.path.dirname(refs["init_weights"]),
-        "--final-checkpoint",
-        os.path.dirname(refs["final_weights"]),
-    ]
+        return {}
+    return {"reference": f"{RESULTS}/reference/{wildcards.size}.zarr"}
+
+
+def stats_args(wildcards):
+    """The extract command's reference store, one list item per argument (the rule quotes
+    each one); empty when statistics are off."""
+    refs = reference_store(wildcards)
+    return ["--reference", refs["reference"]] if refs else []
 
 
 def all_outputs():

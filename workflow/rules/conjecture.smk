@@ -1,5 +1,41 @@
 # The Conjecture post's statistics: computed in each extraction job (stat_* variables of the
-# per-pair stores), stacked per size, combined across sizes, and drawn.
+# per-pair stores) against the size's reference store, stacked per size, combined across
+# sizes, and drawn.
+
+
+# What the statistics need of the step-0 and final checkpoints, once per size: both
+# checkpoints' weights and the final top-k singular directions (lmdynamics.extraction.reference).
+# Only conjecture.top_k shapes it, so changing another statistics option does not rebuild it.
+rule reference:
+    input:
+        unpack(reference_checkpoints),
+    output:
+        directory(f"{RESULTS}/reference/{{size}}.zarr"),
+    log:
+        f"{RESULTS}/logs/reference/{{size}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/reference/{{size}}.tsv"
+    conda:
+        ENV
+    threads: 1
+    params:
+        options=job_options(
+            config,
+            "conjecture",
+            omit=[
+                f"conjecture.{key}" for key in config["conjecture"] if key != "top_k"
+            ],
+        ),
+        model=lambda wc: model_name(wc.size),
+        final_step=FINAL_STEP,
+        init=lambda wc, input: os.path.dirname(input.init_weights),
+        final=lambda wc, input: os.path.dirname(input.final_weights),
+    shell:
+        "lmdynamics reference --init-checkpoint {params.init:q}"
+        " --final-checkpoint {params.final:q} --size {wildcards.size:q}"
+        " --model {params.model:q} --final-step {params.final_step:q}"
+        " --options {params.options:q} --threads {threads:q}"
+        " --out {output:q} > {log:q} 2>&1"
 
 
 rule reduce_stats:

@@ -5,7 +5,7 @@ rule extract:
     input:
         unpack(checkpoint_files),
         unpack(gradient_batches_input),
-        unpack(reference_checkpoints),
+        unpack(reference_store),
         batch=f"{RESULTS}/eval_batch.npy",
     output:
         directory(f"{RESULTS}/extract/{{size}}/step{{step}}.zarr"),

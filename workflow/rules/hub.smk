@@ -1,12 +1,12 @@
 # Pythia from the Hugging Face hub: one download job per (size, step), and the last training
 # batch read by byte range from the preshuffled Pile (or a local copy of it).
-REFERENCE_STEPS = "|".join(str(s) for s in sorted({0, FINAL_STEP}))
 
 
-# Every extraction of a size reads that size's step-0 and final checkpoints (Conjecture
-# statistics), so those two are kept: were they temporary, adding a step later would download
-# them again and, their files being new, redo every extraction of the size. Other revisions'
-# weights are deleted once their store exists, unless hub.keep_weights.
+# Weights are temporary: deleted once every job reading them has finished (the extraction of
+# their (size, step), and for step 0 and the final step also the size's reference job),
+# unless hub.keep_weights. The durable things are the per-pair stores and the per-size
+# reference store, so adding a step later downloads and extracts that step only: Snakemake
+# does not redo a job whose output exists because its temp() inputs are gone.
 rule download:
     output:
         config=f"{RESULTS}/checkpoints/{{size}}/step{{step}}/config.json",
@@ -20,8 +20,6 @@ rule download:
         f"{RESULTS}/logs/download/{{size}}/step{{step}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/download/{{size}}/step{{step}}.tsv"
-    wildcard_constraints:
-        step=rf"(?!(?:{REFERENCE_STEPS})/)\d+",
     conda:
         ENV
     resources:
@@ -36,15 +34,6 @@ rule download:
         " --out-dir {params.out_dir:q} --min-free-gb {params.hub[min_free_gb]:q}"
         " --retries {params.hub[retries]:q} --backoff {params.hub[backoff]:q}"
         " > {log:q} 2>&1"
-
-
-use rule download as download_reference with:
-    output:
-        config=f"{RESULTS}/checkpoints/{{size}}/step{{step}}/config.json",
-        weights=f"{RESULTS}/checkpoints/{{size}}/step{{step}}/model.safetensors",
-        record=f"{RESULTS}/checkpoints/{{size}}/step{{step}}/revision.json",
-    wildcard_constraints:
-        step=REFERENCE_STEPS,
 
 
 rule pile_batch:

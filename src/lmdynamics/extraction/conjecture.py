@@ -3,10 +3,11 @@
 After :func:`lmdynamics.extraction.passes.run_pass` the model holds its weights and the gradients of
 the LM loss on the eval batch; :class:`ResidualRecorder` hooks (passed to ``run_pass`` as
 ``extra_hooks``) have seen every block's output. :func:`checkpoint_stats` turns those,
-the sampled layer outputs of the pass and the step-0 and final checkpoints (read tensor by
-tensor) into an :class:`xarray.Dataset` of ``stat_*`` variables that the extraction job
-merges into the per-pair store (layout: ``docs/architecture.md``, "Conjecture statistics").
-No second forward pass is made.
+the sampled layer outputs of the pass and the size's reference store (what the statistics
+need of the step-0 and final checkpoints, computed once per size:
+:mod:`lmdynamics.extraction.reference`) into an :class:`xarray.Dataset` of ``stat_*``
+variables that the extraction job merges into the per-pair store (layout:
+``docs/architecture.md``, "Conjecture statistics"). No second forward pass is made.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import safetensors
@@ -44,6 +45,9 @@ from lmdynamics.sources.checkpoints import (
     weights_path,
 )
 
+if TYPE_CHECKING:
+    from lmdynamics.extraction.reference import ReferenceStore
+
 #: Activation sites: the residual stream after each block, and what attention and the MLP
 #: write to it (the ``activations`` variable of the per-pair store).
 SITES: tuple[str, ...] = ("residual", "attention", "mlp")
@@ -65,15 +69,14 @@ PARAM_STATS: tuple[str, ...] = ("norm", "grad_norm", "dist_init", "rel_dist_init
 class StatsOptions:
     """What :func:`checkpoint_stats` needs besides the model.
 
-    ``init_checkpoint`` / ``final_checkpoint``: Hugging Face model directories of step 0
-    and of the final step of the same size. ``max_elements``: sample size of quantiles and
-    fits (moments and max |x| use every element). ``top_k``: singular directions compared
-    with the final checkpoint's. ``embedding_tokens``: rows of the embedding correlation.
-    ``spectrum_fit``: rank window (fractions) of the power-law fit.
+    ``reference``: the size's reference store (:func:`lmdynamics.extraction.reference.
+    build_reference` of its step-0 and final checkpoints). ``max_elements``: sample size of
+    quantiles and fits (moments and max |x| use every element). ``top_k``: singular
+    directions compared with the final checkpoint's. ``embedding_tokens``: rows of the
+    embedding correlation. ``spectrum_fit``: rank window (fractions) of the power-law fit.
     """
 
-    init_checkpoint: Path
-    final_checkpoint: Path
+    reference: Path
     max_elements: int = 1 << 16
     top_k: int = 30
     embedding_tokens: int = 256
@@ -94,7 +97,9 @@ class StatsOptions:
 
 
 class ReferenceWeights:
-    """Tensors of another checkpoint, read one at a time (safetensors) or all at once."""
+    """Tensors of another checkpoint, read one at a time (safetensors) or all at once (what
+    :func:`lmdynamics.extraction.reference.build_reference` reads the two reference
+    checkpoints with)."""
 
     def __init__(self, directory: Path | str):
         self.path = weights_path(directory)
@@ -112,18 +117,22 @@ class ReferenceWeights:
         #: the trunk's prefix, absent from files saved from the trunk (GPT-2's released files)
         self._base = f"{config_family(config).base}."
 
-    def __getitem__(self, name: str) -> torch.Tensor:
+    def raw(self, name: str) -> torch.Tensor:
         """The tensor ``name`` (today's state-dict name, e.g. ``lm_head.weight``, whatever
-        the file calls it) as float32 on CPU."""
+        the file calls it) in the file's dtype, on CPU."""
         if name not in self._names and name.removeprefix(self._base) in self._names:
             name = name.removeprefix(self._base)
         if name not in self._names:
             raise CheckpointMismatchError(f"{self.path}: no tensor {name!r}; the reference "
                                           "checkpoint must have the same architecture")
         if self._state is not None:
-            return self._state[self._names[name]].float()
+            return self._state[self._names[name]]
         with safetensors.safe_open(self.path, framework="pt", device="cpu") as fh:
-            return fh.get_tensor(self._names[name]).float()
+            return fh.get_tensor(self._names[name])
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """The tensor ``name`` as float32 on CPU."""
+        return self.raw(name).float()
 
 
 class ResidualRecorder:
@@ -198,11 +207,11 @@ def _shape_vars(prefix: str, dims: tuple[str, ...], summaries: list[dict[str, An
     }
 
 
-def parameter_stats(model: torch.nn.Module, opts: StatsOptions) -> tuple[list[str], dict]:
-    """Per parameter: norms, distance and cosine to step 0 and to the final checkpoint,
-    distribution of weights and of gradients. Returns (store names, variables over
-    ``param``)."""
-    init, final = ReferenceWeights(opts.init_checkpoint), ReferenceWeights(opts.final_checkpoint)
+def parameter_stats(model: torch.nn.Module, opts: StatsOptions,
+                    refs: ReferenceStore) -> tuple[list[str], dict]:
+    """Per parameter: norms, distance and cosine to step 0 and to the final checkpoint
+    (``refs``: the size's reference store, each tensor read once), distribution of weights
+    and of gradients. Returns (store names, variables over ``param``)."""
     family = families.for_model(model)
     names: list[str] = []
     rows: list[list[float]] = []
@@ -211,8 +220,8 @@ def parameter_stats(model: torch.nn.Module, opts: StatsOptions) -> tuple[list[st
     for name, p in model.named_parameters():
         w = p.detach()
         # references in the model's dtype: at step 0 the distance is exactly 0
-        to_init = compare_to_reference(w, init[name].to(w.dtype))
-        to_final = compare_to_reference(w, final[name].to(w.dtype))
+        to_init = compare_to_reference(w, refs.init(name).to(w.dtype))
+        to_final = compare_to_reference(w, refs.final(name).to(w.dtype))
         grad = p.grad
         names.append(param_key(name, family))
         rows.append([float(torch.linalg.vector_norm(w.double())),
@@ -264,10 +273,11 @@ def activation_stats(sites: dict[str, np.ndarray], opts: StatsOptions) -> dict:
     return _shape_vars("stat_act", ("site", "layer"), summaries, (len(SITES), n_layers))
 
 
-def _circuit_directions(weights: Callable[[str], torch.Tensor], layer: int, n_heads: int,
-                        k: int, family: families.Family) -> dict[str, list[torch.Tensor]]:
+def circuit_directions(weights: Callable[[str], torch.Tensor], layer: int, n_heads: int,
+                       k: int, family: families.Family) -> dict[str, list[torch.Tensor]]:
     """Top-k left singular vectors (residual-stream directions) of one layer's MLP write
-    matrix (out, in) and of each head's OV (the family's ``ov_weights``)."""
+    matrix (out, in) and of each head's OV (the family's ``ov_weights``). The final
+    checkpoint's are computed once per size, into the reference store."""
     mlp_out = family.write_matrix(weights(family.param_name(layer, family.mlp_write)))
     mlp = [top_left_singular_vectors(mlp_out, k)]
     stored, values = family.ov_weights(weights, layer, n_heads)
@@ -278,18 +288,18 @@ def _circuit_directions(weights: Callable[[str], torch.Tensor], layer: int, n_he
     return {"mlp": mlp, "ov": ov}
 
 
-def direction_stats(model: torch.nn.Module, opts: StatsOptions) -> dict:
+def direction_stats(model: torch.nn.Module, opts: StatsOptions, refs: ReferenceStore) -> dict:
     """Closeness of the top-k singular directions of each MLP-out and (mean over heads) OV
-    matrix to the final checkpoint's: ``stat_direction_closeness`` (circuit, layer)."""
-    final = ReferenceWeights(opts.final_checkpoint)
+    matrix to the final checkpoint's (read from the reference store ``refs``):
+    ``stat_direction_closeness`` (circuit, layer)."""
     params = dict(model.named_parameters())
     family = families.for_model(model)
     n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
     out = np.full((len(CIRCUITS), n_layers), np.nan)
     for layer in range(n_layers):
-        now = _circuit_directions(lambda n: params[n].detach(), layer, n_heads, opts.top_k,
-                                  family)
-        ref = _circuit_directions(final.__getitem__, layer, n_heads, opts.top_k, family)
+        now = circuit_directions(lambda n: params[n].detach(), layer, n_heads, opts.top_k,
+                                 family)
+        ref = refs.directions(layer)
         for c, circuit in enumerate(CIRCUITS):
             out[c, layer] = np.mean([direction_closeness(u, r)
                                      for u, r in zip(now[circuit], ref[circuit], strict=True)])
@@ -299,19 +309,21 @@ def direction_stats(model: torch.nn.Module, opts: StatsOptions) -> dict:
 
 
 def checkpoint_stats(model: torch.nn.Module, sampled: dict[str, np.ndarray],
-                     residual_max_abs: np.ndarray, opts: StatsOptions) -> xr.Dataset:
+                     residual_max_abs: np.ndarray, opts: StatsOptions,
+                     refs: ReferenceStore) -> xr.Dataset:
     """Every ``stat_*`` variable of one checkpoint (see docs/architecture.md).
 
-    ``model``: after the pass (weights and ``.grad`` populated). ``sampled``: (L, N, D)
+    ``model``: after the pass (weights and ``.grad`` populated). ``refs``: the size's
+    reference store, opened (and checked against ``model``) by the caller. ``sampled``: (L, N, D)
     activations per site of :data:`SITES`. ``residual_max_abs``: (L,) max |x| of each
     block's output over the whole eval batch.
     """
     family = families.for_model(model)
     with torch.no_grad():
-        params, param_vars = parameter_stats(model, opts)
+        params, param_vars = parameter_stats(model, opts, refs)
         matrices, spectrum_vars = spectrum_stats(model, opts)
         act_vars = activation_stats(sampled, opts)
-        direction_vars = direction_stats(model, opts)
+        direction_vars = direction_stats(model, opts, refs)
         corr = embedding_correlation(family.token_embedding(model).weight,
                                      opts.embedding_tokens)
     n_layers = len(residual_max_abs)

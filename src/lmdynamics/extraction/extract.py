@@ -54,6 +54,7 @@ from lmdynamics.extraction.passes import (
     run_pass_fitting,
 )
 from lmdynamics.extraction.positions import sample_token_positions
+from lmdynamics.extraction.reference import ReferenceStore
 from lmdynamics.heap import reuse_freed_memory
 from lmdynamics.sources.checkpoints import (
     CorruptCheckpointError,
@@ -181,8 +182,9 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
     ``gradient_protocol="paper_code"`` needs ``gradient_batches``: an .npy (2, S, T) of
     the training batches of :func:`lmdynamics.extraction.paper_code.gradient_steps` ``(step)``.
     With ``stats``, the Conjecture statistics (:mod:`lmdynamics.extraction.conjecture`) of the
-    same pass
-    are added to the store as ``stat_*`` variables.
+    same pass are added to the store as ``stat_*`` variables; the size's reference store
+    (``stats.reference``) is opened and checked before the model is loaded, so a damaged or
+    mismatched one fails before any work.
     """
     t0 = time.perf_counter()
     dev = resolve_device(device)
@@ -194,6 +196,8 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
     if gradient_protocol == "paper_code" and gradient_batches is None:
         raise ValueError("extraction.gradient_protocol='paper_code' needs the training "
                          "batches of steps c-5 and c-4 (--gradient-batches); none was given")
+    refs = (ReferenceStore(stats.reference, size=size, top_k=stats.top_k)
+            if stats is not None else None)
     try:
         model = load_model(checkpoint, dtype=DTYPES[dtype], device=dev,
                            attention=attention_implementation, family=fam.name)
@@ -204,6 +208,8 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
     check_vocabulary(batch, model.config.vocab_size, eval_batch)
     seq_idx, pos_idx = token_positions(sampling, *batch.shape, tokens, seed,
                                        context=model.config.max_position_embeddings)
+    if refs is not None:
+        refs.check_model(model)
     if stats is None:  # the Conjecture statistics need every parameter's gradient
         only_write_weights_train(model)
     log.info("loaded %s step %d (%s) on %s in %.1fs; eval batch %s, %d sampled tokens",
@@ -245,10 +251,10 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
         attrs["gradient_steps"] = list(gradient_steps(step))
     ds = extraction_dataset(result, seq_idx, pos_idx, attrs)
     warn_nonfinite(ds)
-    if stats is not None and residual is not None:
+    if stats is not None and residual is not None and refs is not None:
         t_stats = time.perf_counter()
         sampled = dict(zip(SITES, (residual.sampled(), *result.activations), strict=True))
-        ds = ds.merge(checkpoint_stats(model, sampled, residual.max_abs, stats))
+        ds = ds.merge(checkpoint_stats(model, sampled, residual.max_abs, stats, refs))
         log.info("Conjecture statistics in %.2fs", time.perf_counter() - t_stats)
     write_store(ds, out, encoding=activation_encoding(result.activations.shape))
     log.info("wrote %s (loss %.4f) in %.1fs", out, result.loss, time.perf_counter() - t0)
