@@ -30,9 +30,12 @@ from lmdynamics.extraction.reference import (
     build_reference,
 )
 from lmdynamics.extraction.stats import compare_to_reference, direction_closeness
+from lmdynamics.families import get as get_family
 from lmdynamics.sources import tiny
 from lmdynamics.sources.checkpoints import load_model, weights_sha256
 from lmdynamics.store import IncompleteStoreError, open_store, write_array_atomic
+
+GPT_NEOX = get_family("gpt_neox")
 
 SPEC = {"hidden_size": 16, "num_layers": 2, "num_heads": 2}
 FINAL, MID, TOP_K = 8, 4, 3
@@ -101,8 +104,9 @@ def test_statistics_equal_a_direct_computation_from_the_two_checkpoints(trained,
             np.testing.assert_array_equal(row[stat], value, err_msg=f"{name} {stat}")
     params = dict(model.named_parameters())
     for layer in range(SPEC["num_layers"]):
-        now = circuit_directions(lambda n: params[n].detach(), layer, SPEC["num_heads"], TOP_K)
-        ref = circuit_directions(final.__getitem__, layer, SPEC["num_heads"], TOP_K)
+        now = circuit_directions(lambda n: params[n].detach(), layer, SPEC["num_heads"], TOP_K,
+                                 GPT_NEOX)
+        ref = circuit_directions(final.__getitem__, layer, SPEC["num_heads"], TOP_K, GPT_NEOX)
         for c, circuit in enumerate(CIRCUITS):
             direct = np.mean([direction_closeness(u, r)
                               for u, r in zip(now[circuit], ref[circuit], strict=True)])

@@ -20,7 +20,7 @@ import yaml
 from family_files import BUILDERS, FAMILY, HIDDEN, LAYERS, write_checkpoint
 from lmdynamics import families
 from lmdynamics.extraction import passes as ps
-from lmdynamics.extraction.conjecture import _circuit_directions
+from lmdynamics.extraction.conjecture import circuit_directions
 from lmdynamics.extraction.names import param_key, param_sort_key
 from lmdynamics.extraction.stats import direction_closeness, top_left_singular_vectors
 from lmdynamics.families.gpt2 import GPT2
@@ -151,8 +151,8 @@ def test_per_and_conjecture_directions_ignore_the_conv1d_transpose(tmp_path, mon
     conv_params = {n: p.detach() for n, p in conv.named_parameters()}
     lin_params = {n: p.detach() for n, p in linear.named_parameters()}
     for layer in range(LAYERS):
-        a = _circuit_directions(conv_params.__getitem__, layer, 4, 3, GPT2)
-        b = _circuit_directions(lin_params.__getitem__, layer, 4, 3, as_linear)
+        a = circuit_directions(conv_params.__getitem__, layer, 4, 3, GPT2)
+        b = circuit_directions(lin_params.__getitem__, layer, 4, 3, as_linear)
         for circuit in ("mlp", "ov"):
             for u, v in zip(a[circuit], b[circuit], strict=True):
                 assert u.shape == (HIDDEN, 3)  # residual-stream directions
@@ -288,20 +288,23 @@ def test_paper_code_attention_is_gpt_neox_only(tmp_path):
 def test_extraction_with_statistics_on_published_files(tmp_path, kind):
     """The extraction job on a released-style checkpoint (GPT-2's keys lack ``transformer.``;
     both tie the unembedding): the store records the family, its own parameter names, and
-    statistics against the reference checkpoints (here the same files: distance 0)."""
+    statistics against the reference store built from the same files (distance 0)."""
     import xarray as xr
 
     from lmdynamics.extraction.conjecture import StatsOptions
     from lmdynamics.extraction.extract import extract_checkpoint
+    from lmdynamics.extraction.reference import build_reference
 
     directory = tmp_path / kind
     write_checkpoint(directory, kind)
     batch = tmp_path / "batch.npy"
     np.save(batch, np.random.default_rng(0).integers(0, 64, (2, 8)))
+    reference = build_reference(directory, directory, tmp_path / "reference.zarr", size="s",
+                                top_k=2, model_name=kind)
     out = extract_checkpoint(directory, batch, tmp_path / "out.zarr", tokens=8, seed=0,
                              size="s", step=0, model_name=kind, revision="main",
                              device="cpu", family=FAMILY[kind],
-                             stats=StatsOptions(directory, directory, top_k=2))
+                             stats=StatsOptions(reference, top_k=2))
     ds = xr.open_zarr(out, consolidated=False)
     family = families.get(FAMILY[kind])
     assert ds.attrs["family"] == family.name
