@@ -12,6 +12,7 @@ from hub_server import HubServer, add_pythia, checkpoint_files, use_endpoint
 from lmdynamics.cli import run
 from lmdynamics.config import ConfigError, check_config
 from lmdynamics.sources import plan as pl
+from lmdynamics.sources import pythia
 
 SCHEMA = REPO / "workflow/schemas/config.schema.yaml"
 PYTHIA = yaml.safe_load((REPO / "config/config.yaml").read_text())
@@ -25,7 +26,7 @@ PUBLISHED = {"14m": 14_067_712, "31m": 30_494_720, "70m": 70_426_624, "160m": 16
 
 def test_parameter_counts_match_the_published_ones():
     for size, count in PUBLISHED.items():
-        assert pl.gpt_neox_parameters(*pl.PYTHIA_ARCHITECTURES[size]) == count, size
+        assert pl.gpt_neox_parameters(*pythia.ARCHITECTURES[size]) == count, size
 
 
 def test_offline_plan_of_the_paper_grid():
