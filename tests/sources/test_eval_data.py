@@ -112,10 +112,10 @@ def test_suite_eval_batch_command_writes_the_batch_and_says_its_sha256(tmp_path,
     assert hashlib.sha256(batch.tobytes()).hexdigest() in caplog.text
     capsys.readouterr()
     assert main(["suite-eval-batch", str(tmp_path / "t.npy"), "--sequences", "2", "--seq-len",
-                 "33", "--vocab", "100", "--out", str(tmp_path / "x.npy")]) == 1
+                 "33", "--vocab", "50", "--out", str(tmp_path / "x.npy")]) == 1
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith("lmdynamics suite-eval-batch: error: eval_data.path ")
-    assert "token id 199 >= the suite's vocabulary size 100" in err[0]
+    assert "token id 65 >= the suite's vocabulary size 50" in err[0]
     assert not (tmp_path / "x.npy").exists()
 
 
