@@ -1,5 +1,6 @@
-# Pythia from the Hugging Face hub: one download job per (size, step), and the last training
-# batch read by byte range from the preshuffled Pile (or a local copy of it).
+# A suite's checkpoints from the Hugging Face hub (its definition, lmdynamics.sources.suites):
+# one download job per (size, step); the eval batch is Pythia's last training batch read by
+# byte range from the preshuffled Pile (or a local copy of it), or a local file (eval_data).
 REFERENCE_STEPS = "|".join(str(s) for s in sorted({0, FINAL_STEP}))
 
 
@@ -128,7 +129,8 @@ if EVAL_FROM_FILE:
                 ["--allow-download"] if config["eval_data"]["allow_download"] else []
             ),
         shell:
-            "lmdynamics suite-eval-batch {input:q} --sequences {params.sequences:q}"
+            # '=' and '--': a path or tokenizer starting with '-' is still read as one
+            "lmdynamics suite-eval-batch --sequences {params.sequences:q}"
             " --seq-len {params.eval_data[seq_len]:q} --vocab {params.vocab:q}"
-            " --tokenizer {params.tokenizer:q} {params.dtype:q} {params.download:q}"
-            " --out {output:q} > {log:q} 2>&1"
+            " --tokenizer={params.tokenizer:q} {params.dtype:q} {params.download:q}"
+            " --out {output:q} -- {input:q} > {log:q} 2>&1"
