@@ -368,3 +368,34 @@ def use_endpoint(monkeypatch, server: HubServer, tmp_path: Path, timeout: float 
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_TOKEN", raising=False)
+
+
+# --- non-Pythia suites under their real naming (tests/suite_files.py) ------------------------
+
+OLMO_REPO = "allenai/OLMo-1B-hf"
+MISTRAL_REPO = "stanford-crfm/alias-gpt2-small-x21"
+
+
+def add_olmo(hub: HubServer, steps: list[int], repo_id: str = OLMO_REPO) -> dict[int, str]:
+    """Publish an OLMo-style repo: branches ``step<N>-tokens<M>B`` (and ``main`` = the last
+    step), each with ``config.json`` and ``model.safetensors``; revision of step N seeded
+    ``2000 + N``. Returns step -> branch name."""
+    from suite_files import olmo_branch, olmo_files
+
+    names = {}
+    for step in sorted(steps):
+        files = olmo_files(2000 + step, TEST_VOCAB)
+        names[step] = olmo_branch(step)
+        hub.add_model(repo_id, names[step], files)
+    hub.add_model(repo_id, "main", olmo_files(2000 + max(steps), TEST_VOCAB))
+    return names
+
+
+def add_mistral_gpt2(hub: HubServer, steps: list[int], repo_id: str = MISTRAL_REPO) -> None:
+    """Publish a Mistral GPT-2 repo: branches ``checkpoint-<step>`` (and ``main``) with
+    ``config.json`` and ``pytorch_model.bin``; revision of step N seeded ``3000 + N``."""
+    from suite_files import gpt2_files
+
+    for step in sorted(steps):
+        hub.add_model(repo_id, f"checkpoint-{step}", gpt2_files(3000 + step, TEST_VOCAB))
+    hub.add_model(repo_id, "main", gpt2_files(3000 + max(steps), TEST_VOCAB))

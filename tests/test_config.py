@@ -236,3 +236,26 @@ def test_canonical_sorts_keys_recursively_and_keeps_lists():
     out = canonical(value)
     assert list(out) == ["a", "b"] and list(out["b"]) == ["x", "y"]
     assert list(out["b"]["x"][0]) == ["c", "d"] and out == value
+
+
+def test_hub_settings_left_unset_come_from_the_suite_definition():
+    """suite: pythia without hub.repo/revision/dataset is the standard Pile suite; the paper's
+    config sets them (Pythia deduped) and keeps them; a config naming no shipped suite gets
+    pythia-deduped, as before definitions existed."""
+    from lmdynamics.config import hub_repo, hub_section, suite_for
+
+    paper = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    bare = {**paper, "hub": {k: v for k, v in paper["hub"].items()
+                             if k not in ("repo", "revision", "dataset")}}
+    hub = hub_section(bare, suite_for(bare))
+    assert (hub["repo"], hub["revision"], hub["dataset"]) == (
+        "EleutherAI/pythia-{size}", "step{step}", "EleutherAI/pile-standard-pythia-preshuffled")
+    assert hub_section(paper, suite_for(paper)) == paper["hub"]
+    assert hub_repo(paper, suite_for(paper), "70m") == "EleutherAI/pythia-70m-deduped"
+    other = {**bare, "suite": "my-run"}
+    assert suite_for(other).name == "pythia-deduped"
+    assert hub_section(other, suite_for(other))["dataset"] == \
+        "EleutherAI/pile-deduped-pythia-preshuffled"
+    poly = {**bare, "suite": "polypythias"}
+    assert "repo" not in hub_section(poly, suite_for(poly))  # per-seed repos: no one template
+    assert hub_repo(poly, suite_for(poly), "160m", 0) == "EleutherAI/pythia-160m"

@@ -174,10 +174,15 @@ def hostile_values(path: tuple, marker: str) -> list[str]:
     return out
 
 
+#: Keys whose value is any local path (or a tokenizer folder), which the rules quote: no
+#: control characters or braces, anything else.
+PATH_KEYS = ("hub.tokens_path", "suite_file", "eval_data.path", "eval_data.tokenizer")
+
+
 def _literal_ok(path: tuple, value: str) -> bool:
     """Whether an accepted value is harmless as the rules use it: shell-safe as it is, or a
-    path (``hub.tokens_path``), which the rules quote."""
-    if dotted(path) == "hub.tokens_path":
+    path (:data:`PATH_KEYS`), which the rules quote."""
+    if dotted(path) in PATH_KEYS:
         return not re.search(r"[\x00-\x1f\x7f{}]", value)
     shown = value.replace("{size}", "70m").replace("{step}", "0")
     return shlex.quote(shown) == shown
@@ -198,7 +203,7 @@ def test_shell_metacharacters_in_every_string_key_are_refused_or_literal(path, t
         else:
             TALLY["silently accepted"] += 1
     assert all(_literal_ok(path, v) for v in accepted), accepted
-    assert dotted(path) == "hub.tokens_path" or not any("touch" in v for v in accepted)
+    assert dotted(path) in PATH_KEYS or not any("touch" in v for v in accepted)
     assert not Path(marker).exists()
 
 
@@ -361,7 +366,7 @@ def test_snakemake_refuses_shell_in_every_string_key_before_any_job(tmp_path):
     config = copy.deepcopy(PYTHIA_SMALL)
     expected = []
     for path in STRING_KEYS:
-        if dotted(path) == "hub.tokens_path":
+        if dotted(path) in PATH_KEYS:
             continue  # any path is allowed: tested above, passed literally
         base = {"hub.repo": "a/{size}", "hub.revision": "{step}"}.get(dotted(path), "x")
         value = f"{base}$(touch {marker})"

@@ -17,7 +17,7 @@ from lmdynamics.extraction import extract, paper_code
 from lmdynamics.reduction.cka import CKAOptions
 from lmdynamics.report import figures, tables
 from lmdynamics.report.tables import MCCOptions
-from lmdynamics.sources import checkpoints
+from lmdynamics.sources import checkpoints, eval_data
 
 #: Every enum of the schema -> the code's allowed values (the test fails on a new enum
 #: without an entry here, so a new choice is declared once, beside the code that uses it).
@@ -37,6 +37,7 @@ CODE_CHOICES = {
     ("extraction", "attention_implementation"): checkpoints.ATTENTION_IMPLEMENTATIONS,
     ("extraction", "gradient_protocol"): paper_code.GRADIENT_PROTOCOLS,
     ("sampling", "protocol"): extract.SAMPLING_PROTOCOLS,
+    ("eval_data", "dtype"): (*eval_data.BIN_DTYPES, None),  # null: not a .bin file
 }
 
 

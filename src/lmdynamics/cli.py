@@ -8,6 +8,7 @@ hand. Logging goes to stderr (the rules redirect it to ``results/<suite>/logs/``
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -268,15 +269,17 @@ def _options_arg(p: argparse.ArgumentParser, *sections: str) -> None:
 
 def _token_source(a: argparse.Namespace):
     """The Pile's tokens: local shards (``--tokens-path``) or the hub dataset (``--dataset``,
-    else the schema's default of ``hub.dataset``) read by range requests."""
-    from lmdynamics.options import defaults
+    else the default suite definition's, Pythia-deduped's) read by range requests."""
+    from lmdynamics.config import DEFAULT_SUITE
     from lmdynamics.sources.hub import set_default_timeout
     from lmdynamics.sources.pile import HubTokens, LocalTokens
+    from lmdynamics.sources.suites import load_suite
 
     if a.tokens_path:
         return LocalTokens(a.tokens_path)
     set_default_timeout()
-    return HubTokens(a.dataset or defaults("hub")["dataset"], a.dataset_revision,
+    dataset = a.dataset or load_suite(DEFAULT_SUITE).eval_data["dataset"]
+    return HubTokens(dataset, a.dataset_revision,
                      retries=a.retries, backoff=a.backoff)
 
 
@@ -415,7 +418,13 @@ def _retry_args(p: argparse.ArgumentParser) -> None:
 
 def _download_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repo", required=True, help="e.g. EleutherAI/pythia-70m-deduped")
-    p.add_argument("--revision", required=True, help="e.g. step1000")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--revision", help="e.g. step1000")
+    which.add_argument("--revision-pattern", metavar="REGEX",
+                       help="find the branch of --step among the repo's branches by this "
+                            "pattern (a named group 'step'), e.g. OLMo's "
+                            "'step(?P<step>[0-9]+)-tokens[0-9]+B'")
+    p.add_argument("--step", type=int, default=None, help="the step, with --revision-pattern")
     p.add_argument("--out-dir", type=Path, required=True)
     p.add_argument("--min-free-gb", type=float, default=0.0,
                    help="fail before writing if the download would leave less free disk")
@@ -427,17 +436,25 @@ def _download(a: argparse.Namespace) -> None:
     """Download one hub revision (config.json, weights as model.safetensors, revision.json)."""
     from huggingface_hub.utils import disable_progress_bars
 
-    from lmdynamics.sources.hub import download_revision, set_default_timeout
+    from lmdynamics.sources.hub import download_revision, resolve_revision, set_default_timeout
 
     disable_progress_bars()
     set_default_timeout()
-    record = download_revision(a.repo, a.revision, a.out_dir, retries=a.retries,
+    revision = a.revision
+    if a.revision_pattern is not None:
+        if a.step is None:
+            raise ValueError("--revision-pattern needs --step (the step whose branch to find)")
+        revision = resolve_revision(a.repo, a.step, a.revision_pattern, retries=a.retries,
+                                    backoff=a.backoff)
+        log.info("step %d of %s is branch %s", a.step, a.repo, revision)
+    record = download_revision(a.repo, revision, a.out_dir, retries=a.retries,
                                backoff=a.backoff, min_free_bytes=int(a.min_free_gb * 1e9))
     log.info("revision record: %s", json.dumps(record))
 
 
 def _pile_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default=None, help="default: the schema's hub.dataset")
+    p.add_argument("--dataset", default=None,
+                   help="default: the pythia-deduped suite definition's dataset")
     p.add_argument("--dataset-revision", default="main")
     p.add_argument("--tokens-path", type=Path, default=None,
                    help="local shards folder or concatenated file instead of the hub")
@@ -475,6 +492,36 @@ def _hub_eval_batch(a: argparse.Namespace) -> None:
     batch = select_eval_batch(tokens, a.sequences)
     write_array_atomic(batch, a.out)
     log.info("eval batch %s -> %s", batch.shape, a.out)
+
+
+def _suite_eval_args(p: argparse.ArgumentParser) -> None:
+    from lmdynamics.sources.eval_data import BIN_DTYPES
+
+    p.add_argument("source", type=Path, help=".npy / .bin token ids, or UTF-8 text")
+    p.add_argument("--sequences", type=int, required=True)
+    p.add_argument("--seq-len", type=int, required=True)
+    p.add_argument("--vocab", type=int, default=0, help="the suite's vocabulary (0: unknown)")
+    p.add_argument("--dtype", choices=BIN_DTYPES, default=None, help="token dtype of a .bin")
+    p.add_argument("--tokenizer", default=None, help="text: a local folder or hub id")
+    p.add_argument("--allow-download", action="store_true",
+                   help="text: let the tokenizer be downloaded (else local files only)")
+    p.add_argument("--out", type=Path, required=True)
+
+
+@command("suite-eval-batch", _suite_eval_args)
+def _suite_eval_batch(a: argparse.Namespace) -> None:
+    """The eval batch of a suite from a local token or text file (eval_data), as int64."""
+    from lmdynamics.sources.eval_data import eval_batch
+    from lmdynamics.store import write_array_atomic
+
+    if a.sequences < 1 or a.seq_len < 2:
+        raise ValueError(f"--sequences {a.sequences} --seq-len {a.seq_len}: allowed >= 1, >= 2")
+    batch = eval_batch(a.source, sequences=a.sequences, seq_len=a.seq_len,
+                       vocab=a.vocab or None, dtype=a.dtype, tokenizer=a.tokenizer,
+                       allow_download=a.allow_download)
+    write_array_atomic(batch, a.out)
+    log.info("eval batch %s from %s -> %s (sha256 %s)", batch.shape, a.source, a.out,
+             hashlib.sha256(batch.tobytes()).hexdigest())
 
 
 def _audit_args(p: argparse.ArgumentParser) -> None:

@@ -20,7 +20,7 @@ import jsonschema
 import yaml
 
 from lmdynamics.sources import pythia
-from lmdynamics.sources.schedule import checkpoint_schedule, pythia_schedule
+from lmdynamics.sources.schedule import checkpoint_schedule
 
 #: Where checkpoints come from (config key ``source``).
 SOURCES: tuple[str, ...] = ("tiny", "hub")
@@ -160,12 +160,82 @@ def nonfinite_errors(config: Any) -> list[str]:
     return sorted(errors)
 
 
-def schedule_for(config: Mapping[str, Any]) -> list[int]:
-    """Checkpoint steps the configured source provides (the tiny schedule or Pythia's)."""
+#: The suite definition a hub config uses when ``suite`` names no shipped one and
+#: ``suite_file`` is unset: the paper's (what the hub source always served before definitions).
+DEFAULT_SUITE = "pythia-deduped"
+
+
+def suite_for(config: Mapping[str, Any]):
+    """The :class:`~lmdynamics.sources.suites.Suite` of a hub config (None for tiny): the
+    file ``suite_file``, else the shipped definition named ``suite``, else
+    :data:`DEFAULT_SUITE`."""
+    from lmdynamics.sources import suites
+
+    if config["source"] != "hub":
+        return None
+    if config.get("suite_file"):
+        return suites.read_suite(config["suite_file"])
+    name = config["suite"] if config["suite"] in suites.shipped() else DEFAULT_SUITE
+    return suites.load_suite(name)
+
+
+def hub_section(config: Mapping[str, Any], suite) -> dict[str, Any]:
+    """The ``hub`` section with what it leaves unset taken from ``suite``: ``repo`` (its
+    template, when it has one), ``revision`` (its template, when revisions are templated)
+    and ``dataset`` (its preshuffled Pile, else Pythia-deduped's; also for the tiny source, whose
+    rules read it). Keys the config sets win."""
+    from lmdynamics.sources import suites
+
+    hub = dict(config.get("hub") or {})
+    if suite is not None and suite.repo is not None and not suite.repos:
+        hub.setdefault("repo", suite.repo)
+    if suite is not None and suite.revisions["kind"] == "template":
+        hub.setdefault("revision", suite.revisions["template"])
+    dataset = (suite.eval_data.get("dataset") if suite is not None else None) or \
+        suites.load_suite(DEFAULT_SUITE).eval_data["dataset"]
+    hub.setdefault("dataset", dataset)
+    return hub
+
+
+def hub_repo(config: Mapping[str, Any], suite, size: str, seed: int | None = None) -> str:
+    """The hub repo of ``size`` (and ``seed``): ``hub.repo`` when the config sets it, else
+    the suite definition's."""
+    given = (config.get("hub") or {}).get("repo")
+    return given.format(size=size) if given else suite.repo_id(size, seed)
+
+
+def hub_revision(config: Mapping[str, Any], suite, step: int) -> str | None:
+    """The revision of ``step``: ``hub.revision`` when set, else the definition's; ``None``
+    for a ``discover`` suite (the download job finds the branch from the suite's pattern)."""
+    given = (config.get("hub") or {}).get("revision")
+    return given.format(step=step) if given else suite.revision(int(step))
+
+
+def schedule_for(config: Mapping[str, Any]) -> list[int] | None:
+    """Checkpoint steps the configured source provides: the tiny schedule, or the suite
+    definition's; ``None`` when only the hub's branch list knows them (``discover``)."""
     if config["source"] == "tiny":
         sched = config["tiny"]["schedule"]
         return checkpoint_schedule(config["final_step"], sched["log_until"], sched["interval"])
-    return pythia_schedule()
+    schedule = suite_for(config).schedule
+    return None if schedule is None else list(schedule)
+
+
+def eval_from_file(config: Mapping[str, Any], suite) -> bool:
+    """Whether the eval batch comes from ``eval_data.path`` (set, or needed because the
+    suite has no public training batch) rather than the preshuffled Pile."""
+    if suite is None:
+        return False
+    return bool((config.get("eval_data") or {}).get("path")) or \
+        suite.eval_data["kind"] != "pile_last_batch"
+
+
+def suite_vocab(config: Mapping[str, Any], suite) -> int | None:
+    """The smallest documented vocabulary of the configured sizes (every id of the shared
+    eval batch must be below it), or None when no size's is known."""
+    known = [suite.sizes[s].vocab for s in config["sizes"]
+             if s in suite.sizes and suite.sizes[s].vocab is not None]
+    return min(known) if known else None
 
 
 def _short(values: list[int], limit: int = 30) -> str:
@@ -175,15 +245,23 @@ def _short(values: list[int], limit: int = 30) -> str:
 
 def semantic_errors(config: Mapping[str, Any]) -> list[str]:
     """Checks the schema cannot express; assumes the config passed the schema."""
+    from lmdynamics.sources.suites import SuiteError
+
     errors: list[str] = []
     source = config["source"]
+    suite = None
     if source == "tiny":
         if "tiny" not in config:
             return ["config key 'tiny': missing; allowed: a 'tiny' section (schedule, models) "
                     "when source is 'tiny'"]
         known = list(config["tiny"]["models"])
     else:
-        known = list(pythia.SIZES)
+        try:
+            suite = suite_for(config)
+        except SuiteError as exc:
+            return [f"config key 'suite_file': {' '.join(str(exc).split())}"]
+        known = list(suite.sizes)
+        errors += eval_data_errors(config, suite)
     for size in config["sizes"]:
         if size not in known:
             errors.append(f"config key 'sizes': {size!r} is not a known size for source "
@@ -201,6 +279,8 @@ def semantic_errors(config: Mapping[str, Any]) -> list[str]:
         schedule = schedule_for(config)
     except ValueError as exc:
         return [*errors, f"config key 'tiny.schedule': {exc}"]
+    if schedule is None:  # discover: the hub's branches say which steps exist, not the config
+        schedule = sorted({*config["steps"], final})
     saved = set(schedule)
     if final not in saved:
         errors.append(f"config key 'final_step': {final} is not in the {source} schedule; "
@@ -232,6 +312,27 @@ def semantic_errors(config: Mapping[str, Any]) -> list[str]:
     return errors
 
 
+def eval_data_errors(config: Mapping[str, Any], suite) -> list[str]:
+    """The eval data a hub config needs from its suite definition: a local file when the
+    suite has no public training batch; the paper code's gradient batches only from the Pile."""
+    section = config.get("eval_data") or {}
+    errors = []
+    if suite.eval_data["kind"] != "pile_last_batch" and not section.get("path"):
+        errors.append(f"config key 'eval_data.path': unset, but suite {suite.name} has no "
+                      f"public training batch ({suite.eval_data.get('note', '').strip()}); "
+                      "allowed: a local .npy / .bin token file or a text file")
+    path = section.get("path")
+    if path and path.lower().endswith(".bin") and not section.get("dtype"):
+        errors.append(f"config key 'eval_data.dtype': unset for the .bin file {path}; "
+                      "allowed: uint16, uint32, int32, int64")
+    if eval_from_file(config, suite) and \
+            (config.get("extraction") or {}).get("gradient_protocol") == "paper_code":
+        errors.append("config key 'extraction.gradient_protocol': paper_code reads training "
+                      "batches of the preshuffled Pile, which an eval_data file does not give; "
+                      "allowed: eval_batch")
+    return errors
+
+
 def eval_sequences(config: Mapping[str, Any]) -> int:
     """Number of sequences in the eval batch the config feeds to extraction."""
     if config["source"] == "tiny":
@@ -260,6 +361,9 @@ def eval_positions(config: Mapping[str, Any]) -> int:
     if config["source"] == "tiny":
         tiny = config["tiny"]
         return tiny.get("batch_size", 16) * tiny.get("seq_len", 128)
+    section = config.get("eval_data") or {}
+    if section.get("path") or suite_for(config).eval_data["kind"] != "pile_last_batch":
+        return eval_sequences(config) * (section.get("seq_len", pythia.SEQUENCE_TOKENS) - 1)
     return eval_sequences(config) * pythia.CONTEXT
 
 
@@ -287,15 +391,36 @@ def check_config(config: Mapping[str, Any], schema: Mapping[str, Any] | Path | s
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
 
 
-def family_errors(config: Mapping[str, Any]) -> list[str]:
-    """An unknown ``family`` (the registry, not the schema, knows the families), and options
-    that exist for one model family only (the paper code's attention slice)."""
+def resolved_family(config: Mapping[str, Any]) -> str:
+    """The model family a config analyses: ``family`` when set, else the hub suite
+    definition's (:func:`suite_for`), else :data:`lmdynamics.families.DEFAULT` (the tiny
+    suite's GPT-NeoX)."""
     from lmdynamics import families
 
-    name = config.get("family", families.DEFAULT)
+    if config.get("family") is not None:
+        return config["family"]
+    suite = suite_for(config) if config.get("source") == "hub" else None
+    return suite.family if suite is not None else families.DEFAULT
+
+
+def family_errors(config: Mapping[str, Any]) -> list[str]:
+    """An unknown ``family`` (the registry, not the schema, knows the families), one that
+    contradicts the hub suite definition's, and options that exist for one model family only
+    (the paper code's attention slice)."""
+    from lmdynamics import families
+    from lmdynamics.sources.suites import SuiteError
+
+    try:
+        name = resolved_family(config)
+    except SuiteError:  # a broken suite file: its own one-line error, raised by suite_for
+        return []
     if name not in families.names():
         return [f"config key 'family': {name!r} is not a known model family "
                 f"(src/lmdynamics/families/); allowed: {', '.join(families.names())}"]
+    suite = suite_for(config) if config.get("source") == "hub" else None
+    if suite is not None and suite.family != name:
+        return [f"config key 'family': {name!r}, but suite {suite.name!r} is of family "
+                f"{suite.family!r}; remove the key or set it to {suite.family!r}"]
     family = families.get(name)
     if (config.get("extraction", {}).get("attention_activation") == "paper_code"
             and not family.paper_code_attention):

@@ -12,6 +12,7 @@ from hub_server import HubServer, add_pythia, checkpoint_files, use_endpoint
 from lmdynamics.cli import run
 from lmdynamics.config import ConfigError, check_config
 from lmdynamics.sources import plan as pl
+from lmdynamics.sources import pythia
 
 SCHEMA = REPO / "workflow/schemas/config.schema.yaml"
 PYTHIA = yaml.safe_load((REPO / "config/config.yaml").read_text())
@@ -25,7 +26,7 @@ PUBLISHED = {"14m": 14_067_712, "31m": 30_494_720, "70m": 70_426_624, "160m": 16
 
 def test_parameter_counts_match_the_published_ones():
     for size, count in PUBLISHED.items():
-        assert pl.gpt_neox_parameters(*pl.PYTHIA_ARCHITECTURES[size]) == count, size
+        assert pl.gpt_neox_parameters(*pythia.ARCHITECTURES[size]) == count, size
 
 
 def test_offline_plan_of_the_paper_grid():
@@ -111,3 +112,55 @@ def test_paper_code_protocol_needs_one_sequence_per_token():
     config["tokens"], config["hub"]["sequences"] = 2 * 2048 + 1, 2
     with pytest.raises(ConfigError, match=r"exceeds the 4096 token positions"):
         check_config(config, SCHEMA)
+
+
+def _suite_config(**overlay):
+    config = copy.deepcopy(PYTHIA)
+    for key in ("repo", "revision", "dataset"):
+        config["hub"].pop(key)
+    config.update(overlay)
+    return config
+
+
+def test_offline_plan_of_suite_definitions():
+    poly = pl.plan(_suite_config(suite="polypythias", sizes=["70m"],
+                                 eval_data={"path": "t.npy"}), online=False).iloc[0]
+    assert (poly.steps, poly.seeds, poly.jobs) == (27, 10, 270)
+    assert poly.download_bytes == 270 * (2 * 70_426_624 + 1000)
+    olmo = pl.plan(_suite_config(suite="olmo-1b", sizes=["1B"], steps=[0, 1000],
+                                 final_step=1000, eval_data={"path": "t.npy"}),
+                   online=False).iloc[0]
+    # 16 x (4 x 2048^2 + 3 x 2048 x 8192) + 50304 x 2048 (tied), no norm weights (OLMo)
+    assert olmo.parameters == 16 * (4 * 2048**2 + 3 * 2048 * 8192) + 50304 * 2048
+    assert "discovered from the hub's branch list, which needs the network" in \
+        olmo.download_source
+    gpt2 = pl.plan(_suite_config(suite="mistral-gpt2", sizes=["small", "medium"],
+                                 steps=[0, 400000], final_step=400000,
+                                 eval_data={"path": "t.npy", "seq_len": 1024}),
+                   online=False)
+    assert gpt2.jobs.tolist() == [10, 10]
+    assert gpt2.parameters[0] == 12 * (12 * 768**2 + 13 * 768) + 50257 * 768 + 2 * 768
+    assert gpt2.parameters.isna()[1] and gpt2.download_source[1].startswith("unknown")
+    text = pl.format_plan(gpt2)
+    assert "medium   unknown" in text and "jobs" in text
+
+
+def test_online_plan_of_a_discover_suite_reads_the_branches(monkeypatch, tmp_path):
+    from hub_server import OLMO_REPO, add_olmo
+    from suite_files import olmo_branch
+
+    config = _suite_config(suite="olmo-1b", sizes=["1B"], steps=[0, 1000], final_step=1000,
+                           eval_data={"path": "t.npy"})
+    asked = []
+
+    def revision_bytes(repo, revision):
+        asked.append((repo, revision))
+        return 5
+
+    with HubServer() as hub:
+        use_endpoint(monkeypatch, hub, tmp_path)
+        add_olmo(hub, [0, 1000, 2000])
+        table = pl.plan(config, revision_bytes=revision_bytes)
+    assert sorted(asked) == [(OLMO_REPO, olmo_branch(0)), (OLMO_REPO, olmo_branch(1000))]
+    assert table.download_bytes[0] == 10 and table.download_source[0] == \
+        "hub metadata of 2 revisions"

@@ -2,11 +2,13 @@
 huggingface_hub client, against the loopback hub (one size, four steps, faults injected),
 serving revisions in the hub's own legacy format (tests/pythia_files.py: transformers 4.x
 names, float16, persisted buffers; ``pytorch_model.bin`` on most branches, a legacy-named
-``model.safetensors`` on one, a byte-identical duplicate); and the full grid's dry run,
-offline."""
+``model.safetensors`` on one, a byte-identical duplicate); the full grid's dry run,
+offline; the offline dry run of every shipped suite definition; and OLMo's naming end to end
+(tests/suite_files.py)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 
@@ -17,7 +19,9 @@ import xarray as xr
 import yaml
 
 from conftest import copy_workflow, snakemake
-from hub_server import HubServer, add_pythia, token_at, use_endpoint
+from hub_server import HubServer, add_olmo, add_pythia, token_at, use_endpoint
+from lmdynamics.sources.checkpoints import KNOWN_ARCHITECTURES
+from suite_files import olmo_branch
 
 RESULTS = "results/pythia"
 STEPS = [0, 1, 512, 143000]
@@ -105,3 +109,97 @@ def test_pythia_config_runs_end_to_end_through_the_hub_client(tmp_path, monkeypa
         np.testing.assert_allclose(final[name].values, 1.0, atol=1e-9)
     assert pd.read_csv(results / "tables/mcc.csv").shape[0] >= 1
     assert (results / "figures/figure2.png").stat().st_size > 5000
+
+
+# --- other suites: the dry run of every shipped definition, offline, and OLMo end to end ----
+
+#: Per shipped suite: the overlay on config/config.yaml (its hub.repo/revision/dataset
+#: removed, so the definition's apply) and the extraction jobs it must plan.
+SUITE_RUNS = {
+    "pythia": ({"suite": "pythia"}, 5 * 27),
+    "pythia-deduped": ({"suite": "pythia-deduped"}, 5 * 27),
+    "polypythias": ({"suite": "polypythias", "sizes": ["14m", "31m", "70m", "160m", "410m"],
+                     "eval_data": {"path": "tokens.npy"}}, 5 * 27),
+    "olmo-1b": ({"suite": "olmo-1b", "sizes": ["1B"], "steps": [0, 1000, 2000, 20000],
+                 "final_step": 20000, "eval_data": {"path": "tokens.npy"}}, 4),
+    "olmo-7b": ({"suite": "olmo-7b", "sizes": ["7B"], "steps": [0, 1000, 452000],
+                 "final_step": 452000, "eval_data": {"path": "tokens.npy"}}, 3),
+    "mistral-gpt2": ({"suite": "mistral-gpt2", "sizes": ["small", "medium"],
+                      "steps": [0, 10, 100, 1000, 2000, 20000, 100000, 400000],
+                      "final_step": 400000, "eval_data": {"path": "tokens.npy"}}, 2 * 8),
+}
+
+
+def suite_config(workdir, overlay: dict) -> str:
+    """config/suite.yaml: config/config.yaml without its hub repo, revision and dataset (the
+    suite definition's apply), with ``overlay``; and tokens.npy for eval_data."""
+    config = yaml.safe_load((workdir / "config/config.yaml").read_text())
+    for key in ("repo", "revision", "dataset"):
+        config["hub"].pop(key)
+    for key, value in overlay.items():
+        config[key] = ({**config[key], **value} if isinstance(value, dict)
+                       and isinstance(config.get(key), dict) else value)
+    (workdir / "config/suite.yaml").write_text(yaml.safe_dump(config))
+    np.save(workdir / "tokens.npy", np.arange(16 * 2049, dtype=np.uint16) % 500)
+    return "config/suite.yaml"
+
+
+@pytest.mark.parametrize("name", list(SUITE_RUNS))
+def test_every_shipped_suite_plans_offline(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: no request
+    overlay, extractions = SUITE_RUNS[name]
+    workdir = copy_workflow(tmp_path / "wf")
+    configfile = suite_config(workdir, overlay)
+    proc = snakemake(workdir, "-n", "--configfile", configfile, "--quiet", "rules")
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", proc.stdout, flags=re.M))
+    assert counts["extract"] == str(extractions)
+    assert int(counts["download"]) + int(counts["download_reference"]) == extractions
+    eval_rule = "pile_batch" if name.startswith("pythia") else "suite_eval_batch"
+    assert counts[eval_rule] == "1"
+    commands = snakemake(workdir, "-n", "-p", "--configfile", configfile).stdout
+    repos = set(re.findall(r"lmdynamics download --repo (\S+)", commands))
+    expected = {"pythia": "EleutherAI/pythia-70m", "pythia-deduped":
+                "EleutherAI/pythia-70m-deduped", "polypythias": "EleutherAI/pythia-70m",
+                "olmo-1b": "allenai/OLMo-1B-hf", "olmo-7b": "allenai/OLMo-7B-hf",
+                "mistral-gpt2": "stanford-crfm/alias-gpt2-small-x21"}[name]
+    assert expected in repos, repos
+    if name.startswith("olmo"):  # discovered at download time, by pattern
+        assert "--step 1000 --revision-pattern 'step(?P<step>[0-9]+)-tokens" in commands
+
+
+@pytest.mark.slow
+def test_olmo_suite_end_to_end_through_the_hub_client(tmp_path, monkeypatch):
+    """OLMo's naming through the real client: branches found by list_repo_refs, downloaded,
+    extracted with the same eval batch (its sha256 in every store). Loading OlmoForCausalLM
+    needs the llama family adapter (lmdynamics.families); until it is merged the run fails at
+    the architecture check, and only then is this an expected failure."""
+    steps = [0, 1000, 2000]
+    workdir = copy_workflow(tmp_path / "wf")
+    configfile = suite_config(workdir, {
+        "suite": "olmo-1b", "sizes": ["1B"], "steps": steps, "final_step": 2000,
+        "tokens": 64, "eval_data": {"path": "tokens.npy", "seq_len": 33},
+        "extraction": {"device": "cpu", "dtype": "float32"},
+        "hub": {"sequences": 2, "retries": 1, "backoff": 0.2, "min_free_gb": 0}})
+    results = workdir / "results/olmo-1b"
+    with HubServer() as hub:
+        use_endpoint(monkeypatch, hub, tmp_path, timeout=5)
+        add_olmo(hub, steps)
+        proc = snakemake(workdir, "--configfile", configfile, "--resources", "network=2",
+                         check=False)
+        if proc.returncode != 0:
+            logs = "".join(p.read_text() for p in (results / "logs").rglob("*.log"))
+            if "OlmoForCausalLM" not in KNOWN_ARCHITECTURES and "known architectures" in logs:
+                pytest.xfail("OlmoForCausalLM needs the llama family adapter "
+                             "(lmdynamics.families), merged separately")
+            raise AssertionError(proc.stderr[-4000:] + logs[-4000:])
+        repo = hub.state.repo("models", "allenai/OLMo-1B-hf")
+    batch = np.load(results / "eval_batch.npy")
+    np.testing.assert_array_equal(batch, (np.arange(2 * 33) % 500).reshape(2, 33))
+    digest = hashlib.sha256(batch.astype(np.int64).tobytes()).hexdigest()
+    for step in steps:
+        rev = json.loads((results / f"checkpoints/1B/step{step}/revision.json").read_text())
+        assert rev["revision"] == olmo_branch(step)
+        assert rev["commit"] == repo.branches[olmo_branch(step)]
+        attrs = xr.open_zarr(results / f"extract/1B/step{step}.zarr").attrs
+        assert attrs["eval_batch_sha256"] == digest and attrs["revision"] == olmo_branch(step)

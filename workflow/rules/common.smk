@@ -4,7 +4,18 @@ from types import SimpleNamespace
 
 from snakemake.utils import validate
 
-from lmdynamics.config import canonical, check_config, schedule_for
+from lmdynamics.config import (
+    canonical,
+    check_config,
+    eval_from_file,
+    hub_repo,
+    hub_revision,
+    hub_section,
+    resolved_family,
+    schedule_for,
+    suite_for,
+    suite_vocab,
+)
 from lmdynamics.options import job_options
 from lmdynamics.report.registry import REPORT_CATEGORIES, STATS_FIGURES, paper_figures
 
@@ -17,6 +28,12 @@ check_config(config, SCHEMA, files=workflow.configfiles)
 
 
 validate(config, SCHEMA)
+# The suite definition (source hub; lmdynamics.sources.suites): hub.repo, hub.revision and
+# hub.dataset the config leaves unset come from it.
+SUITE = suite_for(config)
+config["hub"] = hub_section(config, SUITE)
+# An unset family: the suite definition's (hub), GPT-NeoX (tiny).
+config["family"] = resolved_family(config)
 # Sorted keys: parameters built from config sections do not change when a file is reordered.
 config.update(canonical(dict(config)))
 
@@ -69,16 +86,36 @@ def report_category(wildcards):
     return REPORT_CATEGORIES[wildcards.figure]
 
 
-def model_name(size):
+def model_name(size, seed=None):
     if config["source"] == "tiny":
         return f"lmdynamics-tiny-{size}"
-    return config["hub"]["repo"].format(size=size)
+    return hub_repo(config, SUITE, size, seed)
 
 
 def revision(step):
+    """The revision name of a step; for a discover suite, a label until the download job
+    has read the branch from the hub (its revision.json, which the store records)."""
     if config["source"] == "tiny":
         return f"step{step}"
-    return config["hub"]["revision"].format(step=step)
+    return hub_revision(config, SUITE, step) or f"discovered-step{step}"
+
+
+# A discover suite's download job reads the branch of its step from the hub's branch list
+# (--step N --revision-pattern REGEX); other suites name the revision (--revision NAME).
+DISCOVER = config["source"] == "hub" and hub_revision(config, SUITE, 0) is None
+REVISION_FLAGS = (
+    "--step {wildcards.step:q} --revision-pattern" if DISCOVER else "--revision"
+)
+
+
+def download_revision(wildcards):
+    """The value of REVISION_FLAGS: the revision name, or the suite's branch pattern."""
+    return SUITE.revisions["pattern"] if DISCOVER else revision(wildcards.step)
+
+
+# Where the eval batch comes from: the last training batch of the preshuffled Pile (Pythia),
+# or a local file named by eval_data (every other suite; README "Suites").
+EVAL_FROM_FILE = eval_from_file(config, SUITE)
 
 
 # Conjecture statistics (workflow/rules/conjecture.smk). What they need of the step-0 and

@@ -1,5 +1,6 @@
-# Pythia from the Hugging Face hub: one download job per (size, step), and the last training
-# batch read by byte range from the preshuffled Pile (or a local copy of it).
+# A suite's checkpoints from the Hugging Face hub (its definition, lmdynamics.sources.suites):
+# one download job per (size, step); the eval batch is Pythia's last training batch read by
+# byte range from the preshuffled Pile (or a local copy of it), or a local file (eval_data).
 
 
 # Weights are temporary: deleted once every job reading them has finished (the extraction of
@@ -26,56 +27,99 @@ rule download:
         network=1,
     params:
         repo=lambda wc: model_name(wc.size),
-        revision=lambda wc: revision(wc.step),
+        revision=download_revision,
         hub=config["hub"],
         out_dir=lambda wc, output: os.path.dirname(output.config),
     shell:
-        "lmdynamics download --repo {params.repo:q} --revision {params.revision:q}"
+        "lmdynamics download --repo {params.repo:q} "
+        + REVISION_FLAGS
+        + " {params.revision:q}"
         " --out-dir {params.out_dir:q} --min-free-gb {params.hub[min_free_gb]:q}"
         " --retries {params.hub[retries]:q} --backoff {params.hub[backoff]:q}"
         " > {log:q} 2>&1"
 
 
-rule pile_batch:
-    input:
-        [config["hub"]["tokens_path"]] if config["hub"]["tokens_path"] else [],
-    output:
-        npy=f"{RESULTS}/data/batch{FINAL_STEP - 1}.npy",
-        record=f"{RESULTS}/data/batch{FINAL_STEP - 1}.json",
-    log:
-        f"{RESULTS}/logs/pile_batch.log",
-    conda:
-        ENV
-    resources:
-        network=0 if config["hub"]["tokens_path"] else 1,
-    params:
-        hub=config["hub"],
-        # one argument, so that a path starting with '-' is still read as the path
-        local=(
-            [f"--tokens-path={config['hub']['tokens_path']}"]
-            if config["hub"]["tokens_path"]
-            else []
-        ),
-        batch=FINAL_STEP - 1,
-    shell:
-        "lmdynamics pile-batch --dataset {params.hub[dataset]:q}"
-        " --dataset-revision {params.hub[dataset_revision]:q} {params.local:q}"
-        " --batch {params.batch:q} --retries {params.hub[retries]:q}"
-        " --backoff {params.hub[backoff]:q} --out {output.npy:q}"
-        " --record {output.record:q} > {log:q} 2>&1"
+if not EVAL_FROM_FILE:
+
+    rule pile_batch:
+        input:
+            [config["hub"]["tokens_path"]] if config["hub"]["tokens_path"] else [],
+        output:
+            npy=f"{RESULTS}/data/batch{FINAL_STEP - 1}.npy",
+            record=f"{RESULTS}/data/batch{FINAL_STEP - 1}.json",
+        log:
+            f"{RESULTS}/logs/pile_batch.log",
+        conda:
+            ENV
+        resources:
+            network=0 if config["hub"]["tokens_path"] else 1,
+        params:
+            hub=config["hub"],
+            # one argument, so that a path starting with '-' is still read as the path
+            local=(
+                [f"--tokens-path={config['hub']['tokens_path']}"]
+                if config["hub"]["tokens_path"]
+                else []
+            ),
+            batch=FINAL_STEP - 1,
+        shell:
+            "lmdynamics pile-batch --dataset {params.hub[dataset]:q}"
+            " --dataset-revision {params.hub[dataset_revision]:q} {params.local:q}"
+            " --batch {params.batch:q} --retries {params.hub[retries]:q}"
+            " --backoff {params.hub[backoff]:q} --out {output.npy:q}"
+            " --record {output.record:q} > {log:q} 2>&1"
+
+    rule hub_eval_batch:
+        input:
+            f"{RESULTS}/data/batch{FINAL_STEP - 1}.npy",
+        output:
+            f"{RESULTS}/eval_batch.npy",
+        log:
+            f"{RESULTS}/logs/hub_eval_batch.log",
+        conda:
+            ENV
+        params:
+            sequences=config["hub"]["sequences"],
+        shell:
+            "lmdynamics hub-eval-batch {input:q} --sequences {params.sequences:q}"
+            " --out {output:q} > {log:q} 2>&1"
 
 
-rule hub_eval_batch:
-    input:
-        f"{RESULTS}/data/batch{FINAL_STEP - 1}.npy",
-    output:
-        f"{RESULTS}/eval_batch.npy",
-    log:
-        f"{RESULTS}/logs/hub_eval_batch.log",
-    conda:
-        ENV
-    params:
-        sequences=config["hub"]["sequences"],
-    shell:
-        "lmdynamics hub-eval-batch {input:q} --sequences {params.sequences:q}"
-        " --out {output:q} > {log:q} 2>&1"
+# Every other suite: hub.sequences sequences of eval_data.seq_len tokens from a local file
+# (token ids, or text through the suite's tokenizer), the same for every step, size and seed.
+if EVAL_FROM_FILE:
+
+    rule suite_eval_batch:
+        input:
+            config["eval_data"]["path"],
+        output:
+            f"{RESULTS}/eval_batch.npy",
+        log:
+            f"{RESULTS}/logs/suite_eval_batch.log",
+        conda:
+            ENV
+        resources:
+            network=1 if config["eval_data"]["allow_download"] else 0,
+        params:
+            sequences=config["hub"]["sequences"],
+            eval_data=config["eval_data"],
+            vocab=suite_vocab(config, SUITE) or 0,
+            tokenizer=(
+                config["eval_data"]["tokenizer"]
+                or SUITE.eval_data.get("tokenizer")
+                or model_name(SIZES[0])
+            ),
+            dtype=(
+                ["--dtype", config["eval_data"]["dtype"]]
+                if config["eval_data"]["dtype"]
+                else []
+            ),
+            download=(
+                ["--allow-download"] if config["eval_data"]["allow_download"] else []
+            ),
+        shell:
+            # '=' and '--': a path or tokenizer starting with '-' is still read as one
+            "lmdynamics suite-eval-batch --sequences {params.sequences:q}"
+            " --seq-len {params.eval_data[seq_len]:q} --vocab {params.vocab:q}"
+            " --tokenizer={params.tokenizer:q} {params.dtype:q} {params.download:q}"
+            " --out {output:q} -- {input:q} > {log:q} 2>&1"

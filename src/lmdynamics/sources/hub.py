@@ -169,6 +169,29 @@ def _missing_revision(api: HfApi, repo: str, revision: str, retries: int,
                             f"({constants.ENDPOINT}); {hint}")
 
 
+def resolve_revision(repo: str, step: int, pattern: str, *, retries: int = 5,
+                     backoff: float = 2.0) -> str:
+    """The branch of ``repo`` holding ``step``, found in ``list_repo_refs`` by ``pattern``
+    (a regular expression with a named group ``step``), for suites whose revision names
+    carry facts not computable from the step (OLMo's ``step<N>-tokens<M>B``)."""
+    from lmdynamics.sources.suites import step_refs
+
+    api = HfApi()
+    try:
+        refs = with_retries(lambda: api.list_repo_refs(repo), what=f"{repo}: list branches",
+                            retries=retries, backoff=backoff)
+    except RepositoryNotFoundError as exc:
+        raise HubError(f"repository {repo} not found on {constants.ENDPOINT} (check the "
+                       "suite's repo and the size label)") from exc
+    found = step_refs((b.name for b in refs.branches), re.compile(pattern), repo)
+    if step in found:
+        return found[step]
+    near = ", ".join(found[s] for s in nearest_steps(list(found), step)) if found else "none"
+    raise RevisionNotFound(f"{repo} has no branch for step {step} matching {pattern!r} on "
+                           f"{constants.ENDPOINT}; nearest available: {near} "
+                           f"({len(found)} step branches)")
+
+
 @dataclass(frozen=True)
 class RemoteFile:
     """A file of one revision: name, size in bytes, and the hub's ETag (sha256 for LFS)."""

@@ -12,6 +12,7 @@ bound).
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -19,8 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from lmdynamics.config import eval_sequences
-from lmdynamics.sources.pythia import ARCHITECTURES as PYTHIA_ARCHITECTURES
+from lmdynamics.config import eval_from_file, eval_sequences, hub_repo, hub_revision, suite_for
 from lmdynamics.sources.pythia import CONTEXT as PYTHIA_CONTEXT
 
 log = logging.getLogger(__name__)
@@ -74,19 +74,56 @@ def parameters(config: Mapping[str, Any], size: str) -> int:
     return gpt_neox_parameters(*architecture(config, size))
 
 
+def suite_parameters(family: str, layers: int, hidden: int, vocab: int,
+                     intermediate: int | None = None, tied: bool | None = None) -> int | None:
+    """Parameters of one size from its documented shape, per family (None when a needed
+    fact is unknown).
+
+    - ``gpt_neox``: :func:`gpt_neox_parameters` (MLP 4 x hidden, untied, biases, layer norms);
+    - ``gpt2``: per layer 12D^2 + 13D (fused QKV, output, MLP 4D with biases, two layer norms),
+      token embedding tied to the unembedding, final layer norm; the learned position
+      embedding (context x D) is not counted (the context is not a shape fact here);
+    - ``llama``: per layer 4D^2 (q, k, v, o without bias, as many key/value heads as heads)
+      plus 3 D x intermediate (gated MLP), embeddings V x D (twice when untied); norm weights
+      not counted (OLMo's layer norms have none).
+    """
+    if family == "gpt_neox":
+        return gpt_neox_parameters(layers, hidden, vocab)
+    if family == "gpt2":
+        return layers * (12 * hidden * hidden + 13 * hidden) + vocab * hidden + 2 * hidden
+    if family == "llama" and intermediate is not None and tied is not None:
+        return (layers * (4 * hidden * hidden + 3 * hidden * intermediate)
+                + vocab * hidden * (1 if tied else 2))
+    return None
+
+
 def architecture(config: Mapping[str, Any], size: str) -> tuple[int, int, int]:
-    """(layers, hidden, vocab) of a size of the configured suite."""
+    """(layers, hidden, vocab) of a size of the configured suite (hub: the suite
+    definition's shape; :class:`ValueError` when it is not documented)."""
     if config["source"] == "tiny":
         spec = config["tiny"]["models"][size]
         return spec["num_layers"], spec["hidden_size"], TINY_VOCAB
-    return PYTHIA_ARCHITECTURES[size]
+    shape = suite_for(config).sizes[size]
+    if not shape.known:
+        raise ValueError(f"size {size}: shape not documented in the suite definition")
+    return shape.layers, shape.hidden, shape.vocab
 
 
 def eval_tokens(config: Mapping[str, Any]) -> int:
     """Tokens of the eval batch that go through the model per checkpoint."""
     if config["source"] == "tiny":
         return config["tiny"].get("batch_size", 16) * config["tiny"].get("seq_len", 128)
+    if eval_from_file(config, suite_for(config)):
+        return eval_sequences(config) * (config.get("eval_data") or {}).get("seq_len", 2049)
     return eval_sequences(config) * (PYTHIA_CONTEXT + 1)
+
+
+def plan_seeds(config: Mapping[str, Any], suite) -> list[int | None]:
+    """The seeds a config covers: its ``seeds`` list when set, else every seed of the
+    suite definition, else one run (``[None]``)."""
+    if config.get("seeds"):
+        return list(config["seeds"])
+    return list(suite.seeds) if suite is not None and suite.seeds else [None]
 
 
 def hub_revision_bytes(repo: str, revision: str) -> int:
@@ -102,43 +139,97 @@ def hub_revision_bytes(repo: str, revision: str) -> int:
                for n in ["config.json", *names, *([index] if index else [])])
 
 
+def hub_refs(repo: str) -> list[str]:
+    """Branch names of a hub repo (``list_repo_refs``)."""
+    from huggingface_hub import HfApi
+
+    return [b.name for b in HfApi().list_repo_refs(repo).branches]
+
+
+def _revisions(config: Mapping[str, Any], suite, repo: str, steps: list[int], online: bool,
+               refs: Callable[[str], list[str]]) -> list[str]:
+    names = [hub_revision(config, suite, s) for s in steps]
+    if None not in names:
+        return names
+    if not online:
+        raise LookupError("the revision names of this suite are discovered from the hub's "
+                          "branch list, which needs the network")
+    found = suite.step_refs(refs(repo))
+    missing = [s for s in steps if s not in found]
+    if missing:
+        raise LookupError(f"{repo} has no branch for step(s) {missing[:5]}")
+    return [found[s] for s in steps]
+
+
 def plan(config: Mapping[str, Any], *, online: bool = True, tflops: float = DEFAULT_TFLOPS,
          download_mb_s: float = DEFAULT_DOWNLOAD_MB_S,
-         revision_bytes: Callable[[str, str], int] = hub_revision_bytes) -> pd.DataFrame:
-    """One row per size: parameters, steps, download bytes (and their source) and hours at
-    ``download_mb_s``, store bytes, FLOPs per checkpoint and in all, and hours at ``tflops``."""
+         revision_bytes: Callable[[str, str], int] = hub_revision_bytes,
+         refs: Callable[[str], list[str]] = hub_refs) -> pd.DataFrame:
+    """One row per size: parameters, steps, seeds and extraction jobs (steps x seeds),
+    download bytes (and their source) and hours at ``download_mb_s``, store bytes, FLOPs per
+    checkpoint and in all, and hours at ``tflops``. Offline it needs only the config and the
+    suite definition; a shape the definition does not document leaves that size's counts
+    NaN ("unknown")."""
     rows = []
     steps = sorted(config["steps"])
     n_tokens = eval_tokens(config)
+    suite = suite_for(config)
+    seeds = plan_seeds(config, suite)
     for size in config["sizes"]:
-        layers, hidden, vocab = architecture(config, size)
-        params = parameters(config, size)
+        if suite is None:
+            layers, hidden, vocab = architecture(config, size)
+            params = parameters(config, size)
+        else:
+            shape = suite.sizes[size]
+            layers, hidden, vocab = shape.layers, shape.hidden, shape.vocab
+            params = suite_parameters(suite.family, layers, hidden, vocab, shape.intermediate,
+                                      shape.tied_embeddings) if shape.known else None
+        jobs = len(steps) * len(seeds)
         download, source = 0, "none (trained locally)"
         if config["source"] == "hub":
-            download = len(steps) * (params * PUBLISHED_BYTES_PER_PARAM + 1000)
-            source = "estimate: parameters x 2 bytes (float16)"
-            if online:
-                hub = config.get("hub", {})
-                repo = hub.get("repo", "EleutherAI/pythia-{size}-deduped").format(size=size)
-                revs = [hub.get("revision", "step{step}").format(step=s) for s in steps]
-                try:
+            download = (jobs * (params * PUBLISHED_BYTES_PER_PARAM + 1000)
+                        if params is not None else math.nan)
+            source = ("estimate: parameters x 2 bytes (float16)" if params is not None
+                      else "unknown: the suite definition does not document this size's shape")
+            try:
+                if not online:
+                    _revisions(config, suite, "", steps, False, refs)
+                    raise _Offline
+                total = 0
+                for seed in seeds:
+                    repo = hub_repo(config, suite, size, seed)
+                    revs = _revisions(config, suite, repo, steps, True, refs)
                     first = revision_bytes(repo, revs[0])  # one probe before the rest
                     with ThreadPoolExecutor(8) as pool:
-                        download = first + sum(pool.map(
+                        total += first + sum(pool.map(
                             lambda r, repo=repo: revision_bytes(repo, r), revs[1:]))
-                    source = f"hub metadata of {len(revs)} revisions"
-                except Exception as exc:  # offline or a missing revision: say so, estimate
-                    source += f"; hub metadata unavailable ({type(exc).__name__}: " \
-                              f"{str(exc).splitlines()[0][:120] if str(exc) else ''})"
-                    online = False
-        flops = extraction_flops(params, vocab, hidden, n_tokens)
-        rows.append({"size": size, "parameters": params, "steps": len(steps),
+                download = total
+                source = f"hub metadata of {jobs} revisions"
+            except _Offline:
+                pass
+            except Exception as exc:  # offline or a missing revision: say so, estimate
+                source += f"; hub metadata unavailable ({type(exc).__name__}: " \
+                          f"{str(exc).splitlines()[0][:120] if str(exc) else ''})"
+                online = False
+        if params is None:
+            flops = math.nan
+            stores = math.nan if hidden is None or layers is None else \
+                jobs * store_bytes(config["tokens"], hidden, layers)
+        else:
+            flops = extraction_flops(params, vocab, hidden, n_tokens)
+            stores = jobs * store_bytes(config["tokens"], hidden, layers)
+        rows.append({"size": size, "parameters": math.nan if params is None else params,
+                     "steps": len(steps), "seeds": len(seeds), "jobs": jobs,
                      "download_bytes": download, "download_source": source,
                      "download_hours": download / (download_mb_s * 1e6) / 3600,
-                     "store_bytes": len(steps) * store_bytes(config["tokens"], hidden, layers),
-                     "flops_per_checkpoint": flops, "flops_total": flops * len(steps),
-                     "hours": flops * len(steps) / (tflops * 1e12) / 3600})
+                     "store_bytes": stores,
+                     "flops_per_checkpoint": flops, "flops_total": flops * jobs,
+                     "hours": flops * jobs / (tflops * 1e12) / 3600})
     return pd.DataFrame(rows)
+
+
+class _Offline(Exception):
+    """No hub metadata asked for: the estimate stands."""
 
 
 def format_plan(table: pd.DataFrame, *, tflops: float = DEFAULT_TFLOPS,
@@ -146,23 +237,40 @@ def format_plan(table: pd.DataFrame, *, tflops: float = DEFAULT_TFLOPS,
     """The plan as a text table with totals and the notes a user needs."""
     from lmdynamics.sources.hub import human_bytes
 
-    head = (f"{'size':>6} {'params':>9} {'steps':>5} {'download':>10} {'dl h':>6} "
-            f"{'stores':>10} {'PFLOP/ckpt':>10} {'PFLOP':>8} {'GPU h':>6}  download from")
+    def size_of(n: float) -> str:
+        return "unknown" if math.isnan(n) else human_bytes(n)
+
+    def number(n: float, scale: float, fmt: str) -> str:
+        return "unknown" if math.isnan(n) else format(n / scale, fmt)
+
+    head = (f"{'size':>6} {'params':>9} {'steps':>5} {'seeds':>5} {'jobs':>5} "
+            f"{'download':>10} {'dl h':>6} {'stores':>10} {'PFLOP/ckpt':>10} {'PFLOP':>8} "
+            f"{'GPU h':>7}  download from")
     lines = [head]
     for r in table.itertuples():
-        lines.append(f"{r.size:>6} {r.parameters / 1e6:>8.1f}M {r.steps:>5} "
-                     f"{human_bytes(r.download_bytes):>10} {r.download_hours:>6.2f} "
-                     f"{human_bytes(r.store_bytes):>10} {r.flops_per_checkpoint / 1e15:>10.3f} "
-                     f"{r.flops_total / 1e15:>8.2f} {r.hours:>6.3f}  {r.download_source}")
-    lines.append(f"{'total':>6} {'':>9} {int(table.steps.sum()):>5} "
-                 f"{human_bytes(table.download_bytes.sum()):>10} "
-                 f"{table.download_hours.sum():>6.2f} {human_bytes(table.store_bytes.sum()):>10} "
-                 f"{'':>10} {table.flops_total.sum() / 1e15:>8.2f} {table.hours.sum():>6.3f}")
+        params = number(r.parameters, 1e6, ".1f") + ("M" if not math.isnan(r.parameters)
+                                                     else "")
+        lines.append(f"{r.size:>6} {params:>9} {r.steps:>5} {r.seeds:>5} {r.jobs:>5} "
+                     f"{size_of(r.download_bytes):>10} {number(r.download_hours, 1, '.2f'):>6} "
+                     f"{size_of(r.store_bytes):>10} "
+                     f"{number(r.flops_per_checkpoint, 1e15, '.3f'):>10} "
+                     f"{number(r.flops_total, 1e15, '.2f'):>8} {number(r.hours, 1, '.3f'):>7}"
+                     f"  {r.download_source}")
+    lines.append(f"{'total':>6} {'':>9} {int(table.steps.sum()):>5} {'':>5} "
+                 f"{int(table.jobs.sum()):>5} "
+                 f"{size_of(table.download_bytes.sum(skipna=False)):>10} "
+                 f"{number(table.download_hours.sum(skipna=False), 1, '.2f'):>6} "
+                 f"{size_of(table.store_bytes.sum(skipna=False)):>10} {'':>10} "
+                 f"{number(table.flops_total.sum(skipna=False), 1e15, '.2f'):>8} "
+                 f"{number(table.hours.sum(skipna=False), 1, '.3f'):>7}")
     lines += ["", f"download: bytes fetched from the hub; hours at {download_mb_s:g} MB/s "
               "(--download-mb-s). Weights are deleted after extraction unless "
               "hub.keep_weights; the largest checkpoint x the downloads running at once "
               "(--resources network=N) must fit on disk.",
               "stores: per-pair zarr stores (float32 activations), uncompressed upper bound.",
+              "jobs: extractions, steps x seeds (seeds: the config's seeds, else every seed "
+              "of the suite definition); unknown: a shape the suite definition leaves "
+              "undocumented.",
               "compute: 6 x (parameters - input embedding) x eval tokens per checkpoint, an "
               f"upper bound; GPU hours at {tflops:g} TFLOP/s effective (--tflops)."]
     return "\n".join(lines)

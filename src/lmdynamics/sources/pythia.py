@@ -14,6 +14,11 @@ ARCHITECTURES: dict[str, tuple[int, int, int]] = {
     "160m": (12, 768, 50304), "410m": (24, 1024, 50304), "1b": (16, 2048, 50304),
     "1.4b": (24, 2048, 50304), "2.8b": (32, 2560, 50304), "6.9b": (32, 4096, 50432),
     "12b": (36, 5120, 50688)}
+#: Attention heads per size (shared/notes/reference-facts.md, 70m-2.8b); sizes not listed there
+#: are unknown here (``None``), not guessed.
+HEADS: dict[str, int | None] = {
+    "14m": None, "31m": None, "70m": 8, "160m": 12, "410m": 16, "1b": None, "1.4b": 16,
+    "2.8b": 32, "6.9b": None, "12b": None}
 #: Tokens per training sequence in the data files (2048 context + 1 for the shifted labels).
 SEQUENCE_TOKENS = 2049
 #: Context: positions 0..2047 are inputs (the 2049th token is only a label).

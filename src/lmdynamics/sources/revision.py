@@ -18,12 +18,14 @@ def read_revision_record(checkpoint: Path | str) -> dict | None:
 
 
 def revision_attrs(checkpoint: Path | str) -> dict:
-    """Store attrs from ``revision.json``: ``revision_commit``, ``hub_weights_sha256``,
+    """Store attrs from ``revision.json``: ``revision`` (the name downloaded, e.g. the branch
+    a discover suite found for its step), ``revision_commit``, ``hub_weights_sha256``,
     ``hub_weights_bytes``, ``hub_repo`` (empty for checkpoints not from the hub)."""
     record = read_revision_record(checkpoint)
     if record is None:
         return {}
-    return {"revision_commit": record["commit"], "hub_repo": record["repo"],
+    return {"revision": record["revision"], "revision_commit": record["commit"],
+            "hub_repo": record["repo"],
             "hub_weights_sha256": record["sha256"], "hub_weights_bytes": int(record["bytes"])}
 
 
