@@ -167,10 +167,6 @@ def test_olmo_steps_are_discovered_through_the_hub_client(monkeypatch, tmp_path)
             0: "checkpoint-0", 10: "checkpoint-10", 400000: "checkpoint-400000"}
 
 
-def _family_missing(architecture: str) -> bool:
-    return architecture not in KNOWN_ARCHITECTURES
-
-
 @pytest.mark.parametrize("suite_name", ["olmo-1b", "mistral-gpt2"])
 def test_download_command_fetches_a_revision_of_each_suite(suite_name, monkeypatch, tmp_path):
     arch = {"olmo-1b": "OlmoForCausalLM", "mistral-gpt2": "GPT2LMHeadModel"}[suite_name]
@@ -188,13 +184,8 @@ def test_download_command_fetches_a_revision_of_each_suite(suite_name, monkeypat
             repo = suite.repo_id("small", 21)
             args = ["--revision", suite.revision(10)]
             branch, expected = "checkpoint-10", gpt2_state_dict(*GPT2_TEST, TEST_VOCAB, 3010)
-        try:
-            run(["download", "--repo", repo, *args, "--out-dir", str(out), "--retries", "0"])
-        except Exception as exc:
-            if _family_missing(arch) and "known architectures" in str(exc):
-                pytest.xfail(f"{arch} is not a known architecture until the model-family "
-                             f"adapters (lmdynamics.families) land: {exc}")
-            raise
+        assert arch in KNOWN_ARCHITECTURES
+        run(["download", "--repo", repo, *args, "--out-dir", str(out), "--retries", "0"])
         commit = hub.state.repo("models", repo).branches[branch]
     record = json.loads((out / "revision.json").read_text())
     assert record["revision"] == branch and record["commit"] == commit

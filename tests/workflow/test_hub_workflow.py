@@ -20,7 +20,6 @@ import yaml
 
 from conftest import copy_workflow, snakemake
 from hub_server import HubServer, add_olmo, add_pythia, token_at, use_endpoint
-from lmdynamics.sources.checkpoints import KNOWN_ARCHITECTURES
 from suite_files import olmo_branch
 
 RESULTS = "results/pythia"
@@ -154,7 +153,7 @@ def test_every_shipped_suite_plans_offline(name, tmp_path, monkeypatch):
     proc = snakemake(workdir, "-n", "--configfile", configfile, "--quiet", "rules")
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", proc.stdout, flags=re.M))
     assert counts["extract"] == str(extractions)
-    assert int(counts["download"]) + int(counts["download_reference"]) == extractions
+    assert int(counts["download"]) == extractions
     eval_rule = "pile_batch" if name.startswith("pythia") else "suite_eval_batch"
     assert counts[eval_rule] == "1"
     commands = snakemake(workdir, "-n", "-p", "--configfile", configfile).stdout
@@ -171,9 +170,8 @@ def test_every_shipped_suite_plans_offline(name, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_olmo_suite_end_to_end_through_the_hub_client(tmp_path, monkeypatch):
     """OLMo's naming through the real client: branches found by list_repo_refs, downloaded,
-    extracted with the same eval batch (its sha256 in every store). Loading OlmoForCausalLM
-    needs the llama family adapter (lmdynamics.families); until it is merged the run fails at
-    the architecture check, and only then is this an expected failure."""
+    extracted with the same eval batch (its sha256 in every store), loaded through the llama
+    family adapter (lmdynamics.families: OlmoForCausalLM)."""
     steps = [0, 1000, 2000]
     workdir = copy_workflow(tmp_path / "wf")
     configfile = suite_config(workdir, {
@@ -189,9 +187,6 @@ def test_olmo_suite_end_to_end_through_the_hub_client(tmp_path, monkeypatch):
                          check=False)
         if proc.returncode != 0:
             logs = "".join(p.read_text() for p in (results / "logs").rglob("*.log"))
-            if "OlmoForCausalLM" not in KNOWN_ARCHITECTURES and "known architectures" in logs:
-                pytest.xfail("OlmoForCausalLM needs the llama family adapter "
-                             "(lmdynamics.families), merged separately")
             raise AssertionError(proc.stderr[-4000:] + logs[-4000:])
         repo = hub.state.repo("models", "allenai/OLMo-1B-hf")
     batch = np.load(results / "eval_batch.npy")
