@@ -314,3 +314,29 @@ def test_extraction_with_statistics_on_published_files(tmp_path, kind):
     dist = ds.stat_param.sel(param_stat="dist_init").values
     np.testing.assert_array_equal(dist, 0.0)
     np.testing.assert_allclose(ds.stat_direction_closeness.values, 1.0, atol=1e-9)
+
+
+#: Documented shapes (a suite definition's keys): OLMo-1B (allenai/OLMo-1B-hf), Pythia-70m
+#: (its README), GPT-2 small (openai-community/gpt2: 1024 positions, MLP 3072, tied).
+SHAPES = [
+    ("llama", {"layers": 16, "hidden": 2048, "heads": 16, "vocab": 50304,
+               "intermediate": 8192, "tied_embeddings": True, "model_type": "olmo"}),
+    ("llama", {"layers": 2, "hidden": 64, "heads": 4, "vocab": 128, "intermediate": 96,
+               "tied_embeddings": False, "model_type": "olmo2"}),
+    ("gpt_neox", {"layers": 6, "hidden": 512, "heads": 8, "vocab": 50304,
+                  "intermediate": 2048, "tied_embeddings": False}),
+    ("gpt2", {"layers": 12, "hidden": 768, "heads": 12, "vocab": 50257, "intermediate": 3072,
+              "tied_embeddings": True, "context": 1024}),
+]
+
+
+@pytest.mark.parametrize(("name", "shape"), SHAPES, ids=[f"{n}-{s['layers']}x{s['hidden']}"
+                                                          for n, s in SHAPES])
+def test_shape_config_counts_what_transformers_builds(name, shape):
+    family = families.get(name)
+    config = family.shape_config(shape)
+    with torch.device("meta"):
+        model = family.model_cls(config["model_type"])(family.config_from_dict(config))
+    assert family.parameters(config) == ck.n_parameters(model)
+    missing = {**shape, "intermediate": None}
+    assert family.shape_config(missing) is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import yaml
@@ -12,7 +13,7 @@ from hub_server import HubServer, add_pythia, checkpoint_files, use_endpoint
 from lmdynamics.cli import run
 from lmdynamics.config import ConfigError, check_config
 from lmdynamics.sources import plan as pl
-from lmdynamics.sources import pythia
+from lmdynamics.sources.suites import Shape, load_suite
 
 SCHEMA = REPO / "workflow/schemas/config.schema.yaml"
 PYTHIA = yaml.safe_load((REPO / "config/config.yaml").read_text())
@@ -25,8 +26,10 @@ PUBLISHED = {"14m": 14_067_712, "31m": 30_494_720, "70m": 70_426_624, "160m": 16
 
 
 def test_parameter_counts_match_the_published_ones():
+    suite = load_suite("pythia")
     for size, count in PUBLISHED.items():
-        assert pl.gpt_neox_parameters(*pythia.ARCHITECTURES[size]) == count, size
+        assert pl.shape_parameters("gpt_neox", suite.sizes[size]) == count, size
+        assert pl.parameters({**PYTHIA, "sizes": [size]}, size) == count, size
 
 
 def test_offline_plan_of_the_paper_grid():
@@ -139,10 +142,27 @@ def test_offline_plan_of_suite_definitions():
                                  eval_data={"path": "t.npy", "seq_len": 1024}),
                    online=False)
     assert gpt2.jobs.tolist() == [10, 10]
-    assert gpt2.parameters[0] == 12 * (12 * 768**2 + 13 * 768) + 50257 * 768 + 2 * 768
-    assert gpt2.parameters.isna()[1] and gpt2.download_source[1].startswith("unknown")
+    # small: the definition documents neither the context (rows of the position embedding)
+    # nor the MLP width, so GPT-2's exact count is unknown; medium: no shape at all
+    assert gpt2.parameters.isna().all()
+    assert gpt2.download_source[1].startswith("unknown")
+    assert gpt2.store_bytes[0] == 10 * pl.store_bytes(4096, 768, 12)
     text = pl.format_plan(gpt2)
     assert "medium   unknown" in text and "jobs" in text
+
+
+def test_suite_shapes_are_counted_by_the_family():
+    """A documented shape is counted by its family's exact count: GPT-2 small (12 x 768,
+    MLP 3072, 1024 positions, tied) has the 124,439,808 parameters of
+    ``openai-community/gpt2``; Llama counts the norms OLMo 1 does not have."""
+    small = Shape(12, 768, 12, 50257, 3072, True, context=1024)
+    assert pl.shape_parameters("gpt2", small) == 124_439_808
+    assert pl.shape_parameters("gpt2", Shape(12, 768, 12, 50257, 3072, True)) is None
+    olmo = load_suite("olmo-1b").sizes["1B"]
+    llama = dataclasses.replace(olmo, model_type="llama")
+    assert pl.shape_parameters("llama", llama) == \
+        pl.shape_parameters("llama", olmo) + (16 * 2 + 1) * 2048
+    assert pl.shape_parameters("llama", dataclasses.replace(olmo, model_type=None)) is None
 
 
 def test_online_plan_of_a_discover_suite_reads_the_branches(monkeypatch, tmp_path):

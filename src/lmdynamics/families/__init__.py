@@ -96,6 +96,12 @@ class Family:
     tiny_config : callable
         ``tiny_config(hidden_size, num_layers, num_heads, seq_len, vocab_size) -> dict``:
         keyword arguments of :attr:`config_class` for a tiny model of the tiny suite.
+    shape_config : callable
+        ``shape_config(shape) -> dict | None``: the ``config.json`` dict of a documented
+        shape (a mapping with the keys of a suite definition's size: ``layers``, ``hidden``,
+        ``heads``, ``vocab``, ``intermediate``, ``tied_embeddings``, ``model_type``,
+        ``context``; ``None`` = not documented), enough for :attr:`parameters`; ``None``
+        when a fact the count needs is not documented.
     ov_weights : callable
         ``ov_weights(weight, layer, n_heads) -> (w_out, w_values)``; ``weight(name)`` returns
         a tensor by its state-dict name; ``w_out`` is the attention write module's weight as
@@ -127,6 +133,7 @@ class Family:
     dims: Callable[[Mapping[str, Any]], dict[str, int]]
     parameters: Callable[[Mapping[str, Any]], int]
     tiny_config: Callable[..., dict[str, Any]]
+    shape_config: Callable[[Mapping[str, Any]], dict[str, Any] | None]
     ov_weights: Callable[..., tuple[Any, list[Any]]]
     transposed_writes: bool = False
     activation_key: str = "hidden_act"
@@ -299,3 +306,9 @@ def default_dims(config: Mapping[str, Any], *, default_intermediate: int | None 
     if out["intermediate_size"] is None:
         out["intermediate_size"] = default_intermediate
     return out
+
+
+def known(shape: Mapping[str, Any], *keys: str) -> bool:
+    """Whether every fact ``keys`` of a documented ``shape`` (:attr:`Family.shape_config`) is
+    given (not ``None``)."""
+    return all(shape.get(key) is not None for key in keys)

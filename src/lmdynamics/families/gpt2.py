@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from lmdynamics.families import Family, default_dims
+from lmdynamics.families import Family, default_dims, known
 
 #: GPT-2's config keys for transformers' common names (``GPT2Config.attribute_map``).
 RENAMES = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer",
@@ -62,6 +62,20 @@ def tiny_config(*, hidden_size: int, num_layers: int, num_heads: int, seq_len: i
         tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, use_cache=False)
 
 
+def shape_config(shape: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``config.json`` of a documented shape (:attr:`Family.shape_config`): needs layers,
+    hidden, vocab, MLP width, whether the embeddings are tied and the context
+    (``n_positions``, the rows of the learned position embedding)."""
+    if not known(shape, "layers", "hidden", "vocab", "intermediate",
+                 "tied_embeddings", "context"):
+        return None
+    config = {"model_type": "gpt2", "n_embd": shape["hidden"], "n_layer": shape["layers"],
+              "n_head": shape.get("heads"), "n_inner": shape["intermediate"],
+              "vocab_size": shape["vocab"], "tie_word_embeddings": shape["tied_embeddings"],
+              "n_positions": shape["context"]}
+    return {k: v for k, v in config.items() if v is not None}
+
+
 def ov_weights(weight, layer: int, n_heads: int):
     """``attn.c_proj.weight`` as stored (the caller applies :meth:`Family.write_matrix`) and
     each head's value rows (hd, d) of ``attn.c_attn.weight`` (a ``Conv1D``, stored (d, 3d))
@@ -95,6 +109,7 @@ GPT2 = Family(
     dims=dims,
     parameters=parameters,
     tiny_config=tiny_config,
+    shape_config=shape_config,
     ov_weights=ov_weights,
     transposed_writes=True,
     config_keys=RENAMES,

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from lmdynamics.families import Family, default_dims
+from lmdynamics.families import Family, default_dims, known
 
 
 def dims(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -47,6 +47,20 @@ def tiny_config(*, hidden_size: int, num_layers: int, num_heads: int, seq_len: i
         use_parallel_residual=True, tie_word_embeddings=False, hidden_dropout=0.0,
         attention_dropout=0.0, initializer_range=0.02, layer_norm_eps=1e-5,
         bos_token_id=0, eos_token_id=0, use_cache=False)
+
+
+def shape_config(shape: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``config.json`` of a documented shape (:attr:`Family.shape_config`): needs layers,
+    hidden, vocab, MLP width and whether the embeddings are tied (not the heads)."""
+    if not known(shape, "layers", "hidden", "vocab", "intermediate",
+                 "tied_embeddings"):
+        return None
+    config = {"model_type": "gpt_neox", "hidden_size": shape["hidden"],
+              "num_hidden_layers": shape["layers"], "num_attention_heads": shape.get("heads"),
+              "intermediate_size": shape["intermediate"], "vocab_size": shape["vocab"],
+              "tie_word_embeddings": shape["tied_embeddings"],
+              "max_position_embeddings": shape.get("context")}
+    return {k: v for k, v in config.items() if v is not None}
 
 
 def ov_weights(weight, layer: int, n_heads: int):
@@ -85,6 +99,7 @@ GPT_NEOX = Family(
     dims=dims,
     parameters=parameters,
     tiny_config=tiny_config,
+    shape_config=shape_config,
     ov_weights=ov_weights,
     paper_code_attention=True,
 )

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from lmdynamics.families import Family, default_dims
+from lmdynamics.families import Family, default_dims, known
 
 
 def dims(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -70,6 +70,23 @@ def tiny_config(*, hidden_size: int, num_layers: int, num_heads: int, seq_len: i
         use_cache=False)
 
 
+def shape_config(shape: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``config.json`` of a documented shape (:attr:`Family.shape_config`): needs layers,
+    hidden, heads, vocab, MLP width, whether the embeddings are tied and the model type
+    (whose norms have weights: none for ``olmo``); as many key/value heads as heads (a
+    definition does not give their number; OLMo's configs) and no biases."""
+    if not known(shape, "layers", "hidden", "heads", "vocab", "intermediate",
+                 "tied_embeddings", "model_type"):
+        return None
+    config = {"model_type": shape["model_type"], "hidden_size": shape["hidden"],
+              "num_hidden_layers": shape["layers"], "num_attention_heads": shape["heads"],
+              "num_key_value_heads": shape["heads"], "intermediate_size": shape["intermediate"],
+              "vocab_size": shape["vocab"], "tie_word_embeddings": shape["tied_embeddings"],
+              "attention_bias": False, "mlp_bias": False,
+              "max_position_embeddings": shape.get("context")}
+    return {k: v for k, v in config.items() if v is not None}
+
+
 def ov_weights(weight, layer: int, n_heads: int):
     """``self_attn.o_proj.weight`` (d, H hd) and each query head's value rows (hd, d) of
     ``self_attn.v_proj.weight`` (KV hd, d): head h uses key/value head h // (H / KV)."""
@@ -108,6 +125,7 @@ LLAMA = Family(
     dims=dims,
     parameters=parameters,
     tiny_config=tiny_config,
+    shape_config=shape_config,
     ov_weights=ov_weights,
     activation_key="hidden_act",
     default_activation="silu",

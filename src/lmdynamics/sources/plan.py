@@ -11,6 +11,7 @@ bound).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -22,6 +23,7 @@ import pandas as pd
 
 from lmdynamics.config import eval_from_file, eval_sequences, hub_repo, hub_revision, suite_for
 from lmdynamics.sources.pythia import CONTEXT as PYTHIA_CONTEXT
+from lmdynamics.sources.suites import Shape
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +38,6 @@ DEFAULT_TFLOPS = 50.0
 DEFAULT_DOWNLOAD_MB_S = 50.0
 
 
-def gpt_neox_parameters(layers: int, hidden: int, vocab: int) -> int:
-    """Parameters of a GPT-NeoX model with MLP width 4 x hidden and untied embeddings.
-
-    Per layer: two layer norms (4D), fused QKV (3D^2 + 3D), output (D^2 + D), MLP
-    (8D^2 + 5D); plus input and output embeddings (2VD) and the final layer norm (2D).
-    ``gpt_neox_parameters(6, 512, 50304) == 70_426_624`` (Pythia-70m).
-    """
-    return layers * (12 * hidden * hidden + 13 * hidden) + 2 * vocab * hidden + 2 * hidden
-
-
 def store_bytes(tokens: int, hidden: int, layers: int) -> int:
     """Uncompressed size of one per-pair store: float32 activations (2 components x layers
     x tokens x hidden) and float64 singular values (weights and gradients, 2 components x
@@ -58,9 +50,10 @@ def extraction_flops(params: int, vocab: int, hidden: int, eval_tokens: int) -> 
     return 6.0 * (params - vocab * hidden) * eval_tokens
 
 
-def parameters(config: Mapping[str, Any], size: str) -> int:
+def parameters(config: Mapping[str, Any], size: str) -> int | None:
     """Parameters of a size: the configured family's count (:mod:`lmdynamics.families`) of
-    its tiny config for the tiny suite; GPT-NeoX's (:func:`gpt_neox_parameters`) for Pythia."""
+    its tiny config for the tiny suite, else of the suite definition's documented shape
+    (:func:`shape_parameters`; None when a fact the count needs is not documented)."""
     if config["source"] == "tiny":
         from lmdynamics import families
 
@@ -71,30 +64,23 @@ def parameters(config: Mapping[str, Any], size: str) -> int:
                                   seq_len=config["tiny"].get("seq_len", 128),
                                   vocab_size=TINY_VOCAB)
         return family.parameters(tiny)
-    return gpt_neox_parameters(*architecture(config, size))
+    suite = suite_for(config)
+    return shape_parameters(suite.family, suite.sizes[size])
 
 
-def suite_parameters(family: str, layers: int, hidden: int, vocab: int,
-                     intermediate: int | None = None, tied: bool | None = None) -> int | None:
-    """Parameters of one size from its documented shape, per family (None when a needed
-    fact is unknown).
+def shape_parameters(family: str, shape: Shape) -> int | None:
+    """Parameters of a documented ``shape`` of a suite of ``family``: the family's exact
+    count (:attr:`~lmdynamics.families.Family.parameters`) of the ``config.json`` its
+    :attr:`~lmdynamics.families.Family.shape_config` builds; None when a fact the count
+    needs is not documented (GPT-2: the context; Llama: the model type, whose norms may
+    have no weights). Pythia-70m: 70,426,624, as its README."""
+    from lmdynamics import families
 
-    - ``gpt_neox``: :func:`gpt_neox_parameters` (MLP 4 x hidden, untied, biases, layer norms);
-    - ``gpt2``: per layer 12D^2 + 13D (fused QKV, output, MLP 4D with biases, two layer norms),
-      token embedding tied to the unembedding, final layer norm; the learned position
-      embedding (context x D) is not counted (the context is not a shape fact here);
-    - ``llama``: per layer 4D^2 (q, k, v, o without bias, as many key/value heads as heads)
-      plus 3 D x intermediate (gated MLP), embeddings V x D (twice when untied); norm weights
-      not counted (OLMo's layer norms have none).
-    """
-    if family == "gpt_neox":
-        return gpt_neox_parameters(layers, hidden, vocab)
-    if family == "gpt2":
-        return layers * (12 * hidden * hidden + 13 * hidden) + vocab * hidden + 2 * hidden
-    if family == "llama" and intermediate is not None and tied is not None:
-        return (layers * (4 * hidden * hidden + 3 * hidden * intermediate)
-                + vocab * hidden * (1 if tied else 2))
-    return None
+    impl = families.get(family)
+    facts = dataclasses.asdict(shape)
+    facts.pop("note")
+    config = impl.shape_config(facts)
+    return None if config is None else impl.parameters(config)
 
 
 def architecture(config: Mapping[str, Any], size: str) -> tuple[int, int, int]:
@@ -182,8 +168,7 @@ def plan(config: Mapping[str, Any], *, online: bool = True, tflops: float = DEFA
         else:
             shape = suite.sizes[size]
             layers, hidden, vocab = shape.layers, shape.hidden, shape.vocab
-            params = suite_parameters(suite.family, layers, hidden, vocab, shape.intermediate,
-                                      shape.tied_embeddings) if shape.known else None
+            params = shape_parameters(suite.family, shape)
         jobs = len(steps) * len(seeds)
         download, source = 0, "none (trained locally)"
         if config["source"] == "hub":

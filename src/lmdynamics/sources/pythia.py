@@ -8,7 +8,7 @@ from __future__ import annotations
 SIZES: tuple[str, ...] = ("14m", "31m", "70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b",
                           "12b")
 #: (layers, hidden, vocabulary) per size, MLP width 4 x hidden (14m, 31m, 1b, 6.9b, 12b from
-#: the Pythia README, whose parameter counts ``plan.gpt_neox_parameters`` reproduces exactly).
+#: the Pythia README, whose parameter counts ``plan.shape_parameters`` reproduces exactly).
 ARCHITECTURES: dict[str, tuple[int, int, int]] = {
     "14m": (6, 128, 50304), "31m": (6, 256, 50304), "70m": (6, 512, 50304),
     "160m": (12, 768, 50304), "410m": (24, 1024, 50304), "1b": (16, 2048, 50304),

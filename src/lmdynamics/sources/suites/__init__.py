@@ -8,7 +8,10 @@ says where a suite's checkpoints are and what is known about them, each fact cit
 - ``repo``: a hub repo id template with ``{size}`` (and ``{seed}`` for replicate suites), and
   ``repos``: explicit ids per size and seed where the template does not apply (PolyPythias'
   seed 0 is the original ``EleutherAI/pythia-<size>``; Mistral's GPT-2 runs are named per run);
-- ``sizes``: size label -> shape (layers, hidden, heads, vocab; ``null`` when unknown);
+- ``sizes``: size label -> shape (layers, hidden, heads, vocab; optionally the MLP width
+  ``intermediate``, ``tied_embeddings``, ``config.json``'s ``model_type`` and the ``context``
+  of a learned position embedding, which the family's parameter count may need,
+  :attr:`lmdynamics.families.Family.shape_config`; ``null`` when unknown);
 - ``seeds``: the replicate seeds, when the suite has replicates;
 - ``revisions``: ``template`` (``step{step}``), an explicit ``list`` (step -> name), or
   ``discover``: a regular expression over the branch names that
@@ -60,6 +63,8 @@ class Shape:
     vocab: int | None
     intermediate: int | None = None
     tied_embeddings: bool | None = None
+    model_type: str | None = None
+    context: int | None = None
     note: str = ""
 
     @property
@@ -343,7 +348,7 @@ def _build(data: Mapping[str, Any], origin: str) -> Suite:
     if data.get("facts_from") == "pythia":
         sizes = {s: Shape(*pythia.ARCHITECTURES[s][:2], pythia.HEADS[s],
                           pythia.ARCHITECTURES[s][2], 4 * pythia.ARCHITECTURES[s][1], False,
-                          "lmdynamics.sources.pythia") for s in data["sizes"]}
+                          note="lmdynamics.sources.pythia") for s in data["sizes"]}
         schedule = tuple(pythia_schedule())
         final, per_step = pythia.FINAL_STEP, pythia.BATCH_SEQUENCES * pythia.CONTEXT
     else:
