@@ -165,17 +165,22 @@ def test_per_and_conjecture_directions_ignore_the_conv1d_transpose(tmp_path, mon
 
 def test_the_registry_not_the_schema_lists_the_families():
     """A new family needs no schema edit: the config check asks the registry."""
-    from lmdynamics.config import family_errors
+    from lmdynamics.config import family_errors, resolved_family
 
     schema = yaml.safe_load(SCHEMA_FILE.read_text())
     assert "enum" not in schema["properties"]["family"]
-    assert schema["properties"]["family"]["default"] == families.DEFAULT
+    assert "default" not in schema["properties"]["family"]  # unset: the suite's, or tiny's
+    assert resolved_family({"source": "tiny"}) == families.DEFAULT
+    assert resolved_family({"source": "hub", "suite": "olmo-1b"}) == "llama"
+    assert resolved_family({"source": "hub", "suite": "olmo-1b", "family": "gpt2"}) == "gpt2"
     assert {"gpt_neox", "llama", "gpt2"} <= set(families.names())
     for name in families.names():
         assert family_errors({"family": name}) == []
     (error,) = family_errors({"family": "mamba"})
     assert "config key 'family'" in error and "'mamba'" in error
     assert all(name in error for name in families.names())
+    (error,) = family_errors({"source": "hub", "suite": "olmo-1b", "family": "gpt2"})
+    assert "suite 'olmo-1b' is of family 'llama'" in error
 
 
 def test_unknown_family_and_model_type_are_one_line():
@@ -270,7 +275,7 @@ def test_store_names_keep_gpt_neox_and_follow_each_family():
 
 
 def test_paper_code_attention_is_gpt_neox_only(tmp_path):
-    from lmdynamics.config import family_errors
+    from lmdynamics.config import family_errors, resolved_family
 
     errors = family_errors({"family": "llama",
                             "extraction": {"attention_activation": "paper_code"}})
