@@ -263,6 +263,28 @@ def eval_positions(config: Mapping[str, Any]) -> int:
     return eval_sequences(config) * pythia.CONTEXT
 
 
+#: List keys of integers that may be given on the command line (``--config 'seeds=[0,1]'``).
+COMMAND_LINE_INTEGER_LISTS: tuple[str, ...] = ("seeds",)
+
+
+def command_line_integers(config: Mapping[str, Any], overrides: Mapping[str, Any] | None,
+                          keys: Iterable[str] = COMMAND_LINE_INTEGER_LISTS) -> dict[str, Any]:
+    """The ``keys`` of ``config`` set on the command line, with their items read as integers.
+
+    Snakemake's ``--config 'seeds=[0,1]'`` gives the strings ``'0'`` and ``'1'``; an item of
+    digits only, from the command line (``overrides``: Snakemake's
+    ``workflow.config_settings.config``), becomes an integer. Anything else, and every value
+    of a config file, is left for :func:`check_config` to judge.
+    """
+    out = {}
+    for key in keys:
+        value = (overrides or {}).get(key)
+        if isinstance(value, list) and key in config:
+            out[key] = [int(v) if isinstance(v, str) and re.fullmatch(r"[0-9]{1,7}", v) else v
+                        for v in value]
+    return out
+
+
 def check_config(config: Mapping[str, Any], schema: Mapping[str, Any] | Path | str,
                  files: Iterable[Path | str] = ()) -> None:
     """Raise :class:`ConfigError` listing every bad value, or return None when all is well.
@@ -300,22 +322,35 @@ def model_spec_errors(config: Mapping[str, Any]) -> list[str]:
 
 
 def _template_errors(key: str, template: str, field: str, values: list[Any],
-                     pattern: re.Pattern, allowed: str) -> list[str]:
+                     pattern: re.Pattern, allowed: str,
+                     optional: Mapping[str, list[Any]] | None = None) -> list[str]:
+    """Errors of a template whose one required placeholder is ``field`` (filled with each of
+    ``values``); ``optional`` placeholders, when used, are filled with each of theirs."""
+    optional = dict(optional or {})
+    names = [field, *optional]
+    shown = " and ".join(f"{{{n}}}" for n in names)
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:  # a lone '{' or '}'
         return [f"config key '{key}': {_show(template)} is not a template ({exc}); "
-                f"allowed: only the placeholder {{{field}}}"]
+                f"allowed: only the placeholder(s) {shown}"]
     fields = [(f, spec, conv) for _, f, spec, conv in parsed if f is not None]
-    if any(f != field or spec or conv for f, spec, conv in fields):
-        bad = sorted({f for f, _, _ in fields} - {field}) or [f"{field} with a format"]
+    if any(f not in names or spec or conv for f, spec, conv in fields):
+        bad = sorted({f for f, _, _ in fields} - set(names)) or [f"{field} with a format"]
         return [f"config key '{key}': {_show(template)} has placeholder(s) {', '.join(bad)}; "
-                f"allowed: only {{{field}}}"]
+                f"allowed: only {shown}"]
+    used = {f for f, _, _ in fields}
+    grid = [{}]
+    for name, options in optional.items():
+        if name in used:
+            grid = [{**g, name: o} for g in grid for o in options]
     for value in values:
-        name = template.format(**{field: value})
-        if not pattern.fullmatch(name) or ".." in name or "--" in name or len(name) > 96:
-            return [f"config key '{key}': {template!r} gives {name!r} for {field} {value!r}; "
-                    f"allowed: {allowed}"]
+        for extra in grid:
+            name = template.format(**{field: value}, **extra)
+            if not pattern.fullmatch(name) or ".." in name or "--" in name or len(name) > 96:
+                given = ", ".join(f"{k} {v!r}" for k, v in {field: value, **extra}.items())
+                return [f"config key '{key}': {template!r} gives {name!r} for {given}; "
+                        f"allowed: {allowed}"]
     return []
 
 
@@ -327,8 +362,14 @@ def hub_errors(config: Mapping[str, Any]) -> list[str]:
     errors = []
     repo_rule = "'owner/name' of letters, digits, '_', '.', '-' (no '..' or '--', <= 96 chars)"
     if "repo" in hub:
+        seeds = list(config.get("seeds", [0]))
         errors += _template_errors("hub.repo", hub["repo"], "size", list(config["sizes"]),
-                                   REPO_ID_PATTERN, repo_rule)
+                                   REPO_ID_PATTERN, repo_rule, optional={"seed": seeds})
+        if len(seeds) > 1 and "{seed}" not in hub["repo"]:
+            errors.append(f"config key 'hub.repo': {hub['repo']!r} has no {{seed}} but seeds "
+                          f"lists {len(seeds)} replicates, which would all download the same "
+                          "repo; allowed: a template with {seed} (e.g. "
+                          "'EleutherAI/pythia-{size}-seed{seed}'), or one seed")
     if "revision" in hub:
         errors += _template_errors("hub.revision", hub["revision"], "step",
                                    list(config["steps"]), REVISION_PATTERN,

@@ -4,7 +4,12 @@ from types import SimpleNamespace
 
 from snakemake.utils import validate
 
-from lmdynamics.config import canonical, check_config, schedule_for
+from lmdynamics.config import (
+    canonical,
+    check_config,
+    command_line_integers,
+    schedule_for,
+)
 from lmdynamics.options import job_options
 from lmdynamics.report.registry import REPORT_CATEGORIES, STATS_FIGURES, paper_figures
 
@@ -13,6 +18,8 @@ SCHEMA = workflow.source_path("../schemas/config.schema.yaml")
 # Friendly messages first (key, bad value, what is allowed), then Snakemake's validate,
 # which also fills in the schema's defaults. The config files are read again strictly
 # (repeated keys, YAML 1.1 octals), since Snakemake has already loaded them its own way.
+# `--config 'seeds=[0,1]'` reaches us as strings: digits given there are integers.
+config.update(command_line_integers(config, workflow.config_settings.config))
 check_config(config, SCHEMA, files=workflow.configfiles)
 
 
@@ -23,6 +30,8 @@ config.update(canonical(dict(config)))
 
 RESULTS = f"results/{config['suite']}"
 SIZES = list(config["sizes"])
+# Replicate ids (README "Seeds"): every per-checkpoint path has a seed<k> level.
+SEEDS = sorted(config["seeds"])
 STEPS = sorted(config["steps"])
 FINAL_STEP = config["final_step"]
 SCHEDULE = schedule_for(config)
@@ -35,12 +44,13 @@ EXTRACTION_GPUS = 0 if config["extraction"]["device"] == "cpu" else 1
 wildcard_constraints:
     size="|".join(map(re.escape, SIZES)),
     step=r"\d+",
+    seed=r"\d+",
     figure="|".join(FIGURES),
 
 
 def checkpoint_files(wildcards):
-    """The Hugging Face model directory of one (size, step), as its two files."""
-    base = f"{RESULTS}/checkpoints/{wildcards.size}/step{wildcards.step}"
+    """The Hugging Face model directory of one (size, seed, step), as its two files."""
+    base = checkpoint_dir(wildcards.size, wildcards.seed, wildcards.step)
     return {"config": f"{base}/config.json", "weights": f"{base}/model.safetensors"}
 
 
@@ -51,9 +61,35 @@ def gradient_batches_input(wildcards):
     return {"grad_batches": f"{RESULTS}/gradient_batches/step{wildcards.step}.npy"}
 
 
+def checkpoint_dir(size, seed, step):
+    """The one place a checkpoint directory's path is formed."""
+    return f"{RESULTS}/checkpoints/{size}/seed{seed}/step{step}"
+
+
+def extract_store(size, seed, step):
+    """The one place a per-checkpoint store's path is formed."""
+    return f"{RESULTS}/extract/{size}/seed{seed}/step{step}.zarr"
+
+
 def size_stores(wildcards):
-    """Every analysed step's store of one size (the per-size reduction's inputs)."""
-    return expand(f"{RESULTS}/extract/{wildcards.size}/step{{step}}.zarr", step=STEPS)
+    """Every analysed step's store of one (size, seed): the per-size reduction's inputs."""
+    return [extract_store(wildcards.size, wildcards.seed, step) for step in STEPS]
+
+
+def all_stores():
+    """Every store of the configuration: sizes x seeds x steps."""
+    return [
+        extract_store(size, seed, step)
+        for size in SIZES
+        for seed in SEEDS
+        for step in STEPS
+    ]
+
+
+def per_seed_outputs(kind):
+    """``<RESULTS>/<kind>/<size>/seed<k>.zarr`` of every size and seed (the inputs of the
+    combining rules; ``kind``: metrics or stats)."""
+    return [f"{RESULTS}/{kind}/{size}/seed{seed}.zarr" for size in SIZES for seed in SEEDS]
 
 
 def package_sources(*modules):
@@ -69,10 +105,19 @@ def report_category(wildcards):
     return REPORT_CATEGORIES[wildcards.figure]
 
 
-def model_name(size):
+def model_name(size, seed):
+    """The model a (size, seed) names: the one place the hub repo id is formed. Tiny:
+    ``lmdynamics-tiny-<size>`` for seed 0 (as before seeds), ``...-seed<k>`` otherwise."""
+    seed = int(seed)
     if config["source"] == "tiny":
-        return f"lmdynamics-tiny-{size}"
-    return config["hub"]["repo"].format(size=size)
+        return f"lmdynamics-tiny-{size}" + (f"-seed{seed}" if seed else "")
+    return config["hub"]["repo"].format(size=size, seed=seed)
+
+
+def training_seed(seed):
+    """The tiny suite's training seed of replicate ``seed``: config ``seed`` + k, so that
+    replicate 0 is the run of a configuration without ``seeds``."""
+    return config["seed"] + int(seed)
 
 
 def revision(step):
@@ -93,7 +138,9 @@ def reference_checkpoints(wildcards):
         return {}
     files = {}
     for name, step in (("init", 0), ("final", FINAL_STEP)):
-        ref = checkpoint_files(SimpleNamespace(size=wildcards.size, step=step))
+        ref = checkpoint_files(
+            SimpleNamespace(size=wildcards.size, seed=wildcards.seed, step=step)
+        )
         files.update({f"{name}_{key}": path for key, path in ref.items()})
     return files
 
@@ -117,6 +164,7 @@ def all_outputs():
         f"{RESULTS}/metrics.csv",
         f"{RESULTS}/tables/mcc.csv",
         f"{RESULTS}/tables/mcc.md",
+        f"{RESULTS}/tables/mcc_seeds.csv",
         f"{RESULTS}/tables/checkpoint_audit.csv",
         f"{RESULTS}/figures/mcc_sensitivity.png",
         f"{RESULTS}/figures/mcc_sensitivity.pdf",

@@ -6,11 +6,11 @@ rule reduce_stats:
     input:
         size_stores,
     output:
-        directory(f"{RESULTS}/stats/{{size}}.zarr"),
+        directory(f"{RESULTS}/stats/{{size}}/seed{{seed}}.zarr"),
     log:
-        f"{RESULTS}/logs/reduce_stats/{{size}}.log",
+        f"{RESULTS}/logs/reduce_stats/{{size}}/seed{{seed}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/reduce_stats/{{size}}.tsv"
+        f"{RESULTS}/benchmarks/reduce_stats/{{size}}/seed{{seed}}.tsv"
     conda:
         ENV
     params:
@@ -22,7 +22,7 @@ rule reduce_stats:
 
 rule combine_stats:
     input:
-        expand(f"{RESULTS}/stats/{{size}}.zarr", size=SIZES),
+        per_seed_outputs("stats"),
     output:
         directory(f"{RESULTS}/stats.zarr"),
     log:

@@ -1,4 +1,4 @@
-# One job per (size, step): a forward and backward pass on the eval batch, into a zarr store.
+# One job per (size, seed, step): a forward and backward pass on the eval batch, into a zarr store.
 
 
 rule extract:
@@ -8,11 +8,11 @@ rule extract:
         unpack(reference_checkpoints),
         batch=f"{RESULTS}/eval_batch.npy",
     output:
-        directory(f"{RESULTS}/extract/{{size}}/step{{step}}.zarr"),
+        directory(f"{RESULTS}/extract/{{size}}/seed{{seed}}/step{{step}}.zarr"),
     log:
-        f"{RESULTS}/logs/extract/{{size}}/step{{step}}.log",
+        f"{RESULTS}/logs/extract/{{size}}/seed{{seed}}/step{{step}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/extract/{{size}}/step{{step}}.tsv"
+        f"{RESULTS}/benchmarks/extract/{{size}}/seed{{seed}}/step{{step}}.tsv"
     conda:
         ENV
     threads: 1
@@ -29,7 +29,7 @@ rule extract:
             "conjecture",
             omit=["conjecture.figure_steps"],
         ),
-        model=lambda wc: model_name(wc.size),
+        model=lambda wc: model_name(wc.size, wc.seed),
         revision=lambda wc: revision(wc.step),
         grad_batches=lambda wc, input: (
             ["--gradient-batches", input.grad_batches]
@@ -41,6 +41,7 @@ rule extract:
     shell:
         "lmdynamics extract --checkpoint {params.checkpoint:q}"
         " --eval-batch {input.batch:q} --size {wildcards.size:q} --step {wildcards.step:q}"
+        " --replicate {wildcards.seed:q}"
         " --model {params.model:q} --revision {params.revision:q}"
         " --options {params.options:q} {params.grad_batches:q} --threads {threads:q}"
         " {params.stats:q}"

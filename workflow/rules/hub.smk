@@ -1,4 +1,4 @@
-# Pythia from the Hugging Face hub: one download job per (size, step), and the last training
+# Pythia from the Hugging Face hub: one download job per (size, seed, step), and the last training
 # batch read by byte range from the preshuffled Pile (or a local copy of it).
 REFERENCE_STEPS = "|".join(str(s) for s in sorted({0, FINAL_STEP}))
 
@@ -9,17 +9,17 @@ REFERENCE_STEPS = "|".join(str(s) for s in sorted({0, FINAL_STEP}))
 # weights are deleted once their store exists, unless hub.keep_weights.
 rule download:
     output:
-        config=f"{RESULTS}/checkpoints/{{size}}/step{{step}}/config.json",
+        config=f"{RESULTS}/checkpoints/{{size}}/seed{{seed}}/step{{step}}/config.json",
         weights=(
-            f"{RESULTS}/checkpoints/{{size}}/step{{step}}/model.safetensors"
+            f"{RESULTS}/checkpoints/{{size}}/seed{{seed}}/step{{step}}/model.safetensors"
             if config["hub"]["keep_weights"]
-            else temp(f"{RESULTS}/checkpoints/{{size}}/step{{step}}/model.safetensors")
+            else temp(f"{RESULTS}/checkpoints/{{size}}/seed{{seed}}/step{{step}}/model.safetensors")
         ),
-        record=f"{RESULTS}/checkpoints/{{size}}/step{{step}}/revision.json",
+        record=f"{RESULTS}/checkpoints/{{size}}/seed{{seed}}/step{{step}}/revision.json",
     log:
-        f"{RESULTS}/logs/download/{{size}}/step{{step}}.log",
+        f"{RESULTS}/logs/download/{{size}}/seed{{seed}}/step{{step}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/download/{{size}}/step{{step}}.tsv"
+        f"{RESULTS}/benchmarks/download/{{size}}/seed{{seed}}/step{{step}}.tsv"
     wildcard_constraints:
         step=rf"(?!(?:{REFERENCE_STEPS})/)\d+",
     conda:
@@ -27,7 +27,7 @@ rule download:
     resources:
         network=1,
     params:
-        repo=lambda wc: model_name(wc.size),
+        repo=lambda wc: model_name(wc.size, wc.seed),
         revision=lambda wc: revision(wc.step),
         hub=config["hub"],
         out_dir=lambda wc, output: os.path.dirname(output.config),
@@ -40,9 +40,9 @@ rule download:
 
 use rule download as download_reference with:
     output:
-        config=f"{RESULTS}/checkpoints/{{size}}/step{{step}}/config.json",
-        weights=f"{RESULTS}/checkpoints/{{size}}/step{{step}}/model.safetensors",
-        record=f"{RESULTS}/checkpoints/{{size}}/step{{step}}/revision.json",
+        config=f"{RESULTS}/checkpoints/{{size}}/seed{{seed}}/step{{step}}/config.json",
+        weights=f"{RESULTS}/checkpoints/{{size}}/seed{{seed}}/step{{step}}/model.safetensors",
+        record=f"{RESULTS}/checkpoints/{{size}}/seed{{seed}}/step{{step}}/revision.json",
     wildcard_constraints:
         step=REFERENCE_STEPS,
 
