@@ -5,7 +5,8 @@ Some Pythia step branches serve the same weights as ``main`` (Pythia issues #195
 Every per-pair store records the sha256 of the weights it was computed from
 (attr ``weights_sha256``; for hub revisions also ``revision_commit`` and
 ``hub_weights_sha256`` from ``revision.json``). This module finds revisions of one size and
-seed replicate (store attr ``seed``, 0 when absent) that share a sha256, writes ``tables/checkpoint_audit.csv``, and gives the metrics the boolean
+seed replicate (store attr ``seed``, 0 when absent) that share a sha256, writes
+``tables/checkpoint_audit.csv``, and gives the metrics the boolean
 ``flag_duplicate`` (step) that figures mark through ``flagged``
 (:func:`lmdynamics.reduction.flags.set_flagged`).
 """
