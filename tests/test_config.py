@@ -160,8 +160,8 @@ def test_accepted_labels_are_single_path_components(label):
         assert not set("/\\\x00") & set(label) and ".." not in label
         root = Path("/w/results") / config["suite"]
         for size in config["sizes"]:
-            for rel in (f"extract/{size}/step0.zarr", f"checkpoints/{size}/step0",
-                        f"metrics/{size}.zarr", f"logs/train_tiny/{size}.log"):
+            for rel in (f"extract/{size}/seed0/step0.zarr", f"checkpoints/{size}/seed0/step0",
+                        f"metrics/{size}/seed0.zarr", f"logs/train_tiny/{size}/seed0.log"):
                 resolved = Path(os.path.normpath(root / rel))
                 assert resolved.is_relative_to(root), (label, rel)
 

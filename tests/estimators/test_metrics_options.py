@@ -111,7 +111,7 @@ def test_paper_code_options_end_to_end_on_a_reduced_tiny_suite(tmp_path):
     results = workdir / "results/tiny"
     batches = np.load(results / "gradient_batches/step8.npy")
     assert batches.shape == (2, 16, 128)
-    store = xr.open_zarr(results / "extract/42k/step8.zarr", consolidated=False)
+    store = xr.open_zarr(results / "extract/42k/seed0/step8.zarr", consolidated=False)
     assert store.attrs["attention_activation"] == "paper_code"
     assert store.attrs["gradient_steps"] == [3, 4]
     metrics = xr.open_zarr(results / "metrics.zarr", consolidated=False)
