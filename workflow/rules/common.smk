@@ -89,7 +89,9 @@ def all_stores():
 def per_seed_outputs(kind):
     """``<RESULTS>/<kind>/<size>/seed<k>.zarr`` of every size and seed (the inputs of the
     combining rules; ``kind``: metrics or stats)."""
-    return [f"{RESULTS}/{kind}/{size}/seed{seed}.zarr" for size in SIZES for seed in SEEDS]
+    return [
+        f"{RESULTS}/{kind}/{size}/seed{seed}.zarr" for size in SIZES for seed in SEEDS
+    ]
 
 
 def package_sources(*modules):
@@ -107,7 +109,8 @@ def report_category(wildcards):
 
 def model_name(size, seed):
     """The model a (size, seed) names: the one place the hub repo id is formed. Tiny:
-    ``lmdynamics-tiny-<size>`` for seed 0 (as before seeds), ``...-seed<k>`` otherwise."""
+    ``lmdynamics-tiny-<size>`` for seed 0 (as before seeds), ``...-seed<k>`` otherwise.
+    """
     seed = int(seed)
     if config["source"] == "tiny":
         return f"lmdynamics-tiny-{size}" + (f"-seed{seed}" if seed else "")

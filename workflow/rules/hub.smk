@@ -13,7 +13,9 @@ rule download:
         weights=(
             f"{RESULTS}/checkpoints/{{size}}/seed{{seed}}/step{{step}}/model.safetensors"
             if config["hub"]["keep_weights"]
-            else temp(f"{RESULTS}/checkpoints/{{size}}/seed{{seed}}/step{{step}}/model.safetensors")
+            else temp(
+                f"{RESULTS}/checkpoints/{{size}}/seed{{seed}}/step{{step}}/model.safetensors"
+            )
         ),
         record=f"{RESULTS}/checkpoints/{{size}}/seed{{seed}}/step{{step}}/revision.json",
     log:
