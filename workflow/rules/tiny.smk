@@ -1,6 +1,6 @@
 # The embedded tiny suite: trained locally, one job per (size, seed) (replicate k trains with
 # config seed + k: training_seed), checkpoints on a Pythia-like schedule; the eval batch is
-# the last training batch of the seed's data order, one file for every replicate.
+# the last training batch of replicate 0 (config seed), one file for every replicate.
 
 
 rule train_tiny:
