@@ -89,10 +89,12 @@ def hub_revision_bytes(repo: str, revision: str) -> int:
 def plan(config: Mapping[str, Any], *, online: bool = True, tflops: float = DEFAULT_TFLOPS,
          download_mb_s: float = DEFAULT_DOWNLOAD_MB_S,
          revision_bytes: Callable[[str, str], int] = hub_revision_bytes) -> pd.DataFrame:
-    """One row per size: parameters, steps, download bytes (and their source) and hours at
-    ``download_mb_s``, store bytes, FLOPs per checkpoint and in all, and hours at ``tflops``."""
+    """One row per size: parameters, checkpoints (``steps`` x ``seeds``, the replicates of
+    ``config["seeds"]``), download bytes (and their source) and hours at ``download_mb_s``,
+    store bytes, FLOPs per checkpoint and in all, and hours at ``tflops``."""
     rows = []
-    steps = sorted(config["steps"])
+    seeds = sorted(config.get("seeds", [0]))
+    steps = sorted(config["steps"]) * len(seeds)  # one checkpoint per (seed, step)
     n_tokens = eval_tokens(config)
     for size in config["sizes"]:
         layers, hidden, vocab = architecture(config, size)
@@ -103,20 +105,23 @@ def plan(config: Mapping[str, Any], *, online: bool = True, tflops: float = DEFA
             source = "estimate: parameters x 2 bytes (float16)"
             if online:
                 hub = config.get("hub", {})
-                repo = hub.get("repo", "EleutherAI/pythia-{size}-deduped").format(size=size)
-                revs = [hub.get("revision", "step{step}").format(step=s) for s in steps]
+                template = hub.get("repo", "EleutherAI/pythia-{size}-deduped")
+                revs = [(template.format(size=size, seed=k),
+                         hub.get("revision", "step{step}").format(step=s))
+                        for k in seeds for s in sorted(config["steps"])]
                 try:
-                    first = revision_bytes(repo, revs[0])  # one probe before the rest
+                    first = revision_bytes(*revs[0])  # one probe before the rest
                     with ThreadPoolExecutor(8) as pool:
-                        download = first + sum(pool.map(
-                            lambda r, repo=repo: revision_bytes(repo, r), revs[1:]))
+                        download = first + sum(pool.map(lambda r: revision_bytes(*r),
+                                                        revs[1:]))
                     source = f"hub metadata of {len(revs)} revisions"
                 except Exception as exc:  # offline or a missing revision: say so, estimate
                     source += f"; hub metadata unavailable ({type(exc).__name__}: " \
                               f"{str(exc).splitlines()[0][:120] if str(exc) else ''})"
                     online = False
         flops = extraction_flops(params, vocab, hidden, n_tokens)
-        rows.append({"size": size, "parameters": params, "steps": len(steps),
+        rows.append({"size": size, "parameters": params, "seeds": len(seeds),
+                     "steps": len(steps),
                      "download_bytes": download, "download_source": source,
                      "download_hours": download / (download_mb_s * 1e6) / 3600,
                      "store_bytes": len(steps) * store_bytes(config["tokens"], hidden, layers),
