@@ -135,8 +135,16 @@ def test_hub_seeds_need_a_seed_placeholder_in_the_repo():
         check_config(config, SCHEMA)
     (line,) = [x for x in str(info.value).splitlines() if "hub.repo" in x]
     assert "has no {seed}" in line and "2 replicates" in line and "{seed}" in line
+    del config["hub"]["repo"]  # the schema's default has no {seed} either
+    with pytest.raises(ConfigError, match="'EleutherAI/pythia-{size}-deduped' has no {seed}"):
+        check_config(config, SCHEMA)
     config["hub"]["repo"] = "EleutherAI/pythia-{size}-seed{seed}"
     check_config(config, SCHEMA)  # PolyPythias' naming for seeds >= 1
+    config["extraction"] = {"gradient_protocol": "paper_code"}
+    with pytest.raises(ConfigError, match="'extraction.gradient_protocol': paper_code .* hub "
+                                          "seed replicates"):
+        check_config(config, SCHEMA)
+    del config["extraction"]
     config["hub"]["repo"] = "EleutherAI/pythia-{size}--{seed}"
     with pytest.raises(ConfigError, match=r"gives 'EleutherAI/pythia-70m--0' for size '70m', "
                                           "seed 0"):

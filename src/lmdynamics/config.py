@@ -19,6 +19,7 @@ from typing import Any
 import jsonschema
 import yaml
 
+from lmdynamics.options import defaults
 from lmdynamics.sources import pythia
 from lmdynamics.sources.schedule import checkpoint_schedule, pythia_schedule
 
@@ -304,7 +305,7 @@ def check_config(config: Mapping[str, Any], schema: Mapping[str, Any] | Path | s
     if not errors:
         errors = semantic_errors(config)
     if not errors:
-        errors = model_spec_errors(config) + hub_errors(config)
+        errors = model_spec_errors(config) + hub_errors(config) + seed_errors(config)
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
 
@@ -365,11 +366,6 @@ def hub_errors(config: Mapping[str, Any]) -> list[str]:
         seeds = list(config.get("seeds", [0]))
         errors += _template_errors("hub.repo", hub["repo"], "size", list(config["sizes"]),
                                    REPO_ID_PATTERN, repo_rule, optional={"seed": seeds})
-        if len(seeds) > 1 and "{seed}" not in hub["repo"]:
-            errors.append(f"config key 'hub.repo': {hub['repo']!r} has no {{seed}} but seeds "
-                          f"lists {len(seeds)} replicates, which would all download the same "
-                          "repo; allowed: a template with {seed} (e.g. "
-                          "'EleutherAI/pythia-{size}-seed{seed}'), or one seed")
     if "revision" in hub:
         errors += _template_errors("hub.revision", hub["revision"], "step",
                                    list(config["steps"]), REVISION_PATTERN,
@@ -379,6 +375,26 @@ def hub_errors(config: Mapping[str, Any]) -> list[str]:
                                  and ".." not in hub["dataset"]):
         errors.append(f"config key 'hub.dataset': {hub['dataset']!r} is not a dataset repo id; "
                       f"allowed: {repo_rule}")
+    return errors
+
+
+def seed_errors(config: Mapping[str, Any]) -> list[str]:
+    """Hub seed replicates need their own repos (``{seed}`` in ``hub.repo``) and cannot use the
+    paper code's gradient batches (read in the Pile's preshuffled order, replicate 0's)."""
+    seeds = list(config.get("seeds", [0]))
+    if len(seeds) < 2 or config.get("source") != "hub":
+        return []
+    errors = []
+    repo = config.get("hub", {}).get("repo", defaults("hub")["repo"])
+    if "{seed}" not in repo:
+        errors.append(f"config key 'hub.repo': {repo!r} has no {{seed}} but seeds lists "
+                      f"{len(seeds)} replicates, which would all download the same repo; "
+                      "allowed: a template with {seed} (e.g. "
+                      "'EleutherAI/pythia-{size}-seed{seed}'), or one seed")
+    if config.get("extraction", {}).get("gradient_protocol") == "paper_code":
+        errors.append("config key 'extraction.gradient_protocol': paper_code reads the training "
+                      "batches of the Pile's preshuffled order, which hub seed replicates "
+                      f"({len(seeds)} seeds) do not share; allowed: eval_batch, or one seed")
     return errors
 
 

@@ -54,11 +54,19 @@ def checkpoint_files(wildcards):
     return {"config": f"{base}/config.json", "weights": f"{base}/model.safetensors"}
 
 
+# The paper code's gradient batches follow the data order: per replicate for the tiny suite
+# (replicate k trains with seed + k); one file for the hub (the config check refuses hub
+# replicates with that protocol: their data order is not the Pile's preshuffled one).
+GRADIENT_BATCHES = f"{RESULTS}/gradient_batches/" + (
+    "seed{seed}/step{step}" if config["source"] == "tiny" else "step{step}"
+)
+
+
 def gradient_batches_input(wildcards):
     """The paper code's gradient batches of one step, when that protocol is configured."""
     if config["extraction"]["gradient_protocol"] != "paper_code":
         return {}
-    return {"grad_batches": f"{RESULTS}/gradient_batches/step{wildcards.step}.npy"}
+    return {"grad_batches": GRADIENT_BATCHES.format(**wildcards) + ".npy"}
 
 
 def checkpoint_dir(size, seed, step):

@@ -59,10 +59,10 @@ rule gradient_batches:
             else []
         ),
     output:
-        npy=f"{RESULTS}/gradient_batches/step{{step}}.npy",
-        record=f"{RESULTS}/gradient_batches/step{{step}}.json",
+        npy=f"{GRADIENT_BATCHES}.npy",
+        record=f"{GRADIENT_BATCHES}.json",
     log:
-        f"{RESULTS}/logs/gradient_batches/step{{step}}.log",
+        GRADIENT_BATCHES.replace(f"{RESULTS}/", f"{RESULTS}/logs/") + ".log",
     conda:
         ENV
     resources:
@@ -73,7 +73,7 @@ rule gradient_batches:
         source=config["source"],
         batch_size=config.get("tiny", {}).get("batch_size", 16),
         seq_len=config.get("tiny", {}).get("seq_len", 128),
-        seed=config["seed"],
+        seed=lambda wc: training_seed(wc.seed) if "seed" in wc.keys() else config["seed"],
         dataset=config["hub"]["dataset"],
         dataset_revision=config["hub"]["dataset_revision"],
         local=(
