@@ -393,14 +393,16 @@ def per_layer_figure(ds: xr.Dataset, out_stem: Path, metric: str, *,
                                                                  layer=layer))
                         ax.fill_between(x, lo, hi, color=color, alpha=0.15, lw=0)
                 if i == 0:
-                    extra = f", {seeds_text(ds)}" if per_seed is not None else ""
-                    ax.set_title(f"{size} ({len(layers)} layers{extra})")
+                    ax.set_title(f"{size} ({len(layers)} layers)")
                 if j == 0:
                     name = COMPONENT_NAMES.get(comp, comp)
                     ax.set_ylabel(f"{name}\n{metric_ylabel(ds, metric)}")
                 format_x(ax, x_axis, max_step=float(x.max()))
                 grid(ax)
         fig.supxlabel(x_label(x_axis), fontsize=STYLE["axes.labelsize"])
+        if per_seed is not None:
+            fig.suptitle(f"lines: {seeds_text(ds)}; bands: min-max across seeds",
+                         fontsize=STYLE["axes.labelsize"])
         fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes, label=DEPTH_LABEL,
                      aspect=30, pad=0.01)
         return save_figure(fig, out_stem)
