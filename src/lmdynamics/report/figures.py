@@ -449,7 +449,8 @@ def cka_seed_sd(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step") -> list
                 ax = axes[i, j]
                 if sd is None:
                     ax.text(0.5, 0.5, "one seed:\nno across-seed spread", ha="center",
-                            va="center", transform=ax.transAxes, color="0.3")
+                            va="center", transform=ax.transAxes, color="0.3", fontsize=6)
+                    ax.set_xlim(float(x.min()), float(x.max()))
                 else:
                     da = sd.sel(size=size, component=comp)
                     for layer in layers:
