@@ -95,7 +95,7 @@ def test_dry_run_with_paper_options_lists_gradient_batches_and_new_figures(tmp_p
     out = snakemake(workdir, "--configfile", cfg, "-n", "--quiet", "rules").stdout
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", out, re.MULTILINE))
     assert counts["gradient_batches"] == str(len(TINY["steps"]))
-    assert counts["figure"] == "7"  # figures 1-6 and figure2_standardized
+    assert counts["figure"] == "8"  # figures 1-6, figure2_standardized and cka_seed_sd
     default = snakemake(workdir, "--configfile", "config/tiny.yaml", "-n", "--quiet",
                         "rules").stdout
     assert "gradient_batches" not in default

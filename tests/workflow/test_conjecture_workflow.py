@@ -57,7 +57,8 @@ def test_per_pair_stores_carry_the_statistics(mini_run):
     log = (mini_run.results / f"logs/extract/{size}/seed0/step{step}.log").read_text()
     assert "Conjecture statistics in" in log
     benchmarks = mini_run.results / "benchmarks"
-    assert len(list((benchmarks / "reduce_stats").glob("*.tsv"))) == len(config["sizes"])
+    # one per (size, seed): benchmarks/reduce_stats/<size>/seed<k>.tsv
+    assert len(list((benchmarks / "reduce_stats").glob("*/seed*.tsv"))) == len(config["sizes"])
     assert (benchmarks / "combine_stats.tsv").is_file()
 
 
