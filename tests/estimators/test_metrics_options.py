@@ -99,7 +99,7 @@ def test_dry_run_with_paper_options_lists_gradient_batches_and_new_figures(tmp_p
     default = snakemake(workdir, "--configfile", "config/tiny.yaml", "-n", "--quiet",
                         "rules").stdout
     assert "gradient_batches" not in default
-    assert dict(re.findall(r"^(\w+)\s+(\d+)$", default, re.MULTILINE))["figure"] == "6"
+    assert dict(re.findall(r"^(\w+)\s+(\d+)$", default, re.MULTILINE))["figure"] == "7"
 
 
 @pytest.mark.slow
