@@ -73,7 +73,9 @@ rule gradient_batches:
         source=config["source"],
         batch_size=config.get("tiny", {}).get("batch_size", 16),
         seq_len=config.get("tiny", {}).get("seq_len", 128),
-        seed=lambda wc: training_seed(wc.seed) if "seed" in wc.keys() else config["seed"],
+        seed=lambda wc: (
+            training_seed(wc.seed) if "seed" in wc.keys() else config["seed"]
+        ),
         dataset=config["hub"]["dataset"],
         dataset_revision=config["hub"]["dataset_revision"],
         local=(
