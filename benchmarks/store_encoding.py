@@ -1,7 +1,7 @@
 """Per-pair store encoding, measured on real tiny-suite activations.
 
 Takes the ``activations`` of real per-pair stores (``--stores``, default the stores of
-``results/tiny/extract/*/``; without any, trains the tiny suite's 497k size for 128 updates
+``results/tiny/extract/*/seed*/``; without any, trains the tiny suite's 497k size for 128 updates
 and extracts steps 0, 64 and 128 through the package's own path), rewrites each with
 several zarr v3 chunk shapes and compressors (zstd levels, blosc, none) through
 :func:`lmdynamics.store.write_store`, and reports the compression ratio (raw float32 bytes
@@ -9,7 +9,7 @@ over bytes on disk) and the write and read times (read: one (component, layer) a
 as the reduction reads them).
 
     python benchmarks/store_encoding.py
-    python benchmarks/store_encoding.py --stores results/tiny/extract/497k
+    python benchmarks/store_encoding.py --stores results/tiny/extract/497k/seed0
 """
 
 from __future__ import annotations

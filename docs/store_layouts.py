@@ -18,11 +18,11 @@ DOC = Path(__file__).with_name("architecture.md")
 BEGIN, END = "<!-- store layouts: begin -->", "<!-- store layouts: end -->"
 #: (title, glob under the results folder, writer)
 STORES = [
-    ("Per-pair store", "extract/*/step*.zarr",
+    ("Per-pair store", "extract/*/seed*/step*.zarr",
      "`lmdynamics.extraction.extract.extract_checkpoint`"),
-    ("Per-size metrics", "metrics/*.zarr", "`lmdynamics.reduction.metrics.reduce_size`"),
+    ("Per-size metrics", "metrics/*/seed*.zarr", "`lmdynamics.reduction.metrics.reduce_size`"),
     ("Combined metrics", "metrics.zarr", "`lmdynamics.reduction.metrics.write_combined`"),
-    ("Per-size statistics", "stats/*.zarr", "`lmdynamics.reduction.stats.reduce_stats`"),
+    ("Per-size statistics", "stats/*/seed*.zarr", "`lmdynamics.reduction.stats.reduce_stats`"),
     ("Combined statistics", "stats.zarr", "`lmdynamics.reduction.stats.write_combined_stats`"),
 ]
 INTEGRITY = {"lmdynamics_store_format", "lmdynamics_array_sha256", "lmdynamics_attrs_sha256",

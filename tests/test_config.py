@@ -64,6 +64,10 @@ BAD = [
     ("final_step", 0, ["'final_step'", "0", ">= 1"]),
     ("tokens", 2.5, ["'tokens'", "2.5", "integer"]),
     ("seed", -1, ["'seed'", "-1", ">= 0"]),
+    ("seeds", [], ["'seeds'", "[]", "at least 1 item"]),
+    ("seeds", [0, 0], ["'seeds'", "distinct values (repeated: 0)"]),
+    ("seeds", [0, -1], ["'seeds.1'", "-1", ">= 0"]),
+    ("seeds", [0, "x"], ["'seeds.1'", "'x'", "integer"]),
     ("mcc.per_grad_fraction", 1.5, ["mcc.per_grad_fraction", "1.5", "<= 1"]),
     ("mcc.per_weight_threshold", -0.1, ["mcc.per_weight_threshold", "-0.1", ">= 0"]),
     ("metrics", {"divisor": "x"}, ["'metrics'", "'divisor'", "only the keys per_divisor"]),
@@ -103,6 +107,8 @@ HUB_BAD = [
     ("hub.revision", "main", ["'hub.revision'", "'main'", "'{step}'"]),
     ("hub.revision", "../{step}", ["'hub.revision'", "'../0'", "no '..'"]),
     ("hub.dataset", "pile", ["'hub.dataset'", "'pile'", "'owner/name'"]),
+    ("hub.repo", "org/{size}-{seed}-{step}", ["'hub.repo'", "placeholder(s) step",
+                                               "only {size} and {seed}"]),
     ("hub.sequences", 0, ["'hub.sequences'", "0", ">= 1"]),
     ("hub.sequences", 5000, ["'hub.sequences'", "5000", "<= 1024"]),
     ("hub.keep_weights", "yes", ["'hub.keep_weights'", "'yes'", "boolean"]),
@@ -120,6 +126,41 @@ def test_bad_hub_value_is_named(key, value, fragments):
         check_config(config, SCHEMA)
     for fragment in fragments:
         assert fragment in str(info.value), (fragment, str(info.value))
+
+
+def test_hub_seeds_need_a_seed_placeholder_in_the_repo():
+    config = copy.deepcopy(PYTHIA)
+    config["seeds"] = [0, 3]
+    with pytest.raises(ConfigError) as info:
+        check_config(config, SCHEMA)
+    (line,) = [x for x in str(info.value).splitlines() if "hub.repo" in x]
+    assert "has no {seed}" in line and "2 replicates" in line and "{seed}" in line
+    del config["hub"]["repo"]  # the schema's default has no {seed} either
+    with pytest.raises(ConfigError, match="'EleutherAI/pythia-{size}-deduped' has no {seed}"):
+        check_config(config, SCHEMA)
+    config["hub"]["repo"] = "EleutherAI/pythia-{size}-seed{seed}"
+    check_config(config, SCHEMA)  # PolyPythias' naming for seeds >= 1
+    config["extraction"] = {"gradient_protocol": "paper_code"}
+    with pytest.raises(ConfigError, match="'extraction.gradient_protocol': paper_code .* hub "
+                                          "seed replicates"):
+        check_config(config, SCHEMA)
+    del config["extraction"]
+    config["hub"]["repo"] = "EleutherAI/pythia-{size}--{seed}"
+    with pytest.raises(ConfigError, match=r"gives 'EleutherAI/pythia-70m--0' for size '70m', "
+                                          "seed 0"):
+        check_config(config, SCHEMA)
+
+
+def test_seeds_from_the_command_line_are_integers():
+    from lmdynamics.config import command_line_integers
+
+    config = {"seeds": ["0", "12"], "sizes": ["1"]}
+    assert command_line_integers(config, {"seeds": ["0", "12"], "sizes": ["1"]}) == {
+        "seeds": [0, 12]}
+    # only what the command line gave, only digits: the rest is for the schema to refuse
+    assert command_line_integers(config, {}) == {}
+    assert command_line_integers(config, {"seeds": ["-1", "x", "1.5"]}) == {
+        "seeds": ["-1", "x", "1.5"]}
 
 
 def test_hub_revisions_with_slashes_are_allowed():
@@ -160,8 +201,8 @@ def test_accepted_labels_are_single_path_components(label):
         assert not set("/\\\x00") & set(label) and ".." not in label
         root = Path("/w/results") / config["suite"]
         for size in config["sizes"]:
-            for rel in (f"extract/{size}/step0.zarr", f"checkpoints/{size}/step0",
-                        f"metrics/{size}.zarr", f"logs/train_tiny/{size}.log"):
+            for rel in (f"extract/{size}/seed0/step0.zarr", f"checkpoints/{size}/seed0/step0",
+                        f"metrics/{size}/seed0.zarr", f"logs/train_tiny/{size}/seed0.log"):
                 resolved = Path(os.path.normpath(root / rel))
                 assert resolved.is_relative_to(root), (label, rel)
 

@@ -184,7 +184,7 @@ def _literal_ok(path: tuple, value: str) -> bool:
     path (:data:`PATH_KEYS`), which the rules quote."""
     if dotted(path) in PATH_KEYS:
         return not re.search(r"[\x00-\x1f\x7f{}]", value)
-    shown = value.replace("{size}", "70m").replace("{step}", "0")
+    shown = value.replace("{size}", "70m").replace("{step}", "0").replace("{seed}", "0")
     return shlex.quote(shown) == shown
 
 

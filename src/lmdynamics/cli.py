@@ -86,6 +86,8 @@ def _tiny_eval_batch(a: argparse.Namespace) -> None:
 
 def _training_loss_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("csvs", nargs="+", type=Path)
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help="the seed replicate of each CSV, in order (default: all 0)")
     p.add_argument("--out-csv", type=Path, required=True)
     p.add_argument("--out-stem", type=Path, required=True)
 
@@ -97,7 +99,13 @@ def _training_loss(a: argparse.Namespace) -> None:
     from lmdynamics.report.figures import training_loss_figure
     from lmdynamics.store import write_text_atomic
 
-    loss = pd.concat([pd.read_csv(p) for p in a.csvs], ignore_index=True)
+    seeds = a.seeds if a.seeds is not None else [0] * len(a.csvs)
+    if len(seeds) != len(a.csvs):
+        raise ValueError(f"--seeds gives {len(seeds)} replicate ids for {len(a.csvs)} CSVs; "
+                         "allowed: one per CSV, in the same order")
+    loss = pd.concat([pd.read_csv(p).assign(seed=s) for p, s in zip(a.csvs, seeds,
+                                                                     strict=True)],
+                     ignore_index=True)
     write_text_atomic(loss.to_csv(index=False), a.out_csv)
     training_loss_figure(loss, a.out_stem)
 
@@ -107,6 +115,8 @@ def _extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-batch", type=Path, required=True, help=".npy (sequences, positions)")
     p.add_argument("--size", required=True)
     p.add_argument("--step", type=int, required=True)
+    p.add_argument("--replicate", type=int, default=0,
+                   help="seed replicate id (config seeds), recorded as store attr seed")
     p.add_argument("--model", required=True, help="model name recorded in the store")
     p.add_argument("--revision", required=True)
     _options_arg(p, "tokens", "seed", "extraction", "sampling", "conjecture",
@@ -187,7 +197,8 @@ def _extract(a: argparse.Namespace) -> None:
                        attention_implementation=ex["attention_implementation"],
                        gradient_protocol=ex["gradient_protocol"],
                        gradient_batches=a.gradient_batches, family=opts["family"],
-                       stats=_stats_options(a, opts["conjecture"], opts["seed"]))
+                       stats=_stats_options(a, opts["conjecture"], opts["seed"]),
+                       replicate=a.replicate)
 
 
 def _reference_args(p: argparse.ArgumentParser) -> None:
@@ -347,6 +358,8 @@ def _mcc_args(p: argparse.ArgumentParser) -> None:
     _options_arg(p, "mcc", "metrics")
     p.add_argument("--csv", type=Path)
     p.add_argument("--md", type=Path)
+    p.add_argument("--seeds-csv", type=Path,
+                   help="with --csv: Table 1 across seeds (mean, min, max per size and column)")
     p.add_argument("--sensitivity-stem", type=Path,
                    help="draw the threshold-sensitivity figure to <stem>.png/.pdf")
 
@@ -366,7 +379,7 @@ def _mcc(a: argparse.Namespace) -> None:
     if a.csv and a.md:
         table = mcc_table(ds, options)
         table.attrs["thresholds"]["cka_estimator"] = estimator
-        write_mcc_table(table, a.csv, a.md)
+        write_mcc_table(table, a.csv, a.md, seeds_csv=a.seeds_csv)
     if a.sensitivity_stem:
         from lmdynamics.report.mcc import mcc_sensitivity
 

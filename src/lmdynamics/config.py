@@ -201,7 +201,7 @@ def hub_repo(config: Mapping[str, Any], suite, size: str, seed: int | None = Non
     """The hub repo of ``size`` (and ``seed``): ``hub.repo`` when the config sets it, else
     the suite definition's."""
     given = (config.get("hub") or {}).get("repo")
-    return given.format(size=size) if given else suite.repo_id(size, seed)
+    return given.format(size=size, seed=seed) if given else suite.repo_id(size, seed)
 
 
 def hub_revision(config: Mapping[str, Any], suite, step: int) -> str | None:
@@ -367,6 +367,28 @@ def eval_positions(config: Mapping[str, Any]) -> int:
     return eval_sequences(config) * pythia.CONTEXT
 
 
+#: List keys of integers that may be given on the command line (``--config 'seeds=[0,1]'``).
+COMMAND_LINE_INTEGER_LISTS: tuple[str, ...] = ("seeds",)
+
+
+def command_line_integers(config: Mapping[str, Any], overrides: Mapping[str, Any] | None,
+                          keys: Iterable[str] = COMMAND_LINE_INTEGER_LISTS) -> dict[str, Any]:
+    """The ``keys`` of ``config`` set on the command line, with their items read as integers.
+
+    Snakemake's ``--config 'seeds=[0,1]'`` gives the strings ``'0'`` and ``'1'``; an item of
+    digits only, from the command line (``overrides``: Snakemake's
+    ``workflow.config_settings.config``), becomes an integer. Anything else, and every value
+    of a config file, is left for :func:`check_config` to judge.
+    """
+    out = {}
+    for key in keys:
+        value = (overrides or {}).get(key)
+        if isinstance(value, list) and key in config:
+            out[key] = [int(v) if isinstance(v, str) and re.fullmatch(r"[0-9]{1,7}", v) else v
+                        for v in value]
+    return out
+
+
 def check_config(config: Mapping[str, Any], schema: Mapping[str, Any] | Path | str,
                  files: Iterable[Path | str] = ()) -> None:
     """Raise :class:`ConfigError` listing every bad value, or return None when all is well.
@@ -386,7 +408,8 @@ def check_config(config: Mapping[str, Any], schema: Mapping[str, Any] | Path | s
     if not errors:
         errors = semantic_errors(config)
     if not errors:
-        errors = model_spec_errors(config) + hub_errors(config) + family_errors(config)
+        errors = (model_spec_errors(config) + hub_errors(config) + family_errors(config)
+                  + seed_errors(config))
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
 
@@ -443,22 +466,35 @@ def model_spec_errors(config: Mapping[str, Any]) -> list[str]:
 
 
 def _template_errors(key: str, template: str, field: str, values: list[Any],
-                     pattern: re.Pattern, allowed: str) -> list[str]:
+                     pattern: re.Pattern, allowed: str,
+                     optional: Mapping[str, list[Any]] | None = None) -> list[str]:
+    """Errors of a template whose one required placeholder is ``field`` (filled with each of
+    ``values``); ``optional`` placeholders, when used, are filled with each of theirs."""
+    optional = dict(optional or {})
+    names = [field, *optional]
+    shown = " and ".join(f"{{{n}}}" for n in names)
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:  # a lone '{' or '}'
         return [f"config key '{key}': {_show(template)} is not a template ({exc}); "
-                f"allowed: only the placeholder {{{field}}}"]
+                f"allowed: only the placeholder(s) {shown}"]
     fields = [(f, spec, conv) for _, f, spec, conv in parsed if f is not None]
-    if any(f != field or spec or conv for f, spec, conv in fields):
-        bad = sorted({f for f, _, _ in fields} - {field}) or [f"{field} with a format"]
+    if any(f not in names or spec or conv for f, spec, conv in fields):
+        bad = sorted({f for f, _, _ in fields} - set(names)) or [f"{field} with a format"]
         return [f"config key '{key}': {_show(template)} has placeholder(s) {', '.join(bad)}; "
-                f"allowed: only {{{field}}}"]
+                f"allowed: only {shown}"]
+    used = {f for f, _, _ in fields}
+    grid = [{}]
+    for name, options in optional.items():
+        if name in used:
+            grid = [{**g, name: o} for g in grid for o in options]
     for value in values:
-        name = template.format(**{field: value})
-        if not pattern.fullmatch(name) or ".." in name or "--" in name or len(name) > 96:
-            return [f"config key '{key}': {template!r} gives {name!r} for {field} {value!r}; "
-                    f"allowed: {allowed}"]
+        for extra in grid:
+            name = template.format(**{field: value}, **extra)
+            if not pattern.fullmatch(name) or ".." in name or "--" in name or len(name) > 96:
+                given = ", ".join(f"{k} {v!r}" for k, v in {field: value, **extra}.items())
+                return [f"config key '{key}': {template!r} gives {name!r} for {given}; "
+                        f"allowed: {allowed}"]
     return []
 
 
@@ -470,8 +506,9 @@ def hub_errors(config: Mapping[str, Any]) -> list[str]:
     errors = []
     repo_rule = "'owner/name' of letters, digits, '_', '.', '-' (no '..' or '--', <= 96 chars)"
     if "repo" in hub:
+        seeds = list(config.get("seeds", [0]))
         errors += _template_errors("hub.repo", hub["repo"], "size", list(config["sizes"]),
-                                   REPO_ID_PATTERN, repo_rule)
+                                   REPO_ID_PATTERN, repo_rule, optional={"seed": seeds})
     if "revision" in hub:
         errors += _template_errors("hub.revision", hub["revision"], "step",
                                    list(config["steps"]), REVISION_PATTERN,
@@ -481,6 +518,52 @@ def hub_errors(config: Mapping[str, Any]) -> list[str]:
                                  and ".." not in hub["dataset"]):
         errors.append(f"config key 'hub.dataset': {hub['dataset']!r} is not a dataset repo id; "
                       f"allowed: {repo_rule}")
+    return errors
+
+
+def resolved_seeds(config: Mapping[str, Any]) -> list[int]:
+    """The replicate ids a config analyses: ``seeds`` when set, else every seed of a hub
+    suite definition with replicates (what ``lmdynamics plan`` counts), else ``[0]``."""
+    if config.get("seeds"):
+        return sorted(config["seeds"])
+    suite = suite_for(config) if config.get("source") == "hub" else None
+    return sorted(suite.seeds) if suite is not None and suite.seeds else [0]
+
+
+def seed_errors(config: Mapping[str, Any]) -> list[str]:
+    """Hub seed replicates need their own repos (the suite definition's replicates, or
+    ``{seed}`` in ``hub.repo``) and cannot use the paper code's gradient batches (read in the
+    Pile's preshuffled order, replicate 0's)."""
+    from lmdynamics.sources.suites import SuiteError
+
+    if config.get("source") != "hub":
+        return []
+    try:
+        suite, seeds = suite_for(config), resolved_seeds(config)
+    except SuiteError:  # a broken suite file: its own one-line error, raised by suite_for
+        return []
+    repo = (config.get("hub") or {}).get("repo")
+    if repo is None and suite.seeds:
+        unknown = [s for s in seeds if s not in suite.seeds]
+        if unknown:
+            return [f"config key 'seeds': {unknown} are not replicates of suite "
+                    f"{suite.name!r}; allowed: {list(suite.seeds)}"]
+    if len(seeds) < 2:
+        return []
+    errors = []
+    if repo is None and not suite.seeds:
+        errors.append(f"config key 'seeds': suite {suite.name!r} has no seed replicates but "
+                      f"seeds lists {len(seeds)}; allowed: one seed, or a suite with replicates "
+                      "(e.g. polypythias), or hub.repo with {seed}")
+    elif repo is not None and "{seed}" not in repo:
+        errors.append(f"config key 'hub.repo': {repo!r} has no {{seed}} but seeds lists "
+                      f"{len(seeds)} replicates, which would all download the same repo; "
+                      "allowed: a template with {seed} (e.g. "
+                      "'EleutherAI/pythia-{size}-seed{seed}'), or one seed")
+    if config.get("extraction", {}).get("gradient_protocol") == "paper_code":
+        errors.append("config key 'extraction.gradient_protocol': paper_code reads the training "
+                      "batches of the Pile's preshuffled order, which hub seed replicates "
+                      f"({len(seeds)} seeds) do not share; allowed: eval_batch, or one seed")
     return errors
 
 

@@ -95,11 +95,11 @@ def test_dry_run_with_paper_options_lists_gradient_batches_and_new_figures(tmp_p
     out = snakemake(workdir, "--configfile", cfg, "-n", "--quiet", "rules").stdout
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", out, re.MULTILINE))
     assert counts["gradient_batches"] == str(len(TINY["steps"]))
-    assert counts["figure"] == "7"  # figures 1-6 and figure2_standardized
+    assert counts["figure"] == "8"  # figures 1-6, figure2_standardized and cka_seed_sd
     default = snakemake(workdir, "--configfile", "config/tiny.yaml", "-n", "--quiet",
                         "rules").stdout
     assert "gradient_batches" not in default
-    assert dict(re.findall(r"^(\w+)\s+(\d+)$", default, re.MULTILINE))["figure"] == "6"
+    assert dict(re.findall(r"^(\w+)\s+(\d+)$", default, re.MULTILINE))["figure"] == "7"
 
 
 @pytest.mark.slow
@@ -111,7 +111,7 @@ def test_paper_code_options_end_to_end_on_a_reduced_tiny_suite(tmp_path):
     results = workdir / "results/tiny"
     batches = np.load(results / "gradient_batches/step8.npy")
     assert batches.shape == (2, 16, 128)
-    store = xr.open_zarr(results / "extract/42k/step8.zarr", consolidated=False)
+    store = xr.open_zarr(results / "extract/42k/seed0/step8.zarr", consolidated=False)
     assert store.attrs["attention_activation"] == "paper_code"
     assert store.attrs["gradient_steps"] == [3, 4]
     metrics = xr.open_zarr(results / "metrics.zarr", consolidated=False)

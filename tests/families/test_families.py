@@ -275,7 +275,7 @@ def test_store_names_keep_gpt_neox_and_follow_each_family():
 
 
 def test_paper_code_attention_is_gpt_neox_only(tmp_path):
-    from lmdynamics.config import family_errors, resolved_family
+    from lmdynamics.config import family_errors
 
     errors = family_errors({"family": "llama",
                             "extraction": {"attention_activation": "paper_code"}})

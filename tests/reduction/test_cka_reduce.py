@@ -174,11 +174,13 @@ def test_combined_store_table_and_selection(reduced, tmp_path):
     bigger = reduced.isel(layer=slice(0, 1)).assign_attrs(size="u", n_params=10**6)
     combined = combine_sizes([_renamed(bigger, tmp_path / "u.zarr"), first])
     assert list(combined["size"].values) == ["t", "u"]
-    assert combined.cka_pairwise.dims == ("size", "component", "layer", "step", "step_ref")
+    assert combined.cka_pairwise.dims == ("size", "seed", "component", "layer", "step",
+                                          "step_ref")
+    assert combined.seed.values.tolist() == [0]  # stores without replicates: one seed
     assert np.isnan(combined.cka_debiased_low.sel(size="u", layer=1)).all()
     assert combined.attrs["bootstrap_samples"] == 200 and combined.attrs["standardize"]
     table = tidy_metrics(combined)
-    assert list(table.columns[:7]) == ["size", "component", "layer", "step", "cka",
+    assert list(table.columns[:8]) == ["size", "seed", "component", "layer", "step", "cka",
                                        "per_weight", "per_grad"]
     assert {"cka_debiased", "cka_low", "cka_debiased_high",
             "cka_debiased_standardized"} <= set(table.columns)
@@ -203,6 +205,29 @@ def test_combined_store_table_and_selection(reduced, tmp_path):
         pd.DataFrame({"early_step": [2]}),
         {"cka_threshold": 0.45, "early_fraction": 0.1, "per_weight_threshold": 0.95,
          "per_grad_fraction": 0.9, "final_step": 8, "cka_estimator": "debiased"})
+
+
+def test_combine_stacks_seed_replicates_and_refuses_an_incomplete_grid(reduced, tmp_path):
+    # a second replicate: the same size with other values (as another training run gives)
+    other = (reduced * 0.5).assign_attrs({**reduced.attrs, "seed": 3})
+    for name in ("flag_nonfinite", "flag_duplicate"):
+        other[name] = reduced[name]
+    runs = [write_store(reduced, tmp_path / "s0.zarr"), write_store(other, tmp_path / "s3.zarr")]
+    combined = combine_sizes(runs[::-1])
+    assert combined.seed.values.tolist() == [0, 3]
+    assert combined.cka.dims == ("size", "seed", "component", "layer", "step")
+    np.testing.assert_array_equal(combined.cka.sel(size="t", seed=0).values, reduced.cka.values)
+    np.testing.assert_array_equal(combined.cka.sel(size="t", seed=3).values,
+                                  reduced.cka.values * 0.5)
+    assert "seed" not in combined.attrs and combined.flagged.dims == ("size", "step")
+    table = tidy_metrics(combined)
+    assert table.groupby("seed").size().to_dict() == {0: len(table) // 2, 3: len(table) // 2}
+    # a size lacking a seed the other has is refused, naming both
+    bigger = _renamed(reduced, tmp_path / "u.zarr")
+    with pytest.raises(ValueError, match=r"lack seed\(s\) \[3\] of size u"):
+        combine_sizes([*runs, bigger])
+    with pytest.raises(ValueError, match="two metrics datasets for size t seed 0"):
+        combine_sizes([runs[0], write_store(reduced, tmp_path / "again.zarr")])
 
 
 @pytest.mark.parametrize(("name", "estimator"), [

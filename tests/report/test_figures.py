@@ -90,7 +90,16 @@ def holey_dataset() -> xr.Dataset:
     return ds
 
 
-DATASETS = {"2sizes": lambda: make_metrics_dataset(SIZES_2), "3sizes-nan-flagged": holey_dataset}
+def replicated_dataset(seeds: tuple[int, ...] = (0, 1, 2)) -> xr.Dataset:
+    """Seed replicates as ``combine_sizes`` stacks them: a ``seed`` dim after ``size``, each
+    replicate its own synthetic run (different noise), flags (size, step) shared."""
+    runs = [make_metrics_dataset(SIZES_2, seed=s).expand_dims(seed=[s], axis=1)
+            for s in seeds]
+    return xr.concat(runs, dim="seed").transpose("size", "seed", ...)
+
+
+DATASETS = {"2sizes": lambda: make_metrics_dataset(SIZES_2), "3sizes-nan-flagged": holey_dataset,
+            "2sizes-3seeds": replicated_dataset, "2sizes-1seed": lambda: replicated_dataset((0,))}
 
 
 @pytest.mark.parametrize("data", sorted(DATASETS))
@@ -162,6 +171,56 @@ def test_training_loss_figure(tmp_path):
         figures.training_loss_figure(loss.drop(columns="loss"), stem)
     with pytest.raises(ValueError, match="smooth"):
         figures.training_loss_figure(loss, stem, smooth=2.0)
+
+
+def test_over_seeds_mean_keeps_nan_and_one_seed_is_the_run_itself():
+    ds = replicated_dataset()
+    ds["cka"].loc[{"size": "70m", "seed": 1, "layer": 0, "step": 4}] = np.nan
+    ds["cka_low"] = ds["cka"] - 0.1
+    mean, per_seed = figures.over_seeds(ds)
+    assert per_seed is ds and mean.attrs["n_seeds"] == 3 and "cka_low" not in mean
+    expected = ds["cka"].to_numpy().mean(axis=1)  # numpy: NaN propagates
+    np.testing.assert_array_equal(mean["cka"].transpose("size", ...).to_numpy(), expected)
+    assert np.isnan(float(mean["cka"].sel(size="70m", layer=0, step=4, component="mlp")))
+    one, none = figures.over_seeds(replicated_dataset((5,)))
+    assert none is None and "seed" not in one.dims and "n_seeds" not in one.attrs
+    xr.testing.assert_identical(one, make_metrics_dataset(SIZES_2, seed=5)
+                                .assign_coords(seed=5).reset_coords("seed", drop=True))
+    plain = make_metrics_dataset(SIZES_2)
+    assert figures.over_seeds(plain)[0] is plain
+
+
+def test_seed_sd_figure_says_one_seed_instead_of_a_line(tmp_path, monkeypatch):
+    drawn = []
+    real_save = figures.save_figure
+
+    def keep(fig, stem):
+        drawn.append(([t.get_text() for ax in fig.axes for t in ax.texts],
+                      [line for ax in fig.axes for line in ax.get_lines()]))
+        return real_save(fig, stem)
+
+    monkeypatch.setattr(figures, "save_figure", keep)
+    figures.cka_seed_sd(replicated_dataset((0,)), tmp_path / "one")
+    texts, lines = drawn[-1]
+    assert texts == ["one seed:\nno across-seed spread"] * 4 and lines == []
+    ds = replicated_dataset((0, 1))
+    figures.cka_seed_sd(ds, tmp_path / "two")
+    texts, lines = drawn[-1]
+    assert texts == [] and len(lines) == 2 * (6 + 12)  # a line per (component, layer)
+    # each line is the sample sd over the two seeds: |a - b| / sqrt(2)
+    cka = ds["cka"].sel(size="70m", component="attention", layer=0)
+    np.testing.assert_allclose(lines[0].get_ydata(),
+                               abs(cka.sel(seed=0) - cka.sel(seed=1)).to_numpy() / np.sqrt(2))
+
+
+def test_training_loss_over_seeds(tmp_path):
+    rows = [{"size": size, "seed": seed, "step": step, "loss": 3 + seed + 1 / (step + 1)}
+            for size in ("42k", "183k") for seed in (0, 1) for step in range(50)]
+    loss = pd.DataFrame(rows)
+    stem = tmp_path / "training_loss"
+    _assert_written(figures.training_loss_figure(loss, stem), stem)
+    with pytest.raises(ValueError, match=r"42k: steps \[49\] are not logged by all 2 seeds"):
+        figures.training_loss_figure(loss.drop(index=len(loss) // 2 - 1), stem)
 
 
 def test_smooth_log_window():

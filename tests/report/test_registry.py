@@ -18,4 +18,5 @@ def test_registry_names_the_drawn_figures():
 def test_standardize_adds_only_the_standardized_figure():
     plain, with_std = registry.paper_figures(False), registry.paper_figures(True)
     assert set(with_std) - set(plain) == set(registry.STANDARDIZED_FIGURES)
-    assert plain == ["figure1", "figure2", "figure3", "figure4", "figure5", "figure6"]
+    assert plain == ["figure1", "figure2", "figure3", "figure4", "figure5", "figure6",
+                     "cka_seed_sd"]

@@ -444,3 +444,68 @@ def test_schema_enums_and_defaults_match_the_code():
     assert set(mcc) == set(defaults)
     for key, value in defaults.items():
         assert mcc[key]["default"] == value, key
+
+
+# --------------------------------------------------------------------- seed replicates
+
+
+def _replicates(*runs: xr.Dataset) -> xr.Dataset:
+    """Runs of one size stacked over ``seed`` (0, 1, ...) as ``combine_sizes`` does."""
+    return xr.concat([r.expand_dims(seed=[k], axis=1) for k, r in enumerate(runs)], dim="seed")
+
+
+def test_table1_over_seeds_one_row_per_seed_and_the_range_across_them(tmp_path):
+    grads = {"attention": [0.5, 0.1, 0.5, 0.1], "mlp": [0.5, 0.5, 0.5, 0.1]}
+    run0 = hand_dataset(early={"attention": [T, T, F, F], "mlp": [T, T, T, T]},
+                        per_weight={"attention": [0.99, 0.97, 0.5, 0.6],
+                                    "mlp": [0.99, 0.2, 0.99, 0.2]}, per_grad=grads)
+    run1 = hand_dataset(early={"attention": [T, F, T, F], "mlp": [T, F, T, F]},
+                        per_weight={"attention": [0.99, 0.97, 0.5, 0.6],
+                                    "mlp": [0.99, 0.2, 0.99, 0.2]}, per_grad=grads)
+    ds = _replicates(run0, run1)
+    df = tables.mcc_table(ds)
+    assert len(df) == 8 and df.groupby("seed").size().to_dict() == {0: 4, 1: 4}
+    # each seed's rows are that run's own table
+    for seed, run in ((0, run0), (1, run1)):
+        alone = tables.mcc_table(run).drop(columns="seed")
+        mine = df[df["seed"] == seed].drop(columns="seed").reset_index(drop=True)
+        # reasons: pandas stores a missing one as None or NaN depending on the column's others
+        reasons = [(m if isinstance(m, str) else None, a if isinstance(a, str) else None)
+                   for m, a in zip(mine.pop("undefined_reason"), alone.pop("undefined_reason"),
+                                   strict=True)]
+        assert all(m == a for m, a in reasons)
+        pd.testing.assert_frame_equal(mine, alone)
+    summary = tables.mcc_seed_summary(df)
+    att = summary.set_index("label").loc["θ_att"]
+    # θ_att: seed 0 early [T,T,F,F] vs large [T,T,F,F] -> 1; seed 1 [T,F,T,F] -> 0
+    assert (att.mcc_mean, att.mcc_min, att.mcc_max, att.n_defined) == (0.5, 0.0, 1.0, 2)
+    mlp = summary.set_index("label").loc["θ_mlp"]  # seed 0 undefined (all early), seed 1: 1
+    assert (mlp.mcc_mean, mlp.mcc_min, mlp.mcc_max, mlp.n_defined) == (1.0, 1.0, 1.0, 1)
+    paths = tables.write_mcc_table(df, tmp_path / "mcc.csv", tmp_path / "mcc.md",
+                                   seeds_csv=tmp_path / "mcc_seeds.csv")
+    assert [p.name for p in paths] == ["mcc.csv", "mcc.md", "mcc_seeds.csv"]
+    text = (tmp_path / "mcc.md").read_text(encoding="utf-8")
+    assert "mean over 2 seeds (min to max across seeds)" in text
+    assert "| 70m (70.4M) | 0.50 (0.00 to 1.00) | " in text
+    assert "1.00 (1.00 to 1.00)[^" in text and "θ_mlp: undefined in 1 of 2 seeds (seed 0)" in text
+    assert "Brackets" not in text and "No intervals" not in text
+    # the sensitivity grid is the mean over seeds of each seed's grid
+    grid = tables.mcc_grid(ds)
+    assert grid.dims == ("size", "column", "per_threshold", "cka_threshold")
+    np.testing.assert_array_equal(
+        grid.to_numpy(), (tables.mcc_grid(run0).to_numpy() + tables.mcc_grid(run1).to_numpy()) / 2)
+
+
+def test_one_seed_table_is_the_run_table():
+    run = hand_dataset(early={"attention": [T, T, F, F], "mlp": [T, T, T, T]},
+                       per_weight={"attention": [0.99, 0.97, 0.5, 0.6],
+                                   "mlp": [0.99, 0.2, 0.99, 0.2]},
+                       per_grad={"attention": [0.5, 0.1, 0.5, 0.1], "mlp": [0.5, 0.5, 0.5, 0.1]})
+    df, alone = tables.mcc_table(_replicates(run)), tables.mcc_table(run)
+    pd.testing.assert_frame_equal(df, alone)
+    assert tables.mcc_markdown(df) == tables.mcc_markdown(alone)
+    summary = tables.mcc_seed_summary(df)
+    defined = summary[summary.n_defined == 1]
+    assert (defined.mcc_mean == defined.mcc_min).all()
+    assert (defined.mcc_min == defined.mcc_max).all()
+    np.testing.assert_array_equal(summary.mcc_mean.to_numpy(), df.mcc.to_numpy())

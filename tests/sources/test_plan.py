@@ -67,6 +67,18 @@ def test_unreachable_hub_falls_back_to_estimates_and_says_why():
     assert table.download_bytes[1] == 27 * (2 * 162_322_944 + 1000)
 
 
+def test_seed_replicates_multiply_the_checkpoints_and_name_their_repos():
+    config = {**copy.deepcopy(PYTHIA), "sizes": ["70m"], "steps": [0, 143000], "seeds": [0, 4]}
+    config["hub"]["repo"] = "EleutherAI/pythia-{size}-seed{seed}"
+    asked = []
+    table = pl.plan(config, revision_bytes=lambda repo, rev: asked.append((repo, rev)) or 10)
+    assert sorted(asked) == [(f"EleutherAI/pythia-70m-seed{k}", f"step{s}")
+                             for k in (0, 4) for s in (0, 143000)]
+    assert table.seeds[0] == 2 and table.steps[0] == 4 and table.download_bytes[0] == 40
+    one = pl.plan({**config, "seeds": [0]}, online=False)
+    assert table.store_bytes[0] == 2 * one.store_bytes[0]
+
+
 def test_tiny_suite_plan_downloads_nothing():
     table = pl.plan(TINY, online=False)
     assert (table.download_bytes == 0).all() and len(table) == 3

@@ -51,12 +51,14 @@ def test_stats_store_and_figures(tiny_run):
 def test_per_pair_stores_carry_the_statistics(mini_run):
     config = mini_run.config
     size, step = config["sizes"][-1], config["steps"][1]
-    ds = xr.open_zarr(mini_run.results / f"extract/{size}/step{step}.zarr", consolidated=False)
+    ds = xr.open_zarr(mini_run.results / f"extract/{size}/seed0/step{step}.zarr",
+                      consolidated=False)
     assert all(v in ds for v in STAT_VARIABLES)
-    log = (mini_run.results / f"logs/extract/{size}/step{step}.log").read_text()
+    log = (mini_run.results / f"logs/extract/{size}/seed0/step{step}.log").read_text()
     assert "Conjecture statistics in" in log
     benchmarks = mini_run.results / "benchmarks"
-    assert len(list((benchmarks / "reduce_stats").glob("*.tsv"))) == len(config["sizes"])
+    # one per (size, seed): benchmarks/reduce_stats/<size>/seed<k>.tsv
+    assert len(list((benchmarks / "reduce_stats").glob("*/seed*.tsv"))) == len(config["sizes"])
     assert (benchmarks / "combine_stats.tsv").is_file()
 
 

@@ -92,13 +92,13 @@ def assert_same_store(a: Path, b: Path) -> None:
 def assert_same_results(reference: Path, workdir: Path) -> None:
     """Checkpoints, training loss, per-pair stores and metrics: bit for bit."""
     ref, got = reference / R, workdir / R
-    for path in sorted(ref.glob(f"checkpoints/{SIZE}/step*/*")):
+    for path in sorted(ref.glob(f"checkpoints/{SIZE}/seed0/step*/*")):
         rel = path.relative_to(ref)
         assert _sha256(path) == _sha256(got / rel), rel
-    for rel in (f"training/{SIZE}/loss.csv", "eval_batch.npy", "metrics.csv"):
+    for rel in (f"training/{SIZE}/seed0/loss.csv", "eval_batch.npy", "metrics.csv"):
         assert _sha256(ref / rel) == _sha256(got / rel), rel
-    stores = [f"extract/{SIZE}/step{s}.zarr" for s in CONFIG["steps"]]
-    for rel in [*stores, f"metrics/{SIZE}.zarr", "metrics.zarr"]:
+    stores = [f"extract/{SIZE}/seed0/step{s}.zarr" for s in CONFIG["steps"]]
+    for rel in [*stores, f"metrics/{SIZE}/seed0.zarr", "metrics.zarr"]:
         assert_same_store(ref / rel, got / rel)
 
 
@@ -173,10 +173,10 @@ def test_sigkill_in_training_extraction_and_reduction_then_resume(reference, tmp
 
     # 1. training, after its step-8 checkpoint: the whole workflow dies (node lost)
     # (Snakemake creates the output folders before the job starts: wait for a file)
-    run_and_kill(workdir, [TARGET], _exists(f"{res}/checkpoints/{SIZE}/step8/config.json"),
+    run_and_kill(workdir, [TARGET], _exists(f"{res}/checkpoints/{SIZE}/seed0/step8/config.json"),
                  rng.uniform(0, 0.3))
-    assert not (res / f"training/{SIZE}/loss.csv").exists(), "the kill came too late"
-    assert (res / f"checkpoints/{SIZE}/step0/model.safetensors").exists()
+    assert not (res / f"training/{SIZE}/seed0/loss.csv").exists(), "the kill came too late"
+    assert (res / f"checkpoints/{SIZE}/seed0/step0/model.safetensors").exists()
     # Snakemake refuses to go on without redoing the job whose outputs it marked incomplete,
     # and, with --rerun-incomplete, before the killed run's lock is removed
     out = run(workdir, TARGET, check=False)
@@ -188,18 +188,18 @@ def test_sigkill_in_training_extraction_and_reduction_then_resume(reference, tmp
 
     # 2. extraction, while it writes the store of step 8: the whole workflow dies again
     run_and_kill(workdir, [TARGET, "--rerun-incomplete"],
-                 _exists(f"{res}/extract/{SIZE}/.step8.zarr.tmp-*"), rng.uniform(0, 0.03))
-    assert (res / f"training/{SIZE}/loss.csv").exists()
-    assert_absent_or_complete(res / f"extract/{SIZE}/step8.zarr")
+                 _exists(f"{res}/extract/{SIZE}/seed0/.step8.zarr.tmp-*"), rng.uniform(0, 0.03))
+    assert (res / f"training/{SIZE}/seed0/loss.csv").exists()
+    assert_absent_or_complete(res / f"extract/{SIZE}/seed0/step8.zarr")
     run(workdir, "--unlock")
 
     # 3. reduction, while it writes its store: only the job is killed (as by a scheduler)
     out = run_and_kill(workdir, [TARGET, "--rerun-incomplete"],
-                       _exists(f"{res}/metrics/.{SIZE}.zarr.tmp-*"), rng.uniform(0, 0.03),
+                       _exists(f"{res}/metrics/{SIZE}/.seed0.zarr.tmp-*"), rng.uniform(0, 0.03),
                        job="lmdynamics reduce")
     if "Error in rule reduce_size" in out:
-        assert not (res / f"metrics/{SIZE}.zarr").exists()
-    assert_absent_or_complete(res / f"metrics/{SIZE}.zarr")
+        assert not (res / f"metrics/{SIZE}/seed0.zarr").exists()
+    assert_absent_or_complete(res / f"metrics/{SIZE}/seed0.zarr")
 
     # 4. resume: finishes and gives the uninterrupted run's results, bit for bit
     run(workdir, TARGET, "--rerun-incomplete")
@@ -219,7 +219,7 @@ def test_broken_store_stops_the_reduction(reference, tmp_path, case):
     """The reduce job fails naming the store and the fix; following the fix restores the
     uninterrupted results (shown for two cases, one per way the message offers)."""
     workdir = copy_run(reference, tmp_path / "run")
-    rel = f"{R}/extract/{SIZE}/step8.zarr"
+    rel = f"{R}/extract/{SIZE}/seed0/step8.zarr"
     breaker, fragment = BROKEN_STORES[case]
     breaker(workdir / rel)
     out = run(workdir, TARGET, "--forcerun", "reduce_size", check=False)
@@ -227,7 +227,7 @@ def test_broken_store_stops_the_reduction(reference, tmp_path, case):
     log = (workdir / R / f"logs/reduce_size/{SIZE}.log").read_text()
     assert "IncompleteStoreError" in log and fragment in log, log[-3000:]
     assert f"`--forcerun {rel}`" in log and f"delete {rel} and rerun" in log
-    assert not (workdir / R / f"metrics/{SIZE}.zarr").exists()
+    assert not (workdir / R / f"metrics/{SIZE}/seed0.zarr").exists()
     if case == "token_positions":
         run(workdir, TARGET, "--forcerun", rel)
     elif case == "missing_chunk":  # delete it and rerun the same command
@@ -245,13 +245,13 @@ def test_diverged_checkpoint_is_flagged_and_the_run_goes_on(reference, tmp_path)
     """Step 8's layer-1 MLP write matrix set to inf: every output is still made."""
     workdir = copy_run(reference, tmp_path / "run")
     res = workdir / R
-    weights = res / f"checkpoints/{SIZE}/step8/model.safetensors"
+    weights = res / f"checkpoints/{SIZE}/seed0/step8/model.safetensors"
     state = safetensors.torch.load_file(weights)
     state[DIVERGE].fill_(float("inf"))
     safetensors.torch.save_file(state, weights, metadata={"format": "pt"})
     run(workdir)  # every target: figures and table too
 
-    store = open_store(res / f"extract/{SIZE}/step8.zarr")
+    store = open_store(res / f"extract/{SIZE}/seed0/step8.zarr")
     assert store.attrs["nonfinite"] is True
     assert store.nonfinite_activations.sel(component="mlp").values.tolist() == [False, True]
     metrics = xr.open_zarr(res / "metrics.zarr", consolidated=False).load()
@@ -261,7 +261,7 @@ def test_diverged_checkpoint_is_flagged_and_the_run_goes_on(reference, tmp_path)
     assert np.isnan(metrics.per_grad.sel(size=SIZE, step=8)).all()
     healthy = metrics.sel(size=SIZE).drop_sel(step=8)
     assert np.isfinite(healthy.cka).all() and np.isfinite(healthy.per_grad).all()
-    extract_log = (res / f"logs/extract/{SIZE}/step8.log").read_text()
+    extract_log = (res / f"logs/extract/{SIZE}/seed0/step8.log").read_text()
     assert f"non-finite activations (NaN or inf) for size {SIZE} step 8 mlp layer 1" \
         in extract_log
     reduce_log = (res / f"logs/reduce_size/{SIZE}.log").read_text()

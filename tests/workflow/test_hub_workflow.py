@@ -84,14 +84,15 @@ def test_pythia_config_runs_end_to_end_through_the_hub_client(tmp_path, monkeypa
                                  "offset": 74_139_648, "length": 4_196_352}]
     # weights were all temporary (the size's reference store holds what the statistics need
     # of step 0 and the final step); the revision records stay, and the stores carry them
-    ckpts = results / "checkpoints/70m"
+    ckpts = results / "checkpoints/70m/seed0"
     assert not list(ckpts.rglob("model.safetensors"))
-    reference = xr.open_zarr(results / "reference/70m.zarr", consolidated=False)
+    reference = xr.open_zarr(results / "reference/70m/seed0.zarr", consolidated=False)
     assert reference.attrs["final_step"] == 143000
     for step in STEPS:
         rev = json.loads((ckpts / f"step{step}/revision.json").read_text())
         assert rev["commit"] == repo.branches[f"step{step}"]
-        attrs = xr.open_zarr(results / f"extract/70m/step{step}.zarr", consolidated=False).attrs
+        attrs = xr.open_zarr(results / f"extract/70m/seed0/step{step}.zarr",
+                             consolidated=False).attrs
         assert attrs["revision_commit"] == rev["commit"]
         assert attrs["hub_weights_sha256"] == rev["sha256"] == attrs["weights_sha256"]
         assert attrs["sampling_protocol"] == "random_positions"

@@ -22,12 +22,14 @@ FIGURES = [f"figure{i}" for i in range(1, 6)]
 REPORTED = {
     **{f"{RESULTS}/figures/{f}.png": f"paper Fig. {f[-1]}" for f in FIGURES},
     f"{RESULTS}/figures/figure6.png": "Figure 6 (not in the paper)",
+    f"{RESULTS}/figures/cka_seed_sd.png": "across-seed standard deviation",
     **{f"{RESULTS}/figures/conjecture_{f}.png": "Conjecture post"
        for f in conjecture_figures.STATS_FIGURES},
     f"{RESULTS}/tables/checkpoint_audit.csv": "Checkpoint audit",
     f"{RESULTS}/figures/training_loss.png": "Training loss",
     f"{RESULTS}/training_loss.csv": "Training loss",
     f"{RESULTS}/tables/mcc.csv": "Table 1 (paper Table 1)",
+    f"{RESULTS}/tables/mcc_seeds.csv": "Table 1 (paper Table 1)",
     f"{RESULTS}/figures/mcc_sensitivity.png": "Table 1, threshold sensitivity",
     f"{RESULTS}/metrics.csv": "linear CKA",
 }
@@ -52,7 +54,8 @@ def check_report(data: dict[str, object]) -> None:
         assert sum(categories[name].values(), []) == [f"{RESULTS}/figures/{f}.png"]
     (table1,) = [c for c in categories if c.startswith("Table 1")]
     assert sorted(sum(categories[table1].values(), [])) == [
-        f"{RESULTS}/figures/mcc_sensitivity.png", f"{RESULTS}/tables/mcc.csv"]
+        f"{RESULTS}/figures/mcc_sensitivity.png", f"{RESULTS}/tables/mcc.csv",
+        f"{RESULTS}/tables/mcc_seeds.csv"]
     # the front page describes this run's configuration
     desc = " ".join(data["workflow_desc"].split())
     assert "Tending Towards Stability" in desc

@@ -19,11 +19,12 @@ import yaml
 
 from conftest import REPO, copy_workflow, mini_config, snakemake
 from lmdynamics.report import conjecture as conjecture_figures
+from lmdynamics.report.registry import paper_figures
 
 #: The configuration of ``mini_run`` and its file, relative to the run's folder.
 CONFIG, CONFIGFILE = mini_config(), "config/mini.yaml"
 SIZES, STEPS = CONFIG["sizes"], CONFIG["steps"]
-FIGURES = [f"figure{i}" for i in range(1, 7)]
+FIGURES = paper_figures(CONFIG["metrics"].get("standardize", False))
 STATS_FIGURES = list(conjecture_figures.STATS_FIGURES)
 RESULTS = f"results/{CONFIG['suite']}"
 
@@ -119,9 +120,22 @@ def test_a_copied_finished_run_is_up_to_date(finished):
 def test_adding_a_size_plans_only_that_size_and_what_combines_sizes(finished):
     sizes = [*SIZES, "1m"]
     jobs = plan(finished, "--config", f"sizes={sizes!r}".replace("'", '"'))
-    expected = {job("train_tiny", size="1m"), job("reduce_size", size="1m"),
-                job("reduce_stats", size="1m"), job("reference", size="1m"),
-                *(job("extract", size="1m", step=s) for s in STEPS),
+    expected = {job("train_tiny", size="1m", seed=0), job("reduce_size", size="1m", seed=0),
+                job("reduce_stats", size="1m", seed=0), job("reference", size="1m", seed=0),
+                *(job("extract", size="1m", seed=0, step=s) for s in STEPS),
+                job("training_loss"), *downstream_of_metrics(), *downstream_of_stores()}
+    assert jobs == expected
+
+
+def test_adding_a_seed_plans_only_that_seed_and_what_combines_seeds(finished):
+    """seeds [0] -> [0, 1]: replicate 1 is trained, extracted and reduced; nothing of seed 0
+    reruns (the eval batch is the suite's, not the seed's); the combined outputs redo."""
+    jobs = plan(finished, "--config", "seeds=[0, 1]")
+    expected = {*(job("train_tiny", size=s, seed=1) for s in SIZES),
+                *(job("reduce_size", size=s, seed=1) for s in SIZES),
+                *(job("reduce_stats", size=s, seed=1) for s in SIZES),
+                *(job("reference", size=s, seed=1) for s in SIZES),
+                *(job("extract", size=s, seed=1, step=t) for s in SIZES for t in STEPS),
                 job("training_loss"), *downstream_of_metrics(), *downstream_of_stores()}
     assert jobs == expected
 
@@ -133,14 +147,14 @@ def test_adding_a_step_plans_its_extractions_and_the_reductions(finished):
     before = {**CONFIG, "steps": [s for s in STEPS if s != added]}
     (finished / "config/before.yaml").write_text(yaml.safe_dump(before))
     for size in SIZES:
-        shutil.rmtree(finished / RESULTS / f"extract/{size}/step{added}.zarr")
+        shutil.rmtree(finished / RESULTS / f"extract/{size}/seed0/step{added}.zarr")
     snakemake(finished, "--configfile", "config/before.yaml")
     assert plan(finished, "--configfile", "config/before.yaml") == set()
 
     jobs = plan(finished)  # the run's steps again: that step added
-    expected = {*(job("extract", size=s, step=added) for s in SIZES),
-                *(job("reduce_size", size=s) for s in SIZES),
-                *(job("reduce_stats", size=s) for s in SIZES),
+    expected = {*(job("extract", size=s, seed=0, step=added) for s in SIZES),
+                *(job("reduce_size", size=s, seed=0) for s in SIZES),
+                *(job("reduce_stats", size=s, seed=0) for s in SIZES),
                 *downstream_of_metrics(), *downstream_of_stores()}
     assert jobs == expected
 
@@ -151,23 +165,23 @@ def test_a_new_saved_step_plans_its_extractions_and_never_the_references(finishe
     added = 16
     assert added not in STEPS
     jobs = plan(finished, "--configfile", with_config(finished, steps=sorted([*STEPS, added])))
-    assert jobs == {*(job("extract", size=s, step=added) for s in SIZES),
-                    *(job("reduce_size", size=s) for s in SIZES),
-                    *(job("reduce_stats", size=s) for s in SIZES),
+    assert jobs == {*(job("extract", size=s, seed=0, step=added) for s in SIZES),
+                    *(job("reduce_size", size=s, seed=0) for s in SIZES),
+                    *(job("reduce_stats", size=s, seed=0) for s in SIZES),
                     *downstream_of_metrics(), *downstream_of_stores()}
 
 
 def test_a_statistics_option_reruns_the_reference_only_when_it_shapes_it(finished):
     """Only conjecture.top_k shapes the reference store; other statistics options rerun the
     extractions (and what reads them) but not the reference jobs."""
-    extracts = {job("extract", size=s, step=t) for s in SIZES for t in STEPS}
+    extracts = {job("extract", size=s, seed=0, step=t) for s in SIZES for t in STEPS}
     other = with_config(finished, conjecture={**CONFIG.get("conjecture", {}),
                                               "max_elements": 4096})
     jobs = plan(finished, "--configfile", other)
     assert extracts <= jobs and not {j for j in jobs if j[0] == "reference"}
     jobs = plan(finished, "--configfile", with_config(finished, conjecture={
         **CONFIG.get("conjecture", {}), "top_k": 7}))
-    assert {job("reference", size=s) for s in SIZES} | extracts <= jobs
+    assert {job("reference", size=s, seed=0) for s in SIZES} | extracts <= jobs
 
 
 def test_changing_a_figure_option_redraws_only_the_figures(finished):

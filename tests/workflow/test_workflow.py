@@ -26,18 +26,19 @@ def test_every_output_exists_and_is_non_empty(mini_run):
     results = mini_run.results
     figures = results / "figures"
     for name in ["figure1", "figure2", "figure3", "figure4", "figure5", "figure6",
-                 "training_loss"]:
+                 "cka_seed_sd", "training_loss"]:
         for ext in ("png", "pdf"):
             f = figures / f"{name}.{ext}"
             assert f.stat().st_size > 5000, f
-    for name in ["metrics.csv", "training_loss.csv", "tables/mcc.csv", "tables/mcc.md"]:
+    for name in ["metrics.csv", "training_loss.csv", "tables/mcc.csv", "tables/mcc.md",
+                 "tables/mcc_seeds.csv"]:
         assert (results / name).stat().st_size > 0, name
 
 
 def test_per_pair_store_layout(mini_run):
     config = mini_run.config
     size = config["sizes"][0]
-    ds = xr.open_zarr(mini_run.results / f"extract/{size}/step0.zarr", consolidated=False)
+    ds = xr.open_zarr(mini_run.results / f"extract/{size}/seed0/step0.zarr", consolidated=False)
     spec = config["tiny"]["models"][size]
     n_layers, dim = spec["num_layers"], spec["hidden_size"]
     assert ds.activations.dims == ("component", "layer", "token", "dim")
@@ -47,11 +48,11 @@ def test_per_pair_store_layout(mini_run):
     assert ds.grad_singular_values.shape == (2, n_layers, dim)
     for key in ("model", "revision", "size", "step", "dtype", "lmdynamics_version"):
         assert key in ds.attrs, key
-    assert ds.attrs["step"] == 0 and ds.attrs["size"] == size
+    assert ds.attrs["step"] == 0 and ds.attrs["size"] == size and ds.attrs["seed"] == 0
     # one (component, layer) slice is one chunk
     assert ds.activations.encoding["chunks"] == (1, 1, config["tokens"], dim)
     # the same token positions at every step
-    other = xr.open_zarr(mini_run.results / f"extract/{size}/step{config['final_step']}.zarr",
+    other = xr.open_zarr(mini_run.results / f"extract/{size}/seed0/step{config['final_step']}.zarr",
                          consolidated=False)
     np.testing.assert_array_equal(ds.sequence.values, other.sequence.values)
     np.testing.assert_array_equal(ds.position.values, other.position.values)
@@ -60,14 +61,15 @@ def test_per_pair_store_layout(mini_run):
 def test_metrics_are_finite_in_range_and_one_at_the_final_step(mini_run):
     config = mini_run.config
     ds = xr.open_zarr(mini_run.results / "metrics.zarr", consolidated=False).load()
-    assert ds.cka.dims == ("size", "component", "layer", "step")
+    assert ds.cka.dims == ("size", "seed", "component", "layer", "step")
+    assert ds.seed.values.tolist() == [0]  # a suite without replicates has one seed
     # sizes ordered by parameter count
     assert ds.sizes["size"] == len(config["sizes"]) >= 2
     assert list(np.diff(ds.n_params.values) > 0) == [True] * (ds.sizes["size"] - 1)
     assert sorted(ds.step.values.tolist()) == sorted(config["steps"])
     for size in ds.size.values:
         n_layers = config["tiny"]["models"][str(size)]["num_layers"]
-        sub = ds.sel(size=size).isel(layer=slice(0, n_layers))
+        sub = ds.sel(size=size, seed=0).isel(layer=slice(0, n_layers))
         for var in ("cka", "per_weight", "per_grad"):
             values = sub[var].values
             assert np.isfinite(values).all(), (size, var)
@@ -77,8 +79,9 @@ def test_metrics_are_finite_in_range_and_one_at_the_final_step(mini_run):
         # layers a size does not have are NaN
         assert np.isnan(ds.sel(size=size).isel(layer=slice(n_layers, None)).cka.values).all()
     table = pd.read_csv(mini_run.results / "metrics.csv")
-    assert list(table.columns[:7]) == ["size", "component", "layer", "step", "cka",
+    assert list(table.columns[:8]) == ["size", "seed", "component", "layer", "step", "cka",
                                        "per_weight", "per_grad"]
+    assert (table["seed"] == 0).all()
     n_rows = sum(config["tiny"]["models"][s]["num_layers"] for s in config["sizes"])
     assert len(table) == n_rows * 2 * len(config["steps"])
 

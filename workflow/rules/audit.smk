@@ -3,7 +3,7 @@
 
 rule checkpoint_audit:
     input:
-        expand(f"{RESULTS}/extract/{{size}}/step{{step}}.zarr", size=SIZES, step=STEPS),
+        all_stores(),
     output:
         report(
             f"{RESULTS}/tables/checkpoint_audit.csv",

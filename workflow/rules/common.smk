@@ -7,11 +7,13 @@ from snakemake.utils import validate
 from lmdynamics.config import (
     canonical,
     check_config,
+    command_line_integers,
     eval_from_file,
     hub_repo,
     hub_revision,
     hub_section,
     resolved_family,
+    resolved_seeds,
     schedule_for,
     suite_for,
     suite_vocab,
@@ -24,6 +26,8 @@ SCHEMA = workflow.source_path("../schemas/config.schema.yaml")
 # Friendly messages first (key, bad value, what is allowed), then Snakemake's validate,
 # which also fills in the schema's defaults. The config files are read again strictly
 # (repeated keys, YAML 1.1 octals), since Snakemake has already loaded them its own way.
+# `--config 'seeds=[0,1]'` reaches us as strings: digits given there are integers.
+config.update(command_line_integers(config, workflow.config_settings.config))
 check_config(config, SCHEMA, files=workflow.configfiles)
 
 
@@ -34,12 +38,16 @@ SUITE = suite_for(config)
 config["hub"] = hub_section(config, SUITE)
 # An unset family: the suite definition's (hub), GPT-NeoX (tiny).
 config["family"] = resolved_family(config)
+# Unset seeds: [0], or every replicate of a hub suite that has them (README "Seeds").
+config["seeds"] = resolved_seeds(config)
 # Sorted keys: parameters built from config sections do not change when a file is reordered.
 config.update(canonical(dict(config)))
 
 
 RESULTS = f"results/{config['suite']}"
 SIZES = list(config["sizes"])
+# Replicate ids (README "Seeds"): every per-checkpoint path has a seed<k> level.
+SEEDS = sorted(config["seeds"])
 STEPS = sorted(config["steps"])
 FINAL_STEP = config["final_step"]
 SCHEDULE = schedule_for(config)
@@ -52,25 +60,62 @@ EXTRACTION_GPUS = 0 if config["extraction"]["device"] == "cpu" else 1
 wildcard_constraints:
     size="|".join(map(re.escape, SIZES)),
     step=r"\d+",
+    seed=r"\d+",
     figure="|".join(FIGURES),
 
 
 def checkpoint_files(wildcards):
-    """The Hugging Face model directory of one (size, step), as its two files."""
-    base = f"{RESULTS}/checkpoints/{wildcards.size}/step{wildcards.step}"
+    """The Hugging Face model directory of one (size, seed, step), as its two files."""
+    base = checkpoint_dir(wildcards.size, wildcards.seed, wildcards.step)
     return {"config": f"{base}/config.json", "weights": f"{base}/model.safetensors"}
+
+
+# The paper code's gradient batches follow the data order: per replicate for the tiny suite
+# (replicate k trains with seed + k); one file for the hub (the config check refuses hub
+# replicates with that protocol: their data order is not the Pile's preshuffled one).
+GRADIENT_BATCHES = f"{RESULTS}/gradient_batches/" + (
+    "seed{seed}/step{step}" if config["source"] == "tiny" else "step{step}"
+)
 
 
 def gradient_batches_input(wildcards):
     """The paper code's gradient batches of one step, when that protocol is configured."""
     if config["extraction"]["gradient_protocol"] != "paper_code":
         return {}
-    return {"grad_batches": f"{RESULTS}/gradient_batches/step{wildcards.step}.npy"}
+    return {"grad_batches": GRADIENT_BATCHES.format(**wildcards) + ".npy"}
+
+
+def checkpoint_dir(size, seed, step):
+    """The one place a checkpoint directory's path is formed."""
+    return f"{RESULTS}/checkpoints/{size}/seed{seed}/step{step}"
+
+
+def extract_store(size, seed, step):
+    """The one place a per-checkpoint store's path is formed."""
+    return f"{RESULTS}/extract/{size}/seed{seed}/step{step}.zarr"
 
 
 def size_stores(wildcards):
-    """Every analysed step's store of one size (the per-size reduction's inputs)."""
-    return expand(f"{RESULTS}/extract/{wildcards.size}/step{{step}}.zarr", step=STEPS)
+    """Every analysed step's store of one (size, seed): the per-size reduction's inputs."""
+    return [extract_store(wildcards.size, wildcards.seed, step) for step in STEPS]
+
+
+def all_stores():
+    """Every store of the configuration: sizes x seeds x steps."""
+    return [
+        extract_store(size, seed, step)
+        for size in SIZES
+        for seed in SEEDS
+        for step in STEPS
+    ]
+
+
+def per_seed_outputs(kind):
+    """``<RESULTS>/<kind>/<size>/seed<k>.zarr`` of every size and seed (the inputs of the
+    combining rules; ``kind``: metrics or stats)."""
+    return [
+        f"{RESULTS}/{kind}/{size}/seed{seed}.zarr" for size in SIZES for seed in SEEDS
+    ]
 
 
 def package_sources(*modules):
@@ -86,10 +131,20 @@ def report_category(wildcards):
     return REPORT_CATEGORIES[wildcards.figure]
 
 
-def model_name(size, seed=None):
+def model_name(size, seed):
+    """The model a (size, seed) names: the one place the hub repo id is formed. Tiny:
+    ``lmdynamics-tiny-<size>`` for seed 0 (as before seeds), ``...-seed<k>`` otherwise.
+    """
+    seed = int(seed)
     if config["source"] == "tiny":
-        return f"lmdynamics-tiny-{size}"
+        return f"lmdynamics-tiny-{size}" + (f"-seed{seed}" if seed else "")
     return hub_repo(config, SUITE, size, seed)
+
+
+def training_seed(seed):
+    """The tiny suite's training seed of replicate ``seed``: config ``seed`` + k, so that
+    replicate 0 is the run of a configuration without ``seeds``."""
+    return config["seed"] + int(seed)
 
 
 def revision(step):
@@ -120,7 +175,7 @@ EVAL_FROM_FILE = eval_from_file(config, SUITE)
 
 # Conjecture statistics (workflow/rules/conjecture.smk). What they need of the step-0 and
 # final checkpoints of a size (init weights, final weights, the final top-k singular
-# directions) is computed once per size into reference/<size>.zarr (rule reference); each
+# directions) is computed once per (size, seed) into reference/<size>/seed<k>.zarr (rule reference); each
 # extraction job reads that store and its own checkpoint. The two checkpoints are inputs of the
 # reference job only, so on the hub they are temp() like every other revision's weights.
 CONJECTURE = config["conjecture"]
@@ -130,7 +185,9 @@ def reference_checkpoints(wildcards):
     """Files of the step-0 and final checkpoints of a size (the reference job's inputs)."""
     files = {}
     for name, step in (("init", 0), ("final", FINAL_STEP)):
-        ref = checkpoint_files(SimpleNamespace(size=wildcards.size, step=step))
+        ref = checkpoint_files(
+            SimpleNamespace(size=wildcards.size, seed=wildcards.seed, step=step)
+        )
         files.update({f"{name}_{key}": path for key, path in ref.items()})
     return files
 
@@ -139,7 +196,9 @@ def reference_store(wildcards):
     """The size's reference store, read by its extractions (none when statistics are off)."""
     if not CONJECTURE["enabled"]:
         return {}
-    return {"reference": f"{RESULTS}/reference/{wildcards.size}.zarr"}
+    return {
+        "reference": f"{RESULTS}/reference/{wildcards.size}/seed{wildcards.seed}.zarr"
+    }
 
 
 def stats_args(wildcards):
@@ -154,6 +213,7 @@ def all_outputs():
         f"{RESULTS}/metrics.csv",
         f"{RESULTS}/tables/mcc.csv",
         f"{RESULTS}/tables/mcc.md",
+        f"{RESULTS}/tables/mcc_seeds.csv",
         f"{RESULTS}/tables/checkpoint_audit.csv",
         f"{RESULTS}/figures/mcc_sensitivity.png",
         f"{RESULTS}/figures/mcc_sensitivity.pdf",

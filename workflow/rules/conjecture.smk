@@ -3,18 +3,18 @@
 # sizes, and drawn.
 
 
-# What the statistics need of the step-0 and final checkpoints, once per size: both
+# What the statistics need of the step-0 and final checkpoints, once per (size, seed): both
 # checkpoints' weights and the final top-k singular directions (lmdynamics.extraction.reference).
 # Only conjecture.top_k shapes it, so changing another statistics option does not rebuild it.
 rule reference:
     input:
         unpack(reference_checkpoints),
     output:
-        directory(f"{RESULTS}/reference/{{size}}.zarr"),
+        directory(f"{RESULTS}/reference/{{size}}/seed{{seed}}.zarr"),
     log:
-        f"{RESULTS}/logs/reference/{{size}}.log",
+        f"{RESULTS}/logs/reference/{{size}}/seed{{seed}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/reference/{{size}}.tsv"
+        f"{RESULTS}/benchmarks/reference/{{size}}/seed{{seed}}.tsv"
     conda:
         ENV
     threads: 1
@@ -26,7 +26,7 @@ rule reference:
                 f"conjecture.{key}" for key in config["conjecture"] if key != "top_k"
             ],
         ),
-        model=lambda wc: model_name(wc.size),
+        model=lambda wc: model_name(wc.size, wc.seed),
         final_step=FINAL_STEP,
         init=lambda wc, input: os.path.dirname(input.init_weights),
         final=lambda wc, input: os.path.dirname(input.final_weights),
@@ -42,11 +42,11 @@ rule reduce_stats:
     input:
         size_stores,
     output:
-        directory(f"{RESULTS}/stats/{{size}}.zarr"),
+        directory(f"{RESULTS}/stats/{{size}}/seed{{seed}}.zarr"),
     log:
-        f"{RESULTS}/logs/reduce_stats/{{size}}.log",
+        f"{RESULTS}/logs/reduce_stats/{{size}}/seed{{seed}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/reduce_stats/{{size}}.tsv"
+        f"{RESULTS}/benchmarks/reduce_stats/{{size}}/seed{{seed}}.tsv"
     conda:
         ENV
     params:
@@ -58,7 +58,7 @@ rule reduce_stats:
 
 rule combine_stats:
     input:
-        expand(f"{RESULTS}/stats/{{size}}.zarr", size=SIZES),
+        per_seed_outputs("stats"),
     output:
         directory(f"{RESULTS}/stats.zarr"),
     log:

@@ -1,4 +1,4 @@
-# One job per (size, step): a forward and backward pass on the eval batch, into a zarr store.
+# One job per (size, seed, step): a forward and backward pass on the eval batch, into a zarr store.
 
 
 rule extract:
@@ -8,11 +8,11 @@ rule extract:
         unpack(reference_store),
         batch=f"{RESULTS}/eval_batch.npy",
     output:
-        directory(f"{RESULTS}/extract/{{size}}/step{{step}}.zarr"),
+        directory(f"{RESULTS}/extract/{{size}}/seed{{seed}}/step{{step}}.zarr"),
     log:
-        f"{RESULTS}/logs/extract/{{size}}/step{{step}}.log",
+        f"{RESULTS}/logs/extract/{{size}}/seed{{seed}}/step{{step}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/extract/{{size}}/step{{step}}.tsv"
+        f"{RESULTS}/benchmarks/extract/{{size}}/seed{{seed}}/step{{step}}.tsv"
     conda:
         ENV
     threads: 1
@@ -30,7 +30,7 @@ rule extract:
             "family",
             omit=["conjecture.figure_steps"],
         ),
-        model=lambda wc: model_name(wc.size),
+        model=lambda wc: model_name(wc.size, wc.seed),
         revision=lambda wc: revision(wc.step),
         grad_batches=lambda wc, input: (
             ["--gradient-batches", input.grad_batches]
@@ -42,6 +42,7 @@ rule extract:
     shell:
         "lmdynamics extract --checkpoint {params.checkpoint:q}"
         " --eval-batch {input.batch:q} --size {wildcards.size:q} --step {wildcards.step:q}"
+        " --replicate {wildcards.seed:q}"
         " --model {params.model:q} --revision {params.revision:q}"
         " --options {params.options:q} {params.grad_batches:q} --threads {threads:q}"
         " {params.stats:q}"
@@ -59,10 +60,10 @@ rule gradient_batches:
             else []
         ),
     output:
-        npy=f"{RESULTS}/gradient_batches/step{{step}}.npy",
-        record=f"{RESULTS}/gradient_batches/step{{step}}.json",
+        npy=f"{GRADIENT_BATCHES}.npy",
+        record=f"{GRADIENT_BATCHES}.json",
     log:
-        f"{RESULTS}/logs/gradient_batches/step{{step}}.log",
+        GRADIENT_BATCHES.replace(f"{RESULTS}/", f"{RESULTS}/logs/") + ".log",
     conda:
         ENV
     resources:
@@ -73,7 +74,9 @@ rule gradient_batches:
         source=config["source"],
         batch_size=config.get("tiny", {}).get("batch_size", 16),
         seq_len=config.get("tiny", {}).get("seq_len", 128),
-        seed=config["seed"],
+        seed=lambda wc: (
+            training_seed(wc.seed) if "seed" in wc.keys() else config["seed"]
+        ),
         dataset=config["hub"]["dataset"],
         dataset_revision=config["hub"]["dataset_revision"],
         local=(

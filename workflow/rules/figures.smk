@@ -37,6 +37,12 @@ rule mcc_table:
             labels={"result": "Table 1", "file": "tables/mcc.csv (also .md)"},
         ),
         md=f"{RESULTS}/tables/mcc.md",
+        seeds=report(
+            f"{RESULTS}/tables/mcc_seeds.csv",
+            caption="../report/mcc.rst",
+            category="Table 1: Matthews correlation, early convergence vs large PER",
+            labels={"result": "Table 1 across seeds", "file": "tables/mcc_seeds.csv"},
+        ),
     log:
         f"{RESULTS}/logs/mcc_table.log",
     conda:
@@ -45,7 +51,8 @@ rule mcc_table:
         options=job_options(config, "mcc", "metrics"),
     shell:
         "lmdynamics mcc --metrics {input.metrics:q} --options {params.options:q}"
-        " --csv {output.csv:q} --md {output.md:q} > {log:q} 2>&1"
+        " --csv {output.csv:q} --md {output.md:q} --seeds-csv {output.seeds:q}"
+        " > {log:q} 2>&1"
 
 
 rule mcc_sensitivity:

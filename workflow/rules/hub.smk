@@ -1,5 +1,5 @@
 # A suite's checkpoints from the Hugging Face hub (its definition, lmdynamics.sources.suites):
-# one download job per (size, step); the eval batch is Pythia's last training batch read by
+# one download job per (size, seed, step); the eval batch is Pythia's last training batch read by
 # byte range from the preshuffled Pile (or a local copy of it), or a local file (eval_data).
 
 
@@ -10,23 +10,25 @@
 # does not redo a job whose output exists because its temp() inputs are gone.
 rule download:
     output:
-        config=f"{RESULTS}/checkpoints/{{size}}/step{{step}}/config.json",
+        config=f"{RESULTS}/checkpoints/{{size}}/seed{{seed}}/step{{step}}/config.json",
         weights=(
-            f"{RESULTS}/checkpoints/{{size}}/step{{step}}/model.safetensors"
+            f"{RESULTS}/checkpoints/{{size}}/seed{{seed}}/step{{step}}/model.safetensors"
             if config["hub"]["keep_weights"]
-            else temp(f"{RESULTS}/checkpoints/{{size}}/step{{step}}/model.safetensors")
+            else temp(
+                f"{RESULTS}/checkpoints/{{size}}/seed{{seed}}/step{{step}}/model.safetensors"
+            )
         ),
-        record=f"{RESULTS}/checkpoints/{{size}}/step{{step}}/revision.json",
+        record=f"{RESULTS}/checkpoints/{{size}}/seed{{seed}}/step{{step}}/revision.json",
     log:
-        f"{RESULTS}/logs/download/{{size}}/step{{step}}.log",
+        f"{RESULTS}/logs/download/{{size}}/seed{{seed}}/step{{step}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/download/{{size}}/step{{step}}.tsv"
+        f"{RESULTS}/benchmarks/download/{{size}}/seed{{seed}}/step{{step}}.tsv"
     conda:
         ENV
     resources:
         network=1,
     params:
-        repo=lambda wc: model_name(wc.size),
+        repo=lambda wc: model_name(wc.size, wc.seed),
         revision=download_revision,
         hub=config["hub"],
         out_dir=lambda wc, output: os.path.dirname(output.config),
@@ -107,7 +109,7 @@ if EVAL_FROM_FILE:
             tokenizer=(
                 config["eval_data"]["tokenizer"]
                 or SUITE.eval_data.get("tokenizer")
-                or model_name(SIZES[0])
+                or model_name(SIZES[0], SEEDS[0])
             ),
             dtype=(
                 ["--dtype", config["eval_data"]["dtype"]]

@@ -1,15 +1,16 @@
-# Per size: CKA and PER over (component, layer, step). Across sizes: one dataset and a CSV.
+# Per (size, seed): CKA and PER over (component, layer, step). Across sizes and seeds: one
+# dataset and a CSV.
 
 
 rule reduce_size:
     input:
         size_stores,
     output:
-        directory(f"{RESULTS}/metrics/{{size}}.zarr"),
+        directory(f"{RESULTS}/metrics/{{size}}/seed{{seed}}.zarr"),
     log:
-        f"{RESULTS}/logs/reduce_size/{{size}}.log",
+        f"{RESULTS}/logs/reduce_size/{{size}}/seed{{seed}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/reduce_size/{{size}}.tsv"
+        f"{RESULTS}/benchmarks/reduce_size/{{size}}/seed{{seed}}.tsv"
     conda:
         ENV
     params:
@@ -22,7 +23,7 @@ rule reduce_size:
 
 rule combine:
     input:
-        expand(f"{RESULTS}/metrics/{{size}}.zarr", size=SIZES),
+        per_seed_outputs("metrics"),
     output:
         zarr=directory(f"{RESULTS}/metrics.zarr"),
         csv=report(

@@ -1,29 +1,30 @@
-# The embedded tiny suite: trained locally, one job per size, checkpoints on a Pythia-like
-# schedule; the eval batch is the last training batch.
+# The embedded tiny suite: trained locally, one job per (size, seed) (replicate k trains with
+# config seed + k: training_seed), checkpoints on a Pythia-like schedule; the eval batch is
+# the last training batch of replicate 0 (config seed), one file for every replicate.
 
 
 rule train_tiny:
     output:
         expand(
-            f"{RESULTS}/checkpoints/{{size}}/step{{step}}/{{file}}",
+            f"{RESULTS}/checkpoints/{{size}}/seed{{seed}}/step{{step}}/{{file}}",
             step=SCHEDULE,
             file=["config.json", "model.safetensors"],
             allow_missing=True,
         ),
-        loss=f"{RESULTS}/training/{{size}}/loss.csv",
+        loss=f"{RESULTS}/training/{{size}}/seed{{seed}}/loss.csv",
     log:
-        f"{RESULTS}/logs/train_tiny/{{size}}.log",
+        f"{RESULTS}/logs/train_tiny/{{size}}/seed{{seed}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/train_tiny/{{size}}.tsv"
+        f"{RESULTS}/benchmarks/train_tiny/{{size}}/seed{{seed}}.tsv"
     conda:
         ENV
     threads: 1
     params:
         spec=lambda wc: config["tiny"]["models"][wc.size],
         tiny=lambda wc: {k: v for k, v in config["tiny"].items() if k != "models"},
-        out_dir=lambda wc: f"{RESULTS}/checkpoints/{wc.size}",
+        out_dir=lambda wc: f"{RESULTS}/checkpoints/{wc.size}/seed{wc.seed}",
         final_step=FINAL_STEP,
-        seed=config["seed"],
+        seed=lambda wc: training_seed(wc.seed),
         family=config["family"],
     shell:
         "lmdynamics train-tiny --size {wildcards.size:q} --family {params.family:q}"
@@ -58,7 +59,11 @@ rule tiny_eval_batch:
 
 rule training_loss:
     input:
-        csvs=expand(f"{RESULTS}/training/{{size}}/loss.csv", size=SIZES),
+        csvs=[
+            f"{RESULTS}/training/{size}/seed{seed}/loss.csv"
+            for size in SIZES
+            for seed in SEEDS
+        ],
         code=package_sources("report.figures"),
     output:
         csv=report(
@@ -83,6 +88,8 @@ rule training_loss:
         ENV
     params:
         stem=lambda wc, output: os.path.splitext(output.png)[0],
+        seeds=[seed for size in SIZES for seed in SEEDS],
     shell:
-        "lmdynamics training-loss {input.csvs:q} --out-csv {output.csv:q}"
+        "lmdynamics training-loss {input.csvs:q} --seeds {params.seeds:q}"
+        " --out-csv {output.csv:q}"
         " --out-stem {params.stem:q} > {log:q} 2>&1"

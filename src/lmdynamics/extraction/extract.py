@@ -170,8 +170,11 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
                        gradient_protocol: str = "eval_batch",
                        gradient_batches: Path | str | None = None,
                        stats: StatsOptions | None = None,
-                       family: str = families.DEFAULT) -> Path:
+                       family: str = families.DEFAULT, replicate: int = 0) -> Path:
     """Load one checkpoint, run the eval batch through it and write its store to ``out``.
+
+    ``replicate``: the seed replicate the checkpoint belongs to (config ``seeds``), recorded
+    as attr ``seed`` (``token_seed`` is the seed of the sampled token positions).
 
     ``micro_batch`` sequences per forward/backward; None or 0: :func:`default_micro_batch`.
     ``attention_implementation``: :data:`lmdynamics.sources.checkpoints.ATTENTION_IMPLEMENTATIONS`.
@@ -235,6 +238,7 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
     cfg = model.config
     attrs = {
         "model": model_name, "revision": revision, "size": size, "step": int(step),
+        "seed": int(replicate),
         "dtype": dtype, "lmdynamics_version": __version__,
         "hidden_size": cfg.hidden_size, "num_attention_heads": cfg.num_attention_heads,
         "intermediate_size": fam.dims(cfg.to_dict())["intermediate_size"],

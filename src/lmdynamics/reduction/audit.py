@@ -4,8 +4,9 @@ Some Pythia step branches serve the same weights as ``main`` (Pythia issues #195
 #206; e.g. pythia-2.8b ``step0`` to about ``step53000``; shared/notes/reference-facts.md).
 Every per-pair store records the sha256 of the weights it was computed from
 (attr ``weights_sha256``; for hub revisions also ``revision_commit`` and
-``hub_weights_sha256`` from ``revision.json``). This module finds revisions of one size that
-share a sha256, writes ``tables/checkpoint_audit.csv``, and gives the metrics the boolean
+``hub_weights_sha256`` from ``revision.json``). This module finds revisions of one size and
+seed replicate (store attr ``seed``, 0 when absent) that share a sha256, writes
+``tables/checkpoint_audit.csv``, and gives the metrics the boolean
 ``flag_duplicate`` (step) that figures mark through ``flagged``
 (:func:`lmdynamics.reduction.flags.set_flagged`).
 """
@@ -23,7 +24,7 @@ import xarray as xr
 from lmdynamics.store import open_store, write_text_atomic
 
 #: Columns of ``tables/checkpoint_audit.csv``.
-AUDIT_COLUMNS = ["size", "step", "model", "revision", "revision_commit", "weights_sha256",
+AUDIT_COLUMNS = ["size", "seed", "step", "model", "revision", "revision_commit", "weights_sha256",
                  "hub_weights_sha256", "hub_weights_bytes", "duplicate", "duplicate_of"]
 
 
@@ -46,16 +47,18 @@ def duplicate_flag(stores: Mapping[int, xr.Dataset]) -> xr.DataArray:
 
 
 def audit_table(attrs: Sequence[Mapping]) -> pd.DataFrame:
-    """One row per store (attrs of per-pair stores), duplicates found within each size."""
-    rows = [{c: a.get(c) for c in AUDIT_COLUMNS[:8]} for a in attrs]
-    table = pd.DataFrame(rows, columns=AUDIT_COLUMNS[:8])
+    """One row per store (attrs of per-pair stores), duplicates found within each (size,
+    seed): the revisions of one training run."""
+    rows = [{**{c: a.get(c) for c in AUDIT_COLUMNS[:9]}, "seed": int(a.get("seed", 0))}
+            for a in attrs]
+    table = pd.DataFrame(rows, columns=AUDIT_COLUMNS[:9])
     table["duplicate"], table["duplicate_of"] = False, ""
-    for _, grp in table.groupby("size", sort=False):
+    for _, grp in table.groupby(["size", "seed"], sort=False):
         dups = duplicates(dict(zip(grp.step, grp.weights_sha256, strict=True)))
         for idx, step in zip(grp.index, grp.step, strict=True):
             table.loc[idx, "duplicate"] = bool(dups[step])
             table.loc[idx, "duplicate_of"] = " ".join(f"step{s}" for s in dups[step])
-    return table.sort_values(["size", "step"], kind="stable").reset_index(drop=True)
+    return table.sort_values(["size", "seed", "step"], kind="stable").reset_index(drop=True)
 
 
 def write_audit(stores: Sequence[Path | str], out_csv: Path | str) -> pd.DataFrame:

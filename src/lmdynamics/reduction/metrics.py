@@ -1,9 +1,10 @@
-"""Reductions: per-pair stores -> per-size metrics -> one dataset across sizes.
+"""Reductions: per-pair stores -> per-(size, seed) metrics -> one dataset across sizes, seeds.
 
-Per size (``reduce_size``): linear CKA of each step's activations against the final step's,
-and the proportional effective rank (PER) of the write matrices and their gradients, as
-float64 arrays over (component, layer, step). Across sizes (``combine_sizes``): one dataset
-over (size, component, layer, step), sizes ordered by parameter count, missing layers NaN.
+Per size and seed replicate (``reduce_size``): linear CKA of each step's activations against
+the final step's, and the proportional effective rank (PER) of the write matrices and their
+gradients, as float64 arrays over (component, layer, step). Across sizes and seeds
+(``combine_sizes``): one dataset over (size, seed, component, layer, step), sizes ordered by
+parameter count, missing layers NaN; a suite without replicates has one seed (0).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from lmdynamics.reduction.flags import (
     warn,
     warn_nan_metrics,
 )
-from lmdynamics.reduction.sizes import agreed_attrs, load_sizes, stack_sizes
+from lmdynamics.reduction.sizes import agreed_attrs, load_sizes, stack_seeds, stack_sizes
 from lmdynamics.store import (
     DigestedReader,
     IncompleteStoreError,
@@ -53,8 +54,8 @@ PAIR_COORDS = ("sequence", "position")
 PAIR_ATTRS = ("step", "size", "model", "num_layers", "hidden_size", "num_attention_heads",
               "n_params")
 #: Store attrs that must agree with the final step's store (when both stores have them).
-CONSISTENT_ATTRS = ("size", "model", "num_layers", "hidden_size", "dtype", "token_seed",
-                    "eval_batch_shape", "eval_batch_sha256")
+CONSISTENT_ATTRS = ("size", "seed", "model", "num_layers", "hidden_size", "dtype",
+                    "token_seed", "eval_batch_shape", "eval_batch_sha256")
 METRIC_VARIABLES = ("cka", "per_weight", "per_grad")
 #: Attributes every per-size metrics store records and the combined one keeps (must agree).
 SHARED_ATTRS = ("final_step", "per_divisor", "per_truncate", "bootstrap_samples",
@@ -278,7 +279,7 @@ def reduce_size(paths: Sequence[Path | str], out: Path | str, *, final_step: int
                "num_layers": int(ref.sizes["layer"]),
                "hidden_size": int(ref.attrs["hidden_size"]), "final_step": int(final_step),
                "per_divisor": per_divisor, "per_truncate": bool(per_truncate),
-               "model": ref.attrs["model"]},
+               "model": ref.attrs["model"], "seed": int(ref.attrs.get("seed", 0))},
     )
     ds["flag_duplicate"] = duplicate_flag(stores)
     ds = ds.merge(baseline)
@@ -294,13 +295,16 @@ def reduce_size(paths: Sequence[Path | str], out: Path | str, *, final_step: int
 
 
 def combine_sizes(paths: Sequence[Path | str]) -> xr.Dataset:
-    """Stack per-size metrics into dims (size, component, layer, step).
+    """Stack per-(size, seed) metrics into dims (size, seed, component, layer, step).
 
     Sizes are ordered by parameter count (not by label text); layers a size lacks are NaN.
+    Every size must have the same seeds (:func:`~lmdynamics.reduction.sizes.stack_seeds`).
+    Flags (size, step) are ORed over seeds: a step flagged in one replicate is flagged.
     """
-    per_size = load_sizes(paths, required=METRIC_VARIABLES,
-                          required_attrs=("size", "n_params", "num_layers"))
-    shared = agreed_attrs(per_size, SHARED_ATTRS, "metrics")
+    per_run = load_sizes(paths, required=METRIC_VARIABLES,
+                         required_attrs=("size", "n_params", "num_layers"))
+    shared = agreed_attrs(per_run, SHARED_ATTRS, "metrics")
+    per_size = stack_seeds(per_run, "metrics")
     sizes = [d.attrs["size"] for d in per_size]
     per_size, flags = zip(*(split_flags(d) for d in per_size), strict=True)
     combined = stack_sizes(per_size, sizes)
@@ -314,12 +318,14 @@ def combine_sizes(paths: Sequence[Path | str]) -> xr.Dataset:
 
 
 def tidy_metrics(ds: xr.Dataset) -> pd.DataFrame:
-    """Long-form table: (size, component, layer, step, cka, per_weight, per_grad, ...).
+    """Long-form table: (size, seed, component, layer, step, cka, per_weight, per_grad, ...).
 
-    Every variable over exactly (size, component, layer, step) becomes a column, the
-    :data:`METRIC_VARIABLES` first (e.g. ``cka_debiased``, ``cka_low`` follow).
+    Every variable over exactly (size, seed, component, layer, step) becomes a column, the
+    :data:`METRIC_VARIABLES` first (e.g. ``cka_debiased``, ``cka_low`` follow). Rows are
+    ordered by size, seed, component, layer, step (with one seed, the rows of the table
+    before seeds were a dimension, plus a ``seed`` column of zeros).
     """
-    dims = {"size", "component", "layer", "step"}
+    dims = {"size", "seed", "component", "layer", "step"}
     extra = sorted(str(v) for v in ds.data_vars
                    if set(ds[v].dims) == dims and v not in METRIC_VARIABLES)
     columns = [*METRIC_VARIABLES, *extra]
@@ -329,7 +335,7 @@ def tidy_metrics(ds: xr.Dataset) -> pd.DataFrame:
         df = df[df["layer"] < df["size"].map(n_layers)]
     else:
         df = df.dropna(subset=columns, how="all")
-    return df[["size", "component", "layer", "step", *columns]]
+    return df[["size", "seed", "component", "layer", "step", *columns]]
 
 
 def write_combined(paths: Sequence[Path | str], out_zarr: Path | str,

@@ -1,10 +1,12 @@
-"""Conjecture statistics: per-pair stores -> per-size stacks -> one dataset across sizes.
+"""Conjecture statistics: per-pair stores -> per-(size, seed) stacks -> one dataset across
+sizes and seeds.
 
-Per size (:func:`reduce_stats`): the ``stat_*`` variables of every step's per-pair store
-stacked along ``step``. Across sizes (:func:`combine_stats`): one dataset over ``size``
-(ordered by parameter count); parameters, matrices, layers and singular values a size lacks
-are NaN; coordinates ``param_layer``/``param_module``/``param_kind`` (and ``matrix_*``) say
-where each parameter sits. Layouts: ``docs/architecture.md``, "Conjecture statistics".
+Per size and seed replicate (:func:`reduce_stats`): the ``stat_*`` variables of every step's
+per-pair store stacked along ``step``. Across sizes and seeds (:func:`combine_stats`): one
+dataset over ``size`` (ordered by parameter count) and ``seed``; parameters, matrices,
+layers and singular values a size lacks are NaN; coordinates ``param_layer``/
+``param_module``/``param_kind`` (and ``matrix_*``) say where each parameter sits.
+Layouts: ``docs/architecture.md``, "Conjecture statistics".
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import xarray as xr
 
 from lmdynamics import families
 from lmdynamics.extraction.names import param_parts, param_sort_key
-from lmdynamics.reduction.sizes import agreed_attrs, load_sizes, stack_sizes
+from lmdynamics.reduction.sizes import agreed_attrs, load_sizes, stack_seeds, stack_sizes
 from lmdynamics.store import IncompleteStoreError, open_store, redo_hint, write_store
 
 log = logging.getLogger(__name__)
@@ -66,7 +68,7 @@ def reduce_stats(paths: Sequence[Path | str], out: Path | str, *,
                                    f"{sorted(stores)}")
     ref = stores[final_step]
     for ds in stores.values():
-        for attr in ("size", "num_layers", "hidden_size"):
+        for attr in ("size", "seed", "num_layers", "hidden_size"):
             if ds.attrs.get(attr) != ref.attrs.get(attr):
                 raise IncompleteStoreError(
                     f"{ds.attrs['path']}: attr {attr}={ds.attrs.get(attr)!r} differs from the "
@@ -79,6 +81,7 @@ def reduce_stats(paths: Sequence[Path | str], out: Path | str, *,
                         dim=pd.Index(steps, name="step"), join="exact", combine_attrs="override")
     stacked.attrs = {a: ref.attrs[a] for a in _SIZE_ATTRS if a in ref.attrs}
     stacked.attrs["final_step"] = int(final_step)
+    stacked.attrs["seed"] = int(ref.attrs.get("seed", 0))
     write_store(stacked, out)
     log.info("stacked the statistics of %d steps of size %s into %s", len(steps),
              ref.attrs["size"], out)
@@ -95,10 +98,12 @@ def location_coords(names: Sequence[str], prefix: str) -> dict[str, tuple]:
 
 
 def combine_stats(paths: Sequence[Path | str]) -> xr.Dataset:
-    """Stack per-size statistics into one dataset over ``size`` (by parameter count)."""
-    per_size = load_sizes(paths, required=STAT_VARIABLES,
-                          required_attrs=(*_SIZE_ATTRS[:4], "final_step"))
-    final = agreed_attrs(per_size, ("final_step",), "statistics")["final_step"]
+    """Stack per-(size, seed) statistics into one dataset over ``size`` (by parameter count)
+    and ``seed`` (:func:`~lmdynamics.reduction.sizes.stack_seeds`)."""
+    per_run = load_sizes(paths, required=STAT_VARIABLES,
+                         required_attrs=(*_SIZE_ATTRS[:4], "final_step"))
+    final = agreed_attrs(per_run, ("final_step",), "statistics")["final_step"]
+    per_size = stack_seeds(per_run, "statistics")
     sizes = [d.attrs["size"] for d in per_size]
     combined = stack_sizes(per_size, sizes)
     family = _family(per_size)

@@ -22,6 +22,7 @@ from lmdynamics.options import defaults
 from lmdynamics.report.figures import (  # noqa: E402
     COMPONENT_NAMES,
     check_x_axis,
+    over_seeds,
     render,
     require,
     save_figure,
@@ -96,6 +97,7 @@ def figure6(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step") -> list[Pat
     """
     check_x_axis(x_axis)
     require(ds, ["cka_pairwise"])
+    ds, _ = over_seeds(ds)  # with seed replicates: the mean over seeds
     sizes = [str(s) for s in ds["size"].values]
     components = [str(c) for c in ds["component"].values]
     steps = ds["step"].to_numpy()

@@ -35,6 +35,7 @@ from lmdynamics.report.figures import (  # noqa: E402
     check_x_axis,
     depth_fraction,
     format_x,
+    over_seeds,
     render,
     save_figure,
     size_colors,
@@ -400,5 +401,8 @@ STATS_FIGURES: dict[str, Callable[..., list[Path]]] = {
 
 
 def render_stats(name: str, ds: xr.Dataset, out_stem: Path, **options: Any) -> list[Path]:
-    """Draw figure ``name`` (a key of :data:`STATS_FIGURES`) from the combined statistics."""
+    """Draw figure ``name`` (a key of :data:`STATS_FIGURES`) from the combined statistics;
+    with seed replicates, from their mean over seeds
+    (:func:`~lmdynamics.report.figures.over_seeds`)."""
+    ds, _ = over_seeds(ds)
     return render(name, ds, out_stem, registry=STATS_FIGURES, **options)

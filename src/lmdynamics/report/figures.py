@@ -2,10 +2,13 @@
 
 Every figure function takes the combined ``metrics.zarr`` dataset (see ``docs/architecture.md``,
 "Metrics datasets"): float64 ``cka``, ``per_weight``, ``per_grad`` with dims
-(size, component, layer, step), ``size`` ordered by parameter count, missing layers NaN, attrs
-``final_step`` and ``per_divisor``. Each writes ``<out_stem>.png`` and ``<out_stem>.pdf`` and
-returns both paths. The x axis is either the training step on a symlog axis (``"step"``) or the
-fraction of training ``step / final_step`` (``"fraction"``).
+(size, seed, component, layer, step) (or without ``seed``), ``size`` ordered by parameter
+count, missing layers NaN, attrs ``final_step`` and ``per_divisor``. Seed replicates
+(:func:`over_seeds`): lines are the mean over seeds, bands the min-max range across seeds;
+with one seed the figure is that run's, as before seeds were a dimension. Each writes
+``<out_stem>.png`` and ``<out_stem>.pdf`` and returns both paths. The x axis is either the
+training step on a symlog axis (``"step"``) or the fraction of training ``step / final_step``
+(``"fraction"``).
 """
 
 from __future__ import annotations
@@ -179,6 +182,46 @@ def require(ds: xr.Dataset, metrics: Sequence[str]) -> None:
         raise ValueError(f"dataset lacks variable(s) {missing}; has {list(ds.data_vars)}")
 
 
+#: Suffixes of per-run bootstrap variables: not averaged over seeds (the mean of per-seed
+#: intervals is no interval of the mean); with several seeds the band is the seed range.
+_PER_RUN_SUFFIXES = ("_low", "_high", "_resamples")
+
+
+def over_seeds(ds: xr.Dataset) -> tuple[xr.Dataset, xr.Dataset | None]:
+    """(``ds`` averaged over ``seed``, ``ds`` itself or None when there is one seed or none).
+
+    The mean keeps NaN (``skipna=False``): a metric undefined in one replicate is undefined
+    in the mean, not the mean of the others. With one seed the first element is that seed's
+    data unchanged (``isel``), so a suite without replicates draws exactly as before; with
+    several, the bootstrap variables (``*_low``, ``*_high``, ``*_resamples``) are dropped
+    from the mean and ``attrs["n_seeds"]`` records the count.
+    """
+    if "seed" not in ds.dims:
+        return ds, None
+    if ds.sizes["seed"] == 1:
+        return ds.isel(seed=0, drop=True), None
+    per_run = [v for v in ds.data_vars if "seed" in ds[v].dims
+               and str(v).endswith(_PER_RUN_SUFFIXES)]
+    mean = ds.drop_vars(per_run).mean("seed", skipna=False, keep_attrs=True)
+    for name in ds.data_vars:  # booleans and variables without seeds, as they were
+        if name in mean and "seed" not in ds[name].dims:
+            mean[name] = ds[name]
+    mean.attrs["n_seeds"] = int(ds.sizes["seed"])
+    return mean, ds
+
+
+def seed_range(da: xr.DataArray) -> tuple[np.ndarray, np.ndarray]:
+    """(min, max) over ``seed`` of a (seed, step) array, NaN where any seed is NaN."""
+    values = da.transpose("seed", "step").to_numpy()
+    return values.min(axis=0), values.max(axis=0)
+
+
+def seeds_text(ds: xr.Dataset) -> str:
+    """``"mean of N seeds"`` for a dataset averaged by :func:`over_seeds`, else ``""``."""
+    n = ds.attrs.get("n_seeds")
+    return f"mean of {n} seeds" if n else ""
+
+
 # --------------------------------------------------------------------------- figures
 
 
@@ -187,9 +230,11 @@ def figure1(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step") -> list[Pat
 
     Rows: the smallest and the largest size (first and last of ``size``); columns: components.
     Shaded bands span the 10-90th and 25-75th percentiles per step; the line is the median.
+    With seed replicates: the distribution over layers of the mean over seeds.
     """
     check_x_axis(x_axis)
     require(ds, ["cka"])
+    ds, _ = over_seeds(ds)
     sizes = list(dict.fromkeys([str(ds["size"].values[0]), str(ds["size"].values[-1])]))
     components = [str(c) for c in ds["component"].values]
     x = x_values(ds, x_axis)
@@ -219,8 +264,9 @@ def figure1(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step") -> list[Pat
         ]
         labels = ["10-90th pct.", "25-75th pct.", "median"]
         fig.supxlabel(x_label(x_axis), fontsize=STYLE["axes.labelsize"])
+        title = ", ".join(filter(None, ["distribution over layers", seeds_text(ds)]))
         fig.legend(handles, labels, loc="outside upper center", ncol=3, frameon=False,
-                   title="distribution over layers")
+                   title=title)
         return save_figure(fig, out_stem)
 
 
@@ -261,15 +307,18 @@ def figure2(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step") -> list[Pat
     sequential palette ordered by parameter count. If ``ds`` has ``cka_layer_mean_low`` /
     ``_high`` (size, component, step), the bootstrap interval of the layer mean is shaded
     around each CKA curve. If ``ds`` has a boolean ``flagged``
-    (size, step), flagged checkpoints are marked with a triangle on the x axis.
+    (size, step), flagged checkpoints are marked with a triangle on the x axis. With several
+    seeds (:func:`over_seeds`): the line is the mean over seeds of the layer mean, the band
+    its min-max range across seeds (for every metric; no bootstrap band).
     """
     check_x_axis(x_axis)
     require(ds, METRICS)
+    ds, per_seed = over_seeds(ds)
     sizes = [str(s) for s in ds["size"].values]
     components = [str(c) for c in ds["component"].values]
     colors = dict(zip(sizes, size_colors(len(sizes)), strict=True))
     x = x_values(ds, x_axis)
-    flagged = banded = False
+    flagged = banded = seed_banded = False
     with style():
         fig, axes = new_figure(len(components), len(METRICS), sharex=True, sharey="col")
         fig.get_layout_engine().set(wspace=0.1)  # room for the y labels between columns
@@ -279,6 +328,14 @@ def figure2(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step") -> list[Pat
                 for size in sizes:
                     y = layer_mean(ds[metric].sel(size=size, component=comp))
                     ax.plot(x, y, color=colors[size], label=size)
+                    if per_seed is not None:
+                        with warnings.catch_warnings():
+                            warnings.simplefilter("ignore", RuntimeWarning)  # absent layers
+                            means = per_seed[metric].sel(size=size, component=comp).mean(
+                                "layer")
+                        lo, hi = seed_range(means)
+                        ax.fill_between(x, lo, hi, color=colors[size], alpha=0.2, lw=0)
+                        seed_banded = True
                     banded |= _layer_mean_band(ax, ds, metric, size, comp, x, colors[size])
                 flagged |= _mark_flagged(ax, ds, x, colors)
                 ax.set_title(f"{COMPONENT_NAMES.get(comp, comp)}: {METRIC_TITLES[metric]}")
@@ -294,8 +351,13 @@ def figure2(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step") -> list[Pat
             handles.append(plt.Rectangle((0, 0), 1, 1, color="0.35", alpha=0.2, lw=0))
             level = float(ds.attrs.get("bootstrap_level", 0.9))
             labels.append(f"{100 * level:g}% bootstrap interval")
+        if seed_banded:
+            handles.append(plt.Rectangle((0, 0), 1, 1, color="0.35", alpha=0.2, lw=0))
+            labels.append(f"min-max over {ds.attrs['n_seeds']} seeds")
+        title = "model size (mean over layers" + (f", {seeds_text(ds)})" if seed_banded
+                                                  else ")")
         fig.legend(handles, labels, loc="outside upper center", ncol=len(handles),
-                   frameon=False, title="model size (mean over layers)")
+                   frameon=False, title=title)
         return save_figure(fig, out_stem)
 
 
@@ -304,10 +366,12 @@ def per_layer_figure(ds: xr.Dataset, out_stem: Path, metric: str, *,
     """Per-layer lines of ``metric``; rows components, columns sizes, colour = layer depth.
 
     Colour is ``(layer + 1) / n_layers`` of that size on the :data:`DEPTH_CMAP` colormap with a
-    shared colour bar; y is shared within a row.
+    shared colour bar; y is shared within a row. With several seeds (:func:`over_seeds`): each
+    line is the layer's mean over seeds, with its min-max range across seeds shaded.
     """
     check_x_axis(x_axis)
     require(ds, [metric])
+    ds, per_seed = over_seeds(ds)
     sizes = [str(s) for s in ds["size"].values]
     components = [str(c) for c in ds["component"].values]
     x = x_values(ds, x_axis)
@@ -322,8 +386,12 @@ def per_layer_figure(ds: xr.Dataset, out_stem: Path, metric: str, *,
                 da = ds[metric].sel(size=size, component=comp)
                 for layer in layers:
                     y = da.sel(layer=layer).transpose("step").to_numpy()
-                    ax.plot(x, y, color=cmap(norm(depth_fraction(int(layer), len(layers)))),
-                            lw=0.8)
+                    color = cmap(norm(depth_fraction(int(layer), len(layers))))
+                    ax.plot(x, y, color=color, lw=0.8)
+                    if per_seed is not None:
+                        lo, hi = seed_range(per_seed[metric].sel(size=size, component=comp,
+                                                                 layer=layer))
+                        ax.fill_between(x, lo, hi, color=color, alpha=0.15, lw=0)
                 if i == 0:
                     ax.set_title(f"{size} ({len(layers)} layers)")
                 if j == 0:
@@ -332,6 +400,9 @@ def per_layer_figure(ds: xr.Dataset, out_stem: Path, metric: str, *,
                 format_x(ax, x_axis, max_step=float(x.max()))
                 grid(ax)
         fig.supxlabel(x_label(x_axis), fontsize=STYLE["axes.labelsize"])
+        if per_seed is not None:
+            fig.suptitle(f"lines: {seeds_text(ds)}; bands: min-max across seeds",
+                         fontsize=STYLE["axes.labelsize"])
         fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes, label=DEPTH_LABEL,
                      aspect=30, pad=0.01)
         return save_figure(fig, out_stem)
@@ -350,6 +421,55 @@ def figure4(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step") -> list[Pat
 def figure5(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step") -> list[Path]:
     """Per-layer PER of the gradients (paper Fig. 5)."""
     return per_layer_figure(ds, out_stem, "per_grad", x_axis=x_axis)
+
+
+def cka_seed_sd(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step") -> list[Path]:
+    """Across-seed standard deviation of CKA to the final checkpoint, per layer, over training.
+
+    Rows components, columns sizes, colour layer depth (as Figures 3-5). The sd is the sample
+    standard deviation (``ddof=1``) over the ``seed`` replicates, NaN where any replicate is
+    NaN. With one seed (or none) the sd is undefined: every panel says so in words ("one
+    seed") and draws no line, so the figure exists for every configuration.
+    """
+    check_x_axis(x_axis)
+    require(ds, ["cka"])
+    n_seeds = ds.sizes.get("seed", 1)
+    mean, _ = over_seeds(ds)
+    sd = ds["cka"].std("seed", ddof=1, skipna=False) if n_seeds >= 2 else None
+    sizes = [str(s) for s in ds["size"].values]
+    components = [str(c) for c in ds["component"].values]
+    x = x_values(ds, x_axis)
+    cmap = plt.get_cmap(DEPTH_CMAP)
+    norm = Normalize(0.0, 1.0)
+    with style():
+        fig, axes = new_figure(len(components), len(sizes), sharex=True, sharey=True)
+        for j, size in enumerate(sizes):
+            layers = present_layers(mean, size)
+            for i, comp in enumerate(components):
+                ax = axes[i, j]
+                if sd is None:
+                    ax.text(0.5, 0.5, "one seed:\nno across-seed spread", ha="center",
+                            va="center", transform=ax.transAxes, color="0.3", fontsize=6)
+                    ax.set_xlim(float(x.min()), float(x.max()))
+                else:
+                    da = sd.sel(size=size, component=comp)
+                    for layer in layers:
+                        y = da.sel(layer=layer).transpose("step").to_numpy()
+                        ax.plot(x, y, lw=0.8,
+                                color=cmap(norm(depth_fraction(int(layer), len(layers)))))
+                if i == 0:
+                    ax.set_title(f"{size} ({len(layers)} layers)")
+                if j == 0:
+                    name = COMPONENT_NAMES.get(comp, comp)
+                    ax.set_ylabel(f"{name}\nsd of {metric_ylabel(mean, 'cka')}")
+                format_x(ax, x_axis, max_step=float(x.max()))
+                grid(ax)
+        fig.supxlabel(x_label(x_axis), fontsize=STYLE["axes.labelsize"])
+        fig.suptitle(f"across-seed sd (ddof=1) over {n_seeds} seed"
+                     f"{'s' if n_seeds != 1 else ''}", fontsize=STYLE["axes.labelsize"])
+        fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes, label=DEPTH_LABEL,
+                     aspect=30, pad=0.01)
+        return save_figure(fig, out_stem)
 
 
 def smooth_log_window(steps: np.ndarray, values: np.ndarray, rel_width: float) -> np.ndarray:
@@ -376,7 +496,9 @@ def training_loss_figure(loss: pd.DataFrame, out_stem: Path, *,
     ``loss`` has columns ``size, step, loss``; sizes are drawn in order of first appearance
     (assumed smallest first for the sequential palette). ``smooth`` is the relative half-width
     of a log-uniform moving mean (see :func:`smooth_log_window`); the raw curve is then drawn
-    faintly underneath. ``None`` or 0 draws the raw curve only.
+    faintly underneath. ``None`` or 0 draws the raw curve only. With a ``seed`` column of
+    several replicates: the line is the mean over seeds (per step, before smoothing) and the
+    band the min-max range across seeds; every seed must log the same steps.
     """
     missing = {"size", "step", "loss"} - set(loss.columns)
     if missing:
@@ -388,10 +510,21 @@ def training_loss_figure(loss: pd.DataFrame, out_stem: Path, *,
     with style():
         fig, axes = new_figure(1, 1, height_per_row=2.0)
         ax = axes[0, 0]
+        n_seeds = int(loss["seed"].nunique()) if "seed" in loss else 1
         for size in sizes:
-            part = loss[loss["size"].astype(str) == size].sort_values("step")
-            steps = part["step"].to_numpy(dtype=float)
-            raw = part["loss"].to_numpy(dtype=float)
+            part = loss[loss["size"].astype(str) == size]
+            by_step = part.groupby("step")["loss"]
+            if n_seeds > 1:
+                counts = by_step.count()
+                if (counts != n_seeds).any():
+                    raise ValueError(f"training loss of size {size}: steps "
+                                     f"{counts[counts != n_seeds].index[:5].tolist()} are not "
+                                     f"logged by all {n_seeds} seeds")
+                ax.fill_between(by_step.min().index.to_numpy(dtype=float),
+                                by_step.min().to_numpy(), by_step.max().to_numpy(),
+                                color=colors[size], alpha=0.2, lw=0)
+            mean = by_step.mean() if n_seeds > 1 else part.set_index("step")["loss"].sort_index()
+            steps, raw = mean.index.to_numpy(dtype=float), mean.to_numpy(dtype=float)
             if smooth:
                 ax.plot(steps, raw, color=colors[size], alpha=0.25, lw=0.5)
                 raw = smooth_log_window(steps, raw, smooth)
@@ -399,7 +532,8 @@ def training_loss_figure(loss: pd.DataFrame, out_stem: Path, *,
         format_x(ax, "step", label=True, max_step=float(loss["step"].max()))
         ax.set_ylabel("training loss (nats/token)")
         grid(ax)
-        ax.legend(title="model size", frameon=False)
+        ax.legend(title="model size" + (f" (mean and min-max of {n_seeds} seeds)"
+                                        if n_seeds > 1 else ""), frameon=False)
         return save_figure(fig, out_stem)
 
 
@@ -409,6 +543,7 @@ FIGURES: dict[str, Callable[..., list[Path]]] = {
     "figure3": figure3,
     "figure4": figure4,
     "figure5": figure5,
+    "cka_seed_sd": cka_seed_sd,
 }
 
 

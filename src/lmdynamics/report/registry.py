@@ -18,6 +18,7 @@ REPORT_CATEGORIES: dict[str, str] = {
     "figure5": "Figure 5: PER of the gradients per layer",
     "figure6": "Figure 6: pairwise CKA between steps",
     "figure2_standardized": "Figure 2 with standardised dimensions",
+    "cka_seed_sd": "Seed replicates: across-seed sd of CKA per layer",
 }
 #: Drawn only with ``metrics.standardize`` (from the ``*_standardized`` CKA variables).
 STANDARDIZED_FIGURES: tuple[str, ...] = ("figure2_standardized",)

@@ -29,11 +29,18 @@ early convergence and gives one MCC; ``mcc_low``/``mcc_high`` are the percentile
 those MCCs at the bootstrap level (resamples where the MCC is undefined are left out and
 counted in ``resamples_undefined``; more than half undefined -> no interval). PER labels are
 held fixed: weights carry no sampling error, and gradient PER is not resampled.
+
+Seed replicates (a ``seed`` dimension in the metrics): every seed gets its own MCC (one row per
+(size, seed, column) in :func:`mcc_table`); :func:`mcc_seed_summary` gives one row per (size,
+column) with the across-seed mean, min and max of the defined MCCs, and the markdown table has
+one row per size with "mean (min to max)" in each cell. With one seed the markdown is the
+single run's table, with its bootstrap intervals.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -57,7 +64,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("∇θ_mlp", "mlp", "gradients"),
 )
 TABLE_COLUMNS: tuple[str, ...] = (
-    "size", "n_params", "component", "parameter", "label", "early_step", "n_layers",
+    "size", "seed", "n_params", "component", "parameter", "label", "early_step", "n_layers",
     "n_early", "n_large", "mcc", "mcc_low", "mcc_high", "resamples_undefined",
     "interval_spans_zero", "undefined_reason",
 )
@@ -282,11 +289,19 @@ def mcc_interval(inputs: CellInputs, options: MCCOptions,
     return low, high, float(np.mean(~np.isfinite(mccs)))
 
 
+def replicates(ds: xr.Dataset) -> list[tuple[int, xr.Dataset]]:
+    """``(seed, dataset of that seed)`` of a metrics dataset; ``[(0, ds)]`` without ``seed``."""
+    if "seed" not in ds.dims:
+        return [(0, ds)]
+    return [(int(s), ds.sel(seed=s, drop=True)) for s in ds["seed"].to_numpy()]
+
+
 def mcc_table(ds: xr.Dataset, options: MCCOptions | None = None, **kwargs: Any) -> pd.DataFrame:
-    """Table 1 in long form: one row per (size, column θ_att, ∇θ_att, θ_mlp, ∇θ_mlp).
+    """Table 1 in long form: one row per (size, seed, column θ_att, ∇θ_att, θ_mlp, ∇θ_mlp).
 
     ``ds``: combined metrics dataset with ``cka`` and the PER variables of the chosen
-    ``per_quantity`` (size, component, layer, step), optionally ``cka_resamples``;
+    ``per_quantity`` (size, [seed,] component, layer, step), optionally ``cka_resamples``
+    (each seed is a table of its own, :func:`replicates`);
     ``options`` (or its fields as keyword arguments). Returns columns :data:`TABLE_COLUMNS`;
     ``mcc`` is NaN when undefined, with ``undefined_reason`` saying why (else None). The
     definitions are stored in ``df.attrs["thresholds"]`` for :func:`write_mcc_table`.
@@ -306,13 +321,15 @@ def mcc_table(ds: xr.Dataset, options: MCCOptions | None = None, **kwargs: Any) 
     rows = []
     for size in ds["size"].to_numpy():
         n_params = int(ds["n_params"].sel(size=size)) if "n_params" in ds.coords else None
-        for label, component, parameter in COLUMNS:
-            inputs = cell_inputs(ds, size, component, parameter, options, early=early,
+        for (seed, run), (label, component, parameter) in itertools.product(
+                replicates(ds), COLUMNS):
+            inputs = cell_inputs(run, size, component, parameter, options, early=early,
                                  last=last)
             mcc, reason, is_early, is_large = cell_mcc(inputs, options)
             low, high, lost = mcc_interval(inputs, options, level)
             rows.append({
-                "size": str(size), "n_params": n_params, "component": component,
+                "size": str(size), "seed": seed, "n_params": n_params,
+                "component": component,
                 "parameter": parameter, "label": label, "early_step": early,
                 "n_layers": int(is_early.size), "n_early": int(is_early.sum()),
                 "n_large": int(is_large.sum()), "mcc": mcc, "mcc_low": low, "mcc_high": high,
@@ -325,6 +342,36 @@ def mcc_table(ds: xr.Dataset, options: MCCOptions | None = None, **kwargs: Any) 
                               "bootstrap_level": level,
                               "intervals": "cka_resamples" in ds}
     return df
+
+
+SEED_SUMMARY_COLUMNS: tuple[str, ...] = (
+    "size", "n_params", "component", "parameter", "label", "n_seeds", "n_defined",
+    "mcc_mean", "mcc_min", "mcc_max",
+)
+
+
+def mcc_seed_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """Table 1 across seeds: one row per (size, column) of :func:`mcc_table`'s long table.
+
+    ``mcc_mean``, ``mcc_min``, ``mcc_max``: mean and range over the seeds whose MCC is defined
+    (``n_defined`` of ``n_seeds``; NaN when none is). With one seed the three equal its MCC.
+    Returns columns :data:`SEED_SUMMARY_COLUMNS`, sizes and columns in the order of ``df``.
+    """
+    rows = []
+    keys = ["size", "label"]
+    for (size, label), part in df.groupby(keys, sort=False):
+        values = part["mcc"].to_numpy(dtype=float)
+        defined = values[np.isfinite(values)]
+        first = part.iloc[0]
+        rows.append({
+            "size": size, "n_params": first["n_params"], "component": first["component"],
+            "parameter": first["parameter"], "label": label,
+            "n_seeds": int(part["seed"].nunique()), "n_defined": int(defined.size),
+            "mcc_mean": float(defined.mean()) if defined.size else math.nan,
+            "mcc_min": float(defined.min()) if defined.size else math.nan,
+            "mcc_max": float(defined.max()) if defined.size else math.nan,
+        })
+    return pd.DataFrame(rows, columns=list(SEED_SUMMARY_COLUMNS))
 
 
 def format_params(n: Any) -> str:
@@ -373,10 +420,13 @@ def header_line(df: pd.DataFrame, thresholds: Mapping[str, Any] | None) -> str:
 def mcc_markdown(df: pd.DataFrame, thresholds: Mapping[str, Any] | None = None) -> str:
     """Table 1 as markdown: rows sizes (with parameter count), columns θ_att ... ∇θ_mlp.
 
-    Values to 2 decimals; NaN cells read "undefined" with a footnote giving the reason.
+    Values to 2 decimals; NaN cells read "undefined" with a footnote giving the reason. With
+    several seeds: :func:`mcc_seeds_markdown`.
     """
     if thresholds is None:
         thresholds = df.attrs.get("thresholds")
+    if "seed" in df and df["seed"].nunique() > 1:
+        return mcc_seeds_markdown(df, thresholds)
     labels = [c[0] for c in COLUMNS]
     lines = [
         "**Table 1.** Matthews correlation between early activation convergence and large PER "
@@ -414,6 +464,56 @@ def mcc_markdown(df: pd.DataFrame, thresholds: Mapping[str, Any] | None = None) 
     return "\n".join(lines) + "\n"
 
 
+def mcc_seeds_markdown(df: pd.DataFrame, thresholds: Mapping[str, Any] | None) -> str:
+    """Table 1 over seed replicates: one row per size, each cell the MCC's mean over seeds
+    and its range, "mean (min to max)"; a footnote counts the seeds where it is undefined
+    (with their reasons), "undefined" when it is in every seed."""
+    summary = mcc_seed_summary(df)
+    n_seeds = int(df["seed"].nunique())
+    labels = [c[0] for c in COLUMNS]
+    lines = [
+        "**Table 1.** Matthews correlation between early activation convergence and large PER "
+        f"across layers: mean over {n_seeds} seeds (min to max across seeds).",
+        "",
+        # no bootstrap intervals here (each seed's are in the CSV): their sentence is left out
+        header_line(df, thresholds and {k: v for k, v in thresholds.items()
+                                        if k != "intervals"}),
+        "",
+        "| size | " + " | ".join(labels) + " |",
+        "|---|" + "---:|" * len(labels),
+    ]
+    notes: list[str] = []
+    for size in dict.fromkeys(summary["size"].astype(str)):
+        part = summary[summary["size"].astype(str) == size]
+        cells = []
+        for label in labels:
+            row = part[part["label"] == label]
+            if row.empty:
+                cells.append("–")
+                continue
+            row = row.iloc[0]
+            runs = df[(df["size"].astype(str) == size) & (df["label"] == label)]
+            lost = runs[~np.isfinite(runs["mcc"].to_numpy(dtype=float))]
+            if row["n_defined"] == 0:
+                text = "undefined"
+            else:
+                text = (f"{row['mcc_mean']:.2f} ({row['mcc_min']:.2f} to "
+                        f"{row['mcc_max']:.2f})")
+            if len(lost):
+                reasons = "; ".join(sorted({str(r or "undefined")
+                                            for r in lost["undefined_reason"]}))
+                seeds = ", ".join(str(int(s)) for s in lost["seed"])
+                notes.append(f"[^{len(notes) + 1}]: {size} {label}: undefined in "
+                             f"{len(lost)} of {n_seeds} seeds (seed {seeds}): {reasons}")
+                text += f"[^{len(notes)}]"
+            cells.append(text)
+        lines.append(f"| {size} ({format_params(part['n_params'].iloc[0])}) | "
+                     + " | ".join(cells) + " |")
+    if notes:
+        lines += [""] + notes
+    return "\n".join(lines) + "\n"
+
+
 def _interval_text(row: pd.Series) -> str:
     """`` [low, high]`` (with † when it contains 0); ``""`` without resamples; `` [no
     interval: p% of resamples undefined]`` when too few resamples give a defined MCC."""
@@ -427,16 +527,21 @@ def _interval_text(row: pd.Series) -> str:
 
 def write_mcc_table(
     df: pd.DataFrame, csv_path: Path, md_path: Path, *,
-    thresholds: Mapping[str, Any] | None = None,
+    thresholds: Mapping[str, Any] | None = None, seeds_csv: Path | None = None,
 ) -> list[Path]:
-    """Write ``df`` as CSV (unchanged) and as the paper-layout markdown; return both paths.
+    """Write ``df`` as CSV (unchanged) and as the paper-layout markdown; return the paths.
 
-    ``thresholds`` defaults to ``df.attrs["thresholds"]`` (set by :func:`mcc_table`).
+    ``thresholds`` defaults to ``df.attrs["thresholds"]`` (set by :func:`mcc_table`);
+    ``seeds_csv``: also write :func:`mcc_seed_summary` there.
     """
     text = mcc_markdown(df, thresholds)
     write_text_atomic(df.to_csv(index=False), csv_path)
     write_text_atomic(text, md_path)
-    return [Path(csv_path), Path(md_path)]
+    paths = [Path(csv_path), Path(md_path)]
+    if seeds_csv is not None:
+        write_text_atomic(mcc_seed_summary(df).to_csv(index=False), seeds_csv)
+        paths.append(Path(seeds_csv))
+    return paths
 
 
 #: Threshold grids of the sensitivity figure: CKA thresholds 0.30-0.70 and PER thresholds
@@ -452,8 +557,15 @@ def mcc_grid(ds: xr.Dataset, options: MCCOptions | None = None, *,
 
     Dims (size, column, per_threshold, cka_threshold); ``per_threshold`` is
     ``per_weight_threshold`` for the weight columns and ``per_grad_fraction`` for the
-    gradient ones; every other definition comes from ``options``.
+    gradient ones; every other definition comes from ``options``. With seed replicates: the
+    mean over seeds of each seed's MCC, NaN (undefined) where any seed's is.
     """
+    runs = replicates(ds)
+    if len(runs) > 1:
+        grids = [mcc_grid(run, options, cka_thresholds=cka_thresholds,
+                          per_thresholds=per_thresholds) for _, run in runs]
+        return xr.concat(grids, dim="seed").mean("seed", skipna=False, keep_attrs=True)
+    ds = runs[0][1]
     options = options or MCCOptions()
     last = final_step(ds)
     early = early_step(ds["step"].to_numpy(), last, options.early_fraction, options.early_step)
