@@ -224,7 +224,7 @@ def test_broken_store_stops_the_reduction(reference, tmp_path, case):
     breaker(workdir / rel)
     out = run(workdir, TARGET, "--forcerun", "reduce_size", check=False)
     assert out.returncode != 0 and "Error in rule reduce_size" in out.stdout + out.stderr
-    log = (workdir / R / f"logs/reduce_size/{SIZE}.log").read_text()
+    log = (workdir / R / f"logs/reduce_size/{SIZE}/seed0.log").read_text()
     assert "IncompleteStoreError" in log and fragment in log, log[-3000:]
     assert f"`--forcerun {rel}`" in log and f"delete {rel} and rerun" in log
     assert not (workdir / R / f"metrics/{SIZE}/seed0.zarr").exists()
@@ -264,7 +264,7 @@ def test_diverged_checkpoint_is_flagged_and_the_run_goes_on(reference, tmp_path)
     extract_log = (res / f"logs/extract/{SIZE}/seed0/step8.log").read_text()
     assert f"non-finite activations (NaN or inf) for size {SIZE} step 8 mlp layer 1" \
         in extract_log
-    reduce_log = (res / f"logs/reduce_size/{SIZE}.log").read_text()
+    reduce_log = (res / f"logs/reduce_size/{SIZE}/seed0.log").read_text()
     assert f"non-finite values (NaN or inf) recorded for size {SIZE} step 8 mlp layer 1" \
         in reduce_log
     assert f"per_grad is NaN (undefined) for size {SIZE} step 8" in reduce_log
