@@ -135,8 +135,9 @@ def test_hub_seeds_need_a_seed_placeholder_in_the_repo():
         check_config(config, SCHEMA)
     (line,) = [x for x in str(info.value).splitlines() if "hub.repo" in x]
     assert "has no {seed}" in line and "2 replicates" in line and "{seed}" in line
-    del config["hub"]["repo"]  # the schema's default has no {seed} either
-    with pytest.raises(ConfigError, match="'EleutherAI/pythia-{size}-deduped' has no {seed}"):
+    del config["hub"]["repo"]  # the suite definition's: Pythia has no replicates
+    with pytest.raises(ConfigError, match="suite '[a-z-]+' has no seed replicates but seeds "
+                                          "lists 2"):
         check_config(config, SCHEMA)
     config["hub"]["repo"] = "EleutherAI/pythia-{size}-seed{seed}"
     check_config(config, SCHEMA)  # PolyPythias' naming for seeds >= 1
@@ -300,3 +301,26 @@ def test_hub_settings_left_unset_come_from_the_suite_definition():
     poly = {**bare, "suite": "polypythias"}
     assert "repo" not in hub_section(poly, suite_for(poly))  # per-seed repos: no one template
     assert hub_repo(poly, suite_for(poly), "160m", 0) == "EleutherAI/pythia-160m"
+
+
+def test_unset_seeds_are_every_replicate_of_the_suite_and_others_are_refused():
+    """``seeds`` unset: [0] for the tiny suite and suites without replicates, every seed of a
+    suite with replicates (what ``lmdynamics plan`` counts); a seed the suite does not have
+    is one line naming the key and the suite's seeds."""
+    from lmdynamics.config import resolved_seeds
+
+    assert resolved_seeds({"source": "tiny"}) == [0]
+    assert resolved_seeds({"source": "hub", "suite": "pythia"}) == [0]
+    assert resolved_seeds({"source": "hub", "suite": "polypythias"}) == list(range(10))
+    assert resolved_seeds({"source": "hub", "suite": "mistral-gpt2", "seeds": [49, 21]}) == \
+        [21, 49]
+    config = {**copy.deepcopy(PYTHIA), "suite": "mistral-gpt2", "sizes": ["small"],
+              "steps": [0, 400000], "final_step": 400000, "seeds": [21, 22],
+              "eval_data": {"path": "tokens.npy"}}
+    for key in ("repo", "revision", "dataset"):
+        config["hub"].pop(key, None)
+    with pytest.raises(ConfigError) as info:
+        check_config(config, SCHEMA)
+    (line,) = [x for x in str(info.value).splitlines() if "seeds" in x]
+    assert "[22] are not replicates of suite 'mistral-gpt2'" in line
+    assert "[21, 49, 81, 343, 777]" in line

@@ -105,6 +105,8 @@ def resolve(section: str, given: Any = None) -> Any:
     is_object = node.get("type") == "object"
     if given is None:
         given = {} if is_object else node.get("default")
+        if given is None:  # a key without a default (e.g. family): unset stays unset
+            return None
     root = {k: v for k, v in schema().items() if k not in ("properties", "required")}
     errors = schema_errors({section: given}, {**root, "properties": {section: node}})
     if errors:

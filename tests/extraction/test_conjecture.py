@@ -197,7 +197,7 @@ def test_reduce_and_combine(suite, tmp_path):
         per_size.append(out)
     combined = combine_stats(per_size[::-1])
     assert list(combined["size"].values) == ["a", "b"]  # by parameter count
-    assert combined.stat_resid_max_abs.dims == ("size", "step", "layer")
+    assert combined.stat_resid_max_abs.dims == ("size", "seed", "step", "layer")
     assert np.isnan(combined.stat_resid_max_abs.sel(size="a", layer=2)).all()
     assert np.isfinite(combined.stat_resid_max_abs.sel(size="b")).all()
     assert combined.param.values[0] == "embed_in.weight"

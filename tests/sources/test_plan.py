@@ -74,7 +74,7 @@ def test_seed_replicates_multiply_the_checkpoints_and_name_their_repos():
     table = pl.plan(config, revision_bytes=lambda repo, rev: asked.append((repo, rev)) or 10)
     assert sorted(asked) == [(f"EleutherAI/pythia-70m-seed{k}", f"step{s}")
                              for k in (0, 4) for s in (0, 143000)]
-    assert table.seeds[0] == 2 and table.steps[0] == 4 and table.download_bytes[0] == 40
+    assert table.seeds[0] == 2 and table.jobs[0] == 4 and table.download_bytes[0] == 40
     one = pl.plan({**config, "seeds": [0]}, online=False)
     assert table.store_bytes[0] == 2 * one.store_bytes[0]
 

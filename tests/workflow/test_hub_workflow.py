@@ -119,14 +119,14 @@ SUITE_RUNS = {
     "pythia": ({"suite": "pythia"}, 5 * 27),
     "pythia-deduped": ({"suite": "pythia-deduped"}, 5 * 27),
     "polypythias": ({"suite": "polypythias", "sizes": ["14m", "31m", "70m", "160m", "410m"],
-                     "eval_data": {"path": "tokens.npy"}}, 5 * 27),
+                     "eval_data": {"path": "tokens.npy"}}, 5 * 27 * 10),  # seeds unset: all 10
     "olmo-1b": ({"suite": "olmo-1b", "sizes": ["1B"], "steps": [0, 1000, 2000, 20000],
                  "final_step": 20000, "eval_data": {"path": "tokens.npy"}}, 4),
     "olmo-7b": ({"suite": "olmo-7b", "sizes": ["7B"], "steps": [0, 1000, 452000],
                  "final_step": 452000, "eval_data": {"path": "tokens.npy"}}, 3),
     "mistral-gpt2": ({"suite": "mistral-gpt2", "sizes": ["small", "medium"],
                       "steps": [0, 10, 100, 1000, 2000, 20000, 100000, 400000],
-                      "final_step": 400000, "eval_data": {"path": "tokens.npy"}}, 2 * 8),
+                      "final_step": 400000, "eval_data": {"path": "tokens.npy"}}, 2 * 8 * 5),
 }
 
 

@@ -58,8 +58,10 @@ from lmdynamics.extraction.reference import ReferenceStore
 from lmdynamics.heap import reuse_freed_memory
 from lmdynamics.sources.checkpoints import (
     CorruptCheckpointError,
+    config_family,
     load_model,
     n_parameters,
+    read_model_config,
     weights_sha256,
 )
 from lmdynamics.sources.revision import discard_corrupt_download, revision_attrs
@@ -170,7 +172,7 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
                        gradient_protocol: str = "eval_batch",
                        gradient_batches: Path | str | None = None,
                        stats: StatsOptions | None = None,
-                       family: str = families.DEFAULT, replicate: int = 0) -> Path:
+                       family: str | None = None, replicate: int = 0) -> Path:
     """Load one checkpoint, run the eval batch through it and write its store to ``out``.
 
     ``replicate``: the seed replicate the checkpoint belongs to (config ``seeds``), recorded
@@ -179,8 +181,9 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
     ``micro_batch`` sequences per forward/backward; None or 0: :func:`default_micro_batch`.
     ``attention_implementation``: :data:`lmdynamics.sources.checkpoints.ATTENTION_IMPLEMENTATIONS`.
     On CPU the process keeps freed memory for reuse (:func:`reuse_freed_memory`).
-    ``family``: the configured model family (:mod:`lmdynamics.families`); the checkpoint
-    must be of it, and it is recorded in the store's attrs.
+    ``family``: the configured model family (:mod:`lmdynamics.families`; None: the one its
+    ``config.json`` names); the checkpoint must be of it, and it is recorded in the store's
+    attrs.
 
     ``gradient_protocol="paper_code"`` needs ``gradient_batches``: an .npy (2, S, T) of
     the training batches of :func:`lmdynamics.extraction.paper_code.gradient_steps` ``(step)``.
@@ -194,7 +197,11 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: allowed {', '.join(DTYPES)}")
     check_choice("extraction.gradient_protocol", gradient_protocol, GRADIENT_PROTOCOLS)
-    fam = families.get(family)
+    try:
+        fam = (families.get(family) if family is not None
+               else config_family(read_model_config(checkpoint)))
+    except CorruptCheckpointError as exc:
+        raise discard_corrupt_download(checkpoint, exc) from exc
     families.check_attention_activation(fam, attention_activation)
     if gradient_protocol == "paper_code" and gradient_batches is None:
         raise ValueError("extraction.gradient_protocol='paper_code' needs the training "
