@@ -42,7 +42,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -417,6 +417,33 @@ def header_line(df: pd.DataFrame, thresholds: Mapping[str, Any] | None) -> str:
     return text
 
 
+def _size_table(title: str, header: str, table: pd.DataFrame,
+                cell: Callable[[str, str, pd.Series, list[str]], str]) -> str:
+    """Table 1's markdown: ``title``, ``header``, then one row per size of ``table`` (in its
+    order, with the parameter count), one cell per column of :data:`COLUMNS` written by
+    ``cell(size, label, row, notes)`` ("–" where ``table`` has no row), which appends its
+    footnotes to ``notes``."""
+    labels = [c[0] for c in COLUMNS]
+    lines = [title, "", header, "", "| size | " + " | ".join(labels) + " |",
+             "|---|" + "---:|" * len(labels)]
+    notes: list[str] = []
+    for size in dict.fromkeys(table["size"].astype(str)):
+        part = table[table["size"].astype(str) == size]
+        cells = []
+        for label in labels:
+            row = part[part["label"] == label]
+            cells.append("–" if row.empty else cell(size, label, row.iloc[0], notes))
+        n_params = part["n_params"].iloc[0] if "n_params" in part else None
+        lines.append(f"| {size} ({format_params(n_params)}) | " + " | ".join(cells) + " |")
+    if notes:
+        lines += [""] + notes
+    return "\n".join(lines) + "\n"
+
+
+TITLE = ("**Table 1.** Matthews correlation between early activation convergence and large PER "
+         "across layers")
+
+
 def mcc_markdown(df: pd.DataFrame, thresholds: Mapping[str, Any] | None = None) -> str:
     """Table 1 as markdown: rows sizes (with parameter count), columns θ_att ... ∇θ_mlp.
 
@@ -427,91 +454,46 @@ def mcc_markdown(df: pd.DataFrame, thresholds: Mapping[str, Any] | None = None) 
         thresholds = df.attrs.get("thresholds")
     if "seed" in df and df["seed"].nunique() > 1:
         return mcc_seeds_markdown(df, thresholds)
-    labels = [c[0] for c in COLUMNS]
-    lines = [
-        "**Table 1.** Matthews correlation between early activation convergence and large PER "
-        "across layers.",
-        "",
-        header_line(df, thresholds),
-        "",
-        "| size | " + " | ".join(labels) + " |",
-        "|---|" + "---:|" * len(labels),
-    ]
-    notes: list[str] = []
-    for size in dict.fromkeys(df["size"].astype(str)):
-        part = df[df["size"].astype(str) == size]
-        cells = []
-        for label in labels:
-            row = part[part["label"] == label]
-            if row.empty:
-                cells.append("–")
-                continue
-            value = float(row["mcc"].iloc[0])
-            if math.isnan(value):
-                lost = float(row["resamples_undefined"].iloc[0]) \
-                    if "resamples_undefined" in row else math.nan
-                also = "" if math.isnan(lost) else \
-                    f" (undefined in {100 * lost:.0f}% of the bootstrap resamples)"
-                notes.append(f"[^{len(notes) + 1}]: {size} {label}: "
-                             f"{row['undefined_reason'].iloc[0] or 'undefined'}{also}")
-                cells.append(f"undefined[^{len(notes)}]")
-            else:
-                cells.append(f"{value:.2f}" + _interval_text(row.iloc[0]))
-        n_params = part["n_params"].iloc[0] if "n_params" in part else None
-        lines.append(f"| {size} ({format_params(n_params)}) | " + " | ".join(cells) + " |")
-    if notes:
-        lines += [""] + notes
-    return "\n".join(lines) + "\n"
+
+    def cell(size: str, label: str, row: pd.Series, notes: list[str]) -> str:
+        value = float(row["mcc"])
+        if not math.isnan(value):
+            return f"{value:.2f}" + _interval_text(row)
+        lost = float(row["resamples_undefined"]) if "resamples_undefined" in row else math.nan
+        also = "" if math.isnan(lost) else \
+            f" (undefined in {100 * lost:.0f}% of the bootstrap resamples)"
+        notes.append(f"[^{len(notes) + 1}]: {size} {label}: "
+                     f"{row['undefined_reason'] or 'undefined'}{also}")
+        return f"undefined[^{len(notes)}]"
+
+    return _size_table(TITLE + ".", header_line(df, thresholds), df, cell)
 
 
 def mcc_seeds_markdown(df: pd.DataFrame, thresholds: Mapping[str, Any] | None) -> str:
     """Table 1 over seed replicates: one row per size, each cell the MCC's mean over seeds
     and its range, "mean (min to max)"; a footnote counts the seeds where it is undefined
     (with their reasons), "undefined" when it is in every seed."""
-    summary = mcc_seed_summary(df)
     n_seeds = int(df["seed"].nunique())
-    labels = [c[0] for c in COLUMNS]
-    lines = [
-        "**Table 1.** Matthews correlation between early activation convergence and large PER "
-        f"across layers: mean over {n_seeds} seeds (min to max across seeds).",
-        "",
-        # no bootstrap intervals here (each seed's are in the CSV): their sentence is left out
-        header_line(df, thresholds and {k: v for k, v in thresholds.items()
-                                        if k != "intervals"}),
-        "",
-        "| size | " + " | ".join(labels) + " |",
-        "|---|" + "---:|" * len(labels),
-    ]
-    notes: list[str] = []
-    for size in dict.fromkeys(summary["size"].astype(str)):
-        part = summary[summary["size"].astype(str) == size]
-        cells = []
-        for label in labels:
-            row = part[part["label"] == label]
-            if row.empty:
-                cells.append("–")
-                continue
-            row = row.iloc[0]
-            runs = df[(df["size"].astype(str) == size) & (df["label"] == label)]
-            lost = runs[~np.isfinite(runs["mcc"].to_numpy(dtype=float))]
-            if row["n_defined"] == 0:
-                text = "undefined"
-            else:
-                text = (f"{row['mcc_mean']:.2f} ({row['mcc_min']:.2f} to "
-                        f"{row['mcc_max']:.2f})")
-            if len(lost):
-                reasons = "; ".join(sorted({str(r or "undefined")
-                                            for r in lost["undefined_reason"]}))
-                seeds = ", ".join(str(int(s)) for s in lost["seed"])
-                notes.append(f"[^{len(notes) + 1}]: {size} {label}: undefined in "
-                             f"{len(lost)} of {n_seeds} seeds (seed {seeds}): {reasons}")
-                text += f"[^{len(notes)}]"
-            cells.append(text)
-        lines.append(f"| {size} ({format_params(part['n_params'].iloc[0])}) | "
-                     + " | ".join(cells) + " |")
-    if notes:
-        lines += [""] + notes
-    return "\n".join(lines) + "\n"
+
+    def cell(size: str, label: str, row: pd.Series, notes: list[str]) -> str:
+        runs = df[(df["size"].astype(str) == size) & (df["label"] == label)]
+        lost = runs[~np.isfinite(runs["mcc"].to_numpy(dtype=float))]
+        text = "undefined" if row["n_defined"] == 0 else \
+            f"{row['mcc_mean']:.2f} ({row['mcc_min']:.2f} to {row['mcc_max']:.2f})"
+        if len(lost):
+            reasons = "; ".join(sorted({str(r or "undefined")
+                                        for r in lost["undefined_reason"]}))
+            seeds = ", ".join(str(int(s)) for s in lost["seed"])
+            notes.append(f"[^{len(notes) + 1}]: {size} {label}: undefined in "
+                         f"{len(lost)} of {n_seeds} seeds (seed {seeds}): {reasons}")
+            text += f"[^{len(notes)}]"
+        return text
+
+    # no bootstrap intervals here (each seed's are in the CSV): their sentence is left out
+    header = header_line(df, thresholds and {k: v for k, v in thresholds.items()
+                                             if k != "intervals"})
+    return _size_table(f"{TITLE}: mean over {n_seeds} seeds (min to max across seeds).",
+                       header, mcc_seed_summary(df), cell)
 
 
 def _interval_text(row: pd.Series) -> str:
