@@ -109,7 +109,7 @@ def test_paper_code_options_end_to_end_on_a_reduced_tiny_suite(tmp_path):
                         **copy.deepcopy(PAPER_OPTIONS))
     snakemake(workdir, "--configfile", cfg)
     results = workdir / "results/tiny"
-    batches = np.load(results / "gradient_batches/step8.npy")
+    batches = np.load(results / "gradient_batches/seed0/step8.npy")
     assert batches.shape == (2, 16, 128)
     store = xr.open_zarr(results / "extract/42k/seed0/step8.zarr", consolidated=False)
     assert store.attrs["attention_activation"] == "paper_code"
