@@ -28,7 +28,9 @@ def test_stats_store_and_figures(tiny_run):
     ds = open_store(results / "stats.zarr", required=STAT_VARIABLES).load()
     assert list(ds["size"].values) == TINY["sizes"]  # config order is by parameter count
     assert sorted(ds.step.values.tolist()) == sorted(TINY["steps"])
-    assert ds.stat_param.dims == ("size", "step", "param", "param_stat")
+    assert ds.stat_param.dims == ("size", "seed", "step", "param", "param_stat")
+    assert ds.seed.values.tolist() == [0]  # the tiny configuration's one replicate
+    ds = ds.sel(seed=0)
     final = TINY["final_step"]
     for size in TINY["sizes"]:
         n = TINY["tiny"]["models"][size]["num_layers"]

@@ -28,7 +28,7 @@ def test_the_dag_runs_end_to_end_on_another_family(tmp_path, name):
     snakemake(workdir, "--configfile", "config/family.yaml")
     results = workdir / "results" / config["suite"]
     family = families.get(name)
-    store = xr.open_zarr(results / f"extract/{config['sizes'][0]}/step0.zarr",
+    store = xr.open_zarr(results / f"extract/{config['sizes'][0]}/seed0/step0.zarr",
                          consolidated=False)
     assert store.attrs["family"] == name
     params = [str(p) for p in store.param.values]
