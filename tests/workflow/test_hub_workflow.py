@@ -194,8 +194,8 @@ def test_olmo_suite_end_to_end_through_the_hub_client(tmp_path, monkeypatch):
     np.testing.assert_array_equal(batch, (np.arange(2 * 33) % 500).reshape(2, 33))
     digest = hashlib.sha256(batch.astype(np.int64).tobytes()).hexdigest()
     for step in steps:
-        rev = json.loads((results / f"checkpoints/1B/step{step}/revision.json").read_text())
+        rev = json.loads((results / f"checkpoints/1B/seed0/step{step}/revision.json").read_text())
         assert rev["revision"] == olmo_branch(step)
         assert rev["commit"] == repo.branches[olmo_branch(step)]
-        attrs = xr.open_zarr(results / f"extract/1B/step{step}.zarr").attrs
+        attrs = xr.open_zarr(results / f"extract/1B/seed0/step{step}.zarr").attrs
         assert attrs["eval_batch_sha256"] == digest and attrs["revision"] == olmo_branch(step)
