@@ -361,51 +361,68 @@ def figure2(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step") -> list[Pat
         return save_figure(fig, out_stem)
 
 
-def per_layer_figure(ds: xr.Dataset, out_stem: Path, metric: str, *,
-                     x_axis: str = "step") -> list[Path]:
-    """Per-layer lines of ``metric``; rows components, columns sizes, colour = layer depth.
-
-    Colour is ``(layer + 1) / n_layers`` of that size on the :data:`DEPTH_CMAP` colormap with a
-    shared colour bar; y is shared within a row. With several seeds (:func:`over_seeds`): each
-    line is the layer's mean over seeds, with its min-max range across seeds shaded.
-    """
-    check_x_axis(x_axis)
-    require(ds, [metric])
-    ds, per_seed = over_seeds(ds)
+def layer_grid(ds: xr.Dataset, out_stem: Path, x_axis: str, *, sharey: bool | str,
+               ylabel: Callable[[str], str],
+               draw: Callable[[Any, str, str, list, Callable[[Any], Any]], None],
+               suptitle: str | None = None) -> list[Path]:
+    """The per-layer grid of Figures 3-5 and :func:`cka_seed_sd`: rows components, columns
+    sizes, one line per layer coloured by ``(layer + 1) / n_layers`` of that size on
+    :data:`DEPTH_CMAP`, with a shared colour bar. ``draw(ax, size, component, layers,
+    colour_of)`` fills one panel (``colour_of(layer)``: the layer's colour); ``ylabel(component)``
+    is the left column's y label."""
     sizes = [str(s) for s in ds["size"].values]
     components = [str(c) for c in ds["component"].values]
     x = x_values(ds, x_axis)
     cmap = plt.get_cmap(DEPTH_CMAP)
     norm = Normalize(0.0, 1.0)
     with style():
-        fig, axes = new_figure(len(components), len(sizes), sharex=True, sharey="row")
+        fig, axes = new_figure(len(components), len(sizes), sharex=True, sharey=sharey)
         for j, size in enumerate(sizes):
             layers = present_layers(ds, size)
             for i, comp in enumerate(components):
                 ax = axes[i, j]
-                da = ds[metric].sel(size=size, component=comp)
-                for layer in layers:
-                    y = da.sel(layer=layer).transpose("step").to_numpy()
-                    color = cmap(norm(depth_fraction(int(layer), len(layers))))
-                    ax.plot(x, y, color=color, lw=0.8)
-                    if per_seed is not None:
-                        lo, hi = seed_range(per_seed[metric].sel(size=size, component=comp,
-                                                                 layer=layer))
-                        ax.fill_between(x, lo, hi, color=color, alpha=0.15, lw=0)
+                draw(ax, size, comp, layers,
+                     lambda layer: cmap(norm(depth_fraction(int(layer), len(layers)))))  # noqa: B023 (used at once)
                 if i == 0:
                     ax.set_title(f"{size} ({len(layers)} layers)")
                 if j == 0:
-                    name = COMPONENT_NAMES.get(comp, comp)
-                    ax.set_ylabel(f"{name}\n{metric_ylabel(ds, metric)}")
+                    ax.set_ylabel(ylabel(comp))
                 format_x(ax, x_axis, max_step=float(x.max()))
                 grid(ax)
         fig.supxlabel(x_label(x_axis), fontsize=STYLE["axes.labelsize"])
-        if per_seed is not None:
-            fig.suptitle(f"lines: {seeds_text(ds)}; bands: min-max across seeds",
-                         fontsize=STYLE["axes.labelsize"])
+        if suptitle is not None:
+            fig.suptitle(suptitle, fontsize=STYLE["axes.labelsize"])
         fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes, label=DEPTH_LABEL,
                      aspect=30, pad=0.01)
         return save_figure(fig, out_stem)
+
+
+def per_layer_figure(ds: xr.Dataset, out_stem: Path, metric: str, *,
+                     x_axis: str = "step") -> list[Path]:
+    """Per-layer lines of ``metric`` (:func:`layer_grid`); y is shared within a row. With
+    several seeds (:func:`over_seeds`): each line is the layer's mean over seeds, with its
+    min-max range across seeds shaded.
+    """
+    check_x_axis(x_axis)
+    require(ds, [metric])
+    ds, per_seed = over_seeds(ds)
+    x = x_values(ds, x_axis)
+
+    def draw(ax, size, comp, layers, colour_of):
+        da = ds[metric].sel(size=size, component=comp)
+        for layer in layers:
+            ax.plot(x, da.sel(layer=layer).transpose("step").to_numpy(),
+                    color=colour_of(layer), lw=0.8)
+            if per_seed is not None:
+                lo, hi = seed_range(per_seed[metric].sel(size=size, component=comp,
+                                                         layer=layer))
+                ax.fill_between(x, lo, hi, color=colour_of(layer), alpha=0.15, lw=0)
+
+    return layer_grid(
+        ds, out_stem, x_axis, sharey="row", draw=draw,
+        ylabel=lambda comp: f"{COMPONENT_NAMES.get(comp, comp)}\n{metric_ylabel(ds, metric)}",
+        suptitle=(f"lines: {seeds_text(ds)}; bands: min-max across seeds"
+                  if per_seed is not None else None))
 
 
 def figure3(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step") -> list[Path]:
@@ -426,50 +443,34 @@ def figure5(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step") -> list[Pat
 def cka_seed_sd(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step") -> list[Path]:
     """Across-seed standard deviation of CKA to the final checkpoint, per layer, over training.
 
-    Rows components, columns sizes, colour layer depth (as Figures 3-5). The sd is the sample
-    standard deviation (``ddof=1``) over the ``seed`` replicates, NaN where any replicate is
-    NaN. With one seed (or none) the sd is undefined: every panel says so in words ("one
-    seed") and draws no line, so the figure exists for every configuration.
+    Rows components, columns sizes, colour layer depth (:func:`layer_grid`, as Figures 3-5).
+    The sd is the sample standard deviation (``ddof=1``) over the ``seed`` replicates, NaN
+    where any replicate is NaN. With one seed (or none) the sd is undefined: every panel says
+    so in words ("one seed") and draws no line, so the figure exists for every configuration.
     """
     check_x_axis(x_axis)
     require(ds, ["cka"])
     n_seeds = ds.sizes.get("seed", 1)
     mean, _ = over_seeds(ds)
     sd = ds["cka"].std("seed", ddof=1, skipna=False) if n_seeds >= 2 else None
-    sizes = [str(s) for s in ds["size"].values]
-    components = [str(c) for c in ds["component"].values]
-    x = x_values(ds, x_axis)
-    cmap = plt.get_cmap(DEPTH_CMAP)
-    norm = Normalize(0.0, 1.0)
-    with style():
-        fig, axes = new_figure(len(components), len(sizes), sharex=True, sharey=True)
-        for j, size in enumerate(sizes):
-            layers = present_layers(mean, size)
-            for i, comp in enumerate(components):
-                ax = axes[i, j]
-                if sd is None:
-                    ax.text(0.5, 0.5, "one seed:\nno across-seed spread", ha="center",
-                            va="center", transform=ax.transAxes, color="0.3", fontsize=6)
-                    ax.set_xlim(float(x.min()), float(x.max()))
-                else:
-                    da = sd.sel(size=size, component=comp)
-                    for layer in layers:
-                        y = da.sel(layer=layer).transpose("step").to_numpy()
-                        ax.plot(x, y, lw=0.8,
-                                color=cmap(norm(depth_fraction(int(layer), len(layers)))))
-                if i == 0:
-                    ax.set_title(f"{size} ({len(layers)} layers)")
-                if j == 0:
-                    name = COMPONENT_NAMES.get(comp, comp)
-                    ax.set_ylabel(f"{name}\nsd of {metric_ylabel(mean, 'cka')}")
-                format_x(ax, x_axis, max_step=float(x.max()))
-                grid(ax)
-        fig.supxlabel(x_label(x_axis), fontsize=STYLE["axes.labelsize"])
-        fig.suptitle(f"across-seed sd (ddof=1) over {n_seeds} seed"
-                     f"{'s' if n_seeds != 1 else ''}", fontsize=STYLE["axes.labelsize"])
-        fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes, label=DEPTH_LABEL,
-                     aspect=30, pad=0.01)
-        return save_figure(fig, out_stem)
+    x = x_values(mean, x_axis)
+
+    def draw(ax, size, comp, layers, colour_of):
+        if sd is None:
+            ax.text(0.5, 0.5, "one seed:\nno across-seed spread", ha="center",
+                    va="center", transform=ax.transAxes, color="0.3", fontsize=6)
+            ax.set_xlim(float(x.min()), float(x.max()))
+            return
+        da = sd.sel(size=size, component=comp)
+        for layer in layers:
+            ax.plot(x, da.sel(layer=layer).transpose("step").to_numpy(), lw=0.8,
+                    color=colour_of(layer))
+
+    return layer_grid(
+        mean, out_stem, x_axis, sharey=True, draw=draw,
+        ylabel=lambda comp: f"{COMPONENT_NAMES.get(comp, comp)}\nsd of "
+                            f"{metric_ylabel(mean, 'cka')}",
+        suptitle=f"across-seed sd (ddof=1) over {n_seeds} seed{'s' if n_seeds != 1 else ''}")
 
 
 def smooth_log_window(steps: np.ndarray, values: np.ndarray, rel_width: float) -> np.ndarray:
