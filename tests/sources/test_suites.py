@@ -21,6 +21,7 @@ from hub_server import (
     use_endpoint,
 )
 from lmdynamics.cli import run
+from lmdynamics.config import REPO_ID_PATTERN
 from lmdynamics.sources import pythia
 from lmdynamics.sources import suites as S
 from lmdynamics.sources.checkpoints import KNOWN_ARCHITECTURES, read_state_dict
@@ -42,7 +43,7 @@ def test_every_shipped_definition_loads_and_cites_its_sources():
             "gpt_neox", "llama", "gpt2")
         for size in suite.sizes:
             for seed in suite.seeds or [None]:
-                assert S.REPO_ID.fullmatch(suite.repo_id(size, seed)), (name, size, seed)
+                assert REPO_ID_PATTERN.fullmatch(suite.repo_id(size, seed)), (name, size, seed)
 
 
 def test_pythia_facts_come_from_one_place():

@@ -42,11 +42,10 @@ from typing import Any
 
 import yaml
 
+from lmdynamics.config import REPO_ID_PATTERN
+
 #: Most checkpoints a definition's schedule may list (bounds the work of reading a file).
 MAX_STEPS = 100_000
-#: What a repo id and a revision name must look like (as the config's hub templates).
-REPO_ID = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
-REVISION_NAME = re.compile(r"\A[A-Za-z0-9_][A-Za-z0-9_.+-]*(/[A-Za-z0-9_][A-Za-z0-9_.+-]*)*\Z")
 
 
 class SuiteError(ValueError):
@@ -294,7 +293,7 @@ def _semantic_errors(data: Mapping[str, Any]) -> list[str]:
         for size in sizes:
             for seed in seeds or [None]:
                 name = repo.format(size=size, seed=seed)
-                if not REPO_ID.fullmatch(name) or ".." in name or "--" in name:
+                if not REPO_ID_PATTERN.fullmatch(name) or ".." in name or "--" in name:
                     errors.append(f"key 'repo': {repo!r} gives {name!r} for size {size!r}; "
                                   "allowed: 'owner/name' of letters, digits, '_', '.', '-'")
                     break
