@@ -620,9 +620,23 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The ``lmdynamics`` command: exit status 0, or 1 after an error a user can fix, reported
-    as one line (``lmdynamics <command>: error: <message>``) followed by its traceback; any
-    other exception is a bug and keeps Python's own traceback."""
+    """The ``lmdynamics`` command: :func:`run_command` in this process, or with warm start on
+    (:mod:`lmdynamics.warm`, ``execution.warm_start``) in a child of a process that has the
+    libraries imported already; the same exit status either way."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from lmdynamics import warm
+
+    if warm.enabled():
+        status = warm.run(argv)
+        if status is not None:
+            return status
+    return run_command(argv)
+
+
+def run_command(argv: Sequence[str]) -> int:
+    """Run one subcommand in this process: exit status 0, or 1 after an error a user can fix,
+    reported as one line (``lmdynamics <command>: error: <message>``) followed by its
+    traceback; any other exception is a bug and keeps Python's own traceback."""
     args = build_parser().parse_args(argv)
     try:
         _run(args, argv)

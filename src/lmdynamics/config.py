@@ -426,6 +426,14 @@ def resolved_family(config: Mapping[str, Any]) -> str:
     return suite.family if suite is not None else families.DEFAULT
 
 
+def resolved_warm_start(config: Mapping[str, Any]) -> bool:
+    """Whether the workflow's jobs start warm (:mod:`lmdynamics.warm`): ``execution.warm_start``
+    when set, else on for the tiny suite, whose jobs do about a second of work after 4-6 s of
+    imports, and off for hub suites, whose jobs work for minutes."""
+    chosen = config.get("execution", {}).get("warm_start")
+    return chosen if chosen is not None else config.get("source") == "tiny"
+
+
 def family_errors(config: Mapping[str, Any]) -> list[str]:
     """An unknown ``family`` (the registry, not the schema, knows the families), one that
     contradicts the hub suite definition's, and options that exist for one model family only

@@ -1,5 +1,6 @@
 # Configuration checks and input functions shared by every rule file.
 import importlib.util
+import os
 from types import SimpleNamespace
 
 from snakemake.utils import validate
@@ -14,12 +15,14 @@ from lmdynamics.config import (
     hub_section,
     resolved_family,
     resolved_seeds,
+    resolved_warm_start,
     schedule_for,
     suite_for,
     suite_vocab,
 )
 from lmdynamics.options import job_options
 from lmdynamics.report.registry import REPORT_CATEGORIES, STATS_FIGURES, paper_figures
+from lmdynamics import warm
 
 SCHEMA = workflow.source_path("../schemas/config.schema.yaml")
 
@@ -40,6 +43,9 @@ config["hub"] = hub_section(config, SUITE)
 config["family"] = resolved_family(config)
 # Unset seeds: [0], or every replicate of a hub suite that has them (README "Seeds").
 config["seeds"] = resolved_seeds(config)
+# Warm start (lmdynamics.warm; README "Warm start"): the jobs' `lmdynamics` commands read this
+# from the environment Snakemake gives them. Unset: on for the tiny suite only.
+os.environ[warm.ENV_VAR] = "1" if resolved_warm_start(config) else "0"
 # Sorted keys: parameters built from config sections do not change when a file is reordered.
 config.update(canonical(dict(config)))
 

@@ -7,8 +7,6 @@ import argparse
 import json
 from pathlib import Path
 
-import pandas as pd
-
 from lmdynamics.cli import command
 
 
@@ -61,6 +59,8 @@ def _summarise_args(p: argparse.ArgumentParser) -> None:
 @command("intervention-summarise", _summarise_args)
 def _summarise(a: argparse.Namespace) -> None:
     """Outcome measures, effects against baseline and the effects table of a study."""
+    import pandas as pd
+
     from lmdynamics.store import write_text_atomic
 
     from .report import effects_markdown
@@ -92,6 +92,8 @@ def _figures_args(p: argparse.ArgumentParser) -> None:
 @command("intervention-figures", _figures_args)
 def _figures(a: argparse.Namespace) -> None:
     """The convergence curves and the effect scatter of a study."""
+    import pandas as pd
+
     from .outcomes import CKA_COLUMNS
     from .report import convergence_figure, effect_scatter
 
