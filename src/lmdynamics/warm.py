@@ -296,8 +296,10 @@ def serve(k: str, idle: float = IDLE_SECONDS, preload: Sequence[str] = PRELOAD) 
             torch = sys.modules.get("torch")
             if torch is not None and torch.cuda.is_initialized():
                 log.info("CUDA is initialised after importing %s: a forked child could not "
-                         "use it; exit", name)  # the clients then run cold
-                break
+                         "use it; no more requests", name)  # their clients run cold
+                selector.unregister(listener)
+                listener.close()
+                pending.clear()
             continue
         for selected, _ in events:
             if selected.data == "accept":
