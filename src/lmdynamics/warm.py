@@ -36,6 +36,7 @@ changes: the tiny DAG's ``metrics.csv`` is byte-identical warm and cold (RESULTS
 from __future__ import annotations
 
 import array
+import gc
 import hashlib
 import importlib
 import json
@@ -376,6 +377,7 @@ def _fork_child(conn: socket.socket, inherited: list) -> int | None:
         conn.close()
         return None
     _flush_streams()  # nothing of the server's may reach the job's log
+    gc.freeze()  # the child's collections skip the server's objects (copy-on-write friendly)
     pid = os.fork()
     if pid == 0:
         for thing in inherited:
@@ -424,10 +426,17 @@ def _receive(conn: socket.socket) -> tuple[dict | None, list[int]]:
 
 
 def _child(conn: socket.socket, request: dict, fds: list[int]) -> None:
-    """In the forked child: wait for the client's go, become the job's process and run it. It
-    never returns: the command's ``SystemExit`` (or any exception) goes up to the interpreter,
-    which exits as a fresh ``lmdynamics`` process would (at-exit handlers, flushed streams, the
-    traceback of an uncaught exception, death by SIGINT after Ctrl-C)."""
+    """In the forked child: wait for the client's go, become the job's process, run it and exit
+    with the status a fresh ``lmdynamics`` process would have (``SystemExit``'s code, 1 and the
+    traceback after an uncaught exception, death by SIGINT after Ctrl-C).
+
+    It leaves by ``os._exit`` after flushing the logs and standard streams, as Python's own
+    fork children do (``multiprocessing``; the os module's documentation: "the standard way to
+    exit is ``sys.exit(n)``. ``_exit()`` should normally only be used in the child process after
+    a fork()"): a normal interpreter exit tears down every module the server imported, which
+    in a child writes to each copy-on-write page of the server's heap (1.2-1.4 s measured,
+    against 0.02 s). The commands close what they open; none registers an exit handler.
+    """
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(sig, signal.SIG_DFL)
@@ -445,7 +454,28 @@ def _child(conn: socket.socket, request: dict, fds: list[int]) -> None:
     sys.argv = [sys.argv[0], *request["argv"]]
     from lmdynamics import cli
 
-    raise SystemExit(cli.run_command(request["argv"]))
+    try:
+        code = cli.run_command(request["argv"])
+    except SystemExit as exc:
+        code = exc.code
+    except KeyboardInterrupt:
+        _flush_streams()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+        code = 130
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):  # sys.exit("message")
+        print(code, file=sys.stderr)
+        code = 1
+    logging.shutdown()
+    _flush_streams()
+    os._exit(code & 0xFF)
 
 
 def _flush_streams() -> None:

@@ -21,6 +21,7 @@ from lmdynamics.config import (
     suite_vocab,
 )
 from lmdynamics.options import job_options
+from lmdynamics.sources.plan import parameters
 from lmdynamics.report.registry import REPORT_CATEGORIES, STATS_FIGURES, paper_figures
 from lmdynamics import warm
 
@@ -59,6 +60,17 @@ FINAL_STEP = config["final_step"]
 SCHEDULE = schedule_for(config)
 ENV = "../../envs/lmdynamics.yaml"
 FIGURES = paper_figures(config["metrics"]["standardize"])
+# train_tiny's priority: 1 for the smallest size ... len(SIZES) for the largest (by parameters).
+TRAINING_PRIORITY = (
+    {
+        size: rank
+        for rank, size in enumerate(
+            sorted(SIZES, key=lambda size: parameters(config, size)), start=1
+        )
+    }
+    if config["source"] == "tiny"
+    else {}
+)
 # GPUs one extraction job asks for: `--resources gpu=N` locally, `--gpus=1` on SLURM.
 EXTRACTION_GPUS = 0 if config["extraction"]["device"] == "cpu" else 1
 

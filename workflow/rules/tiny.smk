@@ -16,6 +16,9 @@ rule train_tiny:
         f"{RESULTS}/logs/train_tiny/{{size}}/seed{{seed}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/train_tiny/{{size}}/seed{{seed}}.tsv"
+    # Largest size first: it trains longest, so the other sizes' training and extractions fill
+    # the other cores while it runs (longest job first shortens the DAG).
+    priority: lambda wc: TRAINING_PRIORITY[wc.size]
     conda:
         ENV
     threads: 1
