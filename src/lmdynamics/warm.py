@@ -385,6 +385,7 @@ def _fork_child(conn: socket.socket, inherited: list) -> int | None:
         _child(conn, request, fds)  # never returns
     for fd in fds:
         os.close(fd)
+    log.info("child %d: lmdynamics %s", pid, " ".join(request["argv"]))
     try:
         conn.sendall(f"pid {pid}\n".encode())
     except OSError:
