@@ -6,9 +6,9 @@ One run measures and prints, as ratios against rates measured in the same run:
    ``--sequences`` x ``--seq-len`` tokens) through
    :func:`lmdynamics.extraction.extract.extract_checkpoint`
    on checkpoints saved to a temporary directory, with the Conjecture statistics (the
-   workflow's default) and without. Achieved FLOP/s of the forward+backward pass over the
-   device's own GEMM rate in ``--dtype`` (a large ``torch.matmul``). FLOPs are counted
-   analytically by :func:`pass_flops`:
+   workflow's default: first in the process, then again, warm) and without. Achieved FLOP/s
+   of the forward+backward pass over the device's own GEMM rate in ``--dtype`` (a large
+   ``torch.matmul``). FLOPs are counted analytically by :func:`pass_flops`:
 
    - forward: ``2 T P`` + ``4 L S T_seq^2 d``, with ``T`` = S x T_seq tokens, ``P`` the
      parameters of every matmul (per layer ``3d^2 + d^2 + 2 d i``; the unembedding ``d V``;
@@ -34,12 +34,15 @@ One run measures and prints, as ratios against rates measured in the same run:
    Gram-form implementation (N x N Gram matrices, as Kornblith et al.'s reference code):
    its time over ours.
 4. End-to-end wall time of the tiny DAG from an empty results/ (``--skip-dag`` leaves it out),
-   against the sum of its jobs' work: the **overhead ratio** ``wall / (sum of work / cores)``
-   (1 would be a DAG with no per-job cost, perfectly packed). A job's work is its measured
-   time (Snakemake's ``benchmarks/<rule>/...`` file where the rule writes one, else the span
-   of its log's timestamps plus the time to its first log line) less its rule's **start
-   time**: a fresh ``python`` process importing what the rule's ``lmdynamics`` subcommand
-   imports, and exiting (median of 3; the subcommand's imports are read from its source).
+   twice: with warm start (the tiny suite's default, :mod:`lmdynamics.warm`) and cold
+   (``execution.warm_start: false``), each against the sum of its jobs' work: the **overhead
+   ratio** ``wall / (sum of work / cores)`` (1 would be a DAG with no per-job cost, perfectly
+   packed). A job's work is its measured time (Snakemake's ``benchmarks/<rule>/...`` file
+   where the rule writes one, else the span of its log's timestamps plus the time to its
+   first log line) less its rule's **start time**. Cold: a fresh ``python`` process importing
+   what the rule's ``lmdynamics`` subcommand imports, and exiting (median of 3; the
+   subcommand's imports are read from its source). Warm: ``lmdynamics <subcommand> --help``
+   through a running server (median of 3): client, fork, argument parsing, exit.
 5. Contention (``--contention``): a plain transformers forward+backward pass and the
    extraction's pass (with statistics) of a small Pythia-70m-shaped batch, each in a fresh
    process on ``--threads`` threads, on the machine as it is and beside ``--load-procs`` busy
@@ -262,8 +265,13 @@ def bench_extraction(a: argparse.Namespace, root: Path) -> None:
     kw = {"tokens": tokens, "device": a.device, "dtype": a.dtype}
     print(f"\n## 1. extraction: pythia-{a.arch} architecture, {a.sequences} x {a.seq_len} "
           f"tokens, {a.dtype} on {a.device}, {tokens} sampled tokens")
-    for label, stats in (("with Conjecture statistics (default)",
-                          reference_options(init, final, root)),
+    stats_options = reference_options(init, final, root)
+    # The first pass in a process also pays one-time costs (CUDA's lazy kernel loading and
+    # cuBLAS set-up, the allocator's first growth); the second, "warm", is the steady state
+    # a process that extracts many checkpoints (or a warm-started job) sees.
+    for label, stats in (("with Conjecture statistics (default; first in process)",
+                          stats_options),
+                         ("with Conjecture statistics again (warm pass)", stats_options),
                          ("without statistics", None)):
         rate0 = gemm_rate(a.device, DTYPES[a.dtype], a.gemm_n)
         t = timed_extract(mid, batch, root / "store.zarr", stats, **kw)
@@ -394,13 +402,29 @@ def command_imports(name: str) -> str:
 
 def start_time(name: str | None, repeats: int = 3) -> float:
     """Median wall time of a fresh process that imports ``lmdynamics.cli`` and then what
-    subcommand ``name`` imports (nothing more when None), and exits."""
+    subcommand ``name`` imports (nothing more when None), and exits: a cold job's start."""
     code = "import lmdynamics.cli\n" + (command_imports(name) if name else "")
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         subprocess.run([sys.executable, "-c", code], env=env, check=True)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def warm_start_time(name: str, env: dict, repeats: int = 3) -> float:
+    """Median wall time of ``lmdynamics <name> --help`` with warm start on, once a server for
+    ``env`` is up (:mod:`lmdynamics.warm`): the client's start, the fork, the child's argument
+    parsing and exit. The subcommand's imports are the server's already, so this is a warm
+    job's start."""
+    cmd = [sys.executable, "-m", "lmdynamics", name, "--help"]
+    env = {**env, "LMDYNAMICS_WARM_START": "1"}
+    subprocess.run(cmd, env=env, check=True, capture_output=True)  # starts the server
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        subprocess.run(cmd, env=env, check=True, capture_output=True)
         times.append(time.perf_counter() - t)
     return float(np.median(times))
 
@@ -431,52 +455,61 @@ def job_spans(results: Path, cli_start: float) -> list[tuple[str, str, float]]:
 
 
 def bench_dag(a: argparse.Namespace, root: Path) -> None:
-    work = root / "workflow"
-    work.mkdir()
-    for name in ("Snakefile", "config", "workflow", "envs", "profiles"):
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, work / name)
-        elif src.exists():
-            shutil.copy(src, work / name)
-    cmd = ["snakemake", "--cores", str(a.cores), "--configfile", "config/tiny.yaml",
-           "--quiet", "rules"]
-    if a.quick:  # (--config would pass the steps as strings)
-        (work / "config/quick.yaml").write_text(
-            'sizes: ["42k"]\nsteps: [0, 64, 512]\ntokens: 256\n')
-        cmd[5:5] = ["config/quick.yaml"]
+    """Section 4: the tiny DAG warm (the tiny suite's default, :mod:`lmdynamics.warm`), then
+    cold (``execution.warm_start: false``), each from an empty results/ in its own copy."""
+    cores = os.cpu_count() if a.cores == "all" else int(a.cores)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     for name in ("OMP_WAIT_POLICY", *THREAD_VARIABLES):  # the jobs get Snakemake's own
         env.pop(name, None)
-    load = os.getloadavg()[0]
-    t = time.perf_counter()
-    done = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t
-    if done.returncode:
-        sys.exit(f"tiny DAG failed:\n{done.stderr[-3000:]}")
-    cores = os.cpu_count() if a.cores == "all" else int(a.cores)
-    print(f"\n## 4. tiny DAG from an empty results/ ({' '.join(cmd[:5])} ...): "
-          f"**{wall:.0f} s** wall (load average {load:.2f} before, "
-          f"{os.getloadavg()[0]:.2f} after)")
-    cli_start = start_time(None)
-    spans = job_spans(work / "results/tiny", cli_start)
-    starts = {sub: start_time(sub) for sub in sorted({s for _, s, _ in spans})}
-    rules: dict[str, list[tuple[float, float]]] = {}
-    for rule, sub, seconds in spans:
-        rules.setdefault(rule, []).append((seconds, starts[sub]))
-    print(f"- per rule (python + `import lmdynamics.cli` alone: {cli_start:.2f} s): jobs, "
-          "start time (fresh process: imports, exit), median job time, work (job - start)")
-    total_work = total_jobs = 0.0
-    for rule, rows in sorted(rules.items()):
-        seconds = [s for s, _ in rows]
-        work_s = [max(s - st, 0.0) for s, st in rows]
-        total_work += sum(work_s)
-        total_jobs += sum(seconds)
-        print(f"  - {rule}: {len(rows)} jobs, start {rows[0][1]:.2f} s, job "
-              f"{np.median(seconds):.2f} s, work {sum(work_s):.1f} s in all")
-    print(f"- {len(spans)} jobs: {total_jobs:.0f} s of job time, {total_work:.0f} s of work "
-          f"({total_work / total_jobs:.0%}); **overhead ratio wall / (work / {cores} cores) "
-          f"= {wall / (total_work / cores):.2f}**")
+    for warm in (True, False):
+        work = root / ("warm" if warm else "cold")
+        work.mkdir()
+        for name in ("Snakefile", "config", "workflow", "envs", "profiles"):
+            src = ROOT / name
+            if src.is_dir():
+                shutil.copytree(src, work / name)
+            elif src.exists():
+                shutil.copy(src, work / name)
+        cmd = ["snakemake", "--cores", str(a.cores), "--configfile", "config/tiny.yaml"]
+        if a.quick:  # (--config would pass the steps as strings)
+            (work / "config/quick.yaml").write_text(
+                'sizes: ["42k"]\nsteps: [0, 64, 512]\ntokens: 256\n')
+            cmd.append("config/quick.yaml")
+        (work / "config/start.yaml").write_text(
+            f"execution:\n  warm_start: {str(warm).lower()}\n")
+        cmd += ["config/start.yaml", "--quiet", "rules"]
+        load = os.getloadavg()[0]
+        t = time.perf_counter()
+        done = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - t
+        if done.returncode:
+            sys.exit(f"tiny DAG failed:\n{done.stderr[-3000:]}")
+        label = "warm start" if warm else "cold (execution.warm_start: false)"
+        print(f"\n## 4{'a' if warm else 'b'}. tiny DAG, {label}, from an empty results/ "
+              f"({' '.join(cmd[:5])} ...): **{wall:.0f} s** wall (load average {load:.2f} "
+              f"before, {os.getloadavg()[0]:.2f} after)")
+        cli_start = start_time(None)
+        spans = job_spans(work / "results/tiny", cli_start)
+        subcommands = sorted({s for _, s, _ in spans})
+        starts = {sub: warm_start_time(sub, env) if warm else start_time(sub)
+                  for sub in subcommands}
+        rules: dict[str, list[tuple[float, float]]] = {}
+        for rule, sub, seconds in spans:
+            rules.setdefault(rule, []).append((seconds, starts[sub]))
+        what = ("warm: `lmdynamics <subcommand> --help` through the server, median of 3"
+                if warm else "cold: a fresh process importing what the subcommand imports")
+        print(f"- per rule: jobs, start time ({what}), median job time, work (job - start)")
+        total_work = total_jobs = 0.0
+        for rule, rows in sorted(rules.items()):
+            seconds = [s for s, _ in rows]
+            work_s = [max(s - st, 0.0) for s, st in rows]
+            total_work += sum(work_s)
+            total_jobs += sum(seconds)
+            print(f"  - {rule}: {len(rows)} jobs, start {rows[0][1]:.2f} s, job "
+                  f"{np.median(seconds):.2f} s, work {sum(work_s):.1f} s in all")
+        print(f"- {len(spans)} jobs: {total_jobs:.0f} s of job time, {total_work:.0f} s of "
+              f"work ({total_work / total_jobs:.0%}); **overhead ratio wall / (work / {cores} "
+              f"cores) = {wall / (total_work / cores):.2f}**")
 
 
 # ---------------------------------------------------------------------------- contention
