@@ -24,6 +24,7 @@ import pytest
 import zarr
 
 from lmdynamics import warm
+from lmdynamics.cli import THREAD_VARIABLES
 from lmdynamics.config import resolved_warm_start
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,9 +58,13 @@ def child_pids(runtime_dir: Path) -> list[int]:
 
 
 def environment(runtime_dir: Path, on: bool = True, **extra: str) -> dict:
-    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime_dir), warm.ENV_VAR: "1" if on else "0",
-           "PYTHONPATH": os.pathsep.join(
-               [str(REPO / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]), **extra}
+    """The test's environment without thread variables (as a shell's), warm start ``on``."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_WAIT_POLICY", *THREAD_VARIABLES)}
+    env.update({"XDG_RUNTIME_DIR": str(runtime_dir), warm.ENV_VAR: "1" if on else "0",
+                "PYTHONPATH": os.pathsep.join(
+                    [str(REPO / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]),
+                **extra})
     if "SLURM_JOB_ID" not in extra:
         env.pop("SLURM_JOB_ID", None)
     return env
@@ -108,7 +113,8 @@ def test_a_warm_command_answers_as_a_fresh_process(runtime_dir, tmp_path, args):
         assert cold.returncode == 1 and "lmdynamics plan: error: " in cold.stderr
 
 
-def test_a_warm_extraction_writes_what_a_cold_one_writes(runtime_dir, tmp_path):
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_a_warm_extraction_writes_what_a_cold_one_writes(runtime_dir, tmp_path, threads):
     from faultlib import eval_batch, tiny_checkpoint
 
     checkpoint = tiny_checkpoint(tmp_path / "ck", seed=3)
@@ -119,7 +125,8 @@ def test_a_warm_extraction_writes_what_a_cold_one_writes(runtime_dir, tmp_path):
         done = lmdynamics(["extract", "--checkpoint", str(checkpoint), "--eval-batch",
                            str(batch), "--size", "s", "--step", "0", "--model", "tiny-s",
                            "--revision", "step0", "--options", '{"tokens": 64}',
-                           "--threads", "1", "--out", str(out)], environment(runtime_dir, on))
+                           "--threads", threads, "--out", str(out)],
+                          environment(runtime_dir, on))
         assert done.returncode == 0, done.stderr
         stores[on] = zarr.open_group(out, mode="r")
     assert len(child_pids(runtime_dir)) == 1
@@ -192,6 +199,21 @@ def test_a_socket_folder_others_can_open_turns_warm_start_off(runtime_dir):
     (line,) = done.stderr.splitlines()
     assert line.startswith("lmdynamics: warm start off: ") and "not a folder private" in line
     assert not list(folder.iterdir())
+
+
+def test_a_new_server_removes_week_old_logs_and_locks(runtime_dir):
+    folder = runtime_dir / "lmdynamics"
+    folder.mkdir(mode=0o700)
+    week = time.time() - warm.KEEP_SECONDS - 60
+    old = [folder / "0123.log", folder / "0123.lock"]
+    recent = folder / "4567.log"
+    for path in [*old, recent]:
+        path.write_text("")
+    for path in old:
+        os.utime(path, (week, week))
+    assert lmdynamics(["--help"], environment(runtime_dir)).returncode == 0
+    assert wait_for(lambda: not any(p.exists() for p in old))
+    assert recent.exists()
 
 
 def test_a_slurm_job_runs_cold(runtime_dir):

@@ -15,18 +15,24 @@ import os
 import socket
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 log = logging.getLogger("lmdynamics")
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable]] = {}
+#: Subcommands that run a model: :func:`pin_threads` on their ``--threads`` before they import.
+PINNED: set[str] = set()
 
 
-def command(name: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
-    """Register ``func(args)`` as subcommand ``name``."""
+def command(name: str, add_arguments: Callable[[argparse.ArgumentParser], None], *,
+            threads: bool = False):
+    """Register ``func(args)`` as subcommand ``name``; ``threads``: it has ``--threads`` and
+    runs a model, so :func:`run_command` pins its threads before it starts."""
     def wrap(func: Callable[[argparse.Namespace], None]):
         COMMANDS[name] = (add_arguments, func)
+        if threads:
+            PINNED.add(name)
         return func
     return wrap
 
@@ -51,10 +57,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="model family (lmdynamics.families): gpt_neox | llama | gpt2")
 
 
-@command("train-tiny", _train_args)
+@command("train-tiny", _train_args, threads=True)
 def _train(a: argparse.Namespace) -> None:
-    pin_threads(a.threads)
-
     from lmdynamics.sources.tiny import train_tiny_model
 
     spec = {"hidden_size": a.hidden_size, "num_layers": a.num_layers, "num_heads": a.num_heads}
@@ -148,30 +152,44 @@ def _stats_options(a: argparse.Namespace, conjecture: dict, seed: int):
 #: ``threads`` (snakemake/shell.py). Each is read once, when its library loads.
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "GOTO_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                     "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+#: numpy's OpenBLAS pool, whose idle threads spin: one thread in a command that runs a model.
+OPENBLAS_VARIABLES = ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS")
+
+
+def thread_environment(threads: int | None, environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables :func:`pin_threads` sets for ``threads`` in a process whose environment is
+    ``environ`` (those ``environ`` has already are kept): ``OMP_WAIT_POLICY=PASSIVE``, every
+    pool of :data:`THREAD_VARIABLES` at ``threads`` but numpy's OpenBLAS
+    (:data:`OPENBLAS_VARIABLES`) at 1. Empty for ``None`` or 0."""
+    if not threads:
+        return {}
+    if threads < 0:
+        raise ValueError(f"--threads {threads}: must be a positive integer")
+    wanted = {"OMP_WAIT_POLICY": "PASSIVE", **dict.fromkeys(THREAD_VARIABLES, str(threads)),
+              **dict.fromkeys(OPENBLAS_VARIABLES, "1")}
+    return {name: environ.get(name, value) for name, value in wanted.items()}
 
 
 def pin_threads(threads: int | None) -> None:
     """Run this process's numerical work on ``threads`` threads, and let idle ones sleep.
 
     Call it before numpy or torch is imported (the variables are read when they load; later
-    only torch's own counts change). One pass alternates torch kernels (OpenMP threads) with
-    numpy's LAPACK and BLAS (OpenBLAS's own threads); by default each runtime's idle threads
-    spin, waiting for more work, while the other runtime's run. On a machine whose cores are
-    all busy those spinning threads take the cores the working ones need: at a load average
-    of 10 on 2 cores, a 70m-shaped extraction with statistics took 119-256 s on 2 threads
-    with the libraries' defaults and 28 s pinned (benchmarks/RESULTS.md, "Contention").
-    So: ``OMP_WAIT_POLICY=PASSIVE``
-    (OpenMP threads sleep when idle; torch's pool restarts in microseconds), every BLAS/OpenMP
-    pool at ``threads``, and one inter-op thread (the passes never run operators side by
-    side). A variable the user set already is kept. ``None`` or 0 changes nothing.
+    only torch's own counts change); :func:`run_command` does, for the commands that run a
+    model (:data:`PINNED`). One pass alternates torch kernels (OpenMP threads) with numpy's
+    LAPACK and BLAS (OpenBLAS's own pthreads); by default each runtime's idle threads spin,
+    waiting for more work, while the other runtime's run, and on a machine whose cores are
+    all busy they take the cores the working threads need (benchmarks/RESULTS.md,
+    "Contention"). So (:func:`thread_environment`): ``OMP_WAIT_POLICY=PASSIVE`` (OpenMP threads
+    sleep when idle), torch's pools at ``threads`` with one inter-op thread (the passes never
+    run operators side by side), and numpy's OpenBLAS at one thread: its calls in a pass are
+    small (eigenvalues of D x D Gram matrices, fits), no faster on 2 threads alone, and with
+    2 threads beside 2 busy loops the 70m-shaped extraction with statistics slowed 4.9x
+    against 1.8x on one (RESULTS.md, "Contention, 2026-12-05"). A variable already set (by
+    the user, or by Snakemake for a job's ``threads``) is kept. ``None`` or 0 changes nothing.
     """
+    os.environ.update(thread_environment(threads, os.environ))
     if not threads:
         return
-    if threads < 0:
-        raise ValueError(f"--threads {threads}: must be a positive integer")
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    for name in THREAD_VARIABLES:
-        os.environ.setdefault(name, str(threads))
     import torch
 
     torch.set_num_threads(threads)
@@ -181,10 +199,31 @@ def pin_threads(threads: int | None) -> None:
         pass
 
 
-@command("extract", _extract_args)
-def _extract(a: argparse.Namespace) -> None:
-    pin_threads(a.threads)
+def command_environment(argv: Sequence[str], environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment ``lmdynamics argv`` has when its libraries load: ``environ`` with, for a
+    command of :data:`PINNED`, the variables :func:`pin_threads` sets for its ``--threads``.
+    A warm-started command's server imports under this environment (:mod:`lmdynamics.warm`),
+    so its libraries load as a fresh process's would. Arguments that do not parse change
+    nothing here (the command then fails on them, warm or cold, the same way)."""
+    import contextlib
+    import io
 
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), \
+                contextlib.redirect_stdout(io.StringIO()):
+            args = build_parser().parse_args(argv)
+    except SystemExit:
+        return dict(environ)
+    if args.command not in PINNED:
+        return dict(environ)
+    try:
+        return {**environ, **thread_environment(args.threads, environ)}
+    except ValueError:
+        return dict(environ)
+
+
+@command("extract", _extract_args, threads=True)
+def _extract(a: argparse.Namespace) -> None:
     from lmdynamics.extraction.extract import extract_checkpoint
 
     opts = _options(a)
@@ -214,12 +253,10 @@ def _reference_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True)
 
 
-@command("reference", _reference_args)
+@command("reference", _reference_args, threads=True)
 def _reference(a: argparse.Namespace) -> None:
     """The per-size reference store of the Conjecture statistics, read by every extraction of
     the size (:mod:`lmdynamics.extraction.reference`)."""
-    pin_threads(a.threads)
-
     from lmdynamics.extraction.reference import build_reference
 
     opts = _options(a)
@@ -616,6 +653,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
     if os.environ.get("SLURM_JOB_ID"):
         # which cluster job wrote this log (for sacct/seff, or the cluster's admins)
         log.info("SLURM job %s on %s", os.environ["SLURM_JOB_ID"], socket.gethostname())
+    if args.command in PINNED:
+        pin_threads(args.threads)
     args.func(args)
 
 
@@ -627,7 +666,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lmdynamics import warm
 
     if warm.enabled():
-        status = warm.run(argv)
+        status = warm.run(argv, command_environment(argv, os.environ))
         if status is not None:
             return status
     return run_command(argv)

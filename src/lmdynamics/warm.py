@@ -123,8 +123,9 @@ def key(environ: dict | None = None) -> str:
     """What a process's imports depend on, hashed: the user, the interpreter and its flags,
     ``sys.path`` and each of its folders' modification time (installing or removing a package
     changes its folder), every file of the installed ``lmdynamics`` package (path, size,
-    modification time), and the whole environment. Equal keys import the same code with the
-    same settings."""
+    modification time), the whole environment, and the umask, resource limits, CPU affinity
+    and nice value. Equal keys import the same code with the same settings, and a child of
+    the server runs under what its client would have given a fresh process."""
     env = dict(os.environ if environ is None else environ)
     package = Path(__file__).parent
     files = []
@@ -141,27 +142,43 @@ def key(environ: dict | None = None) -> str:
         except OSError:
             folders.append((entry, None))
     facts = [os.getuid(), sys.executable, sys.version, repr(sys.flags), sorted(sys._xoptions),
-             str(package), files, folders, sorted(env.items())]
+             str(package), files, folders, sorted(env.items()), _process_state()]
     return hashlib.sha256(json.dumps(facts, default=str).encode()).hexdigest()[:24]
+
+
+def _process_state() -> list:
+    """What else a process inherits from the one that starts it, and a forked child takes
+    from the server instead of from its client: the umask, the resource limits, the CPUs it
+    may run on and its nice value."""
+    import resource
+
+    mask = os.umask(0)
+    os.umask(mask)
+    limits = [(name, resource.getrlimit(getattr(resource, name)))
+              for name in sorted(dir(resource)) if name.startswith("RLIMIT_")]
+    return [mask, limits, sorted(os.sched_getaffinity(0)), os.getpriority(os.PRIO_PROCESS, 0)]
 
 
 # --- client -----------------------------------------------------------------------------------
 
-def run(argv: Sequence[str]) -> int | None:
-    """Run ``lmdynamics argv`` in a warm child; its exit status, or ``None`` if no server could
-    be had (the caller then runs the command itself; nothing has run)."""
+def run(argv: Sequence[str], environ: dict[str, str] | None = None) -> int | None:
+    """Run ``lmdynamics argv`` in a warm child whose environment is ``environ`` (default: this
+    process's; :func:`lmdynamics.cli.command_environment` adds what the command sets before
+    its imports); its exit status, or ``None`` if no server could be had (the caller then
+    runs the command itself; nothing has run)."""
+    env = dict(os.environ if environ is None else environ)
     try:
         folder = socket_dir()
     except OSError as exc:
         print(f"lmdynamics: warm start off: {exc}", file=sys.stderr, flush=True)
         return None
-    k = key()
+    k = key(env)
     path = folder / f"{k}.sock"
     if len(os.fsencode(path)) > 100:  # sun_path holds 108 bytes
         return None
     conn = _connect(path)
     if conn is None:
-        server = _start_server(folder, k)
+        server = _start_server(folder, k, env)
         deadline = time.monotonic() + START_SECONDS
         while conn is None and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -171,7 +188,7 @@ def run(argv: Sequence[str]) -> int | None:
         if conn is None:
             return None
     with conn:
-        return _request(conn, list(argv))
+        return _request(conn, list(argv), env)
 
 
 def _connect(path: Path) -> socket.socket | None:
@@ -190,15 +207,15 @@ _BOOT = ("import json, sys; sys.path[:] = json.loads(sys.argv[3]); "
          "from lmdynamics.warm import main; raise SystemExit(main(sys.argv[1:3]))")
 
 
-def _start_server(folder: Path, k: str) -> subprocess.Popen:
+def _start_server(folder: Path, k: str, env: dict[str, str]) -> subprocess.Popen:
     with open(folder / f"{k}.log", "ab") as logfile:
         return subprocess.Popen([sys.executable, "-c", _BOOT, "serve", k, json.dumps(sys.path)],
                                 stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile,
-                                start_new_session=True, close_fds=True)
+                                start_new_session=True, close_fds=True, env=env)
 
 
-def _request(conn: socket.socket, argv: list[str]) -> int | None:
-    payload = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}).encode()
+def _request(conn: socket.socket, argv: list[str], env: dict[str, str]) -> int | None:
+    payload = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": env}).encode()
     try:
         conn.sendmsg([_HEADER.pack(len(payload))],
                      [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [0, 1, 2]))])
@@ -267,6 +284,7 @@ def serve(k: str, idle: float = IDLE_SECONDS, preload: Sequence[str] = PRELOAD) 
                  k, key())
         return
     folder = socket_dir()
+    _tidy(folder, k)
     path = folder / f"{k}.sock"
     listener = _bind(path, folder / f"{k}.lock")
     if listener is None:
@@ -326,6 +344,22 @@ def serve(k: str, idle: float = IDLE_SECONDS, preload: Sequence[str] = PRELOAD) 
     except FileNotFoundError:
         pass
     log.info("idle for %.0f s; exit", idle)
+
+
+#: Logs and lock files of other keys untouched this long are removed when a server starts.
+KEEP_SECONDS = 7 * 86400
+
+
+def _tidy(folder: Path, k: str) -> None:
+    """Remove the logs and lock files of servers (other keys) idle for :data:`KEEP_SECONDS`:
+    every change of environment or code gives a new key, so they would pile up."""
+    now = time.time()
+    for old in [*folder.glob("*.log"), *folder.glob("*.lock")]:
+        try:
+            if old.stem != k and now - old.stat().st_mtime > KEEP_SECONDS:
+                old.unlink()
+        except FileNotFoundError:
+            pass
 
 
 def _bind(path: Path, lockfile: Path) -> socket.socket | None:
