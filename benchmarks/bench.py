@@ -48,7 +48,7 @@ One run measures and prints, as ratios against rates measured in the same run:
    process on ``--threads`` threads, on the machine as it is and beside ``--load-procs`` busy
    loops; each pass's slowdown under that load, with the threads left to the libraries'
    defaults and pinned by :func:`lmdynamics.cli.pin_threads` (as ``lmdynamics extract`` and
-   this script do).
+   this script do); ``--repeats N`` runs each N times and reports medians.
 
 Threads: this script pins its own threads like the workflow's commands do
 (:func:`lmdynamics.cli.pin_threads`, ``--threads``, default: every core), before numpy and
@@ -552,18 +552,21 @@ def bench_contention(a: argparse.Namespace, root: Path) -> None:
     rows = {}
     for pinned in (False, True):
         for kind in ("plain", "extract"):
-            alone = run(kind, pinned)
+            alones = [run(kind, pinned) for _ in range(a.repeats)]
             busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
                     for _ in range(a.load_procs)]
             try:
-                loaded = run(kind, pinned)
+                loadeds = [run(kind, pinned) for _ in range(a.repeats)]
             finally:
                 for proc in busy:
                     proc.kill()
                     proc.wait()
+            alone, loaded = float(np.median(alones)), float(np.median(loadeds))
             rows[pinned, kind] = (alone, loaded)
+            each = (f" (each: {', '.join(f'{t:.2f}' for t in alones)} / "
+                    f"{', '.join(f'{t:.2f}' for t in loadeds)})" if a.repeats > 1 else "")
             print(f"- {'pinned' if pinned else 'library defaults'}, {kind} pass: "
-                  f"{alone:.2f} s alone, {loaded:.2f} s loaded: **{loaded / alone:.2f}x**")
+                  f"{alone:.2f} s alone, {loaded:.2f} s loaded: **{loaded / alone:.2f}x**{each}")
     for pinned in (False, True):
         (pa, pl), (ea, el) = rows[pinned, "plain"], rows[pinned, "extract"]
         print(f"- {'pinned' if pinned else 'library defaults'}: the extraction's slowdown "
@@ -596,6 +599,8 @@ def main() -> None:
     p.add_argument("--contention", action="store_true", help="run section 5")
     p.add_argument("--load-procs", type=int, default=os.cpu_count() or 1,
                    help="busy loops beside the contention passes")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="contention: runs of each pass alone and loaded (medians reported)")
     p.add_argument("--_unpinned", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_pass", choices=("plain", "extract"), help=argparse.SUPPRESS)
     p.add_argument("--_root", type=Path, help=argparse.SUPPRESS)
