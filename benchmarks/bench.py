@@ -50,9 +50,11 @@ One run measures and prints, as ratios against rates measured in the same run:
    defaults and pinned by :func:`lmdynamics.cli.pin_threads` (as ``lmdynamics extract`` and
    this script do); ``--repeats N`` runs each N times and reports medians.
 
-Threads: this script pins its own threads like the workflow's commands do
+Threads: this script pins its own threads like the workflow's commands that run a model do
 (:func:`lmdynamics.cli.pin_threads`, ``--threads``, default: every core), before numpy and
-torch load.
+torch load: torch on ``--threads``, numpy's OpenBLAS on one thread (as every workflow job,
+whose ``threads`` is 1) unless ``OPENBLAS_NUM_THREADS`` is set; the reduction section and its
+float64 GEMM rate use that same OpenBLAS pool.
 
     python benchmarks/bench.py                       # CPU: 70m, float32, 8 x 2048
     python benchmarks/bench.py --quick               # a smoke run in about a minute
