@@ -47,6 +47,10 @@ config["seeds"] = resolved_seeds(config)
 # Warm start (lmdynamics.warm; README "Warm start"): the jobs' `lmdynamics` commands read this
 # from the environment Snakemake gives them. Unset: on for the tiny suite only.
 os.environ[warm.ENV_VAR] = "1" if resolved_warm_start(config) else "0"
+# Idle OpenMP threads sleep in every job, as `lmdynamics.cli.pin_threads` has them do in the
+# jobs that run a model (unless set already): then all jobs of a run share one environment,
+# so one warm-start server.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Sorted keys: parameters built from config sections do not change when a file is reordered.
 config.update(canonical(dict(config)))
 
