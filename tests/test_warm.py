@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import zarr
 
@@ -143,6 +144,8 @@ def test_equal_environments_share_a_server_and_different_ones_do_not(runtime_dir
         assert lmdynamics(["--help"], env).returncode == 0
     assert len(server_pids(runtime_dir)) == 1
     assert len(child_pids(runtime_dir)) == 2
+    # it holds no job's folder: a run killed with its jobs leaves nothing working in it
+    assert psutil.Process(server_pids(runtime_dir)[0]).cwd() == "/"
     assert lmdynamics(["--help"], {**env, "OMP_NUM_THREADS": "3"}).returncode == 0
     assert len(server_pids(runtime_dir)) == 2
     assert len(list((runtime_dir / "lmdynamics").glob("*.sock"))) == 2

@@ -7,13 +7,16 @@ start cost is most of the run. With ``execution.warm_start: true`` the workflow 
 for a process instead of importing:
 
 - The server is one process per user, Python, installed code and environment (:func:`key`).
-  The first client starts it (``python -m lmdynamics.warm serve KEY``, detached, its log in
-  the socket folder); it imports :data:`PRELOAD` one module at a time between requests, and
-  exits after :data:`IDLE_SECONDS` with nothing running. Any change to the environment (the
-  thread variables Snakemake sets for a job's ``threads``, ``HF_HUB_OFFLINE``, ...), to the
-  interpreter, to the package's files or to a ``sys.path`` folder's entries (a ``pip
-  install``) gives another key, so another server: a server never runs code or settings a
-  fresh process would not.
+  The first client starts it (:func:`main`, ``serve KEY``, detached, with the client's
+  ``sys.path``, its log in the socket folder); it imports :data:`PRELOAD` one module at a
+  time between requests, and exits after :data:`IDLE_SECONDS` with nothing running. The
+  environment is the one the command loads its libraries under
+  (:func:`lmdynamics.cli.command_environment`: the job's, plus the thread pinning of a
+  command that runs a model). Any change to it (the thread variables Snakemake sets for a
+  job's ``threads``, ``HF_HUB_OFFLINE``, ...), to the interpreter, to the package's files, to
+  a ``sys.path`` folder's entries (a ``pip install``), or to the umask, resource limits, CPU
+  affinity or nice value gives another key, so another server: a server never runs code or
+  settings a fresh process would not.
 - Per request the server forks a child, which takes the client's working directory,
   environment, arguments and standard streams (passed as file descriptors) and runs
   :func:`lmdynamics.cli.run_command`, exactly what a fresh process runs. The client waits for
@@ -30,7 +33,8 @@ for a process instead of importing:
 
 Snakemake's ``benchmark:`` files of a warm job time its wall clock correctly; their memory and
 CPU columns describe the client (the child is not its descendant). Nothing about results
-changes: the tiny DAG's ``metrics.csv`` is byte-identical warm and cold (RESULTS.md).
+changes: the tiny DAG's tables and every array of its stores are identical warm and cold
+(RESULTS.md).
 """
 
 from __future__ import annotations
@@ -136,7 +140,7 @@ def key(environ: dict | None = None) -> str:
             files.append((os.path.relpath(os.path.join(root, name), package), st.st_size,
                           st.st_mtime_ns))
     folders = []
-    for entry in sys.path:
+    for entry in _import_path():
         try:
             folders.append((entry, os.stat(entry or ".").st_mtime_ns))
         except OSError:
@@ -183,8 +187,10 @@ def run(argv: Sequence[str], environ: dict[str, str] | None = None) -> int | Non
         while conn is None and time.monotonic() < deadline:
             time.sleep(0.02)
             conn = _connect(path)
-            if conn is None and server.poll() is not None and _connect(path) is None:
-                return None  # it exited (another key, or another server won and then left)
+            if conn is None and server.poll() is not None:
+                conn = _connect(path)  # it exited: another server won the socket, or none
+                if conn is None:
+                    return None
         if conn is None:
             return None
     with conn:
@@ -201,6 +207,12 @@ def _connect(path: Path) -> socket.socket | None:
     return conn
 
 
+def _import_path() -> list[str]:
+    """``sys.path`` with each entry absolute (``''``, the working directory of ``python -c``,
+    included): what a server, which works from ``/``, imports from."""
+    return [os.path.abspath(entry) for entry in sys.path]
+
+
 #: The server's start: the client's ``sys.path`` first (``-m`` or a console script would each
 #: put another folder first), then :func:`main`.
 _BOOT = ("import json, sys; sys.path[:] = json.loads(sys.argv[3]); "
@@ -209,7 +221,8 @@ _BOOT = ("import json, sys; sys.path[:] = json.loads(sys.argv[3]); "
 
 def _start_server(folder: Path, k: str, env: dict[str, str]) -> subprocess.Popen:
     with open(folder / f"{k}.log", "ab") as logfile:
-        return subprocess.Popen([sys.executable, "-c", _BOOT, "serve", k, json.dumps(sys.path)],
+        return subprocess.Popen([sys.executable, "-c", _BOOT, "serve", k,
+                                 json.dumps(_import_path())],
                                 stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile,
                                 start_new_session=True, close_fds=True, env=env)
 
@@ -277,6 +290,9 @@ def serve(k: str, idle: float = IDLE_SECONDS, preload: Sequence[str] = PRELOAD) 
     """The server of key ``k``: bind its socket (or exit if a live server has it), then answer
     requests, importing ``preload`` one module at a time while none is waiting, until ``idle``
     seconds pass with no child running and no request."""
+    # Like any daemon, it holds no job's folder (a killed run leaves nothing working in it);
+    # its children take their client's.
+    os.chdir("/")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s warm[{os.getpid()}] %(message)s")
     if k != key():
