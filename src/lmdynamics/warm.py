@@ -238,8 +238,8 @@ def _request(conn: socket.socket, argv: list[str], env: dict[str, str]) -> int |
         first = reader.readline().split()
     except OSError:
         return None
-    if len(first) != 2 or first[0] != b"pid":
-        return None  # the server went away before forking for us: nothing ran
+    if len(first) != 2 or first[0] != b"pid" or not first[1].isdigit():
+        return None  # the server went away (or answered nonsense) before our go: nothing ran
     pid = int(first[1])
     previous = {sig: signal.signal(sig, lambda s, _f: _forward(pid, s)) for sig in _SIGNALS}
     try:
@@ -253,15 +253,18 @@ def _request(conn: socket.socket, argv: list[str], env: dict[str, str]) -> int |
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if len(line) == 2 and line[0] == b"exit":
+    if len(line) == 2 and line[0] == b"exit" and line[1].lstrip(b"-").isdigit():
         status = int(line[1])
-        if status >= 0:
+        if 0 <= status <= 255:
             return status
-        print(f"lmdynamics: the job's process (pid {pid}) was killed by signal "
-              f"{signal.Signals(-status).name}", file=sys.stderr, flush=True)
-        return 128 - status
-    print(f"lmdynamics: the warm-start server stopped before the job's process (pid {pid}) "
-          f"reported its exit status; see the server's log in {socket_dir()}",
+        if -64 <= status < 0:
+            known = {s.value: s.name for s in signal.Signals}
+            print(f"lmdynamics: the job's process (pid {pid}) was killed by signal "
+                  f"{known.get(-status, -status)}", file=sys.stderr, flush=True)
+            return 128 - status
+    print(f"lmdynamics: the warm-start server stopped (or answered {b' '.join(line)[:80]!r}) "
+          f"before the job's process (pid {pid}) reported its exit status; see the server's "
+          f"log in {socket_dir()}",
           file=sys.stderr, flush=True)
     while _alive(pid):  # it runs on (tied to this client), so its outputs are not done yet
         time.sleep(0.1)
@@ -472,8 +475,12 @@ def _receive(conn: socket.socket) -> tuple[dict | None, list[int]]:
         return None, list(fds)
     finally:
         conn.settimeout(None)
-    ok = (isinstance(request, dict) and isinstance(request.get("argv"), list)
-          and isinstance(request.get("cwd"), str) and isinstance(request.get("env"), dict))
+    ok = (isinstance(request, dict) and isinstance(request.get("cwd"), str)
+          and isinstance(request.get("argv"), list)
+          and all(isinstance(a, str) for a in request["argv"])
+          and isinstance(request.get("env"), dict)
+          and all(isinstance(k, str) and isinstance(v, str)
+                  for k, v in request["env"].items()))
     return (request if ok else None), list(fds)
 
 
