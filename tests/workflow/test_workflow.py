@@ -120,11 +120,17 @@ def test_mcc_table_has_every_size_and_parameter(tiny_run):
 
 
 def test_logs_and_benchmarks_per_job(mini_run):
+    """The tiny suite's extraction: one job (one log, one benchmark file) per (size, seed),
+    writing every step's store."""
     logs = mini_run.results / "logs"
-    extract_logs = list((logs / "extract").rglob("*.log"))
-    assert len(extract_logs) == len(mini_run.config["sizes"]) * len(mini_run.config["steps"])
-    assert "wrote" in extract_logs[0].read_text()
-    assert list((mini_run.results / "benchmarks/extract").rglob("*.tsv"))
+    extract_logs = sorted((logs / "extract").rglob("*.log"))
+    sizes, steps = mini_run.config["sizes"], mini_run.config["steps"]
+    assert [p.relative_to(logs / "extract").as_posix() for p in extract_logs] == sorted(
+        f"{size}/seed0.log" for size in sizes)
+    for log in extract_logs:
+        written = re.findall(r"wrote \S+/step(\d+)\.zarr", log.read_text())
+        assert sorted(map(int, written)) == sorted(steps), log
+    assert len(list((mini_run.results / "benchmarks/extract").rglob("*.tsv"))) == len(sizes)
 
 
 def test_immediate_rerun_has_nothing_to_do(mini_run):

@@ -25,7 +25,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -270,6 +273,45 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
     write_store(ds, out, encoding=activation_encoding(result.activations.shape))
     log.info("wrote %s (loss %.4f) in %.1fs", out, result.loss, time.perf_counter() - t0)
     return Path(out)
+
+
+@dataclass(frozen=True)
+class CheckpointStep:
+    """One checkpoint of :func:`extract_checkpoints`: its model directory, training step,
+    revision name, the path of its store and, for ``gradient_protocol="paper_code"``, its
+    gradient batches (the arguments of :func:`extract_checkpoint` that differ per checkpoint).
+    """
+
+    checkpoint: Path | str
+    step: int
+    revision: str
+    out: Path | str
+    gradient_batches: Path | str | None = None
+
+
+def extract_checkpoints(checkpoints: Sequence[CheckpointStep], eval_batch: Path | str,
+                        **options: Any) -> list[Path]:
+    """:func:`extract_checkpoint` of each of ``checkpoints`` in turn, in this process.
+
+    ``options``: the keyword arguments of :func:`extract_checkpoint` that every checkpoint
+    shares (``tokens``, ``seed``, ``size``, ``model_name``, ...). Each store is the one
+    :func:`extract_checkpoint` writes for that checkpoint alone, written atomically when it is
+    finished; the first error stops the loop, the stores finished before it stay complete.
+    Returns the stores' paths, in the order given.
+    """
+    outs = [Path(c.out) for c in checkpoints]
+    repeated = sorted({str(o) for o in outs if outs.count(o) > 1})
+    if repeated:
+        raise ValueError(f"store path(s) {', '.join(repeated)} given for more than one "
+                         "checkpoint; give each checkpoint its own --out")
+    t0 = time.perf_counter()
+    for c in checkpoints:
+        extract_checkpoint(c.checkpoint, eval_batch, c.out, step=c.step, revision=c.revision,
+                           gradient_batches=c.gradient_batches, **options)
+    if len(checkpoints) > 1:
+        log.info("%d checkpoints extracted in %.1fs", len(checkpoints),
+                 time.perf_counter() - t0)
+    return outs
 
 
 def activation_encoding(shape: tuple[int, ...]) -> dict[str, dict]:
