@@ -98,7 +98,7 @@ def gradient_batches_input(wildcards):
     path = GRADIENT_BATCHES.format(
         size=wildcards.size, seed=wildcards.seed, step=wildcards.step
     )
-    return {"grad_batches": path + ".npy"}
+    return {"grad_batches": f"{path}.npy"}
 
 
 def gradient_batches_args(wildcards, input):
