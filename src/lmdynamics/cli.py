@@ -237,7 +237,7 @@ def _extract(a: argparse.Namespace) -> None:
                        gradient_protocol=ex["gradient_protocol"],
                        gradient_batches=a.gradient_batches, family=opts["family"],
                        stats=_stats_options(a, opts["conjecture"], opts["seed"]),
-                       replicate=a.replicate)
+                       replicate=a.replicate, grad_sub_batches=ex["grad_sub_batches"])
 
 
 def _reference_args(p: argparse.ArgumentParser) -> None:
