@@ -1,5 +1,5 @@
 """``lmdynamics.cli.pin_threads``: what a command on ``--threads`` sets before numpy and torch
-load (the cause and the measurement: benchmarks/RESULTS.md, "Contention")."""
+load (the cause and the measurement: docs/benchmarks/2026-12-05.md, "Contention")."""
 
 from __future__ import annotations
 

@@ -178,14 +178,14 @@ def pin_threads(threads: int | None) -> None:
     model (:data:`PINNED`). One pass alternates torch kernels (OpenMP threads) with numpy's
     LAPACK and BLAS (OpenBLAS's own pthreads); by default each runtime's idle threads spin,
     waiting for more work, while the other runtime's run, and on a machine whose cores are
-    all busy they take the cores the working threads need (benchmarks/RESULTS.md,
-    "Contention"). So (:func:`thread_environment`): ``OMP_WAIT_POLICY=PASSIVE`` (OpenMP threads
-    sleep when idle), torch's pools at ``threads`` with one inter-op thread (the passes never
-    run operators side by side), and numpy's OpenBLAS at one thread: its calls in a pass are
-    small (eigenvalues of D x D Gram matrices, fits), no faster on 2 threads alone, and with
-    2 threads beside 2 busy loops the 70m-shaped extraction with statistics slowed 4.9x
-    against 1.8x on one (RESULTS.md, "Contention, 2026-12-05"). A variable already set (by
-    the user, or by Snakemake for a job's ``threads``) is kept. ``None`` or 0 changes nothing.
+    all busy they take the cores the working threads need. So (:func:`thread_environment`):
+    ``OMP_WAIT_POLICY=PASSIVE`` (OpenMP threads sleep when idle), torch's pools at
+    ``threads`` with one inter-op thread (the passes never run operators side by side), and
+    numpy's OpenBLAS at one thread: its calls in a pass are small (eigenvalues of D x D Gram
+    matrices, fits) and gain nothing from a second thread, while a second thread's spinning
+    slows the pass on a busy machine (measurements: docs/benchmarks/2026-12-05.md,
+    "Contention"). A variable already set (by the user, or by Snakemake for a job's
+    ``threads``) is kept. ``None`` or 0 changes nothing.
     """
     os.environ.update(thread_environment(threads, os.environ))
     if not threads:

@@ -42,7 +42,7 @@ SUITE = suite_for(config)
 config["hub"] = hub_section(config, SUITE)
 # An unset family: the suite definition's (hub), GPT-NeoX (tiny).
 config["family"] = resolved_family(config)
-# Unset seeds: [0], or every replicate of a hub suite that has them (README "Seeds").
+# Unset seeds: [0], or every replicate of a hub suite that has them (docs/guide/seeds.md).
 config["seeds"] = resolved_seeds(config)
 # Warm start (lmdynamics.warm; README "Warm start"): the jobs' `lmdynamics` commands read this
 # from the environment Snakemake gives them. Unset: on for the tiny suite only.
@@ -57,7 +57,7 @@ config.update(canonical(dict(config)))
 
 RESULTS = f"results/{config['suite']}"
 SIZES = list(config["sizes"])
-# Replicate ids (README "Seeds"): every per-checkpoint path has a seed<k> level.
+# Replicate ids (docs/guide/seeds.md): every per-checkpoint path has a seed<k> level.
 SEEDS = sorted(config["seeds"])
 STEPS = sorted(config["steps"])
 FINAL_STEP = config["final_step"]
@@ -191,7 +191,7 @@ def download_revision(wildcards):
 
 
 # Where the eval batch comes from: the last training batch of the preshuffled Pile (Pythia),
-# or a local file named by eval_data (every other suite; README "Suites").
+# or a local file named by eval_data (every other suite; docs/guide/suites.md).
 EVAL_FROM_FILE = eval_from_file(config, SUITE)
 
 

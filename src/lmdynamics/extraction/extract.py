@@ -298,8 +298,8 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
 def activation_encoding(shape: tuple[int, ...]) -> dict[str, dict]:
     """Zarr encoding of a per-pair store's ``activations`` (component, layer, token, dim).
 
-    Measured (benchmarks/store_encoding.py on real tiny-suite activations; figures in
-    benchmarks/RESULTS.md), not guessed:
+    Chosen by measurement (benchmarks/store_encoding.py on real tiny-suite activations;
+    figures in docs/benchmarks/2026-11-23.md, "Store encoding"):
 
     - one chunk per (component, layer): the reduction reads one layer of one component at
       a time; chunks of a whole component read slower, quarter-layer chunks compress worse

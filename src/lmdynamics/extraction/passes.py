@@ -295,9 +295,8 @@ def default_micro_batch(device: torch.device, seq_len: int) -> int | None:
     CUDA: all (:func:`run_pass_fitting` halves it on out-of-memory). CPU: as many sequences as
     fit in :data:`CPU_MICRO_BATCH_TOKENS` tokens, at least one: the GEMMs keep thousands of
     rows, and the pass's buffers stay small enough to be reused from one micro-batch to the
-    next instead of being faulted in afresh (Pythia-70m, 8 x 2048 tokens, one pass on 2
-    cores: 8 sequences at once 48 s, 2 at a time 42 s, 1 at a time 38 s; RESULTS.md). The
-    tiny suite's 16 x 129-token batch stays one micro-batch.
+    next instead of being faulted in afresh (docs/benchmarks/2026-11-29.md). The tiny
+    suite's 16 x 129-token batch stays one micro-batch.
     """
     if device.type == "cuda":
         return None

@@ -136,7 +136,7 @@ class MCCOptions:
     decides (thresholds 0.45 / 0.95 / 0.9, ``>=``, converged *by* 10 % of training, the
     gradient reference within one component);
     ``per_quantity`` defaults to ``per_normalized`` and ``weight_threshold`` to ``relative``:
-    no trained tiny-suite weight reaches 0.95 of a random matrix's PER (README, Table 1).
+    no trained tiny-suite weight reaches 0.95 of a random matrix's PER (docs/guide/table1.md).
     """
 
     cka_threshold: float = _DEFAULTS["cka_threshold"]
