@@ -130,7 +130,7 @@ def joint_counts(a: Any, b: Any) -> tuple[int, int, int, int]:
 
 
 def relabelling_test(tables: Sequence[tuple[int, int, int, int]],
-                     alternative: str = "greater") -> RelabellingTest:
+                     alternative: str) -> RelabellingTest:
     """Exact test of association under random relabelling, from 2 x 2 tables.
 
     ``tables``: one ``(n, n_a, n_b, t)`` per stratum (:func:`joint_counts`; one Table 1 cell
@@ -140,7 +140,7 @@ def relabelling_test(tables: Sequence[tuple[int, int, int, int]],
     one-class margin) are left out; p-values are exact rationals rounded once to float.
     Raises ValueError on counts no labeling has.
 
-    >>> t = relabelling_test([joint_counts([1, 0, 0, 0], [1, 0, 0, 0])])
+    >>> t = relabelling_test([joint_counts([1, 0, 0, 0], [1, 0, 0, 0])], "greater")
     >>> t.p_value, t.min_p_value, t.n_relabellings
     (0.25, 0.25, 4)
     """
