@@ -233,7 +233,7 @@ def _extract(a: argparse.Namespace) -> None:
                         attention_implementation=ex["attention_implementation"],
                         gradient_protocol=ex["gradient_protocol"], family=opts["family"],
                         stats=_stats_options(a, opts["conjecture"], opts["seed"]),
-                        replicate=a.replicate)
+                        replicate=a.replicate, grad_sub_batches=ex["grad_sub_batches"])
 
 
 def _reference_args(p: argparse.ArgumentParser) -> None:
