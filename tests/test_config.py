@@ -325,7 +325,7 @@ def test_unset_seeds_are_every_replicate_of_the_suite_and_others_are_refused():
         [21, 49]
     config = {**copy.deepcopy(PYTHIA), "suite": "mistral-gpt2", "sizes": ["small"],
               "steps": [0, 400000], "final_step": 400000, "seeds": [21, 22],
-              "eval_data": {"path": "tokens.npy"}}
+              "eval_data": {"path": "tokens.npy", "seq_len": 1024}}
     for key in ("repo", "revision", "dataset"):
         config["hub"].pop(key, None)
     with pytest.raises(ConfigError) as info:

@@ -268,7 +268,7 @@ def semantic_errors(config: Mapping[str, Any]) -> list[str]:
         except SuiteError as exc:
             return [f"config key 'suite_file': {' '.join(str(exc).split())}"]
         known = list(suite.sizes)
-        errors += eval_data_errors(config, suite)
+        errors += eval_data_errors(config, suite) + context_errors(config, suite)
     for size in config["sizes"]:
         if size not in known:
             errors.append(f"config key 'sizes': {size!r} is not a known size for source "
@@ -340,6 +340,22 @@ def eval_data_errors(config: Mapping[str, Any], suite) -> list[str]:
     return errors
 
 
+def context_errors(config: Mapping[str, Any], suite) -> list[str]:
+    """An eval file's ``seq_len`` beyond the learned position embedding (``context``) of a
+    configured size: the model has no position for the later tokens."""
+    if not eval_from_file(config, suite):
+        return []
+    seq_len = (config.get("eval_data") or {}).get("seq_len", pythia.SEQUENCE_TOKENS)
+    limits = {s: suite.sizes[s].context for s in config["sizes"]
+              if s in suite.sizes and suite.sizes[s].context is not None}
+    if limits and seq_len > min(limits.values()):
+        size = min(limits, key=limits.get)
+        return [f"config key 'eval_data.seq_len': {seq_len} tokens exceed the {limits[size]} "
+                f"positions of size {size!r} of suite {suite.name!r}; allowed: "
+                f"eval_data.seq_len <= {limits[size]}"]
+    return []
+
+
 def eval_sequences(config: Mapping[str, Any]) -> int:
     """Number of sequences in the eval batch the config feeds to extraction."""
     if config["source"] == "tiny":
@@ -407,8 +423,11 @@ def check_config(config: Mapping[str, Any], schema: Mapping[str, Any] | Path | s
     """
     if not isinstance(schema, Mapping):
         schema = yaml.safe_load(Path(schema).read_text())
+    file_errors = config_file_errors(files)
+    if too_large := config_size_errors(config):  # nothing else walks a file's alias bomb
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(file_errors + too_large))
     nonfinite = nonfinite_errors(config)
-    errors = [*config_file_errors(files), *nonfinite]
+    errors = [*file_errors, *nonfinite]
     if not any("levels deep" in e for e in nonfinite):
         named = {e.split(":")[0] for e in nonfinite}  # "config key 'x'": reported once
         errors += [f"config key '{key}': {why}" for key, why in REMOVED_KEYS.items()
@@ -419,7 +438,7 @@ def check_config(config: Mapping[str, Any], schema: Mapping[str, Any] | Path | s
         errors = semantic_errors(config)
     if not errors:
         errors = (model_spec_errors(config) + hub_errors(config) + family_errors(config)
-                  + seed_errors(config))
+                  + (seed_errors(config) or repo_collision_errors(config)))
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
 
@@ -525,7 +544,7 @@ def hub_errors(config: Mapping[str, Any]) -> list[str]:
                                    "a branch, tag or commit name of letters, digits, '_', '.', "
                                    "'+', '-', '/' (no '..', no leading or doubled '/')")
     if "dataset" in hub and not (REPO_ID_PATTERN.fullmatch(hub["dataset"])
-                                 and ".." not in hub["dataset"]):
+                                 and ".." not in hub["dataset"] and "--" not in hub["dataset"]):
         errors.append(f"config key 'hub.dataset': {hub['dataset']!r} is not a dataset repo id; "
                       f"allowed: {repo_rule}")
     return errors
@@ -577,13 +596,44 @@ def seed_errors(config: Mapping[str, Any]) -> list[str]:
     return errors
 
 
+def repo_collision_errors(config: Mapping[str, Any]) -> list[str]:
+    """Two (size, seed) pairs of a hub config whose repos are one (``hub.repo`` or the suite
+    definition's): their replicates would be the same checkpoints, counted twice."""
+    from lmdynamics.sources.suites import SuiteError
+
+    if config.get("source") != "hub":
+        return []
+    try:
+        suite, seeds = suite_for(config), resolved_seeds(config)
+    except SuiteError:  # a broken suite file: its own one-line error, raised by suite_for
+        return []
+    owners: dict[str, str] = {}
+    for size in config["sizes"]:
+        for seed in seeds:
+            try:
+                name = hub_repo(config, suite, size, seed if len(seeds) > 1 else None)
+            except (SuiteError, KeyError, IndexError, ValueError):
+                return []  # reported by hub_errors / seed_errors
+            here = f"size {size!r} seed {seed}"
+            if name in owners:
+                return [f"config key 'seeds': {owners[name]} and {here} both download the "
+                        f"repo {name!r}, two replicates of the same checkpoints; allowed: "
+                        "seeds and sizes whose repos differ (hub.repo with {seed} and {size})"]
+            owners[name] = here
+    return []
+
+
 def load_config(path: Path | str, schema: Path | str) -> dict[str, Any]:
     """Read a YAML config file and check it (used by tests and the ``plan`` command)."""
-    text = Path(path).read_text()
+    text = read_text_bounded(path, "config file")
     try:  # as Snakemake reads it: JSON first, then YAML
         config = json.loads(text)
     except ValueError:
-        config = yaml.safe_load(text)
+        try:
+            config = yaml.safe_load(text)
+        except yaml.YAMLError:  # a tag the safe loader refuses, or not YAML: say which line
+            raise ConfigError("invalid configuration:\n  " + "\n  ".join(
+                f"config file {path}, {e}" for e in yaml_errors(text))) from None
     check_config(config, schema, files=[path])
     return config
 
@@ -597,7 +647,11 @@ def config_file_errors(files: Iterable[Path | str]) -> list[str]:
         if path in seen or not path.is_file():
             continue
         seen.add(path)
-        text = path.read_text()
+        try:
+            text = read_text_bounded(path, "config file")
+        except ConfigError as exc:
+            errors.append(str(exc))
+            continue
         problems = json_errors(text)
         if problems is None:  # not JSON: YAML
             problems = yaml_errors(text)
@@ -636,6 +690,9 @@ def yaml_errors(text: str) -> list[str]:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
         return [f"not valid YAML: {' '.join(str(exc).split())}"]
+    unsafe = unsafe_node_errors(root)
+    if unsafe:  # nothing else is read from such a document
+        return unsafe
     errors: list[str] = []
     visited: set[int] = set()
     stack: list[tuple[yaml.Node | None, tuple]] = [(root, ())]
@@ -663,6 +720,98 @@ def yaml_errors(text: str) -> list[str]:
             errors.append(f"{line}: config key '{_key(path)}': {node.value} is read by YAML 1.1 "
                           f"as {read!r}; allowed: a plain decimal number (or quote it)")
     return sorted(errors, key=lambda e: int(e.split()[1].rstrip(":")))
+
+
+#: Most bytes read from a config or suite definition file (each is a few kB).
+MAX_FILE_BYTES = 4_000_000
+
+
+def read_text_bounded(path: Path | str, what: str, limit: int = MAX_FILE_BYTES) -> str:
+    """The UTF-8 text of a regular file of at most ``limit`` bytes; anything else (a device
+    such as /dev/zero, a FIFO, a folder, a larger file, not UTF-8) raises :class:`ConfigError`,
+    one line naming ``what`` and the path. At most ``limit + 1`` bytes are ever read."""
+    import stat
+
+    try:
+        mode = Path(path).stat().st_mode
+        if not stat.S_ISREG(mode):
+            raise ConfigError(f"{what} {path}: not a regular file; give the path of a YAML "
+                              "file")
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: cannot be read ({type(exc).__name__}: "
+                          f"{exc.strerror or exc}); give the path of a YAML file") from None
+    if len(data) > limit:
+        raise ConfigError(f"{what} {path}: larger than {limit} bytes; allowed: a YAML file of "
+                          f"at most {limit} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {path}: not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                          "give a YAML file") from None
+
+
+#: Most values a YAML document may hold once its aliases are expanded (a config or a suite
+#: definition holds a few thousand; an alias bomb of a few hundred bytes, billions).
+MAX_YAML_VALUES = 1_000_000
+
+
+def unsafe_node_errors(root: yaml.Node | None) -> list[str]:
+    """Tags the safe loader cannot build (``!!python/object/apply:...``) and aliases that
+    expand the document beyond :data:`MAX_YAML_VALUES` values, one message each.
+
+    Works on the composed node graph: each node is visited once and its expanded size is
+    summed from its children's, so the check itself is bounded by the document's length."""
+    if root is None:
+        return []
+    errors: list[str] = []
+    size: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        if id(node) in size:
+            continue
+        children = ([n for pair in node.value for n in pair]
+                    if isinstance(node, yaml.MappingNode) else
+                    list(node.value) if isinstance(node, yaml.SequenceNode) else [])
+        if not done:
+            if node.tag not in yaml.SafeLoader.yaml_constructors:
+                errors.append(f"line {node.start_mark.line + 1}: the tag {_show(node.tag)} is "
+                              "not allowed; allowed: plain YAML values (mappings, lists, "
+                              "strings, numbers, booleans, null), no tags")
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if id(c) not in size)
+        else:
+            size[id(node)] = min(1 + sum(size.get(id(c), 1) for c in children),
+                                 MAX_YAML_VALUES + 1)
+    if size.get(id(root), 0) > MAX_YAML_VALUES:
+        errors.append(f"line {root.start_mark.line + 1}: its aliases (*name) expand the "
+                      f"document to more than {MAX_YAML_VALUES} values; allowed: at most "
+                      f"{MAX_YAML_VALUES} (write the values out, or use fewer aliases)")
+    return sorted(set(errors), key=lambda e: int(e.split()[1].rstrip(":")))
+
+
+#: Most values a config may hold (walked by the checks below; a list of 10,000 steps is far
+#: below it).
+MAX_CONFIG_VALUES = 200_000
+
+
+def config_size_errors(config: Any) -> list[str]:
+    """A config holding more than :data:`MAX_CONFIG_VALUES` values (aliases of a YAML file
+    that Snakemake expanded, or a generated config); the walk stops at the bound."""
+    count, stack = 0, [((), config)]
+    while stack:
+        path, value = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            return [f"config key '{_key(path[:1])}': more than {MAX_CONFIG_VALUES} values "
+                    f"(aliases of a YAML file?); allowed: at most {MAX_CONFIG_VALUES}"]
+        if isinstance(value, Mapping):
+            stack.extend(((*path, k), v) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend(((*path, i), v) for i, v in enumerate(value))
+    return []
 
 
 def canonical(value: Any) -> Any:

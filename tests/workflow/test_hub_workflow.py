@@ -126,7 +126,8 @@ SUITE_RUNS = {
                  "final_step": 452000, "eval_data": {"path": "tokens.npy"}}, 3),
     "mistral-gpt2": ({"suite": "mistral-gpt2", "sizes": ["small", "medium"],
                       "steps": [0, 10, 100, 1000, 2000, 20000, 100000, 400000],
-                      "final_step": 400000, "eval_data": {"path": "tokens.npy"}}, 2 * 8 * 5),
+                      "final_step": 400000,
+                      "eval_data": {"path": "tokens.npy", "seq_len": 1024}}, 2 * 8 * 5),
 }
 
 
