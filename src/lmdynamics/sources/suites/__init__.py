@@ -148,7 +148,7 @@ class Suite:
         ``tokens_unit`` when the suite has one, else step x ``tokens_per_step`` when
         documented, else ``None``."""
         if self.discover and "tokens" in self.pattern.groupindex:
-            m = self.pattern.fullmatch(ref) if _step_of(self.pattern, ref) is not None else None
+            m = self.pattern.fullmatch(ref) if step_of(self.pattern, ref) is not None else None
             if m and len(m.group("tokens")) <= MAX_STEP_DIGITS:
                 return int(m.group("tokens")) * int(self.revisions.get("tokens_unit", 1))
         m = self.step_refs([ref])
@@ -162,7 +162,7 @@ def step_refs(names: Iterable[str], pattern: re.Pattern, label: str = "") -> dic
     group read as an integer); two branches of one step raise :class:`SuiteError`."""
     found: dict[int, str] = {}
     for name in names:
-        step = _step_of(pattern, name)
+        step = step_of(pattern, name)
         if step is None:
             continue
         if step in found and found[step] != name:
@@ -214,7 +214,7 @@ def compile_pattern(pattern: str) -> re.Pattern:
     return re.compile(pattern, re.ASCII)
 
 
-def _step_of(pattern: re.Pattern, name: object) -> int | None:
+def step_of(pattern: re.Pattern, name: object) -> int | None:
     """The step ``pattern`` reads from branch ``name``; None when it does not match in full,
     or the name is not a string, longer than :data:`MAX_BRANCH_NAME`, or its step has more
     than :data:`MAX_STEP_DIGITS` digits or any but ASCII digits."""
