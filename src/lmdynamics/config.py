@@ -135,6 +135,9 @@ def schema_errors(config: Mapping[str, Any], schema: Mapping[str, Any]) -> list[
     validator = _Validator(schema)
     messages = []
     for err in sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.path))):
+        while err.validator in ("oneOf", "anyOf") and err.context:  # the deepest branch's
+            err = max(err.context, key=lambda e: len(e.relative_path))
+        err.path = err.absolute_path
         if err.validator == "additionalProperties":
             known = set(err.schema.get("properties", {}))
             unknown = [k for k in err.instance if k not in known]

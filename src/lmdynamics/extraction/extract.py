@@ -69,7 +69,12 @@ from lmdynamics.sources.checkpoints import (
     read_model_config,
     weights_sha256,
 )
-from lmdynamics.sources.revision import discard_corrupt_download, revision_attrs
+from lmdynamics.sources.revision import (
+    WeightsMismatchError,
+    config_attrs,
+    discard_corrupt_download,
+    verified_revision_attrs,
+)
 from lmdynamics.store import load_token_array, write_store
 
 log = logging.getLogger(__name__)
@@ -222,6 +227,11 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
                          "batches of steps c-5 and c-4 (--gradient-batches); none was given")
     refs = (ReferenceStore(stats.reference, size=size, top_k=stats.top_k)
             if stats is not None else None)
+    weights_sha = weights_sha256(checkpoint)
+    try:  # before the model is loaded: weights that are not the download's never count
+        hub_attrs = verified_revision_attrs(checkpoint, weights_sha)
+    except WeightsMismatchError as exc:
+        raise discard_corrupt_download(checkpoint, exc) from exc
     try:
         model = load_model(checkpoint, dtype=DTYPES[dtype], device=dev,
                            attention=attention_implementation, family=fam.name)
@@ -264,9 +274,9 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
         "hidden_size": cfg.hidden_size, "num_attention_heads": cfg.num_attention_heads,
         "intermediate_size": fam.dims(cfg.to_dict())["intermediate_size"],
         "num_layers": cfg.num_hidden_layers,
-        "n_params": n_parameters(model), "weights_sha256": weights_sha256(checkpoint),
+        "n_params": n_parameters(model), "weights_sha256": weights_sha,
         "eval_batch_shape": list(batch.shape), "token_seed": seed,
-        "sampling_protocol": sampling, **revision_attrs(checkpoint),
+        "sampling_protocol": sampling, **hub_attrs, **config_attrs(checkpoint),
         "eval_batch_sha256": hashlib.sha256(
             np.ascontiguousarray(batch_array, dtype=np.int64).tobytes()).hexdigest(),
         "attention_activation": attention_activation, "gradient_protocol": gradient_protocol,

@@ -201,7 +201,8 @@ def pattern_error(pattern: str) -> str | None:
         return (f"{pattern!r} holds regular-expression syntax besides its groups; allowed: "
                 f"literal branch-name text (letters, digits, '_', '-', '/', and '\\.' or "
                 f"'\\+' for a dot or plus) around {PATTERN_GROUPS['step']} and optionally "
-                f"{PATTERN_GROUPS['tokens']}, e.g. 'step(?P<step>[0-9]+)-tokens(?P<tokens>[0-9]+)B'")
+                f"{PATTERN_GROUPS['tokens']}, e.g. "
+                "'step(?P<step>[0-9]+)-tokens(?P<tokens>[0-9]+)B'")
     return None
 
 
