@@ -303,6 +303,15 @@ def test_damaged_npy_files_are_one_line(kind, expected, tmp_path):
             expected)
 
 
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero"])
+def test_an_eval_file_that_is_no_regular_file_is_one_line(kind, tmp_path):
+    path = tmp_path / "t.npy" if kind == "fifo" else Path("/dev/zero")
+    if kind == "fifo":
+        os.mkfifo(path)
+    refused("eval data", lambda: eval_batch(path, sequences=2, seq_len=8), EvalDataError,
+            f"eval_data.path {path}: not a regular file")
+
+
 def test_uint32_tokens_read_as_uint16_are_refused(tmp_path):
     ids = np.arange(1, 5000, dtype="<u4") % 50000
     ids.tofile(tmp_path / "t.bin")

@@ -162,7 +162,8 @@ def eval_batch(path: Path | str, *, sequences: int, seq_len: int, vocab: int | N
     """The eval batch ``(sequences, seq_len)`` int64 from ``path`` (see the module doc)."""
     path = Path(path)
     if not path.is_file():
-        raise EvalDataError(f"eval_data.path {path}: no such file; give a local .npy, .bin or "
+        what = "not a regular file" if path.exists() else "no such file"
+        raise EvalDataError(f"eval_data.path {path}: {what}; give a local .npy, .bin or "
                             "text file")
     kind = file_format(path)
     if kind == "npy":
