@@ -8,6 +8,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from lmdynamics.sources.checkpoints import CorruptCheckpointError, weights_path
+
 #: Name of the record inside a checkpoint directory.
 REVISION_FILE = "revision.json"
 
@@ -43,7 +45,7 @@ def discard_corrupt_download(checkpoint: Path | str, exc: Exception) -> Exceptio
                      "downloads them again")
 
 
-class WeightsMismatchError(ValueError):
+class WeightsMismatchError(CorruptCheckpointError):
     """A checkpoint's weights are not the ones its ``revision.json`` records."""
 
 
@@ -61,7 +63,7 @@ def verified_revision_attrs(checkpoint: Path | str, weights_sha256: str) -> dict
                                    f"{exc})") from None
     if attrs and attrs["hub_weights_sha256"] != weights_sha256:
         raise WeightsMismatchError(
-            f"{Path(checkpoint)}: the weights' sha256 is {weights_sha256}, {path} records "
+            f"{weights_path(checkpoint)}: sha256 {weights_sha256}, {path} records "
             f"{attrs['hub_weights_sha256']} for {attrs['hub_repo']}@{attrs['revision']}: the "
             "weights changed after the download")
     return attrs
