@@ -14,9 +14,10 @@ from hypothesis import strategies as st
 
 from conftest import REPO, copy_workflow, snakemake
 from lmdynamics.config import ConfigError, check_config, load_config
+from lmdynamics.options import schema_path
 from lmdynamics.sources.schedule import checkpoint_schedule, nearest_step, pythia_schedule
 
-SCHEMA = REPO / "workflow/schemas/config.schema.yaml"
+SCHEMA = schema_path()
 TINY = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
 
 

@@ -42,8 +42,9 @@ from lmdynamics.config import (
     load_config,
     yaml_errors,
 )
+from lmdynamics.options import schema_path
 
-SCHEMA_PATH = REPO / "workflow/schemas/config.schema.yaml"
+SCHEMA_PATH = schema_path()
 TINY = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
 PYTHIA = yaml.safe_load((REPO / "config/config.yaml").read_text())
 # Small job lists: the dry runs below stay cheap.

@@ -307,7 +307,7 @@ def _options_arg(p: argparse.ArgumentParser, *sections: str) -> None:
     p.add_argument("--options", default=None, metavar="JSON|FILE",
                    help=f"config sections {', '.join(sections)} as one JSON object, inline or "
                         "in a file, e.g. '{\"%s\": {...}}'; unset keys take the defaults of "
-                        "workflow/schemas/config.schema.yaml" % sections[0])
+                        "lmdynamics/schemas/config.schema.yaml" % sections[0])
     p.set_defaults(option_sections=sections)
 
 
@@ -589,8 +589,8 @@ def _audit(a: argparse.Namespace) -> None:
 
 def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--configfile", type=Path, default=Path("config/config.yaml"))
-    p.add_argument("--schema", type=Path,
-                   default=Path("workflow/schemas/config.schema.yaml"))
+    p.add_argument("--schema", type=Path, default=None,
+                   help="config schema (default: the package's, lmdynamics/schemas/)")
     p.add_argument("--offline", action="store_true",
                    help="estimate downloads from parameter counts (also with HF_HUB_OFFLINE=1)")
     p.add_argument("--tflops", type=float, default=None,

@@ -1,6 +1,6 @@
 """Checks of a workflow configuration, run before any job.
 
-The JSON schema (``workflow/schemas/config.schema.yaml``) states types, ranges and enums;
+The JSON schema (``lmdynamics/schemas/config.schema.yaml``) states types, ranges and enums;
 :func:`check_config` reports its violations one per line as ``key: value — what is allowed``
 and adds the checks a schema cannot express (steps in the suite's schedule, sizes known to
 the source, the final step among the steps, enough eval tokens).
@@ -577,13 +577,18 @@ def seed_errors(config: Mapping[str, Any]) -> list[str]:
     return errors
 
 
-def load_config(path: Path | str, schema: Path | str) -> dict[str, Any]:
-    """Read a YAML config file and check it (used by tests and the ``plan`` command)."""
+def load_config(path: Path | str, schema: Path | str | None = None) -> dict[str, Any]:
+    """Read a YAML config file and check it against ``schema`` (default: the package's config
+    schema, :func:`lmdynamics.options.schema`); used by tests and the ``plan`` command."""
     text = Path(path).read_text()
     try:  # as Snakemake reads it: JSON first, then YAML
         config = json.loads(text)
     except ValueError:
         config = yaml.safe_load(text)
+    if schema is None:
+        from lmdynamics.options import schema as package_schema
+
+        schema = package_schema()
     check_config(config, schema, files=[path])
     return config
 

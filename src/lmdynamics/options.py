@@ -1,8 +1,9 @@
 """One source of truth from the config to the code: a job's options are one config section.
 
-The workflow's JSON schema (``workflow/schemas/config.schema.yaml``) is the only place where a
-config option, its type, its allowed values and its default are written down. This module
-reads it once and gives the rest of the package:
+The package's JSON schema (``lmdynamics/schemas/config.schema.yaml``, package data) is the only
+place where a config option, its type, its allowed values and its default are written down.
+This module reads it once and gives the rest of the package (and the workflow, whose
+``common.smk`` validates the config against the same file, :func:`schema_path`):
 
 - :func:`defaults`: the schema's defaults of a section (nested sections as dicts), which the
   typed options classes (:class:`lmdynamics.report.tables.MCCOptions`,
@@ -17,14 +18,17 @@ reads it once and gives the rest of the package:
   of a ``.json`` file; what it leaves out takes the schema's default. So a rule hands its job
   the options in one piece, and adding an option is one schema entry plus the code using it.
 
-The schema is found beside the package in the source tree (``src/lmdynamics`` ->
-``workflow/schemas``): lmdynamics is installed from its repository (``pip install -e .``).
+The schemas are read with :mod:`importlib.resources`, so an installed wheel reads them as a
+source checkout does.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import copy
 import functools
+import importlib.resources
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -32,19 +36,25 @@ from typing import Any
 
 import yaml
 
-#: The workflow's config schema (``common.smk`` validates the config against the same file).
-SCHEMA_FILE = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+#: The schemas shipped with the package: ``<name>.schema.yaml`` for ``name`` in
+#: ``config`` (the workflow config) and ``interventions`` (its ``interventions`` section).
+SCHEMAS = importlib.resources.files("lmdynamics") / "schemas"
+_FILES = contextlib.ExitStack()
+atexit.register(_FILES.close)
+
+
+def schema_path(name: str = "config") -> Path:
+    """A file-system path of the package's schema ``name`` (for readers that take a path,
+    such as Snakemake's ``validate``); valid until the process exits."""
+    return _FILES.enter_context(importlib.resources.as_file(SCHEMAS / f"{name}.schema.yaml"))
 
 
 @functools.cache
-def schema() -> dict[str, Any]:
-    """The config schema, parsed once per process."""
-    if not SCHEMA_FILE.is_file():
-        raise FileNotFoundError(f"{SCHEMA_FILE}: the config schema is missing; lmdynamics reads "
-                                "it from its source tree: install with `pip install -e .` from "
-                                "the repository")
+def schema(name: str = "config") -> dict[str, Any]:
+    """The package's schema ``name`` (default: the config schema), parsed once per process."""
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: ~10x faster
-    return yaml.load(SCHEMA_FILE.read_text(), Loader=loader)  # noqa: S506 (a safe loader)
+    text = (SCHEMAS / f"{name}.schema.yaml").read_text(encoding="utf-8")
+    return yaml.load(text, Loader=loader)  # noqa: S506 (a safe loader)
 
 
 def _resolve_ref(node: Mapping[str, Any]) -> dict[str, Any]:

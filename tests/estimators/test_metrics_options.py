@@ -12,8 +12,9 @@ import yaml
 
 from conftest import REPO, copy_workflow, snakemake
 from lmdynamics.config import ConfigError, check_config, load_config
+from lmdynamics.options import schema_path
 
-SCHEMA = REPO / "workflow/schemas/config.schema.yaml"
+SCHEMA = schema_path()
 TINY = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
 PAPER_OPTIONS = {
     "metrics": {"per_divisor": "head_dim", "per_truncate": True, "cka_estimator": "biased",

@@ -12,10 +12,11 @@ from conftest import REPO
 from hub_server import HubServer, add_pythia, checkpoint_files, use_endpoint
 from lmdynamics.cli import run
 from lmdynamics.config import ConfigError, check_config
+from lmdynamics.options import schema_path
 from lmdynamics.sources import plan as pl
 from lmdynamics.sources.suites import Shape, load_suite
 
-SCHEMA = REPO / "workflow/schemas/config.schema.yaml"
+SCHEMA = schema_path()
 PYTHIA = yaml.safe_load((REPO / "config/config.yaml").read_text())
 TINY = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
 
