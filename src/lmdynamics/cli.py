@@ -18,23 +18,11 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+# The intervention study's subcommands register themselves on COMMANDS when imported.
+from lmdynamics.commands import COMMANDS, PINNED, command
+from lmdynamics.interventions import cli as interventions_cli  # noqa: F401
+
 log = logging.getLogger("lmdynamics")
-
-COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable]] = {}
-#: Subcommands that run a model: :func:`pin_threads` on their ``--threads`` before they import.
-PINNED: set[str] = set()
-
-
-def command(name: str, add_arguments: Callable[[argparse.ArgumentParser], None], *,
-            threads: bool = False):
-    """Register ``func(args)`` as subcommand ``name``; ``threads``: it has ``--threads`` and
-    runs a model, so :func:`run_command` pins its threads before it starts."""
-    def wrap(func: Callable[[argparse.Namespace], None]):
-        COMMANDS[name] = (add_arguments, func)
-        if threads:
-            PINNED.add(name)
-        return func
-    return wrap
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
@@ -603,7 +591,7 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
 def _plan(a: argparse.Namespace) -> None:
     """Print, per size, bytes to download, bytes of the stores and compute, before a run."""
     from lmdynamics.config import load_config
-    from lmdynamics.sources.plan import (
+    from lmdynamics.plan import (
         DEFAULT_DOWNLOAD_MB_S,
         DEFAULT_TFLOPS,
         format_plan,
@@ -693,12 +681,9 @@ def one_line(exc: BaseException) -> str:
     return f"{head} {'; '.join(rest)}" if head.endswith(":") and rest else "; ".join(lines)
 
 
-# Subcommands of the intervention study (lmdynamics.interventions) register themselves.
-from lmdynamics.interventions import cli as interventions_cli  # noqa: E402,F401
-
 if __name__ == "__main__":
-    # `python -m lmdynamics.cli` runs this file as __main__, a second copy of the module: the
-    # commands register on the package's lmdynamics.cli, so run that one's main.
+    # `python -m lmdynamics.cli` runs this file as __main__, a second copy of the module: run
+    # the package's lmdynamics.cli (the one tests and the rest of the package patch and use).
     from lmdynamics.cli import main as _main
 
     raise SystemExit(_main())

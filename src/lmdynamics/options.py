@@ -109,7 +109,7 @@ def resolve(section: str, given: Any = None) -> Any:
     """``given`` (config section ``section``, or a subset of it) checked against the schema,
     with the schema's defaults filled in. Raises ValueError listing every bad key as
     ``section.key: value — what is allowed``."""
-    from lmdynamics.config import schema_errors
+    from lmdynamics.validation import schema_errors
 
     node = section_schema(section)
     is_object = node.get("type") == "object"

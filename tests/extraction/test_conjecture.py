@@ -14,7 +14,7 @@ import torch
 import xarray as xr
 
 from lmdynamics.config import conjecture_errors
-from lmdynamics.extraction.conjecture import ReferenceWeights, ResidualRecorder, StatsOptions
+from lmdynamics.extraction.conjecture import ResidualRecorder, StatsOptions
 from lmdynamics.extraction.extract import extract_checkpoint, sample_token_positions
 from lmdynamics.extraction.names import param_key, param_parts, param_sort_key
 from lmdynamics.extraction.passes import run_pass
@@ -23,7 +23,7 @@ from lmdynamics.extraction.stats import Moments
 from lmdynamics.reduction.stats import STAT_VARIABLES, combine_stats, reduce_stats
 from lmdynamics.report import conjecture as conjecture_figures
 from lmdynamics.sources import tiny
-from lmdynamics.sources.checkpoints import CheckpointMismatchError, load_model
+from lmdynamics.sources.checkpoints import CheckpointMismatchError, ReferenceWeights, load_model
 from lmdynamics.store import IncompleteStoreError, open_store, write_array_atomic
 
 SPECS = {"a": {"hidden_size": 16, "num_layers": 2, "num_heads": 2},

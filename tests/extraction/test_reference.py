@@ -18,9 +18,7 @@ from lmdynamics import cli
 from lmdynamics.extraction.conjecture import (
     CIRCUITS,
     PARAM_STATS,
-    ReferenceWeights,
     StatsOptions,
-    circuit_directions,
 )
 from lmdynamics.extraction.extract import extract_checkpoint
 from lmdynamics.extraction.names import param_key
@@ -29,10 +27,14 @@ from lmdynamics.extraction.reference import (
     ReferenceStore,
     build_reference,
 )
-from lmdynamics.extraction.stats import compare_to_reference, direction_closeness
+from lmdynamics.extraction.stats import (
+    circuit_directions,
+    compare_to_reference,
+    direction_closeness,
+)
 from lmdynamics.families import get as get_family
 from lmdynamics.sources import tiny
-from lmdynamics.sources.checkpoints import load_model, weights_sha256
+from lmdynamics.sources.checkpoints import ReferenceWeights, load_model, weights_sha256
 from lmdynamics.store import IncompleteStoreError, open_store, write_array_atomic
 
 GPT_NEOX = get_family("gpt_neox")

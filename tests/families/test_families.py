@@ -20,9 +20,12 @@ import yaml
 from family_files import BUILDERS, FAMILY, HIDDEN, LAYERS, write_checkpoint
 from lmdynamics import families
 from lmdynamics.extraction import passes as ps
-from lmdynamics.extraction.conjecture import circuit_directions
 from lmdynamics.extraction.names import param_key, param_sort_key
-from lmdynamics.extraction.stats import direction_closeness, top_left_singular_vectors
+from lmdynamics.extraction.stats import (
+    circuit_directions,
+    direction_closeness,
+    top_left_singular_vectors,
+)
 from lmdynamics.families.gpt2 import GPT2
 from lmdynamics.options import schema_path
 from lmdynamics.sources import checkpoints as ck

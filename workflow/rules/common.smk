@@ -20,7 +20,7 @@ from lmdynamics.config import (
     suite_vocab,
 )
 from lmdynamics.options import job_options, schema_path
-from lmdynamics.sources.plan import parameters
+from lmdynamics.plan import parameters
 from lmdynamics.report.registry import REPORT_CATEGORIES, STATS_FIGURES, paper_figures
 
 # The config schema is package data of lmdynamics (lmdynamics/schemas/config.schema.yaml).

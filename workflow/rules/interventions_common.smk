@@ -1,7 +1,7 @@
 # Configuration checks and input functions of the intervention study (interventions.smk).
 import json
 
-from lmdynamics.config import ConfigError, schema_errors
+from lmdynamics.validation import ConfigError, schema_errors
 from lmdynamics.interventions.study import TINY_TOKENS, run_section, section_errors
 from lmdynamics.options import schema as package_schema
 from lmdynamics.options import schema_path

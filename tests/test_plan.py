@@ -10,10 +10,10 @@ import yaml
 
 from conftest import REPO
 from hub_server import HubServer, add_pythia, checkpoint_files, use_endpoint
+from lmdynamics import plan as pl
 from lmdynamics.cli import run
 from lmdynamics.config import ConfigError, check_config
 from lmdynamics.options import schema_path
-from lmdynamics.sources import plan as pl
 from lmdynamics.sources.suites import Shape, load_suite
 
 SCHEMA = schema_path()
