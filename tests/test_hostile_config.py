@@ -32,11 +32,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import REPO, copy_workflow, snakemake
 from lmdynamics import cli
 from lmdynamics.config import ConfigError, check_config, load_config
 from lmdynamics.options import schema_path
 from lmdynamics.validation import LABEL_PATTERN, PATTERN_HINTS, yaml_errors
+from support.workflow import REPO, copy_workflow, snakemake
 
 SCHEMA_PATH = schema_path()
 TINY = yaml.safe_load((REPO / "config/tiny.yaml").read_text())

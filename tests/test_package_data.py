@@ -18,7 +18,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from conftest import REPO
+from support.workflow import REPO
 
 SRC = REPO / "src"
 

@@ -175,7 +175,7 @@ def test_residual_recorder_matches_hidden_states_and_micro_batches(suite):
 def test_reference_weights_accept_pythia_names_and_name_missing_tensors(tmp_path):
     """Pythia's files name the unembedding ``embed_out``; transformers' own renaming maps
     it to today's ``lm_head`` (tests/pythia_files.py)."""
-    from pythia_files import pythia_config
+    from support.pythia_files import pythia_config
 
     (tmp_path / "config.json").write_text(json.dumps(pythia_config(16, 2, 2, 512)))
     safetensors.torch.save_file({"embed_out.weight": torch.ones(2, 2)},

@@ -203,7 +203,7 @@ def test_pythia_files_are_stored_in_float16_and_read_as_their_float32_values(tmp
     buffers, as ``pytorch_model.bin`` or ``model.safetensors`` (shared/notes/reference-facts.md;
     tests/pythia_files.py): the store keeps float16 (half the bytes of float32) and gives back
     exactly the float32 tensors ReferenceWeights reads from the files."""
-    from pythia_files import legacy_state_dict, pythia_config, torch_bytes
+    from support.pythia_files import legacy_state_dict, pythia_config, torch_bytes
 
     shape = (16, 2, 2, 64)
     for step, seed in ((0, 1), (1, 2)):

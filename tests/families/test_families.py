@@ -17,7 +17,6 @@ import pytest
 import torch
 import yaml
 
-from family_files import BUILDERS, FAMILY, HIDDEN, LAYERS, write_checkpoint
 from lmdynamics import families
 from lmdynamics.extraction import passes as ps
 from lmdynamics.extraction.names import param_key, param_sort_key
@@ -29,6 +28,7 @@ from lmdynamics.extraction.stats import (
 from lmdynamics.families.gpt2 import GPT2
 from lmdynamics.options import schema_path
 from lmdynamics.sources import checkpoints as ck
+from support.family_files import BUILDERS, FAMILY, HIDDEN, LAYERS, write_checkpoint
 
 KINDS = sorted(BUILDERS)
 
