@@ -26,3 +26,16 @@ def command(name: str, add_arguments: Callable[[argparse.ArgumentParser], None],
             PINNED.add(name)
         return func
     return wrap
+
+
+#: What a subcommand reads of the config, where it reads part of a section: ``section`` or
+#: ``section.key`` entries. Its ``--options`` argument is cut to them, and its rule builds that
+#: argument from the same list (``options.job_options(config, *READS[name])``), so changing a
+#: key it reads reruns the job and changing one it does not read does not.
+READS: dict[str, tuple[str, ...]] = {
+    "extract": ("tokens", "seed", "extraction", "sampling", "conjecture.max_elements",
+                "conjecture.top_k", "conjecture.embedding_tokens", "conjecture.spectrum_fit",
+                "family"),
+    # Only top_k shapes the reference store (the final checkpoint's top-k directions).
+    "reference": ("conjecture.top_k",),
+}

@@ -124,10 +124,33 @@ def resolve(section: str, given: Any = None) -> Any:
     return _merge(defaults(section), given) if is_object else given
 
 
-def parse(text: str | None, sections: Sequence[str]) -> dict[str, Any]:
-    """The ``--options`` argument of a job that reads config ``sections``: a JSON object
-    ``{section: value}`` inline, or the path of a file holding one (``None``: all defaults).
-    Every section is checked and completed by :func:`resolve`; other keys are refused."""
+def _heads(reads: Sequence[str]) -> list[str]:
+    """The sections of ``reads`` (``section`` or ``section.key`` entries), in order, once."""
+    return list(dict.fromkeys(entry.partition(".")[0] for entry in reads))
+
+
+def _only(chosen: dict[str, Any], reads: Sequence[str]) -> dict[str, Any]:
+    """``chosen`` ({section: value}) cut to ``reads``: a ``section.key`` entry keeps only the
+    keys of its section that ``reads`` names; a ``section`` entry keeps the whole section."""
+    keys: dict[str, set[str] | None] = {}
+    for entry in reads:
+        section, _, key = entry.partition(".")
+        if not key:
+            keys[section] = None
+        elif keys.get(section, set()) is not None:
+            keys.setdefault(section, set()).add(key)
+    return {s: chosen[s] if keys[s] is None else {k: v for k, v in chosen[s].items()
+                                                  if k in keys[s]}
+            for s in keys}
+
+
+def parse(text: str | None, reads: Sequence[str]) -> dict[str, Any]:
+    """The ``--options`` argument of a job that reads ``reads`` of the config (a ``section``,
+    or one key of it, ``section.key``): a JSON object ``{section: value}`` inline, or the path
+    of a file holding one (``None``: all defaults). Every section is checked and completed by
+    :func:`resolve`, then cut to what the job reads (so code reading a key its list lacks
+    fails); sections it does not read are refused."""
+    sections = _heads(reads)
     value: Any = {}
     if text is not None:
         stripped, source = text.strip(), "--options"
@@ -150,16 +173,14 @@ def parse(text: str | None, sections: Sequence[str]) -> dict[str, Any]:
         if unknown:
             raise ValueError(f"{source}: unknown section(s) {', '.join(unknown)}; this step "
                              "reads " + ", ".join(sections))
-    return {s: resolve(s, value.get(s)) for s in sections}
+    return _only({s: resolve(s, value.get(s)) for s in sections}, reads)
 
 
-def job_options(config: Mapping[str, Any], *sections: str, omit: Sequence[str] = ()) -> str:
-    """The ``--options`` argument a rule hands its job: ``sections`` of the validated
-    ``config`` as one JSON object, keys sorted (so reordering a config file reruns nothing).
-    ``omit``: ``section.key`` entries the job does not read, left out so that changing them
-    does not rerun it (Snakemake reruns a job whose parameters changed)."""
-    chosen = {s: config[s] for s in sections}
-    for dotted in omit:
-        section, _, key = dotted.partition(".")
-        chosen[section] = {k: v for k, v in chosen[section].items() if k != key}
+def job_options(config: Mapping[str, Any], *reads: str) -> str:
+    """The ``--options`` argument a rule hands its job: what the job reads of the validated
+    ``config`` (``section`` or ``section.key`` entries, the list its subcommand declares in
+    :data:`lmdynamics.commands.READS` or ``--options`` help) as one JSON object, keys sorted
+    (so reordering a config file reruns nothing). Snakemake reruns a job whose parameters
+    changed: a key the job reads reruns it, and a key it does not read is not there."""
+    chosen = _only({s: config[s] for s in _heads(reads)}, reads)
     return json.dumps(chosen, sort_keys=True, separators=(",", ":"))

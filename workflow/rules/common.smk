@@ -19,6 +19,7 @@ from lmdynamics.config import (
     suite_for,
     suite_vocab,
 )
+from lmdynamics.commands import READS
 from lmdynamics.options import job_options, schema_path
 from lmdynamics.plan import parameters
 from lmdynamics.report.registry import REPORT_CATEGORIES, STATS_FIGURES, paper_figures
