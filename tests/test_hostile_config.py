@@ -32,18 +32,13 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import REPO, copy_workflow, snakemake
 from lmdynamics import cli
-from lmdynamics.config import (
-    LABEL_PATTERN,
-    PATTERN_HINTS,
-    ConfigError,
-    check_config,
-    load_config,
-    yaml_errors,
-)
+from lmdynamics.config import ConfigError, check_config, load_config
+from lmdynamics.options import schema_path
+from lmdynamics.validation import LABEL_PATTERN, PATTERN_HINTS, yaml_errors
+from support.workflow import REPO, copy_workflow, snakemake
 
-SCHEMA_PATH = REPO / "workflow/schemas/config.schema.yaml"
+SCHEMA_PATH = schema_path()
 TINY = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
 PYTHIA = yaml.safe_load((REPO / "config/config.yaml").read_text())
 # Small job lists: the dry runs below stay cheap.

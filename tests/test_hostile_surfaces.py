@@ -26,10 +26,10 @@ import pytest
 import yaml
 from numpy.lib import format as npy_format
 
-from conftest import REPO
 from lmdynamics.config import ConfigError, check_config, load_config
 from lmdynamics.interventions.inputs import check_device, check_tokens, input_errors
 from lmdynamics.interventions.study import load_tokens
+from lmdynamics.options import schema_path
 from lmdynamics.sources import suites as S
 from lmdynamics.sources.eval_data import EvalDataError, eval_batch
 from lmdynamics.sources.hub import (
@@ -45,9 +45,10 @@ from lmdynamics.sources.revision import (
     verified_revision_attrs,
 )
 from lmdynamics.store import TokenArrayError, file_sha256, load_token_array
+from support.workflow import REPO
 
-SCHEMA = REPO / "workflow/schemas/config.schema.yaml"
-ISCHEMA = REPO / "workflow/schemas/interventions.schema.yaml"
+SCHEMA = schema_path()
+ISCHEMA = schema_path("interventions")
 PYTHIA = yaml.safe_load((REPO / "config/config.yaml").read_text())
 OLMO = (REPO / "src/lmdynamics/sources/suites/olmo-1b.yaml").read_text()
 MISTRAL = (REPO / "src/lmdynamics/sources/suites/mistral-gpt2.yaml").read_text()
@@ -499,8 +500,8 @@ def section_with(**changes) -> dict:
 
 
 def schema_and_section_errors(section: dict) -> list[str]:
-    from lmdynamics.config import schema_errors
     from lmdynamics.interventions.study import section_errors
+    from lmdynamics.validation import schema_errors
 
     errors = schema_errors({"interventions": section}, yaml.safe_load(ISCHEMA.read_text()))
     return errors or section_errors(section)

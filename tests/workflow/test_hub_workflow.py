@@ -18,9 +18,9 @@ import pytest
 import xarray as xr
 import yaml
 
-from conftest import copy_workflow, snakemake
-from hub_server import HubServer, add_olmo, add_pythia, token_at, use_endpoint
-from suite_files import olmo_branch
+from support.hub_server import HubServer, add_olmo, add_pythia, token_at, use_endpoint
+from support.suite_files import olmo_branch
+from support.workflow import copy_workflow, snakemake
 
 RESULTS = "results/pythia"
 STEPS = [0, 1, 512, 143000]

@@ -17,7 +17,7 @@ import pytest
 import xarray as xr
 import yaml
 
-from conftest import REPO, snakemake
+from support.workflow import REPO, snakemake
 
 TINY = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
 RESULTS = "results/tiny"

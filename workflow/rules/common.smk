@@ -19,11 +19,13 @@ from lmdynamics.config import (
     suite_for,
     suite_vocab,
 )
-from lmdynamics.options import job_options
-from lmdynamics.sources.plan import parameters
+from lmdynamics.commands import READS
+from lmdynamics.options import job_options, schema_path
+from lmdynamics.plan import parameters
 from lmdynamics.report.registry import REPORT_CATEGORIES, STATS_FIGURES, paper_figures
 
-SCHEMA = workflow.source_path("../schemas/config.schema.yaml")
+# The config schema is package data of lmdynamics (lmdynamics/schemas/config.schema.yaml).
+SCHEMA = str(schema_path("config"))
 
 # Friendly messages first (key, bad value, what is allowed), then Snakemake's validate,
 # which also fills in the schema's defaults. The config files are read again strictly

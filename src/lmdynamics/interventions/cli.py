@@ -1,5 +1,5 @@
 """``lmdynamics`` subcommands of the intervention study (registered on
-:data:`lmdynamics.cli.COMMANDS`; workflow/rules/interventions.smk calls them)."""
+:data:`lmdynamics.commands.COMMANDS`; workflow/rules/interventions.smk calls them)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from lmdynamics.cli import command
+from lmdynamics.commands import command
 
 
 def _json(text: str):

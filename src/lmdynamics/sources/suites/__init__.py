@@ -42,7 +42,7 @@ from typing import Any
 
 import yaml
 
-from lmdynamics.config import REPO_ID_PATTERN
+from lmdynamics.validation import REPO_ID_PATTERN
 
 #: Most checkpoints a definition's schedule may list (bounds the work of reading a file).
 MAX_STEPS = 100_000
@@ -258,7 +258,7 @@ def load_suite(name: str) -> Suite:
 
 def read_suite(path: Path | str) -> Suite:
     """A user's definition file."""
-    from lmdynamics.config import ConfigError, read_text_bounded
+    from lmdynamics.validation import ConfigError, read_text_bounded
 
     path = Path(path)
     try:
@@ -271,7 +271,7 @@ def read_suite(path: Path | str) -> Suite:
 def parse_suite(text: str, origin: str = "suite definition") -> Suite:
     """A definition from its YAML text, checked; :class:`SuiteError` lists every problem,
     one line each, prefixed with ``origin`` and the key."""
-    from lmdynamics.config import nonfinite_errors, schema_errors, yaml_errors
+    from lmdynamics.validation import nonfinite_errors, schema_errors, yaml_errors
 
     problems = yaml_errors(text)
     if not problems:
