@@ -22,7 +22,13 @@ from lmdynamics.config import (
 )
 from lmdynamics.options import job_options
 from lmdynamics.sources.plan import parameters
-from lmdynamics.report.registry import REPORT_CATEGORIES, STATS_FIGURES, paper_figures
+from lmdynamics.report.registry import (
+    REPORT_CATEGORIES,
+    STATS_FIGURES,
+    measure_category,
+    measure_figures,
+    paper_figures,
+)
 from lmdynamics import warm
 
 SCHEMA = workflow.source_path("../schemas/config.schema.yaml")
@@ -64,6 +70,8 @@ FINAL_STEP = config["final_step"]
 SCHEDULE = schedule_for(config)
 ENV = "../../envs/lmdynamics.yaml"
 FIGURES = paper_figures(config["metrics"]["standardize"])
+# One figure per measure turned on (config section measures; workflow/rules/measures.smk).
+MEASURE_FIGURES = measure_figures(config["measures"])
 # train_tiny's priority: 1 for the smallest size ... len(SIZES) for the largest (by parameters).
 TRAINING_PRIORITY = (
     {
@@ -242,6 +250,11 @@ def all_outputs():
     ]
     outputs += expand(
         f"{RESULTS}/figures/{{figure}}.{{ext}}", figure=FIGURES, ext=["png", "pdf"]
+    )
+    outputs += expand(
+        f"{RESULTS}/figures/measure_{{measure}}.{{ext}}",
+        measure=MEASURE_FIGURES,
+        ext=["png", "pdf"],
     )
     if CONJECTURE["enabled"]:
         outputs += expand(
