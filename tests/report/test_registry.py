@@ -20,3 +20,17 @@ def test_standardize_adds_only_the_standardized_figure():
     assert set(with_std) - set(plain) == set(registry.STANDARDIZED_FIGURES)
     assert plain == ["figure1", "figure2", "figure3", "figure4", "figure5", "figure6",
                      "cka_seed_sd"]
+
+
+def test_measure_figures_follow_the_config_and_each_has_its_category():
+    from lmdynamics.estimators.measures import MEASURES
+    from lmdynamics.options import defaults
+
+    assert registry.measure_figures(None) == list(MEASURES)  # every one on by default
+    off = {name: {"data": []} for name in MEASURES}
+    assert registry.measure_figures(off) == []
+    assert registry.measure_figures({**off, "gini": {"data": ["weights"]}}) == ["gini"]
+    assert registry.measure_figures({**off, "pwcca": {"reference": []}}) == []
+    categories = {registry.measure_category(name) for name in MEASURES}
+    assert len(categories) == len(MEASURES)  # one report category per measure
+    assert set(defaults("measures")) == set(MEASURES)

@@ -109,6 +109,23 @@ def test_pythia_config_runs_end_to_end_through_the_hub_client(tmp_path, monkeypa
         np.testing.assert_allclose(final[name].values, 1.0, atol=1e-9)
     assert pd.read_csv(results / "tables/mcc.csv").shape[0] >= 1
     assert (results / "figures/figure2.png").stat().st_size > 5000
+    # every measure on the hub path (docs/guide/measures.md): PWCCA, SVCCA, PER, condition
+    # numbers, norms, Gini and Hoyer of weights, gradients, activations and OV circuits
+    from lmdynamics.estimators.measures import MEASURES
+    from lmdynamics.reduction.measures import MeasureOptions
+
+    table = pd.read_csv(results / "metrics.csv")
+    for choice in MeasureOptions().choices:
+        assert (results / f"figures/measure_{choice.measure.name}.png").stat().st_size > 5000
+        for kind in choice.data:
+            name = choice.measure.variable(kind)
+            values = metrics[name].sel(size="70m")
+            if kind == "ov_circuit":
+                values = values.sel(component="attention")
+                assert metrics[f"{name}_heads"].sel(size="70m").notnull().all(), name
+            assert values.notnull().all() and name in table.columns, name
+    assert {c.measure.name for c in MeasureOptions().choices} == set(MEASURES)
+    np.testing.assert_allclose(final["svcca"].values, 1.0, atol=1e-9)
 
 
 # --- other suites: the dry run of every shipped definition, offline, and OLMo end to end ----

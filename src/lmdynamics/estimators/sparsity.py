@@ -36,7 +36,7 @@ import numpy as np
 
 from lmdynamics.estimators.arrays import as_float64
 
-__all__ = ["ELEMENT_STATS", "element_stats", "gini", "hoyer", "max_abs"]
+__all__ = ["ELEMENT_STATS", "element_stats", "element_stats_sorted", "gini", "hoyer", "max_abs"]
 
 #: Entries of the ``element_stat`` dimension of the per-pair stores' ``*_element_stats``.
 ELEMENT_STATS: tuple[str, ...] = ("count", "l1", "l2", "max_abs", "gini_sum")
@@ -49,12 +49,19 @@ def element_stats(x: Any) -> dict[str, float]:
     sparsity).
     """
     c = np.sort(np.abs(as_float64(x).reshape(-1)))
+    return dict(zip(ELEMENT_STATS, element_stats_sorted(c), strict=True))
+
+
+def element_stats_sorted(c: np.ndarray) -> np.ndarray:
+    """:data:`ELEMENT_STATS` (float64 array, that order) of ascending magnitudes ``c``
+    (1-D float64); all but the count NaN when one is not finite."""
     n = c.size
     if n == 0 or not np.isfinite(c).all():
-        return {"count": float(n), **{k: math.nan for k in ELEMENT_STATS[1:]}}
-    ranks = np.arange(1, n + 1, dtype=np.float64)
-    return {"count": float(n), "l1": float(c.sum()), "l2": float(np.sqrt(np.sum(c * c))),
-            "max_abs": float(c[-1]), "gini_sum": float(np.sum((2 * ranks - n - 1) * c))}
+        return np.array([float(n), *[math.nan] * (len(ELEMENT_STATS) - 1)])
+    weights = 2.0 * np.arange(1, n + 1, dtype=np.float64) - (n + 1)
+    # pairwise summation (numpy's sum), for the error bound of the module docstring
+    return np.array([float(n), float(c.sum()), float(np.sqrt(np.sum(c * c))), float(c[-1]),
+                     float(np.sum(weights * c))])
 
 
 def _stat(stats: Mapping[str, float], key: str) -> float:

@@ -127,13 +127,17 @@ class MeasureReduction:
         activations at each step (in step order); the blocks are not modified."""
         if not self.comparative:
             return
-        bases = [CenteredSVD.from_activations(b, self.unit_roundoff) for b in blocks]
         fi = self.final_index
-        pairwise = any("pairwise" in c.reference for c in self.comparative)
+        if not any("pairwise" in c.reference for c in self.comparative):
+            # against the final step only: one step's basis at a time besides the final's
+            final = CenteredSVD.from_activations(blocks[fi], self.unit_roundoff)
+            for si, block in enumerate(blocks):
+                basis = final if si == fi else CenteredSVD.from_activations(
+                    block, self.unit_roundoff)
+                self._compare(ci, layer, si, fi, ActivationPair.of(basis, final))
+            return
+        bases = [CenteredSVD.from_activations(b, self.unit_roundoff) for b in blocks]
         for si, basis in enumerate(bases):
-            if not pairwise:
-                self._compare(ci, layer, si, fi, ActivationPair.of(basis, bases[fi]))
-                continue
             for ti in range(si, len(bases)):
                 pair = ActivationPair.of(basis, bases[ti])
                 self._compare(ci, layer, si, ti, pair)
