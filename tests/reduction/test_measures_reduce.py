@@ -30,7 +30,7 @@ from lmdynamics.reduction.measures import MeasureOptions
 from lmdynamics.reduction.metrics import combine_sizes, reduce_size, tidy_metrics
 from lmdynamics.report.measures import measure_figure
 from lmdynamics.sources.tiny import eval_batch, load_corpus, train_tiny_model
-from lmdynamics.store import open_store, write_store
+from lmdynamics.store import IncompleteStoreError, open_store, write_store
 from measure_reference import (
     effective_rank_reference,
     gini_hurley_rickard,
@@ -217,7 +217,8 @@ def _old_copy(run_dir, tmp, steps) -> list:
 def test_old_stores_reduce_with_the_missing_measures_nan_and_named(run_dir, reduced, tmp_path):
     paths = _old_copy(run_dir, tmp_path, steps={0, 2})
     with pytest.warns(RuntimeWarning) as caught:
-        ds = reduce_size(paths, tmp_path / "old.zarr", final_step=FINAL)
+        ds = reduce_size(paths, tmp_path / "old.zarr", final_step=FINAL,
+                         measure_options=MeasureOptions.from_config(EVERYTHING))
     text = "\n".join(str(w.message) for w in caught)
     for variable in ("activation_singular_values", "ov_singular_values",
                      "weight_element_stats", "grad_element_stats"):
@@ -230,6 +231,16 @@ def test_old_stores_reduce_with_the_missing_measures_nan_and_named(run_dir, redu
     for name in ("cka", "cka_debiased", "per_weight", "per_grad", "pwcca", "svcca",
                  "spectral_norm_weight", "condition_number_weight"):
         np.testing.assert_allclose(ds[name], reduced[name], rtol=1e-12, err_msg=name)
+
+
+def test_a_measure_input_of_the_wrong_layout_is_refused_in_one_line(run_dir, tmp_path):
+    paths = _old_copy(run_dir, tmp_path, steps=set())
+    ds = open_store(paths[1]).load()
+    ds["ov_singular_values"] = ds["ov_singular_values"].transpose("head", "layer", "ov_k")
+    bad = tmp_path / "bad.zarr"
+    write_store(ds, bad)
+    with pytest.raises(IncompleteStoreError, match=r"bad.zarr: ov_singular_values has dims"):
+        reduce_size([paths[0], bad, paths[2]], tmp_path / "r.zarr", final_step=FINAL)
 
 
 def test_measure_options_choose_what_is_computed(run_dir, tmp_path):

@@ -24,13 +24,18 @@ def test_standardize_adds_only_the_standardized_figure():
 
 def test_measure_figures_follow_the_config_and_each_has_its_category():
     from lmdynamics.estimators.measures import MEASURES
-    from lmdynamics.options import defaults
+    from lmdynamics.options import defaults, resolve
 
-    assert registry.measure_figures(None) == list(MEASURES)  # every one on by default
+    # every one on by default but PWCCA and SVCCA (they cost more than the CKA reduction)
+    def figures(section):
+        return registry.measure_figures(resolve("measures", section))
+
+    assert figures(None) == [m for m in MEASURES if m not in ("pwcca", "svcca")]
     off = {name: {"data": []} for name in MEASURES}
-    assert registry.measure_figures(off) == []
-    assert registry.measure_figures({**off, "gini": {"data": ["weights"]}}) == ["gini"]
-    assert registry.measure_figures({**off, "pwcca": {"reference": []}}) == []
+    assert figures({"pwcca": {"data": ["activations"]}})[0] == "pwcca"
+    assert figures(off) == []
+    assert figures({**off, "gini": {"data": ["weights"]}}) == ["gini"]
+    assert figures({**off, "pwcca": {"data": ["activations"], "reference": []}}) == []
     categories = {registry.measure_category(name) for name in MEASURES}
     assert len(categories) == len(MEASURES)  # one report category per measure
     assert set(defaults("measures")) == set(MEASURES)

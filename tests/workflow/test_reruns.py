@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from conftest import REPO, copy_workflow, mini_config, snakemake
+from lmdynamics.options import resolve
 from lmdynamics.report import conjecture as conjecture_figures
 from lmdynamics.report.registry import measure_figures, paper_figures
 
@@ -26,7 +27,7 @@ CONFIG, CONFIGFILE = mini_config(), "config/mini.yaml"
 SIZES, STEPS = CONFIG["sizes"], CONFIG["steps"]
 FIGURES = paper_figures(CONFIG["metrics"].get("standardize", False))
 STATS_FIGURES = list(conjecture_figures.STATS_FIGURES)
-MEASURE_FIGURES = measure_figures(CONFIG.get("measures"))
+MEASURE_FIGURES = measure_figures(resolve("measures", CONFIG.get("measures")))
 RESULTS = f"results/{CONFIG['suite']}"
 
 Job = tuple[str, tuple[tuple[str, str], ...]]

@@ -47,9 +47,11 @@ from lmdynamics.estimators.measures import (
     chosen,
 )
 from lmdynamics.estimators.rank import per_divisor
+from lmdynamics.estimators.sparsity import ELEMENT_STATS
 from lmdynamics.extraction.names import MEASURE_INPUTS
 from lmdynamics.options import defaults
 from lmdynamics.reduction.flags import warn
+from lmdynamics.store import IncompleteStoreError, redo_hint
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +224,7 @@ class MeasureReduction:
                 names.update({name, f"{name}_heads"} if ov else {name})
                 per_step.append(None)
                 continue
-            per_step.append(self._apply(c, ds[variable]))
+            per_step.append(self._apply(c, self._checked(ds, variable, ov)))
         if ov:
             heads = max((v.shape[1] for v in per_step if v is not None), default=0)
             values = np.full((self.n_layers, heads, len(self.steps)), np.nan)
@@ -241,6 +243,25 @@ class MeasureReduction:
             if v is not None:
                 values[..., si] = v
         return {name: (("component", "layer", "step"), values, self._attrs(m, kind))}
+
+    def _checked(self, ds: xr.Dataset, variable: str, ov: bool) -> xr.DataArray:
+        """``ds[variable]`` if its layout is what the extraction writes (leading dims
+        (component, layer) or (layer, head), the store's sizes, every element statistic);
+        else :class:`~lmdynamics.store.IncompleteStoreError` naming the store."""
+        da = ds[variable]
+        lead = (("layer", "head"), (self.n_layers, None)) if ov else (
+            ("component", "layer"), (len(self.components), self.n_layers))
+        ok = da.ndim == 3 and da.dims[:2] == lead[0] and all(
+            want is None or want == got for want, got in zip(lead[1], da.shape, strict=False))
+        if ok and da.dims[2] == "element_stat":
+            ok = set(ELEMENT_STATS) <= {str(k) for k in da["element_stat"].values}
+        if not ok:
+            path = ds.attrs.get("path", "a per-pair store")
+            raise IncompleteStoreError(
+                f"{path}: {variable} has dims {da.dims} shape {da.shape}, not what the "
+                f"extraction writes (leading dims {lead[0]} of sizes "
+                f"{tuple('any' if w is None else w for w in lead[1])}); {redo_hint(path)}")
+        return da
 
     def _apply(self, c: Choice, da: xr.DataArray) -> np.ndarray:
         """The measure on every matrix of one store's input variable: its leading two dims

@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from lmdynamics.estimators.measures import MEASURES, chosen
-from lmdynamics.options import resolve
 
 #: The paper's figures: ``results/<suite>/figures/<name>.png``, one ``report()`` category each.
 REPORT_CATEGORIES: dict[str, str] = {
@@ -41,11 +40,11 @@ def paper_figures(standardize: bool) -> list[str]:
             if standardize or name not in STANDARDIZED_FIGURES]
 
 
-def measure_figures(measures: Mapping[str, Any] | None) -> list[str]:
+def measure_figures(measures: Mapping[str, Any]) -> list[str]:
     """The measure figures (``figures/measure_<name>.png``, :mod:`lmdynamics.report.measures`)
-    a config's section ``measures`` draws (its schema defaults filled in): one per measure it
-    turns on."""
-    return [choice.measure.name for choice in chosen(resolve("measures", measures))]
+    a config's section ``measures`` draws, its defaults filled in (as Snakemake's ``validate``
+    and :func:`lmdynamics.options.resolve` leave it): one per measure it turns on."""
+    return [choice.measure.name for choice in chosen(measures)]
 
 
 def measure_category(name: str) -> str:
