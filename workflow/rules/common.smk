@@ -15,7 +15,6 @@ from lmdynamics.config import (
     hub_section,
     resolved_family,
     resolved_seeds,
-    resolved_warm_start,
     schedule_for,
     suite_for,
     suite_vocab,
@@ -29,7 +28,6 @@ from lmdynamics.report.registry import (
     measure_figures,
     paper_figures,
 )
-from lmdynamics import warm
 
 SCHEMA = workflow.source_path("../schemas/config.schema.yaml")
 
@@ -50,13 +48,6 @@ config["hub"] = hub_section(config, SUITE)
 config["family"] = resolved_family(config)
 # Unset seeds: [0], or every replicate of a hub suite that has them (docs/guide/seeds.md).
 config["seeds"] = resolved_seeds(config)
-# Warm start (lmdynamics.warm; README "Warm start"): the jobs' `lmdynamics` commands read this
-# from the environment Snakemake gives them. Unset: on for the tiny suite only.
-os.environ[warm.ENV_VAR] = "1" if resolved_warm_start(config) else "0"
-# Idle OpenMP threads sleep in every job, as `lmdynamics.cli.pin_threads` has them do in the
-# jobs that run a model (unless set already): then all jobs of a run share one environment,
-# so one warm-start server.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Sorted keys: parameters built from config sections do not change when a file is reordered.
 config.update(canonical(dict(config)))
 
@@ -112,7 +103,31 @@ def gradient_batches_input(wildcards):
     """The paper code's gradient batches of one step, when that protocol is configured."""
     if config["extraction"]["gradient_protocol"] != "paper_code":
         return {}
-    return {"grad_batches": GRADIENT_BATCHES.format(**wildcards) + ".npy"}
+    path = GRADIENT_BATCHES.format(
+        size=wildcards.size, seed=wildcards.seed, step=wildcards.step
+    )
+    return {"grad_batches": f"{path}.npy"}
+
+
+def gradient_batches_args(wildcards, input):
+    """``--gradient-batches`` and an extraction job's gradient batch files, if it has any."""
+    if "grad_batches" not in input.keys():
+        return []
+    files = input.grad_batches
+    return ["--gradient-batches", *([files] if isinstance(files, str) else files)]
+
+
+def size_extraction_inputs(wildcards):
+    """The inputs of the tiny suite's one extraction job per (size, seed): every analysed
+    step's checkpoint files (and gradient batches), and the reference store."""
+    inputs = {"checkpoints": [], "grad_batches": []}
+    for step in STEPS:
+        each = SimpleNamespace(size=wildcards.size, seed=wildcards.seed, step=step)
+        inputs["checkpoints"] += checkpoint_files(each).values()
+        inputs["grad_batches"] += gradient_batches_input(each).values()
+    if not inputs["grad_batches"]:
+        del inputs["grad_batches"]
+    return {**inputs, **reference_store(wildcards)}
 
 
 def checkpoint_dir(size, seed, step):
