@@ -15,15 +15,19 @@ extraction pass, as ratios measured in one run (the machine may be shared).
    (:class:`lmdynamics.reduction.measures.MeasureReduction` ``on_blocks``) vs the final step and
    pairwise; and every single-checkpoint measure over the whole size (its ``dataset``).
 3. **Reduction, whole size** (``--skip-full`` leaves it out): ``reduce_size`` on the same
-   stores on disk (read, digest-checked) with CKA only (no measure) and with the schema's
-   default measures, both with the schema's CKA options (no bootstrap) and with B =
-   ``--bootstrap``: the end-to-end ratio.
+   stores on disk (read, digest-checked) with CKA only (no measure), with the schema's
+   default measures and with every measure on every data kind (comparative ones vs the final
+   step), with the schema's CKA options (no bootstrap) and, unless ``--skip-bootstrap``, with
+   B = ``--bootstrap``: the end-to-end ratios. Its cost is linear in the layers: fewer
+   ``--reduce-layers`` give the same ratios sooner.
 
 Threads: as benchmarks/bench.py (imported first), numpy's OpenBLAS on one thread, as the
 workflow's reduction jobs.
 
     python benchmarks/measures.py                 # 70m shape, about 30 min on 2 busy cores
     python benchmarks/measures.py --quick         # a smoke run
+    python benchmarks/measures.py --skip-extraction --skip-in-memory --skip-bootstrap \
+        --reduce-layers 1                         # section 3 alone, about 5 min
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from lmdynamics.estimators.measures import MEASURES
 from lmdynamics.extraction.measure_data import measure_data
 from lmdynamics.extraction.passes import only_write_weights_train, run_pass
 from lmdynamics.extraction.positions import sample_token_positions
-from lmdynamics.options import defaults
+from lmdynamics.options import defaults, resolve
 from lmdynamics.reduction.cka import CKAOptions, cka_dataset
 from lmdynamics.reduction.measures import MeasureOptions, MeasureReduction
 from lmdynamics.reduction.metrics import open_pair_stores, reduce_size
@@ -108,7 +112,7 @@ def bench_in_memory(a: argparse.Namespace, paths: list[Path]) -> None:
     base = rows[0][1]
     cases = [("PWCCA vs final", ["pwcca"], ["final"]),
              ("SVCCA vs final", ["svcca"], ["final"]),
-             ("PWCCA and SVCCA vs final (the default)", ["pwcca", "svcca"], ["final"]),
+             ("PWCCA and SVCCA vs final (config/tiny.yaml)", ["pwcca", "svcca"], ["final"]),
              ("PWCCA and SVCCA, final and pairwise", ["pwcca", "svcca"],
               ["final", "pairwise"])]
     for label, names, refs in cases:
@@ -136,20 +140,28 @@ def bench_in_memory(a: argparse.Namespace, paths: list[Path]) -> None:
 
 def bench_full(a: argparse.Namespace, paths: list[Path], root: Path) -> None:
     final = a.steps - 1
-    print(f"\n## 3. reduce_size of the whole size (stores on disk, {a.steps} steps)")
-    print("| CKA options | CKA only | default measures too | ratio |\n|---|---|---|---|")
+    every = {name: {"data": list(m.data), **({"reference": ["final"]} if m.comparative else {})}
+             for name, m in MEASURES.items()}
+    cases = (("CKA only", MeasureOptions(())), ("default measures", MeasureOptions()),
+             ("every measure vs final", MeasureOptions.from_config(resolve("measures", every))))
+    print(f"\n## 3. reduce_size of the whole size (stores on disk, {a.steps} steps); "
+          "ratios over CKA only")
+    print("| CKA options | " + " | ".join(label for label, _ in cases)
+          + " |\n|---|---|---|---|")
     for label, boot in (("schema default (no bootstrap)", 0),
                         (f"bootstrap B={a.bootstrap}", a.bootstrap)):
         times = []
-        for options in (MeasureOptions(()), MeasureOptions()):
+        for _, options in cases:
             out = root / f"metrics-{len(times)}-{boot}.zarr"
             start = time.perf_counter()
             reduce_size(paths, out, final_step=final,
                         cka_options=CKAOptions(bootstrap_samples=boot),
                         measure_options=options)
             times.append(time.perf_counter() - start)
-        print(f"| {label} | {times[0]:.1f} s | {times[1]:.1f} s | "
-              f"**{times[1] / times[0]:.2f}** |")
+        print(f"| {label} | {times[0]:.1f} s | "
+              + " | ".join(f"{t:.1f} s (**{t / times[0]:.2f}**)" for t in times[1:]) + " |")
+        if a.skip_bootstrap:
+            break
 
 
 def main() -> None:
@@ -162,7 +174,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="see benchmarks/bench.py")
     p.add_argument("--skip-extraction", action="store_true")
+    p.add_argument("--skip-in-memory", action="store_true")
     p.add_argument("--skip-full", action="store_true")
+    p.add_argument("--skip-bootstrap", action="store_true",
+                   help="section 3 with the schema's CKA options only")
     p.add_argument("--quick", action="store_true",
                    help="smoke mode: 1 x 256 tokens, 5 steps x 1 layer of N=512, D=64")
     a = p.parse_args()
@@ -178,7 +193,8 @@ def main() -> None:
         root = Path(tmp)
         paths = bench.write_size_stores(root / "stores", a.steps, a.reduce_layers, a.reduce_tokens,
                                   a.reduce_dim, a.reduce_sequences, measure_data=True)
-        bench_in_memory(a, paths)
+        if not a.skip_in_memory:
+            bench_in_memory(a, paths)
         if not a.skip_full:
             bench_full(a, paths, root)
 

@@ -12,8 +12,8 @@ import pytest
 
 from lmdynamics import config, options
 from lmdynamics.estimators.cka import CKA_ESTIMATORS
-from lmdynamics.estimators.measures import MEASURES, REFERENCES
 from lmdynamics.estimators.mcc import ALTERNATIVES
+from lmdynamics.estimators.measures import MEASURES, REFERENCES
 from lmdynamics.estimators.rank import PER_DIVISORS
 from lmdynamics.extraction import extract, paper_code
 from lmdynamics.reduction.cka import CKAOptions
