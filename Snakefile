@@ -27,6 +27,7 @@ if config["source"] == "hub":
 include: "workflow/rules/extract.smk"
 include: "workflow/rules/reduce.smk"
 include: "workflow/rules/figures.smk"
+include: "workflow/rules/measures.smk"
 include: "workflow/rules/audit.smk"
 include: "workflow/rules/conjecture.smk"
 

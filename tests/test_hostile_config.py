@@ -370,7 +370,8 @@ def test_snakemake_refuses_shell_in_every_string_key_before_any_job(tmp_path):
             expected.append("tiny.models")
             continue
         set_value(config, path, value)
-        expected.append({"sizes.[]": "sizes.0"}.get(dotted(path), dotted(path)))
+        # a list's item is named by its index (sizes.0, measures.gini.data.0)
+        expected.append(dotted((*path[:-1], "0")) if path[-1] == "[]" else dotted(path))
     workdir = copy_workflow(tmp_path / "wf")
     (workdir / "config/hostile.yaml").write_text(yaml.safe_dump(config))
     TALLY["tried"] += len(expected)

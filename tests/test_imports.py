@@ -78,6 +78,8 @@ def test_a_module_outside_every_layer_breaks_the_contract(tmp_path):
     "lmdynamics.report.cka", "lmdynamics.report.mcc", "lmdynamics.report.tables",
     "lmdynamics.report.conjecture", "lmdynamics.plan",
     "lmdynamics.families", "lmdynamics.extraction.names",
+    "lmdynamics.estimators.measures", "lmdynamics.reduction.measures",
+    "lmdynamics.report.measures", "lmdynamics.report.registry",
     "lmdynamics.sources.tiny",  # the corpus and the eval batch; training imports torch inside
 ])
 def test_reductions_figures_and_tables_do_not_import_torch(entry):

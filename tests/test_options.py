@@ -13,9 +13,11 @@ import pytest
 from lmdynamics import config, options
 from lmdynamics.estimators.cka import CKA_ESTIMATORS
 from lmdynamics.estimators.mcc import ALTERNATIVES
+from lmdynamics.estimators.measures import MEASURES, REFERENCES
 from lmdynamics.estimators.rank import PER_DIVISORS
 from lmdynamics.extraction import extract, paper_code
 from lmdynamics.reduction.cka import CKAOptions
+from lmdynamics.reduction.measures import MeasureOptions
 from lmdynamics.report import figures, tables
 from lmdynamics.report.tables import MCCOptions
 from lmdynamics.sources import checkpoints, eval_data
@@ -41,6 +43,10 @@ CODE_CHOICES = {
     ("extraction", "gradient_protocol"): paper_code.GRADIENT_PROTOCOLS,
     ("sampling", "protocol"): extract.SAMPLING_PROTOCOLS,
     ("eval_data", "dtype"): (*eval_data.BIN_DTYPES, None),  # null: not a .bin file
+    # every measure's data kinds and references, as its registry entry declares them
+    **{("measures", name, "data"): m.data for name, m in MEASURES.items()},
+    **{("measures", name, "reference"): REFERENCES for name, m in MEASURES.items()
+       if m.comparative},
 }
 
 
@@ -68,6 +74,13 @@ def test_options_classes_take_fields_and_defaults_from_the_schema():
     assert {f.name: f.default for f in dataclasses.fields(MCCOptions)} == mcc
     metrics = options.defaults("metrics")
     assert CKAOptions() == CKAOptions.from_config(metrics, seed=options.resolve("seed"))
+    assert MeasureOptions() == MeasureOptions.from_config(options.resolve("measures"))
+    # every measure has its schema entry, and its parameters are keys of it
+    section = options.section_schema("measures")["properties"]
+    assert list(section) == list(MEASURES)
+    for name, m in MEASURES.items():
+        keys = set(options._resolve_ref(section[name])["properties"])
+        assert keys == {"data", *(["reference"] if m.comparative else []), *m.parameters}
     # the drift of issue 17: a figure drawn by hand uses the workflow's estimator
     import inspect
 

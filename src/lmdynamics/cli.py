@@ -336,20 +336,22 @@ def _options(a: argparse.Namespace) -> dict:
 def _reduce_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("stores", nargs="+", type=Path)
     p.add_argument("--final-step", type=int, required=True)
-    _options_arg(p, "metrics", "seed")
+    _options_arg(p, "metrics", "seed", "measures")
     p.add_argument("--out", type=Path, required=True)
 
 
 @command("reduce", _reduce_args)
 def _reduce(a: argparse.Namespace) -> None:
     from lmdynamics.reduction.cka import CKAOptions
+    from lmdynamics.reduction.measures import MeasureOptions
     from lmdynamics.reduction.metrics import reduce_size
 
     opts = _options(a)
     metrics = opts["metrics"]
     reduce_size(a.stores, a.out, final_step=a.final_step, per_divisor=metrics["per_divisor"],
                 per_truncate=metrics["per_truncate"],
-                cka_options=CKAOptions.from_config(metrics, seed=opts["seed"]))
+                cka_options=CKAOptions.from_config(metrics, seed=opts["seed"]),
+                measure_options=MeasureOptions.from_config(opts["measures"]))
 
 
 def _combine_args(p: argparse.ArgumentParser) -> None:
@@ -384,6 +386,17 @@ def _figure(a: argparse.Namespace) -> None:
     opts = _options(a)
     render_figure(a.name, open_store(a.metrics).load(), a.out_stem,
                   estimator=opts["metrics"]["cka_estimator"], x_axis=opts["figures"]["x_axis"])
+
+
+@command("measure-figure", _drawing_args("metrics", "figures"))
+def _measure_figure(a: argparse.Namespace) -> None:
+    """The layer x step figure of one measure (:mod:`lmdynamics.report.measures`)."""
+    from lmdynamics.report.measures import measure_figure
+    from lmdynamics.store import open_store
+
+    opts = _options(a)
+    measure_figure(a.name, open_store(a.metrics).load(), a.out_stem,
+                   x_axis=opts["figures"]["x_axis"])
 
 
 def _mcc_args(p: argparse.ArgumentParser) -> None:

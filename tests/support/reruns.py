@@ -12,8 +12,9 @@ from pathlib import Path
 
 import yaml
 
+from lmdynamics.options import resolve
 from lmdynamics.report import conjecture as conjecture_figures
-from lmdynamics.report.registry import paper_figures
+from lmdynamics.report.registry import measure_figures, paper_figures
 from support.workflow import copy_workflow, mini_config, snakemake
 
 #: The configuration of ``mini_run`` and its file, relative to the run's folder.
@@ -21,6 +22,7 @@ CONFIG, CONFIGFILE = mini_config(), "config/mini.yaml"
 SIZES, STEPS = CONFIG["sizes"], CONFIG["steps"]
 FIGURES = paper_figures(CONFIG["metrics"].get("standardize", False))
 STATS_FIGURES = list(conjecture_figures.STATS_FIGURES)
+MEASURE_FIGURES = measure_figures(resolve("measures", CONFIG.get("measures")))
 RESULTS = f"results/{CONFIG['suite']}"
 
 Job = tuple[str, tuple[tuple[str, str], ...]]
@@ -30,9 +32,11 @@ def job(rule: str, **wildcards: object) -> Job:
     return rule, tuple(sorted((k, str(v)) for k, v in wildcards.items()))
 
 
-def downstream_of_metrics() -> set[Job]:
-    """Jobs that read the combined metrics: the combine itself, every figure, Table 1."""
-    return {job("combine"), *table1_jobs(), *(job("figure", figure=f) for f in FIGURES)}
+def downstream_of_metrics(measures: list[str] = MEASURE_FIGURES) -> set[Job]:
+    """Jobs that read the combined metrics: the combine itself, every figure (those of
+    ``measures`` among the measures'), Table 1."""
+    return {job("combine"), *table1_jobs(), *(job("figure", figure=f) for f in FIGURES),
+            *(job("measure_figure", measure=m) for m in measures)}
 
 
 def table1_jobs() -> set[Job]:

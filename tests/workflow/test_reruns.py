@@ -19,6 +19,7 @@ from support.reruns import (
     CONFIG,
     CONFIGFILE,
     FIGURES,
+    MEASURE_FIGURES,
     RESULTS,
     SIZES,
     STATS_FIGURES,
@@ -114,7 +115,20 @@ def test_a_statistics_option_reruns_the_reference_only_when_it_shapes_it(finishe
 def test_changing_a_figure_option_redraws_only_the_figures(finished):
     jobs = plan(finished, "--config", "figures={x_axis: fraction}")
     assert jobs == {*(job("figure", figure=f) for f in FIGURES),
-                    *(job("stats_figure", stat_figure=f) for f in STATS_FIGURES)}
+                    *(job("stats_figure", stat_figure=f) for f in STATS_FIGURES),
+                    *(job("measure_figure", measure=m) for m in MEASURE_FIGURES)}
+
+
+def test_choosing_measures_reruns_the_reductions_and_never_an_extraction(finished):
+    """The stores hold every measure's data: choosing measures (here: only the Gini index of
+    the weights, and PWCCA against every step) redoes the reductions and what reads them,
+    and draws the chosen measures' figures only."""
+    measures = {name: {"data": []} for name in MEASURE_FIGURES}
+    measures["gini"] = {"data": ["weights"]}
+    measures["pwcca"] = {"data": ["activations"], "reference": ["final", "pairwise"]}
+    jobs = plan(finished, "--configfile", with_config(finished, measures=measures))
+    assert jobs == {*(job("reduce_size", size=s, seed=0) for s in SIZES),
+                    *downstream_of_metrics(["pwcca", "gini"])}
 
 
 def test_changing_a_table1_option_redoes_only_table1(finished):
@@ -133,7 +147,8 @@ def test_editing_a_plotting_module_redraws_figures_and_never_extracts(finished, 
     jobs = plan(finished, "--rerun-triggers", "mtime", pythonpath=src)
     assert jobs == {job("training_loss"), *(job("figure", figure=f) for f in FIGURES),
                     job("mcc_sensitivity"),
-                    *(job("stats_figure", stat_figure=f) for f in STATS_FIGURES)}
+                    *(job("stats_figure", stat_figure=f) for f in STATS_FIGURES),
+                    *(job("measure_figure", measure=m) for m in MEASURE_FIGURES)}
     # With every default trigger too (here the code's path changed as well), no extraction,
     # training or reduction.
     jobs = plan(finished, pythonpath=src)

@@ -42,6 +42,7 @@ from lmdynamics.extraction.conjecture import (
     StatsOptions,
     checkpoint_stats,
 )
+from lmdynamics.extraction.measure_data import measure_data
 from lmdynamics.extraction.paper_code import (
     GRADIENT_PROTOCOLS,
     check_choice,
@@ -285,6 +286,7 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
     if gradient_protocol == "paper_code":
         attrs["gradient_steps"] = list(gradient_steps(step))
     ds = extraction_dataset(result, seq_idx, pos_idx, attrs)
+    ds = ds.merge(measure_data(model, result.activations))  # lmdynamics.estimators.measures
     warn_nonfinite(ds)
     if stats is not None and residual is not None and refs is not None:
         t_stats = time.perf_counter()
