@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from lmdynamics import config, options
+from lmdynamics import config, defects, options
 from lmdynamics.estimators.cka import CKA_ESTIMATORS
 from lmdynamics.estimators.rank import PER_DIVISORS
 from lmdynamics.extraction import extract, paper_code
@@ -38,6 +38,7 @@ CODE_CHOICES = {
     ("extraction", "gradient_protocol"): paper_code.GRADIENT_PROTOCOLS,
     ("sampling", "protocol"): extract.SAMPLING_PROTOCOLS,
     ("eval_data", "dtype"): (*eval_data.BIN_DTYPES, None),  # null: not a .bin file
+    ("audit", "defective"): defects.POLICIES,
 }
 
 

@@ -298,6 +298,15 @@ def semantic_errors(config: Mapping[str, Any]) -> list[str]:
     if final not in config["steps"]:
         errors.append(f"config key 'steps': the final step {final} is missing; allowed: a list "
                       f"that includes final_step {final} (the CKA reference)")
+    first = suite.first_step if suite is not None else None
+    early = sorted(s for s in config["steps"] if first is not None and s < first)
+    if early:
+        verb = "is" if len(early) == 1 else "are"
+        errors.append(f"config key 'steps': {_short(early, 10)} {verb} before step {first}, "
+                      f"the first revision suite {suite.name} has (no step 0 branch); allowed: "
+                      f"steps >= {first}; the Conjecture reference is then the earliest "
+                      "analysed step")
+    errors += early_step_errors(config)
     errors += conjecture_errors(config)
     available = eval_positions(config)
     if config.get("sampling", {}).get("protocol") == "paper_code":
@@ -310,6 +319,24 @@ def semantic_errors(config: Mapping[str, Any]) -> list[str]:
         errors.append(f"config key 'tokens': {config['tokens']} exceeds the {available} token "
                       f"positions of the eval batch; allowed: 2..{available}")
     return errors
+
+
+def early_step_errors(config: Mapping[str, Any]) -> list[str]:
+    """Table 1's early step must exist: with ``mcc.early_step: at_or_before`` some analysed
+    step must be at or before ``mcc.early_fraction`` x ``final_step`` (the rule of
+    :func:`lmdynamics.report.tables.early_step`, checked here before any job runs)."""
+    from lmdynamics.options import defaults
+
+    mcc = {**defaults("mcc"), **(config.get("mcc") or {})}
+    if mcc["early_step"] != "at_or_before":
+        return []
+    target = mcc["early_fraction"] * config["final_step"]
+    if any(s <= target + 1e-9 * max(1.0, target) for s in config["steps"]):
+        return []
+    return [f"config key 'steps': no analysed step is at or before mcc.early_fraction "
+            f"{mcc['early_fraction']:g} x final_step {config['final_step']} = {target:g}, "
+            f"Table 1's early step; allowed: steps including one <= {math.floor(target)}, "
+            "or mcc.early_step: nearest"]
 
 
 def eval_data_errors(config: Mapping[str, Any], suite) -> list[str]:

@@ -18,6 +18,11 @@ matrix or in that matrix's gradient) is recorded, not refused: booleans
 the store attr ``nonfinite``, with a warning naming size, step, component and layer.
 The paper code's attention activation, gradient protocol and token sampling are options
 (:mod:`lmdynamics.extraction.paper_code`, :func:`token_positions`).
+
+Besides the sha256 of the weights file (attr ``weights_sha256``) the store records the sha256
+of every floating-point tensor of that file (attr ``tensor_sha256``, name -> digest,
+:func:`lmdynamics.sources.checkpoints.weights_digests`), which the content audit compares
+across the steps of a run (:mod:`lmdynamics.reduction.audit`).
 """
 
 from __future__ import annotations
@@ -62,7 +67,7 @@ from lmdynamics.sources.checkpoints import (
     load_model,
     n_parameters,
     read_model_config,
-    weights_sha256,
+    weights_digests,
 )
 from lmdynamics.sources.revision import discard_corrupt_download, revision_attrs
 from lmdynamics.store import load_token_array, write_store
@@ -243,6 +248,7 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
         result.grad_singular_values = paper_code_gradient_singular_values(
             model, grad_batches, micro_batch=micro_batch)
     cfg = model.config
+    file_sha256, tensor_sha256 = weights_digests(checkpoint, fam)
     attrs = {
         "model": model_name, "revision": revision, "size": size, "step": int(step),
         "seed": int(replicate),
@@ -250,7 +256,8 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
         "hidden_size": cfg.hidden_size, "num_attention_heads": cfg.num_attention_heads,
         "intermediate_size": fam.dims(cfg.to_dict())["intermediate_size"],
         "num_layers": cfg.num_hidden_layers,
-        "n_params": n_parameters(model), "weights_sha256": weights_sha256(checkpoint),
+        "n_params": n_parameters(model), "weights_sha256": file_sha256,
+        "tensor_sha256": tensor_sha256,
         "eval_batch_shape": list(batch.shape), "token_seed": seed,
         "sampling_protocol": sampling, **revision_attrs(checkpoint),
         "eval_batch_sha256": hashlib.sha256(
