@@ -45,14 +45,14 @@ def test_flagged_ors_duplicate_and_nonfinite_flags():
                                                        [False, True, False]])
 
 
-def _pair_store(path, size, step, sha, seed, n_layers=2, dim=4, tokens=16):
+def _pair_store(path, size, step, sha, seed, n_layers=2, dim=4, tokens=16, **extra):
     rng = np.random.default_rng(seed)
     result = Extraction(rng.normal(size=(2, n_layers, tokens, dim)).astype(np.float32),
                         np.sort(rng.random((2, n_layers, dim)))[..., ::-1],
                         np.sort(rng.random((2, n_layers, dim)))[..., ::-1], 1.0)
     attrs = {"model": f"m-{size}", "revision": f"step{step}", "size": size, "step": step,
              "hidden_size": dim, "num_attention_heads": 2, "num_layers": n_layers,
-             "n_params": 100 * n_layers, "weights_sha256": sha}
+             "n_params": 100 * n_layers, "weights_sha256": sha, **extra}
     ds = extraction_dataset(result, np.zeros(tokens, dtype=np.int64), np.arange(tokens), attrs)
     return write_store(ds, path)
 
@@ -155,3 +155,41 @@ def test_206_shard_duplicate_is_named_per_tensor_after_download(monkeypatch, tmp
     assert named == shard  # every parameter of the shard, no buffer, nothing else
     assert set(table[table.step == 50000].equal_to) == {"step143000"}
     assert "gpt_neox.embed_in.weight" in rows[0]["detail"]
+
+
+def test_audit_command_writes_the_defects_and_fail_stops_naming_them(tmp_path):
+    """The checkpoint_audit rule's command: the hub audit's rows and the content audit's in
+    tables/defective.csv; with audit.defective fail, one line naming the content findings."""
+    import json
+
+    import pytest
+
+    from lmdynamics import defects
+    from lmdynamics.cli import run
+
+    digests = {0: {"w": "a", "v": "b"}, 10: {"w": "c", "v": "b2"}, 20: {"w": "e", "v": "b"},
+               30: {"w": "e", "v": "f"}}
+    stores = [_pair_store(tmp_path / f"s{step}.zarr", "a", step, f"sha{step}", seed=step,
+                          tensor_sha256=d) for step, d in digests.items()]
+    hub = tmp_path / "hub_audit.csv"
+    pd.DataFrame([{"size": "a", "seed": 0, "step": 10, "repo": "o/a", "revision": "step10",
+                   "commit": "c" * 40, "weight_files": "model.safetensors=" + "1" * 64,
+                   "weights_bytes": 1, "file_group": "G1", "same_content_as": "main",
+                   "same_as_main": True, "same_as_final": False, "shared_shards": "",
+                   "no_weights": False, "defective": True, "kind": "same_as_main",
+                   "reason": "serves main's", "known_defects": ""}]).to_csv(hub, index=False)
+    args = ["audit", *map(str, stores), "--out", str(tmp_path / "c.csv"), "--final-step", "30",
+            "--tensor-audit", str(tmp_path / "t.csv"), "--defects", str(tmp_path / "d.csv"),
+            "--hub-audit", str(hub)]
+    run(args)
+    found = defects.read_defects(tmp_path / "d.csv")
+    assert [(r.step, r.audit, r.kind) for r in found.itertuples()] == [
+        (10, "hub", "same_as_main"), (20, "content", "tensors_equal")]
+    assert "tensors equal to step 30's byte for byte: w" in found.detail.iloc[1]
+    tensors = pd.read_csv(tmp_path / "t.csv")
+    pairs = set(zip(tensors.step, tensors.tensor, strict=True))
+    assert pairs == {(0, "v"), (20, "v"), (20, "w"), (30, "w")}
+    with pytest.raises(defects.DefectiveRevisionsError,
+                       match=r"^the content audit flagged 1 revision\(s\) .*a seed 0 step 20 "
+                             r"\(tensors_equal\)"):
+        run([*args, "--options", json.dumps({"audit": {"defective": "fail"}})])

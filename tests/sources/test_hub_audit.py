@@ -165,8 +165,10 @@ def test_202_revision_without_weights_is_one_line_at_plan_time(monkeypatch, tmp_
     assert len(lines) == 1 and "410m seed 9" in lines[0] and "steps 40000" in lines[0]
     assert "known defect confirmed: https://github.com/EleutherAI/pythia/issues/202" in lines[0]
     with pytest.raises(defects.DefectiveRevisionsError,
-                       match=r"the hub lists no weights for EleutherAI/pythia-410m-seed9@"
-                             r"step40000 .*remove those steps"):
+                       match=r"no usable weights on the hub for 1 planned revision\(s\): "
+                             r"410m seed 9 step 40000: EleutherAI/pythia-410m-seed9@step40000 "
+                             r"has no weights on the hub \(no weights file among.*remove those "
+                             r"steps"):
         ha.enforce(result.table, "exclude")
 
 

@@ -14,6 +14,7 @@ huggingface_hub client against the loopback hub (tests/hub_server.py):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 
@@ -59,6 +60,13 @@ def _logs(results) -> str:
     return "".join(p.read_text() for p in (results / "logs").rglob("*.log"))
 
 
+def _run(workdir, results, *args: str) -> None:
+    """The workflow with ``args``; on failure, the end of Snakemake's output and the logs."""
+    proc = snakemake(workdir, *args, "--resources", "network=2", check=False)
+    if proc.returncode != 0:
+        raise AssertionError(proc.stderr[-3000:] + _logs(results)[-6000:])
+
+
 def _is_weight_get(method: str, path: str) -> bool:
     """A GET of a model's weight file (the Pile's ``.bin`` shards are a dataset's)."""
     return method == "GET" and not path.startswith("/datasets/") and \
@@ -96,10 +104,7 @@ def test_205_pattern_fail_stops_before_extraction_and_exclude_leaves_them_out(
             assert f"2.8b seed 0 step {step} (" in errors[0]
         assert "70m" not in errors[0]
         # exclude (the default)
-        proc = snakemake(workdir, "--configfile", configfile, "--resources", "network=2",
-                         check=False)
-        if proc.returncode != 0:
-            raise AssertionError(proc.stderr[-3000:] + _logs(results)[-6000:])
+        _run(workdir, results, "--configfile", configfile)
         requests = list(hub.state.requests)
         gets = _weight_gets(hub, "pythia-2.8b")
     # the audit asked for every planned revision before the first weight request
@@ -170,16 +175,20 @@ def test_olmo_1b_hf_style_repo_runs_under_the_shipped_definition(tmp_path, monke
     with HubServer() as hub:
         use_endpoint(monkeypatch, hub, tmp_path, timeout=5)
         names = add_olmo(hub, steps, names=last)
-        proc = snakemake(workdir, "--configfile", configfile, "--resources", "network=2",
-                         check=False)
-        if proc.returncode != 0:
-            raise AssertionError(proc.stderr[-3000:] + _logs(results)[-6000:])
+        _run(workdir, results, "--configfile", configfile)
         repo = hub.state.repo("models", OLMO_REPO)
     assert names[738020] == "step738020-tokens3094B"
-    rev = json.loads((results / "checkpoints/1B/seed0/step738020/revision.json").read_text())
-    assert rev["revision"] == "step738020-tokens3094B" == \
-        xr.open_zarr(results / "extract/1B/seed0/step738020.zarr").attrs["revision"]
-    assert rev["commit"] == repo.branches["step738020-tokens3094B"]
+    # every step's branch found by list_repo_refs, the same eval batch in every store
+    batch = np.load(results / "eval_batch.npy")
+    np.testing.assert_array_equal(batch, (np.arange(2 * 33) % 500).reshape(2, 33))
+    digest = hashlib.sha256(batch.astype(np.int64).tobytes()).hexdigest()
+    for step in steps:
+        rev = json.loads((results / f"checkpoints/1B/seed0/step{step}/revision.json")
+                         .read_text())
+        attrs = xr.open_zarr(results / f"extract/1B/seed0/step{step}.zarr").attrs
+        assert rev["revision"] == names[step] == attrs["revision"]
+        assert rev["commit"] == repo.branches[names[step]]
+        assert attrs["eval_batch_sha256"] == digest and attrs["family"] == "llama"
     reference = xr.open_zarr(results / "reference/1B/seed0.zarr", consolidated=False)
     init = json.loads((results / "checkpoints/1B/seed0/step1000/revision.json").read_text())
     assert reference.attrs["init_weights_sha256"] == init["sha256"]  # the earliest revision
@@ -204,10 +213,7 @@ def test_mistral_gpt2_style_repo_runs_under_the_shipped_definition(tmp_path, mon
     with HubServer() as hub:
         use_endpoint(monkeypatch, hub, tmp_path, timeout=5)
         add_mistral_gpt2(hub, steps)
-        proc = snakemake(workdir, "--configfile", configfile, "--resources", "network=2",
-                         check=False)
-        if proc.returncode != 0:
-            raise AssertionError(proc.stderr[-3000:] + _logs(results)[-6000:])
+        _run(workdir, results, "--configfile", configfile)
         assert _weight_gets(hub, MISTRAL_REPO)
     logs = _logs(results)
     assert "dropped 4 persistent buffers of older transformers" in logs

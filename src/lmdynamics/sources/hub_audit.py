@@ -119,14 +119,19 @@ def revision_files(repo: str, revision: str, *, retries: int = 5, backoff: float
     LFS sha256 and sizes (:func:`lmdynamics.sources.hub.weight_files` picks the layout). A
     revision without a usable weight layout is returned with ``problem`` set, not raised."""
     from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
     api = HfApi()
     if counter is not None:
         counter.add()
-    info = with_retries(
-        lambda: api.model_info(repo, revision=revision, files_metadata=True,
-                               timeout=constants.HF_HUB_ETAG_TIMEOUT),
-        what=f"{repo}@{revision}: file metadata", retries=retries, backoff=backoff)
+    try:
+        info = with_retries(
+            lambda: api.model_info(repo, revision=revision, files_metadata=True,
+                                   timeout=constants.HF_HUB_ETAG_TIMEOUT),
+            what=f"{repo}@{revision}: file metadata", retries=retries, backoff=backoff)
+    except (RevisionNotFoundError, RepositoryNotFoundError) as exc:
+        what = "revision" if isinstance(exc, RevisionNotFoundError) else "repository"
+        return RevisionFiles(repo, revision, problem=f"the {what} does not exist on the hub")
     siblings = {s.rfilename: s for s in info.siblings or []}
     out = RevisionFiles(repo, revision, commit=info.sha or "")
     try:
@@ -419,11 +424,12 @@ def enforce(table: pd.DataFrame, policy: str) -> None:
     steps = table[table["step"].astype(str) != ""]
     empty = steps[steps["no_weights"]]
     if len(empty):
-        listed = ", ".join(f"{r.repo}@{r.revision} ({r.size} seed {r.seed} step {r.step})"
+        listed = "; ".join(f"{r.size} seed {r.seed} step {r.step}: {r.reason}"
                            for r in empty.itertuples())
         raise defects.DefectiveRevisionsError(
-            f"the hub lists no weights for {listed}; no policy can analyse a revision "
-            "without weights: remove those steps (or seeds) from the config")
+            f"no usable weights on the hub for {len(empty)} planned revision(s): {listed}; no "
+            "policy can analyse a revision without weights: remove those steps (or seeds) "
+            "from the config")
     bad = steps[steps["defective"]]
     if policy == "fail" and len(bad):
         raise defects.DefectiveRevisionsError(defects.fail_line(defects.frame(
