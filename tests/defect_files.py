@@ -20,8 +20,11 @@ of content* is the one a public issue documents; the weights themselves are synt
 
 Genuine revisions follow a trajectory, so that CKA and the content audit's distance and cosine
 statistics behave as in training: the weights of step ``s`` are
-``(1 - t) W_init + t W_final + noise`` with ``t = sqrt(s / final)`` and a small per-step noise
-(every revision's bytes differ), all seeded.
+``(1 - t) W_init + t W_final + noise`` with ``t = (s / final) ** p`` and a small per-step noise
+(every revision's bytes differ), all seeded; ``p`` grows with depth (0.15 for the first
+block's tensors to 1.2 for the last, 0.5 outside the blocks), so that early layers converge
+before late ones and Table 1 has something to measure. These are synthetic values, not a
+claim about any real model.
 """
 
 from __future__ import annotations
@@ -44,7 +47,16 @@ SECOND_BLOB_STEPS = (54000, 56000, 57000, 58000, 59000, 61000, 62000, 63000, 640
 SHARD_STEPS_206 = (50000, 58000)
 FINAL = 143000
 #: Test shapes (hidden, layers, heads): tiny, GPT-NeoX-shaped.
-SHAPES = {"2.8b": (32, 2, 4), "12b": (24, 3, 2), "410m": (16, 2, 2), "70m": (16, 2, 2)}
+SHAPES = {"2.8b": (32, 6, 4), "12b": (24, 3, 2), "410m": (16, 2, 2), "70m": (16, 6, 2)}
+
+
+def _speed(name: str, layers: int) -> float:
+    """The exponent ``p`` of a tensor (module docstring)."""
+    parts = name.split(".")
+    if "layers" not in parts:
+        return 0.5
+    depth = (int(parts[parts.index("layers") + 1]) + 1) / layers
+    return 0.15 + 1.05 * (depth - 1 / layers) / max(1 - 1 / layers, 1e-9)
 
 
 def trajectory_state(size: str, step: int, vocab: int, *, final: int = FINAL,
@@ -55,13 +67,13 @@ def trajectory_state(size: str, step: int, vocab: int, *, final: int = FINAL,
     hidden, layers, heads = SHAPES[size]
     init = legacy_state_dict(hidden, layers, heads, vocab, seed=11)
     end = legacy_state_dict(hidden, layers, heads, vocab, seed=12)
-    t = float(np.sqrt(step / final))
     rng = np.random.default_rng(100_000 + step)
     out = {}
     for name, w0 in init.items():
         if not w0.is_floating_point() or name.endswith(("masked_bias", "inv_freq")):
             out[name] = w0
             continue
+        t = float((step / final) ** _speed(name, layers))
         w = (1 - t) * w0.float() + t * end[name].float()
         w += torch.from_numpy(rng.normal(0.0, noise, tuple(w.shape)).astype(np.float32))
         out[name] = w.to(torch.float16)
@@ -84,7 +96,8 @@ def add_pythia_205(hub, steps: list[int], *, vocab: int, size: str = "2.8b",
         return {"config.json": config,
                 "model.safetensors": safetensors.torch.save(state, metadata={"format": "pt"})}
 
-    main = files(trajectory_state(size, FINAL, vocab, noise=0.02))  # final-era, not step143000
+    # final-era content, close to step143000's but not its bytes
+    main = files(trajectory_state(size, FINAL, vocab, noise=0.004))
     second = files(trajectory_state(size, FINAL, vocab))
     for step in steps:
         if step in MAIN_BLOB_STEPS:

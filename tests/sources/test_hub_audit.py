@@ -232,3 +232,27 @@ def test_shard_tensor_names_come_from_the_index_not_the_weights(monkeypatch, tmp
         assert _weight_gets(hub) == []
     assert names and all(first_shard(n) for n in names)
     assert pd.Series(names).str.startswith("gpt_neox.layers.0.").sum() >= 1
+
+
+def test_a_damaged_kept_blob_is_dropped_and_fetched_again(monkeypatch, tmp_path):
+    with HubServer() as hub:
+        use_endpoint(monkeypatch, hub, tmp_path)
+        blobs = add_pythia_205(hub, STEPS_205, vocab=TEST_VOCAB)
+        result = ha.audit(_config("pythia", ["2.8b"], STEPS_205))
+        root = tmp_path / "checkpoints"
+        shared = ha.SharedBlobs(root / ".blobs", result.table)
+        first, second = blobs["main"][:2]
+        download_revision("EleutherAI/pythia-2.8b", f"step{first}",
+                          root / f"2.8b/seed0/step{first}", retries=0, backoff=0.1,
+                          blobs=shared)
+        (kept,) = list((root / ".blobs").iterdir())
+        data = bytearray(kept.read_bytes())
+        kept.unlink()
+        kept.write_bytes(bytes(data[:100]) + bytes(b ^ 0xFF for b in data[100:200])
+                         + bytes(data[200:]))  # same size, other bytes
+        record = download_revision("EleutherAI/pythia-2.8b", f"step{second}",
+                                   root / f"2.8b/seed0/step{second}", retries=0, backoff=0.1,
+                                   blobs=shared)
+        assert len(_weight_gets(hub)) == 2  # fetched again, and verified
+    row = result.table[result.table.step == second].iloc[0]
+    assert row.weight_files == f"model.safetensors={record['sha256']}"  # the hub's blob

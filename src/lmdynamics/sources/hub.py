@@ -325,10 +325,15 @@ def _fetch(repo: str, remote: RemoteFile, commit: str, staging: Path, *, retries
     t0 = time.perf_counter()
     etag = remote.etag.strip('"').lower()
     if blobs is not None and blobs.take(etag, remote.size, staging / remote.name):
-        sha = verify_download(staging / remote.name, remote, f" of {repo}@{commit[:12]}")
-        log.info("%s: blob %s is served by another planned revision too: taken from %s, not "
-                 "fetched again", remote.name, etag[:12], blobs.directory)
-        return staging / remote.name, sha
+        try:
+            sha = verify_download(staging / remote.name, remote, f" of {repo}@{commit[:12]}")
+        except CorruptDownloadError as exc:  # a damaged kept copy: drop it, fetch the blob
+            log.warning("kept blob %s is damaged (%s); fetching it again", etag[:12], exc)
+            blobs.path(etag).unlink(missing_ok=True)
+        else:
+            log.info("%s: blob %s is served by another planned revision too: taken from %s, "
+                     "not fetched again", remote.name, etag[:12], blobs.directory)
+            return staging / remote.name, sha
 
     def get() -> str:
         try:
