@@ -31,11 +31,21 @@ import pandas as pd
 import xarray as xr
 
 from lmdynamics.defects import check_policy, flagged
-from lmdynamics.report.tables import MCCOptions, early_step, final_step, mcc_grid, mcc_table
+from lmdynamics.report.tables import (
+    SENSITIVITY_CKA,
+    SENSITIVITY_PER,
+    MCCOptions,
+    combine_run_grids,
+    early_step,
+    final_step,
+    mcc_table,
+    replicates,
+    run_grid,
+)
 from lmdynamics.store import write_text_atomic
 
 #: Columns of Table 1 that are counts of layers, not results: zero in an undefined row.
-COUNT_COLUMNS = ("n_layers", "n_early", "n_large")
+COUNT_COLUMNS = ("n_layers", "n_early", "n_large", "n_both", "n_relabellings")
 
 
 def _seeds(ds: xr.Dataset) -> list[int]:
@@ -141,6 +151,8 @@ def table_without(ds: xr.Dataset, defects: pd.DataFrame, options: MCCOptions,
                 out.loc[rows, column] = math.nan
         if "interval_spans_zero" in out:
             out.loc[rows, "interval_spans_zero"] = False
+        if "verdict" in out:
+            out.loc[rows, "verdict"] = "undefined"
         trusted = "no trusted analysed step at or before it" if not choice.reason.startswith(
             "the final") else "no trusted reference"
         out.loc[rows, "undefined_reason"] = f"undefined: {choice.reason}; {trusted}"
@@ -149,34 +161,37 @@ def table_without(ds: xr.Dataset, defects: pd.DataFrame, options: MCCOptions,
 
 
 def grid_without(ds: xr.Dataset, defects: pd.DataFrame, options: MCCOptions,
-                 policy: str) -> xr.DataArray | None:
-    """The sensitivity grid (:func:`lmdynamics.report.tables.mcc_grid`) with the flagged
-    revisions left out as in :func:`table_without`; None when nothing changes (``mark``, or
-    no run's early or final step flagged)."""
+                 policy: str) -> xr.Dataset | None:
+    """The sensitivity grids (:func:`lmdynamics.report.tables.mcc_grids`: MCC and p-value)
+    with the flagged revisions left out as in :func:`table_without`: a run without a trusted
+    early step counts as undefined at every threshold; None when nothing changes (``mark``,
+    or no run's early or final step flagged)."""
     check_policy(policy)
     early = early_steps(ds, defects, options) if policy == "exclude" else {}
     if not early:
         return None
     last = final_step(ds)
+    steps = [int(s) for s in ds["step"].to_numpy()]
     sizes = []
     for size in [str(s) for s in ds["size"].to_numpy()]:
         runs = []
         for seed in _seeds(ds):
             choice = early.get((size, seed))
-            if choice is None:
-                grid = mcc_grid(_run(ds, size, seed, [int(s) for s in ds["step"].to_numpy()]),
-                                options)
-            elif choice.used is None:
-                grid = mcc_grid(_run(ds, size, seed, [int(s) for s in ds["step"].to_numpy()]),
-                                options) * math.nan
+            if choice is not None and choice.used is not None:
+                run, run_options = (_run(ds, size, seed, [choice.used, last]),
+                                    _at(options, choice.used, last))
             else:
-                grid = mcc_grid(_run(ds, size, seed, [choice.used, last]),
-                                _at(options, choice.used, last))
-            runs.append(grid.drop_attrs() if hasattr(grid, "drop_attrs") else grid)
-        sizes.append(xr.concat(runs, dim="seed").mean("seed", skipna=False))
+                run, run_options = _run(ds, size, seed, steps), options
+            ((_, one),) = replicates(run)
+            values, counts, used = run_grid(one, run_options, SENSITIVITY_CKA, SENSITIVITY_PER)
+            if choice is not None and choice.used is None:
+                values, counts = np.full_like(values, np.nan), np.zeros_like(counts)
+            runs.append((values, counts, used))
+        sizes.append(combine_run_grids(runs, options))
     out = xr.concat(sizes, dim="size")
-    out.attrs = {**dataclasses.asdict(options), "final_step": last}
-    return out.rename("mcc")
+    for name in out.data_vars:
+        out[name].attrs = {**dataclasses.asdict(options), "final_step": last}
+    return out
 
 
 def _listing(defects: pd.DataFrame, ds: xr.Dataset | None = None) -> list[str]:
