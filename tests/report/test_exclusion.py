@@ -81,6 +81,13 @@ def test_a_run_without_trusted_early_step_is_undefined_with_the_reason():
     assert reason.endswith("no trusted analysed step at or before it")
     md = tables.mcc_markdown(out)
     assert md.count("undefined[^") == 4 and "no trusted analysed step" in md
+    # no test of chance either: no counts, no p-value, the plain label says so
+    assert (out.n_both == 0).all() and (out.n_relabellings == 0).all()
+    assert out.p_value.isna().all() and out.p_min.isna().all()
+    assert set(out.verdict) == {"undefined"}
+    assert tables.mcc_seed_summary(out).p_value.isna().all()
+    grids = exclusion.grid_without(ds, found, tables.MCCOptions(), "exclude")
+    assert grids["mcc"].isnull().all() and grids["p_value"].isnull().all()
 
 
 def test_a_flagged_final_step_leaves_nothing_to_compare_with():
@@ -106,9 +113,11 @@ def test_seeds_are_judged_one_by_one():
     assert set(out[(out.seed == 1) & (out["size"] == "70m")].early_step) == {before}
     assert set(out[(out.seed == 1) & (out["size"] == "160m")].early_step) == {early}
     # the sensitivity grid follows: seed 1 of 70m at the earlier step, the rest unchanged
-    grid = exclusion.grid_without(ds, _found((1, early)), options, "exclude")
-    plain = tables.mcc_grid(ds, options)
-    np.testing.assert_array_equal(grid.sel(size="160m").values, plain.sel(size="160m").values)
+    grids = exclusion.grid_without(ds, _found((1, early)), options, "exclude")
+    grid, plain = grids["mcc"], tables.mcc_grids(ds, options)
+    for name in ("mcc", "p_value"):  # p: the stratified test over the same two seeds
+        np.testing.assert_array_equal(grids[name].sel(size="160m").values,
+                                      plain[name].sel(size="160m").values)
     runs = [tables.mcc_grid(ds.sel(seed=[0], size=["70m"]), options),
             tables.mcc_grid(ds.sel(seed=[1], size=["70m"], step=[before, 512]),
                             exclusion._at(options, before, 512))]
