@@ -4,10 +4,12 @@ non-Pythia suite from the loopback hub (tests/hub_server.py, tests/suite_files.p
 
 from __future__ import annotations
 
+import io
 import json
 import re
 
 import pytest
+import safetensors.torch
 import torch
 import yaml
 
@@ -28,7 +30,15 @@ from lmdynamics.sources.checkpoints import KNOWN_ARCHITECTURES, read_state_dict
 from lmdynamics.sources.hub import RevisionNotFound, resolve_revision
 from lmdynamics.sources.plan import hub_refs
 from lmdynamics.sources.schedule import pythia_schedule
-from suite_files import GPT2_TEST, OLMO_TEST, gpt2_state_dict, olmo_branch, olmo_state_dict
+from suite_files import (
+    GPT2_TEST,
+    OLMO_TEST,
+    gpt2_files,
+    gpt2_state_dict,
+    olmo_branch,
+    olmo_files,
+    olmo_state_dict,
+)
 
 OLMO_STEPS = [0, 1000, 2000, 20000]  # 3000..19000 "lost", as the model card warns
 
@@ -217,12 +227,16 @@ def test_download_command_fetches_a_revision_of_each_suite(suite_name, monkeypat
             add_olmo(hub, OLMO_STEPS)
             repo = suite.repo_id("1B")
             args = ["--step", "2000", "--revision-pattern", suite.revisions["pattern"]]
-            branch, expected = olmo_branch(2000), olmo_state_dict(*OLMO_TEST, TEST_VOCAB, 4000)
+            branch = olmo_branch(2000)
+            expected = safetensors.torch.load(  # the bytes the hub serves for step 2000
+                olmo_files(2000, max(OLMO_STEPS), TEST_VOCAB)["model.safetensors"])
         else:
             add_mistral_gpt2(hub, [0, 10, 400000])
             repo = suite.repo_id("small", 21)
             args = ["--revision", suite.revision(10)]
-            branch, expected = "checkpoint-10", gpt2_state_dict(*GPT2_TEST, TEST_VOCAB, 3010)
+            branch = "checkpoint-10"
+            expected = torch.load(io.BytesIO(gpt2_files(10, 400000, TEST_VOCAB)[
+                "pytorch_model.bin"]), weights_only=True)
         assert arch in KNOWN_ARCHITECTURES
         run(["download", "--repo", repo, *args, "--out-dir", str(out), "--retries", "0"])
         commit = hub.state.repo("models", repo).branches[branch]
