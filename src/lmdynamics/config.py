@@ -250,8 +250,10 @@ def _short(values: list[int], limit: int = 30) -> str:
     return shown + (f", ... ({len(values)} in all)" if len(values) > limit else "")
 
 
-def semantic_errors(config: Mapping[str, Any]) -> list[str]:
-    """Checks the schema cannot express; assumes the config passed the schema."""
+def semantic_errors(config: Mapping[str, Any],
+                    schema: Mapping[str, Any] | None = None) -> list[str]:
+    """Checks the schema cannot express; assumes the config passed ``schema`` (whose
+    defaults fill unset keys; default: the one :mod:`lmdynamics.options` reads)."""
     from lmdynamics.sources.suites import SuiteError
 
     errors: list[str] = []
@@ -313,7 +315,7 @@ def semantic_errors(config: Mapping[str, Any]) -> list[str]:
                       f"the first revision suite {suite.name} has (no step 0 branch); allowed: "
                       f"steps >= {first}; the Conjecture reference is then the earliest "
                       "analysed step")
-    errors += early_step_errors(config)
+    errors += early_step_errors(config, schema)
     errors += conjecture_errors(config)
     available = eval_positions(config)
     if config.get("sampling", {}).get("protocol") == "paper_code":
@@ -328,13 +330,20 @@ def semantic_errors(config: Mapping[str, Any]) -> list[str]:
     return errors
 
 
-def early_step_errors(config: Mapping[str, Any]) -> list[str]:
+def early_step_errors(config: Mapping[str, Any],
+                      schema: Mapping[str, Any] | None = None) -> list[str]:
     """Table 1's early step must exist: with ``mcc.early_step: at_or_before`` some analysed
     step must be at or before ``mcc.early_fraction`` x ``final_step`` (the rule of
-    :func:`lmdynamics.report.tables.early_step`, checked here before any job runs)."""
-    from lmdynamics.options import defaults
+    :func:`lmdynamics.report.tables.early_step`, checked here before any job runs).
+    ``schema``: the config schema whose ``mcc`` defaults fill unset keys (default: the one
+    :mod:`lmdynamics.options` reads)."""
+    if schema is None:
+        from lmdynamics.options import defaults
 
-    mcc = {**defaults("mcc"), **(config.get("mcc") or {})}
+        unset = defaults("mcc")
+    else:
+        unset = {k: v.get("default") for k, v in schema["properties"]["mcc"]["properties"].items()}
+    mcc = {**unset, **(config.get("mcc") or {})}
     if mcc["early_step"] != "at_or_before":
         return []
     target = mcc["early_fraction"] * config["final_step"]
@@ -443,7 +452,7 @@ def check_config(config: Mapping[str, Any], schema: Mapping[str, Any] | Path | s
         current = {k: v for k, v in config.items() if k not in REMOVED_KEYS}
         errors += [e for e in schema_errors(current, schema) if e.split(":")[0] not in named]
     if not errors:
-        errors = semantic_errors(config)
+        errors = semantic_errors(config, schema)
     if not errors:
         errors = (model_spec_errors(config) + hub_errors(config) + family_errors(config)
                   + seed_errors(config))
