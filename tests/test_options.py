@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from lmdynamics import config, options
+from lmdynamics import config, defects, options
 from lmdynamics.estimators.cka import CKA_ESTIMATORS
 from lmdynamics.estimators.mcc import ALTERNATIVES
 from lmdynamics.estimators.measures import MEASURES, REFERENCES
@@ -47,6 +47,7 @@ CODE_CHOICES = {
     **{("measures", name, "data"): m.data for name, m in MEASURES.items()},
     **{("measures", name, "reference"): REFERENCES for name, m in MEASURES.items()
        if m.comparative},
+    ("audit", "defective"): defects.POLICIES,
 }
 
 

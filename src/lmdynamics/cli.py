@@ -367,24 +367,43 @@ def _combine(a: argparse.Namespace) -> None:
     write_combined(a.stores, a.out_zarr, a.out_csv)
 
 
-def _drawing_args(data: str, *sections: str) -> Callable[[argparse.ArgumentParser], None]:
+def _drawing_args(data: str, *sections: str,
+                  defects: bool = False) -> Callable[[argparse.ArgumentParser], None]:
     """Arguments of a figure command: its name, ``--<data>`` (the dataset it draws), the config
-    ``sections`` it reads (``--options``) and ``--out-stem`` (``<stem>.png`` and ``.pdf``)."""
+    ``sections`` it reads (``--options``), ``--out-stem`` (``<stem>.png`` and ``.pdf``) and,
+    with ``defects``, ``--defects`` (the revisions the audits flagged)."""
     def add(p: argparse.ArgumentParser) -> None:
         p.add_argument("name")
         p.add_argument(f"--{data}", type=Path, required=True)
         _options_arg(p, *sections)
         p.add_argument("--out-stem", type=Path, required=True)
+        if defects:
+            _defects_arg(p)
     return add
 
 
-@command("figure", _drawing_args("metrics", "figures", "metrics"))
+def _defects_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--defects", type=Path, default=None,
+                   help="tables/defective.csv: revisions the audits flagged, left out or marked "
+                        "as config audit.defective says")
+
+
+def _marked(ds, a: argparse.Namespace, opts: dict):
+    """``ds`` with the flagged revisions of ``--defects`` marked for the figures
+    (:func:`lmdynamics.report.exclusion.mark_dataset`)."""
+    from lmdynamics.defects import read_defects
+    from lmdynamics.report.exclusion import mark_dataset
+
+    return mark_dataset(ds, read_defects(a.defects), opts["audit"]["defective"])
+
+
+@command("figure", _drawing_args("metrics", *READS["figure"], defects=True))
 def _figure(a: argparse.Namespace) -> None:
     from lmdynamics.report.cka import render_figure
     from lmdynamics.store import open_store
 
     opts = _options(a)
-    render_figure(a.name, open_store(a.metrics).load(), a.out_stem,
+    render_figure(a.name, _marked(open_store(a.metrics).load(), a, opts), a.out_stem,
                   estimator=opts["metrics"]["cka_estimator"], x_axis=opts["figures"]["x_axis"])
 
 
@@ -401,7 +420,8 @@ def _measure_figure(a: argparse.Namespace) -> None:
 
 def _mcc_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics", type=Path, required=True)
-    _options_arg(p, "mcc", "metrics")
+    _options_arg(p, *READS["mcc"])
+    _defects_arg(p)
     p.add_argument("--csv", type=Path)
     p.add_argument("--md", type=Path)
     p.add_argument("--seeds-csv", type=Path,
@@ -418,18 +438,26 @@ def _mcc(a: argparse.Namespace) -> None:
 
     if not (a.csv and a.md) and not a.sensitivity_stem:
         raise ValueError("mcc: give --csv and --md (the table) and/or --sensitivity-stem")
+    from lmdynamics.defects import read_defects
+    from lmdynamics.report import exclusion
+
     opts = _options(a)
     estimator = opts["metrics"]["cka_estimator"]
     ds = select_cka(open_store(a.metrics).load(), estimator)
     options = MCCOptions(**opts["mcc"])
+    policy, found = opts["audit"]["defective"], read_defects(a.defects)
     if a.csv and a.md:
         table = mcc_table(ds, options)
+        table, early = exclusion.table_without(ds, found, options, table, policy)
         table.attrs["thresholds"]["cka_estimator"] = estimator
         write_mcc_table(table, a.csv, a.md, seeds_csv=a.seeds_csv)
+        exclusion.append_notes(a.md, exclusion.footnotes(ds, found, policy, early))
     if a.sensitivity_stem:
         from lmdynamics.report.mcc import mcc_sensitivity
 
-        mcc_sensitivity(ds, a.sensitivity_stem, options)
+        grid = exclusion.grid_without(ds, found, options, policy)
+        mcc_sensitivity(ds, a.sensitivity_stem, options, grids=grid,
+                        note=exclusion.figure_note(ds, found, policy))
 
 
 def _reduce_stats_args(p: argparse.ArgumentParser) -> None:
@@ -457,13 +485,22 @@ def _combine_stats(a: argparse.Namespace) -> None:
     write_combined_stats(a.stores, a.out)
 
 
-@command("stats-figure", _drawing_args("stats", "figures", "conjecture"))
+def _stats_figure_args(p: argparse.ArgumentParser) -> None:
+    _drawing_args("stats", *READS["stats-figure"], defects=True)(p)
+    p.add_argument("--init-step", type=int, default=0,
+                   help="the step of the reference initialisation (the earliest analysed step "
+                        "when the suite has no step 0)")
+
+
+@command("stats-figure", _stats_figure_args)
 def _stats_figure(a: argparse.Namespace) -> None:
     from lmdynamics.report.conjecture import render_stats
     from lmdynamics.store import open_store
 
     opts = _options(a)
-    render_stats(a.name, open_store(a.stats).load(), a.out_stem,
+    ds = _marked(open_store(a.stats).load(), a, opts)
+    ds.attrs["init_step"] = a.init_step
+    render_stats(a.name, ds, a.out_stem,
                  x_axis=opts["figures"]["x_axis"], steps=opts["conjecture"]["figure_steps"])
 
 
@@ -489,6 +526,12 @@ def _download_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dir", type=Path, required=True)
     p.add_argument("--min-free-gb", type=float, default=_default("hub", "min_free_gb"),
                    help="fail before writing if the download would leave less free disk")
+    p.add_argument("--hub-audit", type=Path, default=None,
+                   help="tables/hub_audit.csv: weight blobs several planned revisions serve are "
+                        "fetched once (with --blob-dir)")
+    p.add_argument("--blob-dir", type=Path, default=None,
+                   help="where a shared blob is kept until every revision serving it is "
+                        "downloaded (default: .blobs beside the size folders)")
     _retry_args(p)
 
 
@@ -508,8 +551,16 @@ def _download(a: argparse.Namespace) -> None:
         revision = resolve_revision(a.repo, a.step, a.revision_pattern, retries=a.retries,
                                     backoff=a.backoff)
         log.info("step %d of %s is branch %s", a.step, a.repo, revision)
+    blobs = None
+    if a.hub_audit is not None:
+        from lmdynamics.hub_audit import read_audit
+        from lmdynamics.sources.blobs import SharedBlobs
+
+        blob_dir = a.blob_dir or a.out_dir.parent.parent.parent / ".blobs"
+        blobs = SharedBlobs(blob_dir, read_audit(a.hub_audit))
     record = download_revision(a.repo, revision, a.out_dir, retries=a.retries,
-                               backoff=a.backoff, min_free_bytes=int(a.min_free_gb * 1e9))
+                               backoff=a.backoff, min_free_bytes=int(a.min_free_gb * 1e9),
+                               blobs=blobs)
     log.info("revision record: %s", json.dumps(record))
 
 
@@ -587,12 +638,21 @@ def _suite_eval_batch(a: argparse.Namespace) -> None:
 
 def _audit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("stores", nargs="+", type=Path)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="tables/checkpoint_audit.csv")
+    g = p.add_argument_group("content audit (with --defects)")
+    g.add_argument("--final-step", type=int, default=None, help="the run's final step")
+    g.add_argument("--tensor-audit", type=Path, default=None,
+                   help="tables/tensor_audit.csv: tensors equal to other steps' ones")
+    g.add_argument("--defects", type=Path, default=None,
+                   help="tables/defective.csv: every flagged revision, both audits")
+    g.add_argument("--hub-audit", type=Path, default=None,
+                   help="tables/hub_audit.csv of the pre-flight audit (hub suites)")
+    _options_arg(p, "audit")
 
 
 @command("audit", _audit_args)
 def _audit(a: argparse.Namespace) -> None:
-    """Table of revisions whose weights are byte-identical to another revision's."""
+    """Checkpoint audit: byte-identical revisions, per-tensor digests and trajectories."""
     from lmdynamics.reduction.audit import write_audit
 
     table = write_audit(a.stores, a.out)
@@ -600,6 +660,58 @@ def _audit(a: argparse.Namespace) -> None:
     for row in dups.itertuples():
         log.warning("%s step %s: weights identical to %s", row.size, row.step, row.duplicate_of)
     log.info("%d checkpoints audited, %d duplicates -> %s", len(table), len(dups), a.out)
+    if a.defects is None:
+        return
+    from lmdynamics import defects
+    from lmdynamics.reduction.audit import content_audit, revision_facts
+    from lmdynamics.store import write_text_atomic
+
+    if a.final_step is None or a.tensor_audit is None:
+        raise ValueError("audit --defects needs --final-step and --tensor-audit")
+    opts = _options(a)["audit"]
+    hub_rows = []
+    if a.hub_audit is not None:
+        from lmdynamics.hub_audit import defect_rows, read_audit
+
+        hub_rows = defect_rows(read_audit(a.hub_audit))
+    tensors, rows = content_audit([revision_facts(p) for p in a.stores], a.final_step,
+                                  opts["trajectory_tolerance"],
+                                  {(r["size"], r["seed"], r["step"]) for r in hub_rows})
+    write_text_atomic(tensors.to_csv(index=False), a.tensor_audit)
+    found = defects.frame([*hub_rows, *rows])
+    defects.write_defects(found, a.defects)
+    for (size, seed, step), why in defects.flagged(found).items():
+        log.warning("%s seed %d step %d: %s", size, seed, step, why)
+    log.info("%d revisions flagged (%d by the content audit) -> %s",
+             len(defects.flagged(found)), len(rows), a.defects)
+    content = defects.frame(rows)
+    if opts["defective"] == "fail" and len(content):
+        raise defects.DefectiveRevisionsError(defects.fail_line(content, "the content audit"))
+
+
+def _hub_audit_args(p: argparse.ArgumentParser) -> None:
+    _options_arg(p, *READS["hub-audit"])
+    p.add_argument("--out", type=Path, required=True, help="tables/hub_audit.csv")
+
+
+@command("hub-audit", _hub_audit_args)
+def _hub_audit(a: argparse.Namespace) -> None:
+    """Pre-flight hub audit: what the hub serves for every planned revision, no weights."""
+    from huggingface_hub.utils import disable_progress_bars
+
+    from lmdynamics.hub_audit import audit, enforce, write_audit
+    from lmdynamics.sources.hub import set_default_timeout
+
+    disable_progress_bars()
+    set_default_timeout()
+    config = {k: v for k, v in _options(a).items() if v is not None}
+    result = audit(config)
+    write_audit(result, a.out)
+    for line in result.findings():
+        log.warning("%s", line)
+    log.info("%d revisions audited in %d requests (%.1fs), %d flagged -> %s",
+             len(result.table), result.requests, result.seconds, len(result.defective), a.out)
+    enforce(result.table, config["audit"]["defective"])
 
 
 def _plan_args(p: argparse.ArgumentParser) -> None:
@@ -634,10 +746,17 @@ def _plan(a: argparse.Namespace) -> None:
         from lmdynamics.sources.hub import set_default_timeout
 
         set_default_timeout()
-    table = plan(config, online=online, tflops=tflops, download_mb_s=speed)
+    from lmdynamics.hub_audit import audit_report
+
+    findings, sizes = audit_report(config, online=online)
+    table = plan(config, online=online, tflops=tflops, download_mb_s=speed,
+                 **({"revision_bytes": sizes} if sizes is not None else {}))
     print(f"plan for {a.configfile} (suite {config['suite']}, {config['tokens']} stored tokens "
           "per checkpoint)")
     print(format_plan(table, tflops=tflops, download_mb_s=speed))
+    if findings:
+        print("")
+        print("\n".join(findings))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -38,4 +38,13 @@ READS: dict[str, tuple[str, ...]] = {
                 "family"),
     # Only top_k shapes the reference store (the final checkpoint's top-k directions).
     "reference": ("conjecture.top_k",),
+    # The drawings and Table 1 read the policy for flagged revisions, not the audit's
+    # tolerance (which decides what is flagged: tables/defective.csv, their input).
+    "figure": ("figures", "metrics", "audit.defective"),
+    "stats-figure": ("figures", "conjecture", "audit.defective"),
+    "mcc": ("mcc", "metrics", "audit.defective"),
+    # What the pre-flight audit asks and how; the rest of the hub section changes nothing it
+    # finds.
+    "hub-audit": ("source", "suite", "suite_file", "sizes", "seeds", "steps", "final_step",
+                  "hub.repo", "hub.revision", "hub.retries", "hub.backoff", "audit.defective"),
 }

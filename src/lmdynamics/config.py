@@ -10,6 +10,7 @@ the source, the final step among the steps, enough eval tokens).
 from __future__ import annotations
 
 import json
+import math
 import re
 import string
 from collections.abc import Iterable, Mapping
@@ -129,8 +130,10 @@ def _short(values: list[int], limit: int = 30) -> str:
     return shown + (f", ... ({len(values)} in all)" if len(values) > limit else "")
 
 
-def semantic_errors(config: Mapping[str, Any]) -> list[str]:
-    """Checks the schema cannot express; assumes the config passed the schema."""
+def semantic_errors(config: Mapping[str, Any],
+                    schema: Mapping[str, Any] | None = None) -> list[str]:
+    """Checks the schema cannot express; assumes the config passed ``schema`` (whose
+    defaults fill unset keys; default: the one :mod:`lmdynamics.options` reads)."""
     from lmdynamics.sources.suites import SuiteError
 
     errors: list[str] = []
@@ -184,6 +187,15 @@ def semantic_errors(config: Mapping[str, Any]) -> list[str]:
     if final not in config["steps"]:
         errors.append(f"config key 'steps': the final step {final} is missing; allowed: a list "
                       f"that includes final_step {final} (the CKA reference)")
+    first = suite.first_step if suite is not None else None
+    early = sorted(s for s in config["steps"] if first is not None and s < first)
+    if early:
+        verb = "is" if len(early) == 1 else "are"
+        errors.append(f"config key 'steps': {_short(early, 10)} {verb} before step {first}, "
+                      f"the first revision suite {suite.name} has (no step 0 branch); allowed: "
+                      f"steps >= {first}; the Conjecture reference is then the earliest "
+                      "analysed step")
+    errors += early_step_errors(config, schema)
     errors += conjecture_errors(config)
     available = eval_positions(config)
     if config.get("sampling", {}).get("protocol") == "paper_code":
@@ -196,6 +208,31 @@ def semantic_errors(config: Mapping[str, Any]) -> list[str]:
         errors.append(f"config key 'tokens': {config['tokens']} exceeds the {available} token "
                       f"positions of the eval batch; allowed: 2..{available}")
     return errors
+
+
+def early_step_errors(config: Mapping[str, Any],
+                      schema: Mapping[str, Any] | None = None) -> list[str]:
+    """Table 1's early step must exist: with ``mcc.early_step: at_or_before`` some analysed
+    step must be at or before ``mcc.early_fraction`` x ``final_step`` (the rule of
+    :func:`lmdynamics.report.tables.early_step`, checked here before any job runs).
+    ``schema``: the config schema whose ``mcc`` defaults fill unset keys (default: the one
+    :mod:`lmdynamics.options` reads)."""
+    if schema is None:
+        from lmdynamics.options import defaults
+
+        unset = defaults("mcc")
+    else:
+        unset = {k: v.get("default") for k, v in schema["properties"]["mcc"]["properties"].items()}
+    mcc = {**unset, **(config.get("mcc") or {})}
+    if mcc["early_step"] != "at_or_before":
+        return []
+    target = mcc["early_fraction"] * config["final_step"]
+    if any(s <= target + 1e-9 * max(1.0, target) for s in config["steps"]):
+        return []
+    return [f"config key 'steps': no analysed step is at or before mcc.early_fraction "
+            f"{mcc['early_fraction']:g} x final_step {config['final_step']} = {target:g}, "
+            f"Table 1's early step; allowed: steps including one <= {math.floor(target)}, "
+            "or mcc.early_step: nearest"]
 
 
 def eval_data_errors(config: Mapping[str, Any], suite) -> list[str]:
@@ -314,7 +351,7 @@ def check_config(config: Mapping[str, Any], schema: Mapping[str, Any] | Path | s
         current = {k: v for k, v in config.items() if k not in REMOVED_KEYS}
         errors += [e for e in schema_errors(current, schema) if e.split(":")[0] not in named]
     if not errors:
-        errors = semantic_errors(config)
+        errors = semantic_errors(config, schema)
     if not errors:
         errors = (model_spec_errors(config) + hub_errors(config) + family_errors(config)
                   + (seed_errors(config) or repo_collision_errors(config)))

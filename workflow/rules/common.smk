@@ -60,6 +60,13 @@ SIZES = list(config["sizes"])
 SEEDS = sorted(config["seeds"])
 STEPS = sorted(config["steps"])
 FINAL_STEP = config["final_step"]
+# The Conjecture statistics' initialisation: step 0, or the earliest analysed step of a suite
+# that has no step 0 (OLMo-1B-hf's first revision is step 1000).
+INIT_STEP = STEPS[0]
+# Checkpoints you can trust (docs/guide/checkpoint-trust.md): what the pre-flight hub audit
+# and the content audit flag, and what the run does with it (audit.defective).
+HUB_AUDIT = f"{RESULTS}/tables/hub_audit.csv"
+DEFECTS = f"{RESULTS}/tables/defective.csv"
 SCHEDULE = schedule_for(config)
 ENV = "../../envs/lmdynamics.yaml"
 FIGURES = paper_figures(config["metrics"]["standardize"])
@@ -220,7 +227,7 @@ def download_revision(wildcards):
 EVAL_FROM_FILE = eval_from_file(config, SUITE)
 
 
-# Conjecture statistics (workflow/rules/conjecture.smk). What they need of the step-0 and
+# Conjecture statistics (workflow/rules/conjecture.smk). What they need of the INIT_STEP and
 # final checkpoints of a size (init weights, final weights, the final top-k singular
 # directions) is computed once per (size, seed) into reference/<size>/seed<k>.zarr (rule reference); each
 # extraction job reads that store and its own checkpoint. The two checkpoints are inputs of the
@@ -229,9 +236,9 @@ CONJECTURE = config["conjecture"]
 
 
 def reference_checkpoints(wildcards):
-    """Files of the step-0 and final checkpoints of a size (the reference job's inputs)."""
+    """Files of the INIT_STEP and final checkpoints of a size (the reference job's inputs)."""
     files = {}
-    for name, step in (("init", 0), ("final", FINAL_STEP)):
+    for name, step in (("init", INIT_STEP), ("final", FINAL_STEP)):
         ref = checkpoint_files(
             SimpleNamespace(size=wildcards.size, seed=wildcards.seed, step=step)
         )
@@ -262,6 +269,8 @@ def all_outputs():
         f"{RESULTS}/tables/mcc.md",
         f"{RESULTS}/tables/mcc_seeds.csv",
         f"{RESULTS}/tables/checkpoint_audit.csv",
+        f"{RESULTS}/tables/tensor_audit.csv",
+        DEFECTS,
         f"{RESULTS}/figures/mcc_sensitivity.png",
         f"{RESULTS}/figures/mcc_sensitivity.pdf",
     ]
@@ -279,6 +288,8 @@ def all_outputs():
             name=STATS_FIGURES,
             ext=["png", "pdf"],
         )
+    if config["source"] == "hub":
+        outputs.append(HUB_AUDIT)
     if config["source"] == "tiny":
         outputs += [
             f"{RESULTS}/training_loss.csv",

@@ -18,6 +18,11 @@ matrix or in that matrix's gradient) is recorded, not refused: booleans
 the store attr ``nonfinite``, with a warning naming size, step, component and layer.
 The paper code's attention activation, gradient protocol and token sampling are options
 (:mod:`lmdynamics.extraction.paper_code`, :func:`token_positions`).
+
+Besides the sha256 of the weights file (attr ``weights_sha256``) the store records the sha256
+of every floating-point tensor of that file (attr ``tensor_sha256``, name -> digest,
+:func:`lmdynamics.sources.checkpoints.weights_digests`), which the content audit compares
+across the steps of a run (:mod:`lmdynamics.reduction.audit`).
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ from lmdynamics.sources.checkpoints import (
     load_model,
     n_parameters,
     read_model_config,
+    weights_digests,
     weights_sha256,
 )
 from lmdynamics.sources.revision import (
@@ -228,10 +234,14 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
                          "batches of steps c-5 and c-4 (--gradient-batches); none was given")
     refs = (ReferenceStore(stats.reference, size=size, top_k=stats.top_k)
             if stats is not None else None)
-    weights_sha = weights_sha256(checkpoint)
     try:  # before the model is loaded: weights that are not the download's never count
+        try:
+            weights_sha, tensor_sha256 = weights_digests(checkpoint, fam)
+        except CorruptCheckpointError:  # unreadable: say first whether it is the download's
+            verified_revision_attrs(checkpoint, weights_sha256(checkpoint))
+            raise
         hub_attrs = verified_revision_attrs(checkpoint, weights_sha)
-    except WeightsMismatchError as exc:
+    except (WeightsMismatchError, CorruptCheckpointError) as exc:
         raise discard_corrupt_download(checkpoint, exc) from exc
     try:
         model = load_model(checkpoint, dtype=DTYPES[dtype], device=dev,
@@ -276,6 +286,7 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
         "intermediate_size": fam.dims(cfg.to_dict())["intermediate_size"],
         "num_layers": cfg.num_hidden_layers,
         "n_params": n_parameters(model), "weights_sha256": weights_sha,
+        "tensor_sha256": tensor_sha256,
         "eval_batch_shape": list(batch.shape), "token_seed": seed,
         "sampling_protocol": sampling, **hub_attrs, **config_attrs(checkpoint),
         "eval_batch_sha256": hashlib.sha256(
