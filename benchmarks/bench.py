@@ -33,16 +33,17 @@ One run measures and prints, as ratios against rates measured in the same run:
 3. The same CKA (both estimators, each step against the final one) through a straightforward
    Gram-form implementation (N x N Gram matrices, as Kornblith et al.'s reference code):
    its time over ours.
-4. End-to-end wall time of the tiny DAG from an empty results/ (``--skip-dag`` leaves it out),
-   twice: with warm start (the tiny suite's default, :mod:`lmdynamics.warm`) and cold
-   (``execution.warm_start: false``), each against the sum of its jobs' work: the **overhead
-   ratio** ``wall / (sum of work / cores)`` (1 would be a DAG with no per-job cost, perfectly
-   packed). A job's work is its measured time (Snakemake's ``benchmarks/<rule>/...`` file
-   where the rule writes one, else the span of its log's timestamps plus the time to its
-   first log line) less its rule's **start time**. Cold: a fresh ``python`` process importing
-   what the rule's ``lmdynamics`` subcommand imports, and exiting (median of 3; the
-   subcommand's imports are read from its source). Warm: ``lmdynamics <subcommand> --help``
-   through a running server (median of 3): client, fork, argument parsing, exit.
+4. The tiny DAG (``snakemake --cores N --configfile config/tiny.yaml``, N = ``--cores``,
+   default every core; ``--skip-dag`` leaves it out) from a clean copy of the checkout (its
+   git-tracked and unignored files: no results/, no .snakemake/): its wall time; its jobs'
+   **work**, the CPU time (user + system) of every job's processes, measured exactly as the
+   CPU time of Snakemake's waited-for children less Snakemake's own; the **overhead ratio**
+   ``wall / (work / cores)`` (1: no per-job cost beyond the jobs' own CPU time and every core
+   busy throughout); the training's share (its longest job's wall time over the DAG's, from
+   Snakemake's ``benchmark:`` files: training sets the DAG's critical path); per rule, its
+   jobs and their wall time; and that no process of the run is left once it has finished.
+   Then the default test command (``python -m pytest``) in the same copy, its wall time
+   (``--skip-pytest`` leaves it out).
 5. Contention (``--contention``): a plain transformers forward+backward pass and the
    extraction's pass (with statistics) of a small Pythia-70m-shaped batch, each in a fresh
    process on ``--threads`` threads, on the machine as it is and beside ``--load-procs`` busy
@@ -65,23 +66,21 @@ float64 GEMM rate use that same OpenBLAS pool.
 from __future__ import annotations
 
 import argparse
-import ast
 import datetime
-import inspect
 import logging
 import os
 import platform
 import re
+import resource
 import shutil
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from io import StringIO
 from pathlib import Path
 
-from lmdynamics.cli import COMMANDS, THREAD_VARIABLES, pin_threads
+from lmdynamics.cli import THREAD_VARIABLES, pin_threads
 
 
 def _threads_argument(argv: list[str]) -> int:
@@ -270,7 +269,7 @@ def bench_extraction(a: argparse.Namespace, root: Path) -> None:
     stats_options = reference_options(init, final, root)
     # The first pass in a process also pays one-time costs (CUDA's lazy kernel loading and
     # cuBLAS set-up, the allocator's first growth); the second, "warm", is the steady state
-    # a process that extracts many checkpoints (or a warm-started job) sees.
+    # a process that extracts many checkpoints (the tiny suite's extraction job) sees.
     for label, stats in (("with Conjecture statistics (default; first in process)",
                           stats_options),
                          ("with Conjecture statistics again (warm pass)", stats_options),
@@ -394,124 +393,128 @@ def bench_reduction(a: argparse.Namespace, root: Path) -> None:
 
 # -------------------------------------------------------------------------------- DAG
 
-def command_imports(name: str) -> str:
-    """The import statements of ``lmdynamics <name>``'s function, as source (its start cost)."""
-    func = COMMANDS[name][1]
-    tree = ast.parse(textwrap.dedent(inspect.getsource(func)))
-    return "\n".join(ast.unparse(node) for node in ast.walk(tree)
-                     if isinstance(node, (ast.Import, ast.ImportFrom)))
+def clean_copy(dest: Path) -> Path:
+    """The checkout's git-tracked and unignored files copied to ``dest`` (what a fresh clone
+    holds, with uncommitted edits): no results/, .snakemake/ or caches."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
+                             "--exclude-standard"], cwd=ROOT, capture_output=True,
+                            check=True).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    return dest
 
 
-def start_time(name: str | None, repeats: int = 3) -> float:
-    """Median wall time of a fresh process that imports ``lmdynamics.cli`` and then what
-    subcommand ``name`` imports (nothing more when None), and exits: a cold job's start."""
-    code = "import lmdynamics.cli\n" + (command_imports(name) if name else "")
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        subprocess.run([sys.executable, "-c", code], env=env, check=True)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+#: Runs ``snakemake`` (arguments after the first) and writes its own CPU time, without its
+#: children's, to the file named by the first argument when it exits.
+_SNAKEMAKE = """
+import atexit, resource, sys
+out = sys.argv.pop(1)
+sys.argv[0] = "snakemake"
+def own():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    with open(out, "w") as f:
+        f.write(str(r.ru_utime + r.ru_stime))
+atexit.register(own)
+from snakemake.cli import main
+main()
+"""
 
 
-def warm_start_time(name: str, env: dict, repeats: int = 3) -> float:
-    """Median wall time of ``lmdynamics <name> --help`` with warm start on, once a server for
-    ``env`` is up (:mod:`lmdynamics.warm`): the client's start, the fork, the child's argument
-    parsing and exit. The subcommand's imports are the server's already, so this is a warm
-    job's start."""
-    cmd = [sys.executable, "-m", "lmdynamics", name, "--help"]
-    env = {**env, "LMDYNAMICS_WARM_START": "1"}
-    subprocess.run(cmd, env=env, check=True, capture_output=True)  # starts the server
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        subprocess.run(cmd, env=env, check=True, capture_output=True)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+def children_cpu() -> float:
+    """CPU seconds (user + system) of this process's finished, waited-for descendants."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def processes_in(folder: Path) -> list[str]:
+    """Processes (pid and command) whose working directory or command line is in ``folder``."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+            cwd = os.readlink(proc / "cwd")
+        except OSError:
+            continue
+        if int(proc.name) != os.getpid() and (str(folder) in cmdline
+                                              or cwd.startswith(str(folder))):
+            found.append(f"{proc.name} {cmdline[:120]}")
+    return found
+
+
+def rule_walls(results: Path) -> dict[str, list[float]]:
+    """Wall seconds of every job of a finished run by rule: its ``benchmark:`` file, else the
+    span of its log's timestamps (a job's log starts once Python has started)."""
+    walls: dict[str, list[float]] = {}
+    for log in sorted((results / "logs").rglob("*.log")):
+        rel = log.relative_to(results / "logs").with_suffix("")
+        bench = results / "benchmarks" / rel.with_suffix(".tsv")
+        if bench.is_file():
+            seconds = float(bench.read_text().splitlines()[1].split("\t")[0])
+        else:
+            stamps = [datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f")
+                      for line in log.read_text(errors="replace").splitlines()
+                      if (m := _STAMP.match(line))]
+            if not stamps:
+                continue
+            seconds = (stamps[-1] - stamps[0]).total_seconds()
+        walls.setdefault(rel.parts[0], []).append(seconds)
+    return walls
 
 
 _STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 
 
-def job_spans(results: Path, cli_start: float) -> list[tuple[str, str, float]]:
-    """(rule, subcommand, seconds) of every job of a finished run: its benchmark file's
-    wall time, else its log's first-to-last timestamp plus ``cli_start`` (the time to the
-    first log line)."""
-    spans = []
-    for log in sorted((results / "logs").rglob("*.log")):
-        rel = log.relative_to(results / "logs").with_suffix("")
-        lines = log.read_text(errors="replace").splitlines()
-        stamps = [datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f")
-                  for line in lines if (m := _STAMP.match(line))]
-        first = re.search(r"lmdynamics: lmdynamics (\S+)", lines[0]) if lines else None
-        if not stamps or first is None:
-            continue
-        bench = results / "benchmarks" / rel.with_suffix(".tsv")
-        if bench.is_file():
-            seconds = float(bench.read_text().splitlines()[1].split("\t")[0])
-        else:
-            seconds = (stamps[-1] - stamps[0]).total_seconds() + cli_start
-        spans.append((rel.parts[0], first.group(1), seconds))
-    return spans
-
-
 def bench_dag(a: argparse.Namespace, root: Path) -> None:
-    """Section 4: the tiny DAG warm (the tiny suite's default, :mod:`lmdynamics.warm`), then
-    cold (``execution.warm_start: false``), each from an empty results/ in its own copy."""
+    """Section 4: the tiny DAG, then the default test command, in one clean copy."""
     cores = os.cpu_count() if a.cores == "all" else int(a.cores)
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    work = clean_copy(root / "dag")
+    env = {**os.environ, "PYTHONPATH": str(work / "src")}
     for name in ("OMP_WAIT_POLICY", *THREAD_VARIABLES):  # the jobs get Snakemake's own
         env.pop(name, None)
-    for warm in (True, False):
-        work = root / ("warm" if warm else "cold")
-        work.mkdir()
-        for name in ("Snakefile", "config", "workflow", "envs", "profiles"):
-            src = ROOT / name
-            if src.is_dir():
-                shutil.copytree(src, work / name)
-            elif src.exists():
-                shutil.copy(src, work / name)
-        cmd = ["snakemake", "--cores", str(a.cores), "--configfile", "config/tiny.yaml"]
-        if a.quick:  # (--config would pass the steps as strings)
-            (work / "config/quick.yaml").write_text(
-                'sizes: ["42k"]\nsteps: [0, 64, 512]\ntokens: 256\n')
-            cmd.append("config/quick.yaml")
-        (work / "config/start.yaml").write_text(
-            f"execution:\n  warm_start: {str(warm).lower()}\n")
-        cmd += ["config/start.yaml", "--quiet", "rules"]
-        load = os.getloadavg()[0]
-        t = time.perf_counter()
-        done = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
-        wall = time.perf_counter() - t
-        if done.returncode:
-            sys.exit(f"tiny DAG failed:\n{done.stderr[-3000:]}")
-        label = "warm start" if warm else "cold (execution.warm_start: false)"
-        print(f"\n## 4{'a' if warm else 'b'}. tiny DAG, {label}, from an empty results/ "
-              f"({' '.join(cmd[:5])} ...): **{wall:.0f} s** wall (load average {load:.2f} "
-              f"before, {os.getloadavg()[0]:.2f} after)")
-        cli_start = start_time(None)
-        spans = job_spans(work / "results/tiny", cli_start)
-        subcommands = sorted({s for _, s, _ in spans})
-        starts = {sub: warm_start_time(sub, env) if warm else start_time(sub)
-                  for sub in subcommands}
-        rules: dict[str, list[tuple[float, float]]] = {}
-        for rule, sub, seconds in spans:
-            rules.setdefault(rule, []).append((seconds, starts[sub]))
-        what = ("warm: `lmdynamics <subcommand> --help` through the server, median of 3"
-                if warm else "cold: a fresh process importing what the subcommand imports")
-        print(f"- per rule: jobs, start time ({what}), median job time, work (job - start)")
-        total_work = total_jobs = 0.0
-        for rule, rows in sorted(rules.items()):
-            seconds = [s for s, _ in rows]
-            work_s = [max(s - st, 0.0) for s, st in rows]
-            total_work += sum(work_s)
-            total_jobs += sum(seconds)
-            print(f"  - {rule}: {len(rows)} jobs, start {rows[0][1]:.2f} s, job "
-                  f"{np.median(seconds):.2f} s, work {sum(work_s):.1f} s in all")
-        print(f"- {len(spans)} jobs: {total_jobs:.0f} s of job time, {total_work:.0f} s of "
-              f"work ({total_work / total_jobs:.0%}); **overhead ratio wall / (work / {cores} "
-              f"cores) = {wall / (total_work / cores):.2f}**")
+    args = ["--cores", str(cores), "--configfile", "config/tiny.yaml"]
+    if a.quick:  # (--config would pass the steps as strings)
+        (work / "config/quick.yaml").write_text(
+            'sizes: ["42k"]\nsteps: [0, 64, 512]\ntokens: 256\n')
+        args.append("config/quick.yaml")
+    own = root / "snakemake-cpu.txt"
+    load = os.getloadavg()[0]
+    cpu0, t = children_cpu(), time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", _SNAKEMAKE, str(own), *args, "--quiet",
+                           "rules"], cwd=work, env=env, capture_output=True, text=True)
+    wall, cpu = time.perf_counter() - t, children_cpu() - cpu0
+    if done.returncode:
+        sys.exit(f"tiny DAG failed:\n{done.stderr[-3000:]}")
+    left = processes_in(work)
+    snakemake_cpu = float(own.read_text())
+    jobs_cpu = cpu - snakemake_cpu
+    walls = rule_walls(work / "results/tiny")
+    training = max(walls.get("train_tiny", [0.0]))
+    print(f"\n## 4. tiny DAG from a clean copy (snakemake {' '.join(args)}), first run: "
+          f"**{wall:.0f} s** wall (load average {load:.2f} before, {os.getloadavg()[0]:.2f} "
+          f"after)")
+    print(f"- work: the jobs' CPU time {jobs_cpu:.0f} s (Snakemake itself {snakemake_cpu:.0f} "
+          f"s); **overhead ratio wall / (work / {cores} cores) = "
+          f"{wall / (jobs_cpu / cores):.2f}** (target <= 1.15)")
+    print(f"- training: the longest job {training:.0f} s, **{training / wall:.0%} of the "
+          f"wall time**; all training jobs {sum(walls.get('train_tiny', [])):.0f} s")
+    print("- per rule: jobs, wall time in all (median job)")
+    for rule, seconds in sorted(walls.items(), key=lambda kv: -sum(kv[1])):
+        print(f"  - {rule}: {len(seconds)}, {sum(seconds):.1f} s ({np.median(seconds):.2f} s)")
+    print(f"- processes of the run left after it: {'; '.join(left) if left else 'none'}")
+    if a.skip_pytest:
+        return
+    load = os.getloadavg()[0]
+    t = time.perf_counter()
+    tests = subprocess.run([sys.executable, "-m", "pytest"], cwd=work, env=env,
+                           capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    summary = (tests.stdout.strip().splitlines() or ["(no output)"])[-1]
+    print(f"\n## 4b. default tests (python -m pytest) in the same copy: **{wall:.0f} s** wall "
+          f"(target <= 480 s; load average {load:.2f} before); exit {tests.returncode}: "
+          f"{summary}")
 
 
 # ---------------------------------------------------------------------------- contention
@@ -594,6 +597,8 @@ def main() -> None:
     p.add_argument("--skip-extraction", action="store_true")
     p.add_argument("--skip-reduction", action="store_true")
     p.add_argument("--skip-dag", action="store_true")
+    p.add_argument("--skip-pytest", action="store_true",
+                   help="section 4 without the default test command")
     p.add_argument("--quick", action="store_true", help="smoke mode: 1 x 256 tokens, "
                    "5 steps x 1 layer of N=512, D=64, a reduced DAG")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,

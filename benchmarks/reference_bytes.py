@@ -22,7 +22,7 @@ read:
 
 Works with the code before the reference store (``StatsOptions(init, final)``) and after it
 (``StatsOptions(reference)``, the store built first and not counted): run it with each
-checkout's ``src`` on ``PYTHONPATH``. Results: benchmarks/RESULTS.md, "Bytes read per
+checkout's ``src`` on ``PYTHONPATH``. Results: docs/benchmarks/2026-12-04.md, "Bytes read per
 extraction".
 """
 

@@ -249,6 +249,15 @@ def test_unknown_key_is_named():
         check_config(config, SCHEMA)
 
 
+def test_the_removed_warm_start_option_is_refused_in_one_line():
+    config = {**copy.deepcopy(TINY), "execution": {"warm_start": False}}
+    with pytest.raises(ConfigError) as info:
+        check_config(config, SCHEMA)
+    lines = str(info.value).splitlines()[1:]
+    assert len(lines) == 1 and "config key 'execution': removed" in lines[0], lines
+    assert "warm start no longer exists" in lines[0] and "delete the key" in lines[0]
+
+
 def test_snakemake_refuses_bad_config_before_any_job(tmp_path):
     workdir = copy_workflow(tmp_path)
     proc = snakemake(workdir, "--configfile", "config/tiny.yaml", "--config", "tokens=-3",

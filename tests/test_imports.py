@@ -57,6 +57,7 @@ def test_a_stage_imports_only_upstream_stages(stage):
     "lmdynamics.report.cka", "lmdynamics.report.mcc", "lmdynamics.report.tables",
     "lmdynamics.report.conjecture", "lmdynamics.sources.plan",
     "lmdynamics.families", "lmdynamics.extraction.names",
+    "lmdynamics.sources.tiny",  # the corpus and the eval batch; training imports torch inside
 ])
 def test_reductions_figures_and_tables_do_not_import_torch(entry):
     code = (f"import sys, {entry}; heavy = [m for m in ('torch', 'transformers') "

@@ -12,6 +12,7 @@ import pytest
 
 from lmdynamics import config, options
 from lmdynamics.estimators.cka import CKA_ESTIMATORS
+from lmdynamics.estimators.mcc import ALTERNATIVES
 from lmdynamics.estimators.rank import PER_DIVISORS
 from lmdynamics.extraction import extract, paper_code
 from lmdynamics.reduction.cka import CKAOptions
@@ -30,6 +31,8 @@ CODE_CHOICES = {
     ("mcc", "weight_threshold"): tables.WEIGHT_THRESHOLDS,
     ("mcc", "reference"): tables.REFERENCES,
     ("mcc", "comparison"): tables.COMPARISONS,
+    ("mcc", "alternative"): ALTERNATIVES,
+    ("mcc", "grad_batches"): tables.GRAD_BATCHES,
     ("figures", "x_axis"): figures.X_AXES,
     ("extraction", "device"): extract.DEVICES,
     ("extraction", "dtype"): tuple(extract.DTYPES),

@@ -1,5 +1,5 @@
 """``lmdynamics.cli.pin_threads``: what a command on ``--threads`` sets before numpy and torch
-load (the cause and the measurement: benchmarks/RESULTS.md, "Contention")."""
+load (the cause and the measurement: docs/benchmarks/2026-12-05.md, "Contention")."""
 
 from __future__ import annotations
 
@@ -14,9 +14,7 @@ from conftest import REPO
 from lmdynamics.cli import (
     OPENBLAS_VARIABLES,
     THREAD_VARIABLES,
-    command_environment,
     pin_threads,
-    thread_environment,
 )
 
 PROBE = """
@@ -51,28 +49,6 @@ def test_variables_set_by_snakemake_or_the_user_are_kept():
     got = probe(2, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="ACTIVE", OPENBLAS_NUM_THREADS="2")
     assert got["env"]["OMP_NUM_THREADS"] == "1" and got["env"]["OMP_WAIT_POLICY"] == "ACTIVE"
     assert got["env"]["OPENBLAS_NUM_THREADS"] == "2" and got["torch"] == 2
-
-
-@pytest.mark.parametrize(("argv", "pinned"), [
-    (["extract", "--checkpoint", "c", "--eval-batch", "b", "--size", "s", "--step", "0",
-      "--model", "m", "--revision", "r", "--out", "o", "--threads", "3"], True),
-    (["train-tiny", "--thr", "3", "--size", "s", "--hidden-size", "8", "--num-layers", "1",
-      "--num-heads", "1", "--final-step", "1", "--log-until", "1", "--interval", "1",
-      "--out-dir", "o", "--loss-csv", "l"], True),   # argparse's abbreviation, too
-    (["reduce", "--help"], False),
-    (["figure", "figure1"], False),                  # does not parse: nothing changes
-    (["extract", "--threads", "-2"], False),
-])
-def test_the_environment_a_command_loads_its_libraries_under(argv, pinned):
-    """What a warm start's server imports under (lmdynamics.warm): the command's pinning."""
-    environ = {"PATH": "/bin", "OMP_NUM_THREADS": "1"}
-    got = command_environment(argv, environ)
-    if pinned:
-        assert got == {**environ, **thread_environment(3, environ)}
-        assert got["OMP_NUM_THREADS"] == "1" and got["MKL_NUM_THREADS"] == "3"
-        assert got["OPENBLAS_NUM_THREADS"] == "1" and got["OMP_WAIT_POLICY"] == "PASSIVE"
-    else:
-        assert got == environ
 
 
 def test_no_threads_changes_nothing_and_negative_is_refused():

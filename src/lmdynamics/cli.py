@@ -115,21 +115,24 @@ def _training_loss(a: argparse.Namespace) -> None:
 
 
 def _extract_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", type=Path, required=True, help="HF model directory")
+    p.add_argument("--checkpoint", type=Path, nargs="+", required=True,
+                   help="HF model directory; several: one store each, in this process "
+                        "(--step, --revision, --out and --gradient-batches: one per checkpoint, "
+                        "in the same order)")
     p.add_argument("--eval-batch", type=Path, required=True, help=".npy (sequences, positions)")
     p.add_argument("--size", required=True)
-    p.add_argument("--step", type=int, required=True)
+    p.add_argument("--step", type=int, nargs="+", required=True)
     p.add_argument("--replicate", type=int, default=0,
                    help="seed replicate id (config seeds), recorded as store attr seed")
     p.add_argument("--model", required=True, help="model name recorded in the store")
-    p.add_argument("--revision", required=True)
+    p.add_argument("--revision", nargs="+", required=True)
     _options_arg(p, "tokens", "seed", "extraction", "sampling", "conjecture",
                  "family")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--gradient-batches", type=Path, default=None,
+    p.add_argument("--gradient-batches", type=Path, nargs="+", default=None,
                    help=".npy (2, sequences, positions) for extraction.gradient_protocol "
                         "paper_code")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, nargs="+", required=True)
     g = p.add_argument_group("Conjecture statistics (added when --reference is given; their "
                              "options: config section conjecture)")
     g.add_argument("--reference", type=Path,
@@ -178,14 +181,14 @@ def pin_threads(threads: int | None) -> None:
     model (:data:`PINNED`). One pass alternates torch kernels (OpenMP threads) with numpy's
     LAPACK and BLAS (OpenBLAS's own pthreads); by default each runtime's idle threads spin,
     waiting for more work, while the other runtime's run, and on a machine whose cores are
-    all busy they take the cores the working threads need (benchmarks/RESULTS.md,
-    "Contention"). So (:func:`thread_environment`): ``OMP_WAIT_POLICY=PASSIVE`` (OpenMP threads
-    sleep when idle), torch's pools at ``threads`` with one inter-op thread (the passes never
-    run operators side by side), and numpy's OpenBLAS at one thread: its calls in a pass are
-    small (eigenvalues of D x D Gram matrices, fits), no faster on 2 threads alone, and with
-    2 threads beside 2 busy loops the 70m-shaped extraction with statistics slowed 4.9x
-    against 1.8x on one (RESULTS.md, "Contention, 2026-12-05"). A variable already set (by
-    the user, or by Snakemake for a job's ``threads``) is kept. ``None`` or 0 changes nothing.
+    all busy they take the cores the working threads need. So (:func:`thread_environment`):
+    ``OMP_WAIT_POLICY=PASSIVE`` (OpenMP threads sleep when idle), torch's pools at
+    ``threads`` with one inter-op thread (the passes never run operators side by side), and
+    numpy's OpenBLAS at one thread: its calls in a pass are small (eigenvalues of D x D Gram
+    matrices, fits) and gain nothing from a second thread, while a second thread's spinning
+    slows the pass on a busy machine (measurements: docs/benchmarks/2026-12-05.md,
+    "Contention"). A variable already set (by the user, or by Snakemake for a job's
+    ``threads``) is kept. ``None`` or 0 changes nothing.
     """
     os.environ.update(thread_environment(threads, os.environ))
     if not threads:
@@ -199,45 +202,38 @@ def pin_threads(threads: int | None) -> None:
         pass
 
 
-def command_environment(argv: Sequence[str], environ: Mapping[str, str]) -> dict[str, str]:
-    """The environment ``lmdynamics argv`` has when its libraries load: ``environ`` with, for a
-    command of :data:`PINNED`, the variables :func:`pin_threads` sets for its ``--threads``.
-    A warm-started command's server imports under this environment (:mod:`lmdynamics.warm`),
-    so its libraries load as a fresh process's would. Arguments that do not parse change
-    nothing here (the command then fails on them, warm or cold, the same way)."""
-    import contextlib
-    import io
+def _checkpoint_steps(a: argparse.Namespace) -> list:
+    """The checkpoints of ``lmdynamics extract``, one per ``--checkpoint``, with their
+    ``--step``, ``--revision``, ``--out`` and ``--gradient-batches`` in the same order."""
+    from lmdynamics.extraction.extract import CheckpointStep
 
-    try:
-        with contextlib.redirect_stderr(io.StringIO()), \
-                contextlib.redirect_stdout(io.StringIO()):
-            args = build_parser().parse_args(argv)
-    except SystemExit:
-        return dict(environ)
-    if args.command not in PINNED:
-        return dict(environ)
-    try:
-        return {**environ, **thread_environment(args.threads, environ)}
-    except ValueError:
-        return dict(environ)
+    n = len(a.checkpoint)
+    grads = a.gradient_batches if a.gradient_batches is not None else [None] * n
+    given = {"--step": a.step, "--revision": a.revision, "--out": a.out,
+             "--gradient-batches": grads}
+    wrong = [f"{flag} {len(values)}" for flag, values in given.items() if len(values) != n]
+    if wrong:
+        raise ValueError(f"--checkpoint gives {n} checkpoint(s) but {', '.join(wrong)}; give "
+                         "one value of each per checkpoint, in the same order")
+    return [CheckpointStep(*row) for row in zip(a.checkpoint, a.step, a.revision, a.out, grads,
+                                                strict=True)]
 
 
 @command("extract", _extract_args, threads=True)
 def _extract(a: argparse.Namespace) -> None:
-    from lmdynamics.extraction.extract import extract_checkpoint
+    from lmdynamics.extraction.extract import extract_checkpoints
 
     opts = _options(a)
     ex = opts["extraction"]
-    extract_checkpoint(a.checkpoint, a.eval_batch, a.out, tokens=opts["tokens"],
-                       seed=opts["seed"], size=a.size, step=a.step, model_name=a.model,
-                       revision=a.revision, device=ex["device"], dtype=ex["dtype"],
-                       micro_batch=ex["micro_batch"], sampling=opts["sampling"]["protocol"],
-                       attention_activation=ex["attention_activation"],
-                       attention_implementation=ex["attention_implementation"],
-                       gradient_protocol=ex["gradient_protocol"],
-                       gradient_batches=a.gradient_batches, family=opts["family"],
-                       stats=_stats_options(a, opts["conjecture"], opts["seed"]),
-                       replicate=a.replicate)
+    extract_checkpoints(_checkpoint_steps(a), a.eval_batch, tokens=opts["tokens"],
+                        seed=opts["seed"], size=a.size, model_name=a.model,
+                        device=ex["device"], dtype=ex["dtype"],
+                        micro_batch=ex["micro_batch"], sampling=opts["sampling"]["protocol"],
+                        attention_activation=ex["attention_activation"],
+                        attention_implementation=ex["attention_implementation"],
+                        gradient_protocol=ex["gradient_protocol"], family=opts["family"],
+                        stats=_stats_options(a, opts["conjecture"], opts["seed"]),
+                        replicate=a.replicate, grad_sub_batches=ex["grad_sub_batches"])
 
 
 def _reference_args(p: argparse.ArgumentParser) -> None:
@@ -659,17 +655,9 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The ``lmdynamics`` command: :func:`run_command` in this process, or with warm start on
-    (:mod:`lmdynamics.warm`, ``execution.warm_start``) in a child of a process that has the
-    libraries imported already; the same exit status either way."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    from lmdynamics import warm
-
-    if warm.enabled():
-        status = warm.run(argv, command_environment(argv, os.environ))
-        if status is not None:
-            return status
-    return run_command(argv)
+    """The ``lmdynamics`` command: :func:`run_command` on ``argv`` (default: the process's
+    arguments); its exit status."""
+    return run_command(list(sys.argv[1:] if argv is None else argv))
 
 
 def run_command(argv: Sequence[str]) -> int:
@@ -705,9 +693,12 @@ def one_line(exc: BaseException) -> str:
     return f"{head} {'; '.join(rest)}" if head.endswith(":") and rest else "; ".join(lines)
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
 # Subcommands of the intervention study (lmdynamics.interventions) register themselves.
 from lmdynamics.interventions import cli as interventions_cli  # noqa: E402,F401
+
+if __name__ == "__main__":
+    # `python -m lmdynamics.cli` runs this file as __main__, a second copy of the module: the
+    # commands register on the package's lmdynamics.cli, so run that one's main.
+    from lmdynamics.cli import main as _main
+
+    raise SystemExit(_main())

@@ -61,6 +61,13 @@ MAX_DEPTH = 16
 MAX_CHECKPOINTS = 10_000
 
 
+#: Top-level config keys that no longer exist, and what a config that still sets one is told.
+REMOVED_KEYS = {
+    "execution": "removed (it held warm_start; warm start no longer exists and every job runs "
+                 "as an ordinary process): delete the key",
+}
+
+
 class ConfigError(ValueError):
     """A configuration value is not allowed; the message names key, value and what is allowed."""
 
@@ -404,7 +411,10 @@ def check_config(config: Mapping[str, Any], schema: Mapping[str, Any] | Path | s
     errors = [*config_file_errors(files), *nonfinite]
     if not any("levels deep" in e for e in nonfinite):
         named = {e.split(":")[0] for e in nonfinite}  # "config key 'x'": reported once
-        errors += [e for e in schema_errors(config, schema) if e.split(":")[0] not in named]
+        errors += [f"config key '{key}': {why}" for key, why in REMOVED_KEYS.items()
+                   if key in config]
+        current = {k: v for k, v in config.items() if k not in REMOVED_KEYS}
+        errors += [e for e in schema_errors(current, schema) if e.split(":")[0] not in named]
     if not errors:
         errors = semantic_errors(config)
     if not errors:
@@ -424,14 +434,6 @@ def resolved_family(config: Mapping[str, Any]) -> str:
         return config["family"]
     suite = suite_for(config) if config.get("source") == "hub" else None
     return suite.family if suite is not None else families.DEFAULT
-
-
-def resolved_warm_start(config: Mapping[str, Any]) -> bool:
-    """Whether the workflow's jobs start warm (:mod:`lmdynamics.warm`): ``execution.warm_start``
-    when set, else on for the tiny suite, whose jobs do about a second of work after 4-6 s of
-    imports, and off for hub suites, whose jobs work for minutes."""
-    chosen = config.get("execution", {}).get("warm_start")
-    return chosen if chosen is not None else config.get("source") == "tiny"
 
 
 def family_errors(config: Mapping[str, Any]) -> list[str]:

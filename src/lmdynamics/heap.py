@@ -16,10 +16,10 @@ def reuse_freed_memory() -> bool:
     ``mmap`` and unmaps it when freed, so each large tensor of a CPU pass is faulted in and
     zeroed by the kernel page by page, every time. ``M_MMAP_MAX=0`` serves them from the
     heap and ``M_TRIM_THRESHOLD=-1`` never gives the heap back, so later micro-batches reuse
-    the pages of the first: on the benchmark machine the 70m pass spent 51 s of kernel time
-    (6 million page faults) without this, 1 s with it (RESULTS.md); the reduction's numpy
-    blocks are reused the same way. The process keeps its peak memory until it exits, which
-    for one job, one process, costs nothing. Where the C library is not glibc nothing changes
+    the pages of the first instead of faulting them in again (the kernel time this saves:
+    docs/benchmarks/2026-11-29.md); the reduction's numpy blocks are reused the same way. The
+    process keeps its peak memory until it exits, which for one job, one process, costs
+    nothing. Where the C library is not glibc nothing changes
     and False is returned.
     """
     try:

@@ -14,7 +14,7 @@ attrs, a sha256 of each array's decoded content (dtype, shape and values; read b
 the written store) under :data:`DIGESTS_ATTR`, and a sha256 of its other attrs under
 :data:`ATTRS_DIGEST_ATTR`: chunks copied in from another store pass their checksums but not
 the digest, an edited attribute fails the attrs digest. :data:`FORMAT_ATTR` records the
-store format. Cost: benchmarks/RESULTS.md ("Store checksums and digests").
+store format. Cost: docs/benchmarks/2026-11-30.md ("Store checksums and digests").
 
 Reading (:func:`open_store`) verifies all of it before returning anything and raises
 :class:`IncompleteStoreError` with one line naming the store, the array or attribute, and the
@@ -337,8 +337,8 @@ def open_store(path: Path | str, *, required: tuple[str, ...] = (),
     lacks a ``required`` variable or a ``required_attrs`` attribute, or :func:`verify_store`
     finds its data is not what was written (the content of the arrays in ``defer`` is left
     to the caller's :class:`DigestedReader`). Variables are read lazily through zarr itself,
-    not dask: a reduction reads one chunk at a time, and dask's scheduling per read made
-    reading 4096 x 512 chunks 1.5 to 3 times slower (benchmarks/RESULTS.md).
+    not dask: a reduction reads one chunk at a time, and dask's scheduling per read costs
+    more than the read (docs/benchmarks/2026-11-29.md).
     """
     with warnings.catch_warnings():  # Snakemake's mark in directory() outputs: not ours
         warnings.filterwarnings("ignore", r"Object at \.snakemake_timestamp")

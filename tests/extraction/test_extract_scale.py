@@ -114,3 +114,53 @@ def test_bfloat16_micro_batches_match_a_float64_reference():
 def test_an_eval_batch_outside_the_vocabulary_is_refused():
     with pytest.raises(ValueError, match="token ids span 0..70.*vocabulary has 64"):
         ex.check_vocabulary(torch.tensor([[0, 70]]), 64, "eval_batch.npy")
+
+
+def test_sub_batches_cut_the_sequences_into_near_equal_blocks():
+    assert ps.sub_batch_bounds(6, 4) == [(0, 2), (2, 4), (4, 5), (5, 6)]
+    assert ps.sub_batch_bounds(16, 4) == [(0, 4), (4, 8), (8, 12), (12, 16)]
+    assert ps.sub_batch_bounds(2, 4) == [(0, 1), (1, 2)]  # at most one sequence each
+    with pytest.raises(ValueError, match="sub_batches=0"):
+        ps.sub_batch_bounds(6, 0)
+
+
+@pytest.mark.parametrize("micro", [None, 1])
+def test_sub_batch_gradients_are_each_sub_batch_alone(micro):
+    """Each sub-batch's gradient spectrum is the one a pass on that sub-batch alone gives
+    (its own mean loss), whatever the micro-batches; no gradient is left behind."""
+    model, batch = _model(), _batch(n_seq=6)
+    got = ps.sub_batch_gradient_singular_values(model, batch, 3, micro_batch=micro)
+    assert got.shape == (3, 2, 2, 16) and got.dtype == np.float64
+    for j, (lo, hi) in enumerate(ps.sub_batch_bounds(6, 3)):
+        alone = _run(_model(), batch[lo:hi]).grad_singular_values
+        np.testing.assert_allclose(got[j], alone, rtol=1e-5, atol=1e-7)
+    # the sub-batches differ from each other and from the whole batch
+    assert not np.allclose(got[0], got[1])
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_extraction_stores_sub_batch_gradient_spectra(tmp_path):
+    from lmdynamics.sources.checkpoints import save_checkpoint
+    from lmdynamics.store import open_store
+
+    save_checkpoint(_model(), tmp_path / "ckpt")
+    np.save(tmp_path / "eval.npy", _batch(n_seq=8, seq_len=16).numpy())
+    common = {"tokens": 12, "seed": 0, "size": "s", "step": 7, "model_name": "m",
+              "revision": "step7", "device": "cpu"}
+    out = ex.extract_checkpoint(tmp_path / "ckpt", tmp_path / "eval.npy", tmp_path / "a.zarr",
+                                grad_sub_batches=4, **common)
+    ds = open_store(out).load()
+    assert ds["grad_sub_singular_values"].dims == ("sub_batch", "component", "layer", "k")
+    assert ds["grad_sub_singular_values"].shape == (4, 2, 2, 16)
+    assert ds.attrs["grad_sub_batches"] == 4
+    expected = ps.sub_batch_gradient_singular_values(_model(), _batch(n_seq=8, seq_len=16), 4)
+    # the store's model runs sdpa attention, this one eager: equal to float32 rounding
+    np.testing.assert_allclose(ds["grad_sub_singular_values"].values, expected, rtol=1e-4,
+                               atol=1e-5 * expected.max())
+    # without sub-batches: the store of before, the same values for everything else
+    plain = open_store(ex.extract_checkpoint(tmp_path / "ckpt", tmp_path / "eval.npy",
+                                             tmp_path / "b.zarr", grad_sub_batches=0,
+                                             **common)).load()
+    assert "grad_sub_singular_values" not in plain and "grad_sub_batches" not in plain.attrs
+    for var in plain.data_vars:
+        np.testing.assert_array_equal(plain[var].values, ds[var].values)

@@ -305,3 +305,38 @@ def test_reduction_stores_the_random_per_baseline_and_cka_resamples(reduced, sto
     low = np.nanquantile(res.values, 0.05, axis=-1)
     np.testing.assert_allclose(low, reduced["cka_debiased_low"].values, rtol=1e-12)
     assert "cka_standardized_resamples" not in reduced
+
+
+def test_sub_batch_gradient_per(reduced, stores, tmp_path):
+    """``per_grad_sub`` is the PER of each stored sub-batch gradient spectrum; stores without
+    them (written before ``extraction.grad_sub_batches``) still reduce, without it."""
+    final = open_store(stores[-1]).load()
+    sub = final["grad_sub_singular_values"].values  # (sub_batch, component, layer, k)
+    assert sub.shape[0] == 4  # the schema's default, 2 of the 8 sequences each
+    k = sub.shape[-1]
+    for j in range(4):
+        at = {"component": "mlp", "layer": 1, "step": FINAL, "sub_batch": j}
+        assert float(reduced.per_grad_sub.sel(at)) == pytest.approx(
+            proportional_effective_rank(sub[j, 1, 1], k), rel=1e-12)
+        assert float(reduced.per_grad_sub_normalized.sel(at)) == pytest.approx(
+            float(reduced.per_grad_sub.sel(at) / reduced.per_random.sel(component="mlp")))
+    assert reduced.per_grad_sub.dims == ("component", "layer", "step", "sub_batch")
+    assert "per_grad_sub_head_dim" in reduced
+    # old stores: no sub-batches anywhere -> no variable, no warning; in some only -> warning
+    old = [write_store(open_store(p).load().drop_vars("grad_sub_singular_values"),
+                       tmp_path / f"old{i}.zarr") for i, p in enumerate(stores)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        plain = reduce_size(old, tmp_path / "plain.zarr", final_step=FINAL)
+    assert "per_grad_sub" not in plain
+    np.testing.assert_array_equal(plain.per_grad.values, reduced.per_grad.values)
+    mixed = [*old[:-1], stores[-1]]
+    with pytest.warns(RuntimeWarning, match="per_grad_sub left out for size t"):
+        assert "per_grad_sub" not in reduce_size(mixed, tmp_path / "m.zarr", final_step=FINAL)
+    # combining a size with sub-batches and one without leaves them out, with a warning
+    reduce_size(stores, tmp_path / "t.zarr", final_step=FINAL)
+    with_sub = tmp_path / "t.zarr"
+    with pytest.warns(RuntimeWarning, match="per_grad_sub left out of the combined metrics"):
+        combined = combine_sizes([with_sub, _renamed(plain, tmp_path / "u.zarr")])
+    assert "per_grad_sub" not in combined and "per_grad" in combined
+    assert "per_grad_sub" in combine_sizes([with_sub])

@@ -4,6 +4,7 @@ large PER)."""
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import re
 from pathlib import Path
@@ -30,8 +31,10 @@ def hand_dataset(
 ) -> xr.Dataset:
     """One-size dataset: CKA 0.9/0.1 at ``early_step`` for early/late layers, 1 at the end.
 
-    ``early``, ``per_weight``, ``per_grad`` map component -> per-layer values; PER values are
-    placed at the final step (0.5 elsewhere). Extra layers up to ``n_layers_total`` are NaN.
+    ``early``, ``per_weight``, ``per_grad`` map component -> per-layer values; weight PER
+    values are placed at the final step (0.5 elsewhere), gradient PER values at every step
+    (the labels average it over the last steps). Extra layers up to ``n_layers_total`` are
+    NaN.
     """
     n = len(early["attention"])
     total = n_layers_total or n
@@ -46,8 +49,7 @@ def hand_dataset(
         cka[0, c, :n, -1] = 1.0
         pw[0, c, :n] = 0.5
         pw[0, c, :n, -1] = per_weight[comp]
-        pg[0, c, :n] = 0.5
-        pg[0, c, :n, -1] = per_grad[comp]
+        pg[0, c, :n] = np.asarray(per_grad[comp])[:, None]  # the same at every step
     dims = ("size", "component", "layer", "step")
     return xr.Dataset(
         {"cka": (dims, cka), "per_weight": (dims, pw), "per_grad": (dims, pg),
@@ -175,7 +177,11 @@ def test_write_mcc_table(tmp_path):
     assert len(back) == 4 and back["mcc"].isna().sum() == 2
     text = md.read_text(encoding="utf-8")
     assert "| size | θ_att | ∇θ_att | θ_mlp | ∇θ_mlp |" in text
-    assert "| 70m (70.4M) | 1.00 | 0.00 | undefined[^1] | undefined[^2] |" in text
+    # θ_att: 2 of 4 early and large, both on the same layers: 1 of the C(4, 2) = 6
+    # relabellings; ∇θ_att: MCC 0 has 5 of the 6 relabellings at or above it
+    assert ("| 70m (70.4M) | 1.00; p = 0.17 (min 0.17): design cannot reach p < 0.05 | "
+            "0.00; p = 0.83 (min 0.17): design cannot reach p < 0.05 | undefined[^1] | "
+            "undefined[^2] |") in text
     assert "[^1]: 70m θ_mlp:" in text and "early" in text.split("[^1]:")[-1]
     assert "CKA ≥ 0.45 at step 10" in text and "weights ≥ 0.95" in text
     assert "gradients ≥ 0.9 × the largest layer value within the component" in text
@@ -486,8 +492,13 @@ def test_table1_over_seeds_one_row_per_seed_and_the_range_across_them(tmp_path):
     assert [p.name for p in paths] == ["mcc.csv", "mcc.md", "mcc_seeds.csv"]
     text = (tmp_path / "mcc.md").read_text(encoding="utf-8")
     assert "mean over 2 seeds (min to max across seeds)" in text
-    assert "| 70m (70.4M) | 0.50 (0.00 to 1.00) | " in text
-    assert "1.00 (1.00 to 1.00)[^" in text and "θ_mlp: undefined in 1 of 2 seeds (seed 0)" in text
+    # θ_att over seeds: 2 + 1 layers both early and large; per seed the C(4, 2) = 6
+    # relabellings have 0, 1, 2 joint layers 1, 4, 1 times, so 4 + 4 + 1 of the 36 pairs
+    # reach a sum of 3 (p = 0.25) and 1 of 36 the largest, 4 (min 0.028)
+    assert ("| 70m (70.4M) | 0.50 (0.00 to 1.00), sd 0.71, 2 of 2 seeds; p = 0.25 (min 0.028): "
+            "cannot be distinguished from chance | ") in text
+    assert "1.00 (1.00 to 1.00), 1 of 2 seeds; p = 0.17 (min 0.17): design cannot reach " \
+        "p < 0.05[^" in text and "θ_mlp: undefined in 1 of 2 seeds (seed 0)" in text
     assert "Brackets" not in text and "No intervals" not in text
     # the sensitivity grid is the mean over seeds of each seed's grid
     grid = tables.mcc_grid(ds)
@@ -509,3 +520,250 @@ def test_one_seed_table_is_the_run_table():
     assert (defined.mcc_mean == defined.mcc_min).all()
     assert (defined.mcc_min == defined.mcc_max).all()
     np.testing.assert_array_equal(summary.mcc_mean.to_numpy(), df.mcc.to_numpy())
+
+
+# --------------------------------------------------------------------- the null (issue 28)
+
+
+def test_cells_carry_their_exact_p_value_and_a_plain_label(tmp_path):
+    """A planted association among 12 layers is above chance; labels that merely look alike
+    are not; 3 layers with one early layer cannot reach p < 0.05 whatever they show."""
+    early = [T] * 6 + [F] * 6
+    ds = hand_dataset(
+        early={"attention": early, "mlp": [T, F] * 6},
+        per_weight={"attention": [0.99] * 6 + [0.5] * 6,  # large = early: MCC 1
+                    "mlp": [0.99, 0.5] * 5 + [0.5, 0.99]},  # 10 of 12 agree
+        per_grad={"attention": [0.5, 0.1] * 6,  # half of the early ones: MCC 0
+                  "mlp": [0.5] * 3 + [0.1] * 9},
+    )
+    df = tables.mcc_table(ds)
+    att = _row(df, "θ_att")
+    # 1 of the C(12, 6) = 924 relabellings puts the 6 early labels on the 6 large layers
+    assert (att.mcc, att.n_both, att.n_relabellings) == (1.0, 6, 924)
+    assert att.p_value == pytest.approx(1 / 924) and att.p_min == pytest.approx(1 / 924)
+    assert att.verdict == "above chance"
+    mlp = _row(df, "θ_mlp")  # 5 of 6 early ones large: sum_{t>=5} C(6,t) C(6,6-t) / 924
+    assert mlp.p_value == pytest.approx((6 * 6 + 1) / 924) and mlp.verdict == "above chance"
+    grad = _row(df, "∇θ_att")
+    assert grad.mcc == 0.0 and grad.verdict == "cannot be distinguished from chance"
+    assert grad.p_value > 0.5
+    # ∇θ_mlp: 3 large among 12, 2 of them early: the MCC is positive but p is not small
+    assert _row(df, "∇θ_mlp").mcc > 0 and _row(df, "∇θ_mlp").p_value > 0.05
+    small = hand_dataset(  # the tiny suite's 183k: 3 layers, one early, two large
+        early={"attention": [T, F, F], "mlp": [F, T, F]},
+        per_weight={"attention": [0.99, 0.99, 0.5], "mlp": [0.99, 0.99, 0.5]},
+        per_grad={"attention": [0.5, 0.5, 0.1], "mlp": [0.5, 0.1, 0.1]},
+        size="183k")
+    cells = tables.mcc_table(small)
+    assert (cells.mcc.to_numpy() == pytest.approx([0.5, 0.5, 0.5, -0.5]))
+    assert (cells.verdict == "design cannot reach p < 0.05").all()
+    assert cells.p_min.to_numpy() == pytest.approx([2 / 3, 2 / 3, 2 / 3, 1 / 3])
+    assert cells.p_value.to_numpy() == pytest.approx([2 / 3, 2 / 3, 2 / 3, 1.0])
+    csv, md = tmp_path / "mcc.csv", tmp_path / "mcc.md"
+    tables.write_mcc_table(cells, csv, md)
+    back = pd.read_csv(csv)
+    assert {"n_both", "p_value", "p_min", "n_relabellings", "verdict"} <= set(back.columns)
+    text = md.read_text(encoding="utf-8")
+    assert "0.50; p = 0.67 (min 0.67): design cannot reach p < 0.05" in text
+    assert "-0.50; p = 1 (min 0.33): design cannot reach p < 0.05" in text
+    assert "every distinct random relabelling of layers" in text
+    assert "not adjusted for the table's number of cells" in text
+    # two-sided: the negative cell's |MCC| is as large as any outcome's
+    two = tables.mcc_table(small, alternative="two_sided")
+    assert _row(two, "∇θ_mlp").p_value == pytest.approx(1.0)
+    assert _row(tables.mcc_table(ds, alternative="two_sided"), "θ_att").p_value == \
+        pytest.approx(2 / 924)
+
+
+def test_undefined_cells_have_no_p_value():
+    ds = hand_dataset(
+        early={"attention": [T, T, F, F], "mlp": [T, T, T, T]},
+        per_weight={"attention": [0.99, 0.97, 0.5, 0.6], "mlp": [0.99, 0.2, 0.99, 0.2]},
+        per_grad={"attention": [0.5, 0.1, 0.5, 0.1], "mlp": [0.5, 0.5, 0.5, 0.1]},
+    )
+    df = tables.mcc_table(ds)
+    for label in ("θ_mlp", "∇θ_mlp"):
+        row = _row(df, label)
+        assert math.isnan(row.p_value) and math.isnan(row.p_min)
+        assert row.verdict == "undefined" and row.n_relabellings == 0
+    text = tables.mcc_markdown(df)
+    assert "undefined[^1]" in text and "undefined[^1];" not in text
+
+
+def test_gradient_labels_average_the_last_steps():
+    ds = hand_dataset(
+        early={"attention": [T, T, F, F], "mlp": [T, T, F, F]},
+        per_weight={"attention": [0.99, 0.99, 0.5, 0.5], "mlp": [0.99, 0.99, 0.5, 0.5]},
+        per_grad={"attention": [0.5, 0.5, 0.1, 0.1], "mlp": [0.5, 0.5, 0.1, 0.1]},
+    )  # steps 0, 10, 20, 100
+    # the final step alone: layer 2 is the largest ([F, F, T, F] vs early [T, T, F, F]);
+    # steps 10 and 20 put layers 0 and 1 on top
+    ds["per_grad_normalized"].loc[{"component": "attention"}] = np.array([
+        [0.5, 0.5, 0.5, 0.30],  # layer 0: mean of the last 3 = 0.433
+        [0.5, 0.5, 0.5, 0.32],  # 0.44
+        [0.1, 0.1, 0.1, 0.40],  # 0.2
+        [0.1, 0.1, 0.1, 0.20]])  # 0.133
+    last = tables.mcc_table(ds, grad_steps=1)
+    assert _row(last, "∇θ_att").n_large == 1 and _row(last, "∇θ_att").mcc < 0
+    mean3 = tables.mcc_table(ds, grad_steps=3)  # >= 0.9 x 0.44: layers 0 and 1
+    assert _row(mean3, "∇θ_att").mcc == pytest.approx(1.0)
+    assert mean3.attrs["thresholds"]["grad_label_steps"] == [10, 20, 100]
+    assert "(gradient PER: the whole eval batch (the metrics hold no sub-batches), the mean " \
+        "over steps 10, 20, 100)" in tables.mcc_markdown(mean3)
+    assert "the mean over" not in tables.mcc_markdown(last)
+    # asking for more steps than there are averages all of them
+    assert tables.mcc_table(ds, grad_steps=50).attrs["thresholds"]["grad_label_steps"] == \
+        [0, 10, 20, 100]
+    # weights are always the final step's
+    assert _row(mean3, "θ_att").mcc == pytest.approx(1.0)
+    # a layer undefined at any averaged step is undefined (left out), never averaged around
+    ds["per_grad_normalized"].loc[{"component": "attention", "layer": 3, "step": 20}] = np.nan
+    assert _row(tables.mcc_table(ds, grad_steps=3), "∇θ_att").n_layers == 3
+    assert _row(tables.mcc_table(ds, grad_steps=1), "∇θ_att").n_layers == 4
+
+
+@pytest.mark.parametrize(("arg", "value", "message"), [
+    ("grad_steps", 0, "grad_steps=0: allowed an integer of at least 1"),
+    ("grad_steps", 1.5, "grad_steps=1.5: allowed an integer of at least 1"),
+    ("alpha", 1.0, "alpha=1.0 is outside the allowed range (0, 1)"),
+    ("alpha", float("nan"), "alpha=nan is outside the allowed range (0, 1)"),
+    ("alternative", "less", "alternative='less': allowed greater, two_sided"),
+])
+def test_null_option_validation(arg, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        tables.MCCOptions(**{arg: value})
+
+
+def test_seed_distribution_is_the_headline_and_each_seed_follows(tmp_path):
+    runs = []
+    for flip in (0, 1, 2):  # three seeds of a 6-layer size; seed k swaps k layer pairs
+        early = np.array([T, T, T, F, F, F])
+        early[:flip], early[3:3 + flip] = False, True
+        runs.append(hand_dataset(
+            early={"attention": list(early), "mlp": [T] * 6},
+            per_weight={"attention": [0.99] * 3 + [0.5] * 3, "mlp": [0.99] * 3 + [0.5] * 3},
+            per_grad={"attention": [0.5] * 3 + [0.1] * 3, "mlp": [0.5] * 3 + [0.1] * 3}))
+    df = tables.mcc_table(_replicates(*runs))
+    summary = tables.mcc_seed_summary(df).set_index("label")
+    att = summary.loc["θ_att"]
+    mccs = np.array([1.0, 1 / 3, -1 / 3])  # 3, 2, 1 of the 3 early layers large
+    assert att.mcc_mean == pytest.approx(mccs.mean()) and att.mcc_sd == pytest.approx(
+        mccs.std(ddof=1))
+    # per seed t = 3, 2, 1 of C(6, 3) = 20 relabellings with 1, 9, 9, 1 at t = 0..3:
+    # P(t1 + t2 + t3 >= 6) by hand
+    pmf = {0: 1, 1: 9, 2: 9, 3: 1}
+    hits = sum(pmf[x] * pmf[y] * pmf[z] for x, y, z in itertools.product(pmf, repeat=3)
+               if x + y + z >= 6)
+    assert att.p_value == pytest.approx(hits / 20**3)
+    assert att.p_min == pytest.approx(1 / 20**3) and att.n_relabellings == 20**3
+    mlp = summary.loc["θ_mlp"]  # every layer early in every seed: no test
+    assert mlp.n_defined == 0 and math.isnan(mlp.p_value) and mlp.verdict == "undefined"
+    tables.write_mcc_table(df, tmp_path / "mcc.csv", tmp_path / "mcc.md",
+                           seeds_csv=tmp_path / "mcc_seeds.csv")
+    text = (tmp_path / "mcc.md").read_text(encoding="utf-8")
+    headline, per_seed = text.split("**Each seed alone**")
+    assert (f"| 70m (70.4M) | 0.33 (-0.33 to 1.00), sd 0.67, 3 of 3 seeds; p = "
+            f"{hits / 20**3:.2g} (min {1 / 20**3:.2g}): ") in headline
+    assert "in each seed independently" in headline
+    for seed in range(3):
+        assert f"Seed {seed}:" in per_seed
+    assert per_seed.count("| 70m (70.4M) |") == 3
+    assert "[^s0-1]: 70m θ_mlp" in per_seed and "[^s2-2]: 70m ∇θ_mlp" in per_seed
+    assert "[^1]: 70m θ_mlp: undefined in 3 of 3 seeds" in headline
+    seeds_csv = pd.read_csv(tmp_path / "mcc_seeds.csv")
+    assert list(seeds_csv.columns) == list(tables.SEED_SUMMARY_COLUMNS)
+
+
+def test_sensitivity_p_values_match_the_table():
+    rng = np.random.default_rng(3)
+    n = 10
+    ds = hand_dataset(
+        early={c: list(rng.random(n) < 0.5) for c in ("attention", "mlp")},
+        per_weight={c: list(rng.uniform(0.5, 1.0, n)) for c in ("attention", "mlp")},
+        per_grad={c: list(rng.uniform(0.1, 0.5, n)) for c in ("attention", "mlp")},
+    )
+    ds["cka"].loc[{"step": 10}] = rng.uniform(0.3, 0.7, (1, 2, n))
+    grids = tables.mcc_grids(ds)
+    for cka_t, per_t in ((0.45, 0.95), (0.5, 0.8), (0.4, 0.6)):
+        df = tables.mcc_table(ds, cka_threshold=cka_t, per_weight_threshold=per_t,
+                              per_grad_fraction=per_t)
+        for label in df["label"]:
+            got = grids.sel(size="70m", column=label, cka_threshold=cka_t, per_threshold=per_t)
+            assert float(got["p_value"]) == pytest.approx(_row(df, label).p_value, nan_ok=True)
+            assert float(got["mcc"]) == pytest.approx(_row(df, label).mcc, nan_ok=True)
+    assert np.isfinite(grids["p_value"]).any()
+
+
+def test_sensitivity_figure_marks_significant_thresholds(tmp_path):
+    from lmdynamics.report.mcc import mcc_sensitivity
+
+    early = [T] * 6 + [F] * 6
+    ds = hand_dataset(early={"attention": early, "mlp": early},
+                      per_weight={"attention": [0.99] * 6 + [0.5] * 6,
+                                  "mlp": [0.99] * 6 + [0.5] * 6},
+                      per_grad={"attention": [0.5] * 6 + [0.1] * 6,
+                                "mlp": [0.5] * 6 + [0.1] * 6})
+    paths = mcc_sensitivity(ds, tmp_path / "sens")
+    assert sorted(p.suffix for p in paths) == [".pdf", ".png"]
+    assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def with_sub_batches(ds: xr.Dataset, sub: dict[str, np.ndarray]) -> xr.Dataset:
+    """Add ``per_grad_sub_normalized`` (size, component, layer, step, sub_batch): per
+    component the (layer, sub_batch) values ``sub``, the same at every step."""
+    n_sub = next(iter(sub.values())).shape[-1]
+    values = np.full((*ds["per_grad_normalized"].shape, n_sub), np.nan)
+    for c, comp in enumerate(ds["component"].to_numpy()):
+        values[0, c, : sub[comp].shape[0]] = sub[comp][:, None, :]
+    dims = ("size", "component", "layer", "step", "sub_batch")
+    return ds.assign(per_grad_sub_normalized=(dims, values))
+
+
+def test_gradient_labels_within_batch_noise_of_the_threshold_are_counted(tmp_path):
+    ds = hand_dataset(
+        early={"attention": [T, T, F, F], "mlp": [T, T, F, F]},
+        per_weight={"attention": [0.99, 0.99, 0.5, 0.5], "mlp": [0.99, 0.99, 0.5, 0.5]},
+        # ratios to the largest: attention 1, 0.92, 0.88, 0.4; mlp 1, 1, 0.2, 0.2
+        per_grad={"attention": [0.5, 0.46, 0.44, 0.2], "mlp": [0.5, 0.5, 0.1, 0.1]},
+    )
+    assert math.isnan(_row(tables.mcc_table(ds), "∇θ_att").n_uncertain)  # no sub-batches
+    spread = 0.02 * np.array([-1.5, -0.5, 0.5, 1.5])  # sd 0.0258: the ratio's se is 0.0258
+    sub = {"attention": np.array([[0.5] * 4, 0.46 + spread, 0.44 - spread, [0.2] * 4]),
+           "mlp": np.array([[0.5] * 4, [0.5] * 4, 0.1 + spread / 4, [0.1] * 4])}
+    noisy = with_sub_batches(ds, sub)
+    df = tables.mcc_table(noisy, grad_batches="whole")
+    # layers 1 and 2 lie 0.02 from 0.9, within 2 x 0.0258; layers 0 and 3 are far from it
+    assert _row(df, "∇θ_att").n_uncertain == 2
+    assert _row(df, "∇θ_mlp").n_uncertain == 0
+    assert math.isnan(_row(df, "θ_att").n_uncertain)  # weights carry no sampling noise
+    assert _row(df, "∇θ_att").mcc == pytest.approx(_row(tables.mcc_table(ds), "∇θ_att").mcc)
+    text = tables.mcc_markdown(df)
+    assert ("70m ∇θ_att: large-gradient-PER labels within 2 standard errors of the "
+            "threshold: 2 of 4 layers") in text
+    assert "∇θ_mlp: large-gradient-PER" not in text
+    # an undefined cell's footnote says so too
+    every = hand_dataset(
+        early={"attention": [T] * 4, "mlp": [T, T, F, F]},
+        per_weight={"attention": [0.99, 0.99, 0.5, 0.5], "mlp": [0.99, 0.99, 0.5, 0.5]},
+        per_grad={"attention": [0.5, 0.46, 0.44, 0.2], "mlp": [0.5, 0.5, 0.1, 0.1]})
+    text = tables.mcc_markdown(tables.mcc_table(with_sub_batches(every, sub),
+                                                grad_batches="whole"))
+    assert ("70m ∇θ_att: all 4 layers have early convergence; large-gradient-PER labels "
+            "within 2 standard errors of the threshold: 2 of 4 layers") in text
+    # the mean over sub-batches as the label PER: layer 2's sub-batches average 0.47, above
+    # 0.9 x 0.5 now, so it joins the large ones
+    lifted = with_sub_batches(ds, {**sub, "attention": np.array(
+        [[0.5] * 4, 0.46 + spread, 0.47 - spread, [0.2] * 4])})
+    whole = tables.mcc_table(lifted, grad_batches="whole")
+    mean = tables.mcc_table(lifted)  # the default: sub_batch_mean
+    assert _row(whole, "∇θ_att").n_large == 2 and _row(mean, "∇θ_att").n_large == 3
+    assert mean.attrs["thresholds"]["grad_label_batches"] == 4
+    assert "(gradient PER: the mean over 4 sub-batches of the eval batch)" in \
+        tables.mcc_markdown(mean)
+    assert whole.attrs["thresholds"]["grad_label_batches"] == 0
+    # without sub-batches in the metrics the whole batch's, and the table says so
+    fallback = tables.mcc_table(ds, grad_batches="sub_batch_mean")
+    assert fallback.attrs["thresholds"]["grad_label_batches"] == 0
+    assert "(gradient PER: the whole eval batch (the metrics hold no sub-batches))" in \
+        tables.mcc_markdown(fallback)
+    pd.testing.assert_frame_equal(fallback, tables.mcc_table(ds, grad_batches="whole"))

@@ -261,7 +261,7 @@ def test_diverged_checkpoint_is_flagged_and_the_run_goes_on(reference, tmp_path)
     assert np.isnan(metrics.per_grad.sel(size=SIZE, step=8)).all()
     healthy = metrics.sel(size=SIZE).drop_sel(step=8)
     assert np.isfinite(healthy.cka).all() and np.isfinite(healthy.per_grad).all()
-    extract_log = (res / f"logs/extract/{SIZE}/seed0/step8.log").read_text()
+    extract_log = (res / f"logs/extract/{SIZE}/seed0.log").read_text()
     assert f"non-finite activations (NaN or inf) for size {SIZE} step 8 mlp layer 1" \
         in extract_log
     reduce_log = (res / f"logs/reduce_size/{SIZE}/seed0.log").read_text()

@@ -118,8 +118,8 @@ def test_pythia_config_runs_end_to_end_through_the_hub_client(tmp_path, monkeypa
 SUITE_RUNS = {
     "pythia": ({"suite": "pythia"}, 5 * 27),
     "pythia-deduped": ({"suite": "pythia-deduped"}, 5 * 27),
-    "polypythias": ({"suite": "polypythias", "sizes": ["14m", "31m", "70m", "160m", "410m"],
-                     "eval_data": {"path": "tokens.npy"}}, 5 * 27 * 10),  # seeds unset: all 10
+    "polypythias": ({"suite": "polypythias", "sizes": ["14m", "70m"],
+                     "eval_data": {"path": "tokens.npy"}}, 2 * 27 * 10),  # seeds unset: all 10
     "olmo-1b": ({"suite": "olmo-1b", "sizes": ["1B"], "steps": [0, 1000, 2000, 20000],
                  "final_step": 20000, "eval_data": {"path": "tokens.npy"}}, 4),
     "olmo-7b": ({"suite": "olmo-7b", "sizes": ["7B"], "steps": [0, 1000, 452000],
@@ -151,13 +151,13 @@ def test_every_shipped_suite_plans_offline(name, tmp_path, monkeypatch):
     overlay, extractions = SUITE_RUNS[name]
     workdir = copy_workflow(tmp_path / "wf")
     configfile = suite_config(workdir, overlay)
-    proc = snakemake(workdir, "-n", "--configfile", configfile, "--quiet", "rules")
-    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", proc.stdout, flags=re.M))
+    # one dry run: its job table (counts) and every job's shell command
+    commands = snakemake(workdir, "-n", "-p", "--configfile", configfile).stdout
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", commands, flags=re.M))
     assert counts["extract"] == str(extractions)
     assert int(counts["download"]) == extractions
     eval_rule = "pile_batch" if name.startswith("pythia") else "suite_eval_batch"
     assert counts[eval_rule] == "1"
-    commands = snakemake(workdir, "-n", "-p", "--configfile", configfile).stdout
     repos = set(re.findall(r"lmdynamics download --repo (\S+)", commands))
     expected = {"pythia": "EleutherAI/pythia-70m", "pythia-deduped":
                 "EleutherAI/pythia-70m-deduped", "polypythias": "EleutherAI/pythia-70m",

@@ -2,7 +2,9 @@
 
 Each test works on a fresh copy of the session's finished ``mini_run`` (outputs, mtimes and
 Snakemake's metadata), so nothing leaks into other tests. The plans are dry runs (seconds);
-adding a step also reruns the reductions for real, so that one is marked slow.
+adding a step also reruns the reductions for real, so that one is marked slow. The tiny
+suite extracts in one job per (size, seed) (every step's store): a changed set of steps reruns
+those jobs, never the training or the reference stores.
 """
 
 from __future__ import annotations
@@ -122,7 +124,7 @@ def test_adding_a_size_plans_only_that_size_and_what_combines_sizes(finished):
     jobs = plan(finished, "--config", f"sizes={sizes!r}".replace("'", '"'))
     expected = {job("train_tiny", size="1m", seed=0), job("reduce_size", size="1m", seed=0),
                 job("reduce_stats", size="1m", seed=0), job("reference", size="1m", seed=0),
-                *(job("extract", size="1m", seed=0, step=s) for s in STEPS),
+                job("extract", size="1m", seed=0),
                 job("training_loss"), *downstream_of_metrics(), *downstream_of_stores()}
     assert jobs == expected
 
@@ -135,7 +137,7 @@ def test_adding_a_seed_plans_only_that_seed_and_what_combines_seeds(finished):
                 *(job("reduce_size", size=s, seed=1) for s in SIZES),
                 *(job("reduce_stats", size=s, seed=1) for s in SIZES),
                 *(job("reference", size=s, seed=1) for s in SIZES),
-                *(job("extract", size=s, seed=1, step=t) for s in SIZES for t in STEPS),
+                *(job("extract", size=s, seed=1) for s in SIZES),
                 job("training_loss"), *downstream_of_metrics(), *downstream_of_stores()}
     assert jobs == expected
 
@@ -152,7 +154,7 @@ def test_adding_a_step_plans_its_extractions_and_the_reductions(finished):
     assert plan(finished, "--configfile", "config/before.yaml") == set()
 
     jobs = plan(finished)  # the run's steps again: that step added
-    expected = {*(job("extract", size=s, seed=0, step=added) for s in SIZES),
+    expected = {*(job("extract", size=s, seed=0) for s in SIZES),
                 *(job("reduce_size", size=s, seed=0) for s in SIZES),
                 *(job("reduce_stats", size=s, seed=0) for s in SIZES),
                 *downstream_of_metrics(), *downstream_of_stores()}
@@ -165,7 +167,7 @@ def test_a_new_saved_step_plans_its_extractions_and_never_the_references(finishe
     added = 16
     assert added not in STEPS
     jobs = plan(finished, "--configfile", with_config(finished, steps=sorted([*STEPS, added])))
-    assert jobs == {*(job("extract", size=s, seed=0, step=added) for s in SIZES),
+    assert jobs == {*(job("extract", size=s, seed=0) for s in SIZES),
                     *(job("reduce_size", size=s, seed=0) for s in SIZES),
                     *(job("reduce_stats", size=s, seed=0) for s in SIZES),
                     *downstream_of_metrics(), *downstream_of_stores()}
@@ -174,7 +176,7 @@ def test_a_new_saved_step_plans_its_extractions_and_never_the_references(finishe
 def test_a_statistics_option_reruns_the_reference_only_when_it_shapes_it(finished):
     """Only conjecture.top_k shapes the reference store; other statistics options rerun the
     extractions (and what reads them) but not the reference jobs."""
-    extracts = {job("extract", size=s, seed=0, step=t) for s in SIZES for t in STEPS}
+    extracts = {job("extract", size=s, seed=0) for s in SIZES}
     other = with_config(finished, conjecture={**CONFIG.get("conjecture", {}),
                                               "max_elements": 4096})
     jobs = plan(finished, "--configfile", other)

@@ -1,11 +1,13 @@
 """The tiny DAG on a real one-node SLURM cluster through profiles/slurm, against a local run.
 
-Needs root and apt-get (Debian's slurm-wlm and munge are installed when missing); skipped with
-the reason otherwise, or failed when LMDYNAMICS_REQUIRE_SLURM=1 (as .ci/run sets it).
+Needs the `slurm` extra (Snakemake's SLURM executor), root and apt-get (Debian's slurm-wlm and
+munge are installed when missing); skipped with the reason otherwise, or failed when
+LMDYNAMICS_REQUIRE_SLURM=1 (as .ci/run sets it).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -36,6 +38,8 @@ def _unavailable(reason: str):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
+    if importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
+        _unavailable("Snakemake's SLURM executor is not installed: pip install -e '.[slurm]'")
     if reason := slurm_cluster.why_unavailable():
         _unavailable(reason)
     try:

@@ -15,7 +15,6 @@ from lmdynamics.config import (
     hub_section,
     resolved_family,
     resolved_seeds,
-    resolved_warm_start,
     schedule_for,
     suite_for,
     suite_vocab,
@@ -23,7 +22,6 @@ from lmdynamics.config import (
 from lmdynamics.options import job_options
 from lmdynamics.sources.plan import parameters
 from lmdynamics.report.registry import REPORT_CATEGORIES, STATS_FIGURES, paper_figures
-from lmdynamics import warm
 
 SCHEMA = workflow.source_path("../schemas/config.schema.yaml")
 
@@ -42,22 +40,15 @@ SUITE = suite_for(config)
 config["hub"] = hub_section(config, SUITE)
 # An unset family: the suite definition's (hub), GPT-NeoX (tiny).
 config["family"] = resolved_family(config)
-# Unset seeds: [0], or every replicate of a hub suite that has them (README "Seeds").
+# Unset seeds: [0], or every replicate of a hub suite that has them (docs/guide/seeds.md).
 config["seeds"] = resolved_seeds(config)
-# Warm start (lmdynamics.warm; README "Warm start"): the jobs' `lmdynamics` commands read this
-# from the environment Snakemake gives them. Unset: on for the tiny suite only.
-os.environ[warm.ENV_VAR] = "1" if resolved_warm_start(config) else "0"
-# Idle OpenMP threads sleep in every job, as `lmdynamics.cli.pin_threads` has them do in the
-# jobs that run a model (unless set already): then all jobs of a run share one environment,
-# so one warm-start server.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Sorted keys: parameters built from config sections do not change when a file is reordered.
 config.update(canonical(dict(config)))
 
 
 RESULTS = f"results/{config['suite']}"
 SIZES = list(config["sizes"])
-# Replicate ids (README "Seeds"): every per-checkpoint path has a seed<k> level.
+# Replicate ids (docs/guide/seeds.md): every per-checkpoint path has a seed<k> level.
 SEEDS = sorted(config["seeds"])
 STEPS = sorted(config["steps"])
 FINAL_STEP = config["final_step"]
@@ -104,7 +95,31 @@ def gradient_batches_input(wildcards):
     """The paper code's gradient batches of one step, when that protocol is configured."""
     if config["extraction"]["gradient_protocol"] != "paper_code":
         return {}
-    return {"grad_batches": GRADIENT_BATCHES.format(**wildcards) + ".npy"}
+    path = GRADIENT_BATCHES.format(
+        size=wildcards.size, seed=wildcards.seed, step=wildcards.step
+    )
+    return {"grad_batches": f"{path}.npy"}
+
+
+def gradient_batches_args(wildcards, input):
+    """``--gradient-batches`` and an extraction job's gradient batch files, if it has any."""
+    if "grad_batches" not in input.keys():
+        return []
+    files = input.grad_batches
+    return ["--gradient-batches", *([files] if isinstance(files, str) else files)]
+
+
+def size_extraction_inputs(wildcards):
+    """The inputs of the tiny suite's one extraction job per (size, seed): every analysed
+    step's checkpoint files (and gradient batches), and the reference store."""
+    inputs = {"checkpoints": [], "grad_batches": []}
+    for step in STEPS:
+        each = SimpleNamespace(size=wildcards.size, seed=wildcards.seed, step=step)
+        inputs["checkpoints"] += checkpoint_files(each).values()
+        inputs["grad_batches"] += gradient_batches_input(each).values()
+    if not inputs["grad_batches"]:
+        del inputs["grad_batches"]
+    return {**inputs, **reference_store(wildcards)}
 
 
 def checkpoint_dir(size, seed, step):
@@ -191,7 +206,7 @@ def download_revision(wildcards):
 
 
 # Where the eval batch comes from: the last training batch of the preshuffled Pile (Pythia),
-# or a local file named by eval_data (every other suite; README "Suites").
+# or a local file named by eval_data (every other suite; docs/guide/suites.md).
 EVAL_FROM_FILE = eval_from_file(config, SUITE)
 
 

@@ -1,52 +1,90 @@
-# One job per (size, seed, step): a forward and backward pass on the eval batch, into a zarr store.
+# A forward and backward pass on the eval batch per checkpoint, each into its own zarr store.
+# Hub suites: one job per (size, seed, step), so adding a step downloads and extracts that step
+# only. The tiny suite: one job per (size, seed) extracting every step in one process (a
+# checkpoint takes about a second, the process's start several), so adding a step there
+# extracts that (size, seed) again; its stores are the same as one job per step writes.
+# What the job reads of the config; figure_steps only chooses what figures show.
+EXTRACTION_OPTIONS = job_options(
+    config,
+    "tokens",
+    "seed",
+    "extraction",
+    "sampling",
+    "conjecture",
+    "family",
+    omit=["conjecture.figure_steps"],
+)
+EXTRACT_COMMAND = (
+    "lmdynamics extract --checkpoint {params.checkpoints:q}"
+    " --eval-batch {input.batch:q} --size {wildcards.size:q} --step {params.steps:q}"
+    " --replicate {wildcards.seed:q}"
+    " --model {params.model:q} --revision {params.revisions:q}"
+    " --options {params.options:q} {params.grad_batches:q} --threads {threads:q}"
+    " {params.stats:q}"
+    " --out {output:q} > {log:q} 2>&1"
+)
 
 
-rule extract:
-    input:
-        unpack(checkpoint_files),
-        unpack(gradient_batches_input),
-        unpack(reference_store),
-        batch=f"{RESULTS}/eval_batch.npy",
-    output:
-        directory(f"{RESULTS}/extract/{{size}}/seed{{seed}}/step{{step}}.zarr"),
-    log:
-        f"{RESULTS}/logs/extract/{{size}}/seed{{seed}}/step{{step}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/extract/{{size}}/seed{{seed}}/step{{step}}.tsv"
-    conda:
-        ENV
-    threads: 1
-    resources:
-        gpu=EXTRACTION_GPUS,
-    params:
-        # what the job reads of the config; figure_steps only chooses what figures show
-        options=job_options(
-            config,
-            "tokens",
-            "seed",
-            "extraction",
-            "sampling",
-            "conjecture",
-            "family",
-            omit=["conjecture.figure_steps"],
-        ),
-        model=lambda wc: model_name(wc.size, wc.seed),
-        revision=lambda wc: revision(wc.step),
-        grad_batches=lambda wc, input: (
-            ["--gradient-batches", input.grad_batches]
-            if "grad_batches" in input.keys()
-            else []
-        ),
-        stats=stats_args,
-        checkpoint=lambda wc, input: os.path.dirname(input.weights),
-    shell:
-        "lmdynamics extract --checkpoint {params.checkpoint:q}"
-        " --eval-batch {input.batch:q} --size {wildcards.size:q} --step {wildcards.step:q}"
-        " --replicate {wildcards.seed:q}"
-        " --model {params.model:q} --revision {params.revision:q}"
-        " --options {params.options:q} {params.grad_batches:q} --threads {threads:q}"
-        " {params.stats:q}"
-        " --out {output:q} > {log:q} 2>&1"
+if config["source"] == "tiny":
+
+    rule extract:
+        input:
+            unpack(size_extraction_inputs),
+            batch=f"{RESULTS}/eval_batch.npy",
+        output:
+            [directory(extract_store("{size}", "{seed}", step)) for step in STEPS],
+        log:
+            f"{RESULTS}/logs/extract/{{size}}/seed{{seed}}.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/extract/{{size}}/seed{{seed}}.tsv"
+        conda:
+            ENV
+        threads: 1
+        resources:
+            gpu=EXTRACTION_GPUS,
+        params:
+            options=EXTRACTION_OPTIONS,
+            model=lambda wc: model_name(wc.size, wc.seed),
+            steps=STEPS,
+            revisions=[revision(step) for step in STEPS],
+            checkpoints=lambda wc: [
+                checkpoint_dir(wc.size, wc.seed, step) for step in STEPS
+            ],
+            grad_batches=gradient_batches_args,
+            stats=stats_args,
+        shell:
+            EXTRACT_COMMAND
+
+
+if config["source"] != "tiny":
+
+    rule extract:
+        input:
+            unpack(checkpoint_files),
+            unpack(gradient_batches_input),
+            unpack(reference_store),
+            batch=f"{RESULTS}/eval_batch.npy",
+        output:
+            directory(extract_store("{size}", "{seed}", "{step}")),
+        log:
+            f"{RESULTS}/logs/extract/{{size}}/seed{{seed}}/step{{step}}.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/extract/{{size}}/seed{{seed}}/step{{step}}.tsv"
+        conda:
+            ENV
+        threads: 1
+        resources:
+            gpu=EXTRACTION_GPUS,
+        params:
+            options=EXTRACTION_OPTIONS,
+            model=lambda wc: model_name(wc.size, wc.seed),
+            steps=lambda wc: [wc.step],
+            revisions=lambda wc: [revision(wc.step)],
+            checkpoints=lambda wc, input: [os.path.dirname(input.weights)],
+            grad_batches=gradient_batches_args,
+            stats=stats_args,
+        shell:
+            EXTRACT_COMMAND
 
 
 # The paper code's gradient protocol: training batches of steps c-5 and c-4 for checkpoint c

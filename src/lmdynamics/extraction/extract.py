@@ -25,7 +25,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,10 +55,12 @@ from lmdynamics.extraction.passes import (
     nonfinite_flags,
     only_write_weights_train,
     run_pass_fitting,
+    sub_batch_gradient_singular_values,
 )
 from lmdynamics.extraction.positions import sample_token_positions
 from lmdynamics.extraction.reference import ReferenceStore
 from lmdynamics.heap import reuse_freed_memory
+from lmdynamics.options import defaults
 from lmdynamics.sources.checkpoints import (
     CorruptCheckpointError,
     config_family,
@@ -68,6 +73,9 @@ from lmdynamics.sources.revision import discard_corrupt_download, revision_attrs
 from lmdynamics.store import load_token_array, write_store
 
 log = logging.getLogger(__name__)
+
+#: Schema defaults of config section ``extraction``.
+_DEFAULTS = defaults("extraction")
 
 #: Allowed values of ``extraction.device``: ``auto`` = CUDA when available, else CPU.
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
@@ -172,7 +180,8 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
                        gradient_protocol: str = "eval_batch",
                        gradient_batches: Path | str | None = None,
                        stats: StatsOptions | None = None,
-                       family: str | None = None, replicate: int = 0) -> Path:
+                       family: str | None = None, replicate: int = 0,
+                       grad_sub_batches: int = _DEFAULTS["grad_sub_batches"]) -> Path:
     """Load one checkpoint, run the eval batch through it and write its store to ``out``.
 
     ``replicate``: the seed replicate the checkpoint belongs to (config ``seeds``), recorded
@@ -187,6 +196,11 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
 
     ``gradient_protocol="paper_code"`` needs ``gradient_batches``: an .npy (2, S, T) of
     the training batches of :func:`lmdynamics.extraction.paper_code.gradient_steps` ``(step)``.
+    ``grad_sub_batches`` > 1 (``gradient_protocol="eval_batch"`` only): also the gradient
+    singular values of that many disjoint sub-batches of the eval batch, variable
+    ``grad_sub_singular_values`` (sub_batch, component, layer, k), from a second
+    forward and backward pass after everything else
+    (:func:`~lmdynamics.extraction.passes.sub_batch_gradient_singular_values`).
     With ``stats``, the Conjecture statistics (:mod:`lmdynamics.extraction.conjecture`) of the
     same pass are added to the store as ``stat_*`` variables; the size's reference store
     (``stats.reference``) is opened and checked before the model is loaded, so a damaged or
@@ -267,16 +281,67 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
         sampled = dict(zip(SITES, (residual.sampled(), *result.activations), strict=True))
         ds = ds.merge(checkpoint_stats(model, sampled, residual.max_abs, stats, refs))
         log.info("Conjecture statistics in %.2fs", time.perf_counter() - t_stats)
+    if grad_sub_batches > 1 and gradient_protocol == "eval_batch":
+        t_sub = time.perf_counter()
+        only_write_weights_train(model)  # the statistics have read every gradient
+        sub = sub_batch_gradient_singular_values(model, batch, grad_sub_batches,
+                                                 micro_batch=result.micro_batch)
+        ds["grad_sub_singular_values"] = (
+            ("sub_batch", "component", "layer", "k"), sub,
+            {"description": "singular values of the write matrices' gradients on disjoint "
+                            "sub-batches of the eval batch's sequences"})
+        ds.attrs["grad_sub_batches"] = int(sub.shape[0])
+        log.info("gradients of %d sub-batches in %.2fs", sub.shape[0],
+                 time.perf_counter() - t_sub)
     write_store(ds, out, encoding=activation_encoding(result.activations.shape))
     log.info("wrote %s (loss %.4f) in %.1fs", out, result.loss, time.perf_counter() - t0)
     return Path(out)
 
 
+@dataclass(frozen=True)
+class CheckpointStep:
+    """One checkpoint of :func:`extract_checkpoints`: its model directory, training step,
+    revision name, the path of its store and, for ``gradient_protocol="paper_code"``, its
+    gradient batches (the arguments of :func:`extract_checkpoint` that differ per checkpoint).
+    """
+
+    checkpoint: Path | str
+    step: int
+    revision: str
+    out: Path | str
+    gradient_batches: Path | str | None = None
+
+
+def extract_checkpoints(checkpoints: Sequence[CheckpointStep], eval_batch: Path | str,
+                        **options: Any) -> list[Path]:
+    """:func:`extract_checkpoint` of each of ``checkpoints`` in turn, in this process.
+
+    ``options``: the keyword arguments of :func:`extract_checkpoint` that every checkpoint
+    shares (``tokens``, ``seed``, ``size``, ``model_name``, ...). Each store is the one
+    :func:`extract_checkpoint` writes for that checkpoint alone, written atomically when it is
+    finished; the first error stops the loop, the stores finished before it stay complete.
+    Returns the stores' paths, in the order given.
+    """
+    outs = [Path(c.out) for c in checkpoints]
+    repeated = sorted({str(o) for o in outs if outs.count(o) > 1})
+    if repeated:
+        raise ValueError(f"store path(s) {', '.join(repeated)} given for more than one "
+                         "checkpoint; give each checkpoint its own --out")
+    t0 = time.perf_counter()
+    for c in checkpoints:
+        extract_checkpoint(c.checkpoint, eval_batch, c.out, step=c.step, revision=c.revision,
+                           gradient_batches=c.gradient_batches, **options)
+    if len(checkpoints) > 1:
+        log.info("%d checkpoints extracted in %.1fs", len(checkpoints),
+                 time.perf_counter() - t0)
+    return outs
+
+
 def activation_encoding(shape: tuple[int, ...]) -> dict[str, dict]:
     """Zarr encoding of a per-pair store's ``activations`` (component, layer, token, dim).
 
-    Measured (benchmarks/store_encoding.py on real tiny-suite activations; figures in
-    benchmarks/RESULTS.md), not guessed:
+    Chosen by measurement (benchmarks/store_encoding.py on real tiny-suite activations;
+    figures in docs/benchmarks/2026-11-23.md, "Store encoding"):
 
     - one chunk per (component, layer): the reduction reads one layer of one component at
       a time; chunks of a whole component read slower, quarter-layer chunks compress worse

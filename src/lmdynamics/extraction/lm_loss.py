@@ -3,8 +3,8 @@
 ``model(input_ids=x, labels=x).loss`` materialises the logits of every token at once, in
 float32 for the loss: for Pythia's vocabulary (50,304) and the eval batch (8 x 2048 tokens)
 that is 3.3 GB, and as much again for the log-softmax, its gradient, the zeros of the
-NLL gradient and the shifted copy. On CPU those buffers, not the arithmetic, dominated the
-pass (benchmarks/RESULTS.md). Here the trunk runs once under autograd; the unembedding and
+NLL gradient and the shifted copy. On CPU those buffers, not the arithmetic, dominate the
+pass (docs/benchmarks/2026-11-29.md). Here the trunk runs once under autograd; the unembedding and
 the cross-entropy run on ``chunk_tokens`` rows at a time with their gradient written out
 by hand (softmax minus one-hot: one log-softmax and one in-place ``exp`` per chunk), into
 the unembedding's ``.grad`` and into the final hidden state's gradient, which is then

@@ -53,6 +53,8 @@ class Extraction:
     nonfinite_activations: np.ndarray | None = None
     nonfinite_weights: np.ndarray | None = None
     nonfinite_grads: np.ndarray | None = None
+    #: Sequences per forward/backward the pass ran with (after any out-of-memory halving).
+    micro_batch: int | None = None
 
 
 def nonfinite_flags(result: Extraction) -> dict[str, np.ndarray]:
@@ -195,7 +197,7 @@ def run_pass(model: torch.nn.Module, batch: torch.Tensor, seq_idx: np.ndarray,
         nonfinite_activations=np.array([[not _all_true(finite[(c, i)]) for i in range(n_layers)]
                                         for c in COMPONENTS], dtype=bool),
         nonfinite_weights=nonfinite(lambda m: bool(torch.isfinite(m.weight).all())),
-        nonfinite_grads=~grad_finite)
+        nonfinite_grads=~grad_finite, micro_batch=micro)
 
 
 def _accumulate_float32(grads: dict[tuple[str, int], torch.Tensor],
@@ -207,6 +209,47 @@ def _accumulate_float32(grads: dict[tuple[str, int], torch.Tensor],
             g = m.weight.grad.float()
             grads[(c, i)] = g if (c, i) not in grads else grads[(c, i)] + g
             m.weight.grad = None
+
+
+def sub_batch_bounds(n_sequences: int, sub_batches: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of ``min(sub_batches, n_sequences)`` contiguous sub-batches of a
+    batch's sequences, sizes differing by at most one (``np.array_split``)."""
+    if sub_batches < 1 or n_sequences < 1:
+        raise ValueError(f"sub-batches need sub_batches >= 1 and a sequence; got "
+                         f"sub_batches={sub_batches}, {n_sequences} sequences")
+    parts = np.array_split(np.arange(n_sequences), min(sub_batches, n_sequences))
+    return [(int(p[0]), int(p[-1]) + 1) for p in parts]
+
+
+def sub_batch_gradient_singular_values(model: torch.nn.Module, batch: torch.Tensor,
+                                       sub_batches: int, *,
+                                       micro_batch: int | None = None) -> np.ndarray:
+    """Singular values of the write matrices' gradients on each sub-batch of ``batch``.
+
+    ``batch`` (S, T) token ids is cut into :func:`sub_batch_bounds` ``(S, sub_batches)``
+    (disjoint sequences: independent draws of the data, so the spread over sub-batches
+    measures the gradient's sampling noise); each sub-batch's gradient is that of its own
+    mean LM loss, summed over micro-batches of ``micro_batch`` sequences in float32, as
+    :func:`run_pass` does for the whole batch. Returns float64 (sub_batch, component, layer,
+    k), descending; NaN for a matrix with a non-finite entry. Leaves no gradients behind.
+    """
+    device = next(model.parameters()).device
+    family = families.for_model(model)
+    modules = family.write_modules(model)
+    out = []
+    for lo, hi in sub_batch_bounds(batch.shape[0], sub_batches):
+        model.zero_grad(set_to_none=True)
+        grads: dict[tuple[str, int], torch.Tensor] = {}
+        step = micro_batch or (hi - lo)
+        for start in range(lo, hi, step):
+            stop = min(start + step, hi)
+            lm_loss(model, batch[start:stop].to(device), scale=(stop - start) / (hi - lo))
+            _accumulate_float32(grads, modules)
+        out.append(np.stack([singular_values(torch.stack(
+            [family.write_matrix(grads[(c, i)]) for i in range(len(modules[c]))]))
+            for c in COMPONENTS]))
+    model.zero_grad(set_to_none=True)
+    return np.stack(out)
 
 
 def only_write_weights_train(model: torch.nn.Module) -> None:
@@ -252,9 +295,8 @@ def default_micro_batch(device: torch.device, seq_len: int) -> int | None:
     CUDA: all (:func:`run_pass_fitting` halves it on out-of-memory). CPU: as many sequences as
     fit in :data:`CPU_MICRO_BATCH_TOKENS` tokens, at least one: the GEMMs keep thousands of
     rows, and the pass's buffers stay small enough to be reused from one micro-batch to the
-    next instead of being faulted in afresh (Pythia-70m, 8 x 2048 tokens, one pass on 2
-    cores: 8 sequences at once 48 s, 2 at a time 42 s, 1 at a time 38 s; RESULTS.md). The
-    tiny suite's 16 x 129-token batch stays one micro-batch.
+    next instead of being faulted in afresh (docs/benchmarks/2026-11-29.md). The tiny
+    suite's 16 x 129-token batch stays one micro-batch.
     """
     if device.type == "cuda":
         return None

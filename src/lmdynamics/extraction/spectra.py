@@ -20,9 +20,9 @@ def singular_values(matrix: Any) -> np.ndarray:
     ~1e-13 of ``svdvals`` relative to the largest value for well-conditioned matrices, and
     4-16x faster for D x 4D (ecosystem-facts, "Numerics"); values far below
     ``sqrt(eps) * max`` lose relative accuracy, which effective ranks do not feel.
-    On the CPU the eigenvalues come from numpy's LAPACK (``np.linalg.eigvalsh``): torch's
-    CPU ``eigvalsh`` (MKL) took 820 ms for one 512 x 512 Gram matrix on the AMD EPYC we
-    benchmark on, numpy 10 ms (benchmarks/RESULTS.md); on a GPU it stays on the device.
+    On the CPU the eigenvalues come from numpy's LAPACK (``np.linalg.eigvalsh``), which is
+    far faster there than torch's CPU ``eigvalsh`` (docs/benchmarks/2026-11-23.md); on a GPU
+    it stays on the device.
     Returns shape (..., min(m, n)); all NaN for a matrix with a non-finite entry.
     """
     if isinstance(matrix, torch.Tensor):

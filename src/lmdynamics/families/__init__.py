@@ -14,9 +14,10 @@ Built in: :mod:`~lmdynamics.families.gpt_neox` (Pythia, PolyPythias),
 
 Adding a family is one new module in this package that defines one module-level
 :class:`Family` instance (any name), plus its test: :func:`registry` imports every module of
-the package (``pkgutil``) and collects the instances; nothing else is edited. The
-``family`` enum of ``workflow/schemas/config.schema.yaml`` is checked against the registry
-by tests/families/test_registry.py, so a new family also adds its name there.
+the package (``pkgutil``) and collects the instances. The config check asks the registry for
+the config's ``family``, so the config schema needs no edit; a suite definition's ``family``
+is an enum of ``lmdynamics/sources/suites/suite.schema.yaml``, which gains the name when a
+suite uses the family.
 
 This package imports neither torch nor transformers at import time (the reductions and the
 report import the store names through :mod:`lmdynamics.extraction.names`); the functions that

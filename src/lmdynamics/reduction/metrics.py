@@ -210,6 +210,48 @@ def per_baseline(ref: xr.Dataset, components: Sequence[str], divisor_kind: str,
         coords={"component": np.array(components, dtype=object)})
 
 
+#: Variables of the gradient PER on sub-batches of the eval batch (:func:`sub_batch_per`).
+SUB_BATCH_VARIABLES = ("per_grad_sub", "per_grad_sub_normalized", "per_grad_sub_head_dim")
+
+
+def sub_batch_per(stores: dict[int, xr.Dataset], divisor_kind: str,
+                  truncate: bool) -> xr.Dataset:
+    """``per_grad_sub`` and ``per_grad_sub_head_dim`` (component, layer, step, sub_batch): the
+    PER of the write matrices' gradients on each sub-batch of the eval batch, from the stores'
+    ``grad_sub_singular_values`` (``extraction.grad_sub_batches``). Empty (with a warning
+    when only some stores hold them, or with different numbers of sub-batches) unless every
+    store of the size holds the same number of sub-batches."""
+    counts = {s: ds["grad_sub_singular_values"].sizes["sub_batch"]
+              if "grad_sub_singular_values" in ds else 0 for s, ds in stores.items()}
+    if len(set(counts.values())) != 1:
+        warn(f"per_grad_sub left out for size {next(iter(stores.values())).attrs.get('size')}: "
+             f"the stores hold different numbers of gradient sub-batches {counts} (step: "
+             "count); redo the extractions with one extraction.grad_sub_batches")
+        return xr.Dataset()
+    if not next(iter(counts.values())):
+        return xr.Dataset()
+    dims = ("component", "layer", "step", "sub_batch")
+    out = {}
+    desc = "PER of gradients on each sub-batch of the eval batch"
+    for name, kind, trunc, long_name in (
+            ("per_grad_sub", divisor_kind, truncate, desc),
+            ("per_grad_sub_head_dim", "head_dim", True,
+             desc + ", top head_dim singular values / head_dim")):
+        values = np.stack([np.stack([_per(sub, "grad_singular_values", kind, trunc)
+                                     for sub in _sub_batches(ds)], axis=-1)
+                           for ds in stores.values()], axis=-2)
+        out[name] = (dims, values, {"long_name": long_name})
+    return xr.Dataset(out, coords={"step": np.array(list(stores), dtype=np.int64)})
+
+
+def _sub_batches(ds: xr.Dataset) -> list[xr.Dataset]:
+    """One store's sub-batch spectra, each as a dataset whose ``grad_singular_values`` they
+    are (so :func:`_per` reads them like the whole batch's)."""
+    sub = ds["grad_sub_singular_values"]
+    return [xr.Dataset({"grad_singular_values": sub.isel(sub_batch=j, drop=True)},
+                       attrs=ds.attrs) for j in range(sub.sizes["sub_batch"])]
+
+
 def reduce_size(paths: Sequence[Path | str], out: Path | str, *, final_step: int,
                 per_divisor: str = _DEFAULTS["per_divisor"],
                 per_truncate: bool = _DEFAULTS["per_truncate"],
@@ -282,9 +324,10 @@ def reduce_size(paths: Sequence[Path | str], out: Path | str, *, final_step: int
                "model": ref.attrs["model"], "seed": int(ref.attrs.get("seed", 0))},
     )
     ds["flag_duplicate"] = duplicate_flag(stores)
-    ds = ds.merge(baseline)
-    for var in ("per_weight", "per_grad"):
-        ds[f"{var}_normalized"] = (ds[var] / ds["per_random"]).transpose(*dims).assign_attrs(
+    ds = ds.merge(baseline).merge(sub_batch_per(stores, per_divisor, per_truncate))
+    for var in ("per_weight", "per_grad", *(["per_grad_sub"] if "per_grad_sub" in ds else [])):
+        normalized = (ds[var] / ds["per_random"]).transpose(*dims, ...)
+        ds[f"{var}_normalized"] = normalized.assign_attrs(
             long_name=f"{var} / per_random (1 = as spread as a random Gaussian matrix)")
     ds = xr.merge([cka, ds], combine_attrs="no_conflicts")
     ds = ds[["cka", *sorted(v for v in map(str, ds.data_vars) if v != "cka")]]
@@ -304,6 +347,7 @@ def combine_sizes(paths: Sequence[Path | str]) -> xr.Dataset:
     per_run = load_sizes(paths, required=METRIC_VARIABLES,
                          required_attrs=("size", "n_params", "num_layers"))
     shared = agreed_attrs(per_run, SHARED_ATTRS, "metrics")
+    per_run = _same_sub_batches(per_run)
     per_size = stack_seeds(per_run, "metrics")
     sizes = [d.attrs["size"] for d in per_size]
     per_size, flags = zip(*(split_flags(d) for d in per_size), strict=True)
@@ -315,6 +359,19 @@ def combine_sizes(paths: Sequence[Path | str]) -> xr.Dataset:
     combined = combined.merge(stack_flags(flags, sizes), join="left", fill_value=False)
     combined.attrs = shared
     return set_flagged(combined)
+
+
+def _same_sub_batches(per_run: list[xr.Dataset]) -> list[xr.Dataset]:
+    """``per_run`` as is when every run has the same number of gradient sub-batches (or
+    none has any); else without :data:`SUB_BATCH_VARIABLES`, with a warning."""
+    counts = {(d.attrs["size"], int(d.attrs.get("seed", 0))):
+              d.sizes.get("sub_batch", 0) for d in per_run}
+    if len(set(counts.values())) <= 1:
+        return per_run
+    warn(f"per_grad_sub left out of the combined metrics: the runs hold different numbers of "
+         f"gradient sub-batches {counts} ((size, seed): count); redo the extractions with one "
+         "extraction.grad_sub_batches")
+    return [d.drop_vars([v for v in SUB_BATCH_VARIABLES if v in d]) for d in per_run]
 
 
 def tidy_metrics(ds: xr.Dataset) -> pd.DataFrame:

@@ -2,9 +2,11 @@
 
 One panel per (Table 1 column, size): x the CKA threshold of early convergence, y the PER
 threshold (weights) or the fraction of the largest layer PER (gradients), colour the MCC
-(:func:`lmdynamics.report.tables.mcc_grid`; grey where undefined). A star marks the configured
+(:func:`lmdynamics.report.tables.mcc_grids`; grey where undefined). A star marks the configured
 thresholds, a ring the paper's (0.45 and 0.95 / 0.9), so a reader sees whether a cell's
-sign rests on one threshold.
+sign rests on one threshold. A dot marks the thresholds where the cell's p-value under random
+relabelling of layers (Table 1's: one seed's exact test, or the stratified test over seeds) is
+at most ``mcc.alpha``; a panel without dots has no threshold pair that can be told from chance.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from matplotlib.colors import Normalize
 from lmdynamics.report.cka import cka_label
 from lmdynamics.report.figures import save_figure
 from lmdynamics.report.style import new_figure, style
-from lmdynamics.report.tables import COLUMNS, PAPER_THRESHOLDS, MCCOptions, mcc_grid
+from lmdynamics.report.tables import COLUMNS, PAPER_THRESHOLDS, MCCOptions, mcc_grids
 
 MCC_CMAP = "RdBu_r"
 UNDEFINED_COLOR = "0.85"
@@ -36,7 +38,8 @@ def mcc_sensitivity(ds: xr.Dataset, out_stem: Path,
                     options: MCCOptions | None = None) -> list[Path]:
     """Draw the sensitivity heatmaps of ``ds`` (the combined metrics after ``select_cka``)."""
     options = options or MCCOptions()
-    grid = mcc_grid(ds, options)
+    grids = mcc_grids(ds, options)
+    grid, p_values = grids["mcc"], grids["p_value"]
     sizes = [str(s) for s in grid["size"].values]
     cka_t, per_t = grid["cka_threshold"].values, grid["per_threshold"].values
     half_x, half_y = np.diff(cka_t).min() / 2, np.diff(per_t).min() / 2
@@ -55,6 +58,11 @@ def mcc_sensitivity(ds: xr.Dataset, out_stem: Path,
                 image = ax.imshow(np.ma.masked_invalid(values.to_numpy()), origin="lower",
                                   extent=extent, cmap=cmap, norm=norm, aspect="auto",
                                   interpolation="nearest")
+                below = p_values.sel(size=size, column=label).transpose(
+                    "per_threshold", "cka_threshold").to_numpy() <= options.alpha
+                y_at, x_at = np.nonzero(below)
+                ax.plot(cka_t[x_at], per_t[y_at], marker=".", ms=2, color="k", ls="none",
+                        label=f"p ≤ {options.alpha:g}")
                 ax.plot(options.cka_threshold, getattr(options, key), marker="*", ms=7,
                         color="k", ls="none", label="configured")
                 ax.plot(PAPER_THRESHOLDS["cka_threshold"], PAPER_THRESHOLDS[key], marker="o",

@@ -264,8 +264,8 @@ def load_model(directory: Path | str, *, dtype: torch.dtype = torch.float32,
     ``sdpa`` (default) is torch's fused ``scaled_dot_product_attention``, causal, with no
     T x T score matrix (flash attention on CPU and GPU); ``eager`` is transformers' plain
     matmul/softmax path. Both give the same outputs up to float rounding (2e-4 relative in
-    float32), and sdpa repeats bit for bit on CPU (tests/test_lm_loss.py); sdpa took the
-    CPU benchmark pass from 119 s to 69 s (RESULTS.md).
+    float32), and sdpa repeats bit for bit on CPU (tests/extraction/test_lm_loss.py); sdpa is
+    the faster of the two on CPU (docs/benchmarks/2026-11-29.md).
 
     The tensors are read here (:func:`read_state_dict`: safetensors, or a pickle with
     ``weights_only=True``) and must all be floating point, except the boolean and integer

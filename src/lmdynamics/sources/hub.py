@@ -8,7 +8,7 @@ files are fetched; pickled weights (``pytorch_model.bin``, or shards) are read o
 rewritten as ``model.safetensors``, so extraction always loads the same way; no code from the
 hub is ever run (no ``trust_remote_code``).
 
-Failure handling (issue 8): transient errors (HTTP 408/429/5xx, timeouts, dropped
+Failure handling: transient errors (HTTP 408/429/5xx, timeouts, dropped
 connections) are retried with exponential backoff and then fail naming the request; a
 revision that does not exist fails naming it and the nearest available steps; a download
 whose size or sha256 does not match the hub's metadata fails naming the file and leaves

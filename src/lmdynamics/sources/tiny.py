@@ -28,15 +28,17 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
-import torch
-from transformers import PretrainedConfig
 
 from lmdynamics import families
-from lmdynamics.sources.checkpoints import save_checkpoint
 from lmdynamics.sources.schedule import checkpoint_schedule
+
+if TYPE_CHECKING:  # the corpus and its batches need numpy only (the eval batch's job)
+    import pandas as pd
+    import torch
+    from transformers import PretrainedConfig
 
 __all__ = ["VOCAB_SIZE", "DEFAULT_SPECS", "checkpoint_schedule", "load_corpus", "corpus_sha256",
            "n_sequences", "training_batch", "eval_batch", "model_config", "learning_rate",
@@ -170,6 +172,8 @@ def _check_nonnegative(name: str, value: int) -> None:
 @contextlib.contextmanager
 def deterministic_torch(threads: int | None) -> Iterator[None]:
     """Deterministic algorithms and (optionally) a fixed thread count, restored afterwards."""
+    import torch
+
     old_det = torch.are_deterministic_algorithms_enabled()
     old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
     old_threads = torch.get_num_threads()
@@ -206,6 +210,8 @@ def train_updates(model: torch.nn.Module, tokens: np.ndarray, *, final_step: int
         The language-model loss of each update (without the extra term) and the extra
         term's value (0 without one).
     """
+    import torch
+
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=BETAS,
                                   weight_decay=WEIGHT_DECAY)
@@ -279,6 +285,11 @@ def train_tiny_model(spec: Mapping[str, int], *, size: str, out_dir: Path | str,
 
     A killed run leaves no file under a final name half-written; rerunning starts over.
     """
+    import pandas as pd
+    import torch
+
+    from lmdynamics.sources.checkpoints import save_checkpoint
+
     schedule = set(checkpoint_schedule(final_step, log_until, interval))
     _check_nonnegative("warmup", warmup)
     if not lr > 0:
