@@ -425,7 +425,7 @@ def test_shipped_configs_resolve_and_carry_the_decisive_design():
         n = len(set(variant_seeds(section, primary["treatment"]))
                 & set(variant_seeds(section, primary["control"])))
         assert n >= 16
-        assert section["primary"]["measure"] == "did_crossing_step"
+        assert section["primary"]["measure"] == "did_area"
         for c in section["contrasts"].values():
             if c["positive_control"]:
                 n = len(set(variant_seeds(section, c["treatment"]))
