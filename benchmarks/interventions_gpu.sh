@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The decisive intervention study at Pythia-14m shape on one GPU, in one process
 # (config/interventions_gpu.yaml: mlp layer 3 targeted, rank regulariser +-0.3 on 16 seeds each,
-# positive control lr x 0.3 against baseline on 8 seeds each; 48 runs of 2000 constant-rate
+# positive control lr x 3 against baseline on 8 seeds each; 48 runs of 2000 constant-rate
 # updates of 32 x 512 tokens). Needs torch, transformers, numpy, pandas, matplotlib, pyyaml,
 # jsonschema (no zarr, no snakemake). Tokens: generated Markov-chain tokens (4M, vocabulary
 # 50304) unless arguments say otherwise, e.g. --tokens data/tokens.npy. Outputs (CSV,

@@ -40,6 +40,7 @@ from lmdynamics.interventions.outcomes import (
 from lmdynamics.interventions.report import (
     contrast_figure,
     convergence_figure,
+    dose_response,
     effects_markdown,
 )
 from lmdynamics.interventions.run import SCHEDULES, RunSettings
@@ -331,6 +332,31 @@ def test_contrast_effects_are_seed_paired_with_the_exact_test_and_the_mde():
     area = eff[eff["measure"] == "did_area"].iloc[0]
     assert area["n_seeds"] == 5 and area["n_undefined"] == 1
     assert area["p_value"] == sign_flip_test(np.delete(d, 4)).p_value
+
+
+def test_dose_response_lists_same_kind_contrasts_by_distance():
+    """Two ± pairs of the regulariser (0.3 and 1.0) and a positive control of another kind:
+    the dose-response lists the two same-kind contrasts, the smaller distance first, with
+    their effect and p on the primary measure; without such a contrast it is empty."""
+    runs = pd.concat([_runs({s: -2.0 - s for s in range(6)}),
+                      _runs({s: -9.0 - s for s in range(6)}).replace(
+                          {"variant": {"up": "up1", "down": "down1"}})])
+    contrasts = {"strong": {"treatment": "up1", "control": "down1"},
+                 "weak": {"treatment": "up", "control": "down"}}
+    section = {"primary": {"contrast": "weak", "measure": "did_area"}, "contrasts": contrasts,
+               "variants": {"up": {"kind": "rank_regulariser", "strength": 0.3},
+                            "down": {"kind": "rank_regulariser", "strength": -0.3},
+                            "up1": {"kind": "rank_regulariser", "strength": 1.0},
+                            "down1": {"kind": "rank_regulariser", "strength": -1.0},
+                            "lr": {"kind": "lr_scale", "factor": 3.0, "seeds": [0, 1]}}}
+    eff = contrast_effects(runs, contrasts, alpha=0.05, power=0.8, samples=200, level=0.9)
+    rows = [line for line in dose_response(eff, section, "s")
+            if line.startswith("| rank_regulariser")]
+    assert [r.split("|")[2].strip() for r in rows] == ["weak", "strong"]
+    assert "| 0.3 | -0.3 | -4.5000 " in rows[0] and "| 1 | -1 | -11.5000 " in rows[1]
+    assert f"| {2 / 64:.3f} |" in rows[0]  # every seed negative: the exact floor
+    other_kinds = {**section, "contrasts": {"pc": {"treatment": "lr", "control": "down"}}}
+    assert dose_response(eff, other_kinds, "s") == []
 
 
 # ------------------------------------------------------------------ runs and settings

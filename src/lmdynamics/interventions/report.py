@@ -2,7 +2,8 @@
 
 - :func:`effects_markdown`: the study's answer: the primary outcome declared in the config
   with its exact sign-flip p-value and the smallest effect the design could detect, the
-  positive control(s), every contrast and measure, and the machines the runs used;
+  positive control(s), the dose-response (:func:`dose_response`), every contrast and
+  measure, and the machines the runs used;
 - :func:`convergence_figure`: CKA to the reference step over training for the targeted
   component's layers, one colour per variant (mean over seeds, band: lowest to highest seed);
 - :func:`contrast_figure`: the per-seed differences of every contrast on the within-run
@@ -29,8 +30,8 @@ import pandas as pd  # noqa: E402
 
 from .outcomes import CKA_COLUMNS, RUN_MEASURES  # noqa: E402
 
-__all__ = ["CAPTIONS", "contrast_figure", "convergence_figure", "effects_markdown",
-           "machines_summary", "write_summary"]
+__all__ = ["CAPTIONS", "contrast_figure", "convergence_figure", "dose_response",
+           "effects_markdown", "machines_summary", "write_summary"]
 
 CAPTIONS = {
     "convergence": (
@@ -106,13 +107,14 @@ def machines_summary(machines: pd.DataFrame) -> list[str]:
     cols = [c for c in ("cpu", "torch_cpu_capability", "mkl_cbwr", "openblas_coretype",
                         "torch_threads", "torch", "numpy", "transformers", "gpu")
             if c in machines]
-    distinct = machines[cols].astype(str).drop_duplicates()
+    facts = machines[cols].fillna("-").astype(str)  # a fact not recorded: "-"
+    distinct = facts.drop_duplicates()
     pinned = machines["kernels_pinned"].astype(bool) if "kernels_pinned" in machines else None
     lines = [f"{len(machines)} runs on {len(distinct)} distinct configuration(s) of machine "
              "and libraries:", "", "| " + " | ".join(cols) + " | runs |",
              "|" + "---|" * (len(cols) + 1)]
     for _, d in distinct.iterrows():
-        n = int((machines[cols].astype(str) == d).all(axis=1).sum())
+        n = int((facts == d).all(axis=1).sum())
         lines.append("| " + " | ".join(d[c] for c in cols) + f" | {n} |")
     lines.append("")
     if pinned is not None and pinned.all():
@@ -126,6 +128,45 @@ def machines_summary(machines: pd.DataFrame) -> list[str]:
                      "expect per-run differences of the order given in docs/guide/"
                      "interventions.md (\"Determinism\").")
     return lines
+
+
+def _strength(spec: Mapping[str, Any]) -> tuple[str, float] | None:
+    """``(kind, value)`` of a variant entry whose kind has exactly one numeric parameter."""
+    from .variants import STUDY_KEYS
+
+    params = {k: v for k, v in spec.items() if k not in STUDY_KEYS}
+    if len(params) != 1:
+        return None
+    (value,) = params.values()
+    return (spec["kind"], float(value)) if isinstance(value, int | float) else None
+
+
+def dose_response(effects: pd.DataFrame, section: Mapping[str, Any], size: str) -> list[str]:
+    """Markdown lines: every contrast between two variants of the same one-parameter kind
+    (e.g. ``rank_regulariser`` +0.3 against -0.3, and +1 against -1), by kind and by the
+    distance between the two parameter values, with its effect, p and MDE on the primary
+    measure. A causal effect grows with the distance; empty when no kind has such a
+    contrast."""
+    measure = section["primary"]["measure"]
+    fam = _family(measure)
+    d, u = DIGITS[fam], UNITS[fam]
+    rows = []
+    for name, c in section["contrasts"].items():
+        t, k = (_strength(section["variants"][c[role]]) for role in ("treatment", "control"))
+        if t is not None and k is not None and t[0] == k[0]:
+            rows.append((t[0], abs(t[1] - k[1]), name, t[1], k[1]))
+    if not rows:
+        return []
+    lines = [f"Contrasts between two strengths of one kind, on `{measure}`: a causal effect "
+             "grows with the distance between the strengths (one row per kind and distance "
+             "is a dose-response of one point; add arms in the config for more).", "",
+             "| kind | contrast | treatment | control | effect | p | MDE |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for kind, _, name, tv, kv in sorted(rows):
+        r = _row(effects, name, measure, size)
+        lines.append(f"| {kind} | {name} | {tv:g} | {kv:g} | {_num(r['effect'], d)} {u} | "
+                     f"{_p(r['p_value'])} | {_num(r['mde'], d, sign=False)} |")
+    return [*lines, ""]
 
 
 def effects_markdown(effects: pd.DataFrame, section: Mapping[str, Any],
@@ -185,6 +226,9 @@ def effects_markdown(effects: pd.DataFrame, section: Mapping[str, Any],
                           "detect a change known to alter convergence, so its primary result "
                           "does not answer the question."]
             lines.append("")
+        dose = dose_response(effects, section, size)
+        if dose:
+            lines += [f"## Dose-response{head}", "", *dose]
     lines += ["## Every contrast and measure", "",
               "Secondary: no correction for multiple comparisons; read them as description.",
               "", "| contrast | size | measure | n | treatment | control | effect [interval] "
