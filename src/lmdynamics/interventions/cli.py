@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
 
 from lmdynamics.cli import command
@@ -29,6 +31,24 @@ def _json(text: str):
     if not isinstance(value, dict):
         raise ValueError(f"{source[:80]!r}: expected a JSON object")
     return value
+
+
+def _pin_kernels_before_numpy(pin_kernels) -> None:
+    """Pin the CPU kernels (:func:`lmdynamics.interventions.machine.pin_kernels`). They are
+    read when numpy and torch load, and building the command line's parser already loads
+    numpy (another subcommand's arguments), so a process started as ``intervention-run``
+    whose environment does not pin them yet runs itself again with the pinned environment
+    (one interpreter start); otherwise numpy's OpenBLAS would keep the kernels this
+    environment chose (measured: the float64 spectra then differed in the 14th digit)."""
+    from .machine import PINNED_KERNELS
+
+    if all(os.environ.get(k) == v for k, v in PINNED_KERNELS.items()):
+        return
+    if sys.argv[1:2] == ["intervention-run"] and ("numpy" in sys.modules
+                                                  or "torch" in sys.modules):
+        os.execve(sys.executable, [sys.executable, "-m", "lmdynamics", *sys.argv[1:]],
+                  {**os.environ, **PINNED_KERNELS})
+    pin_kernels()
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
@@ -52,7 +72,7 @@ def _run(a: argparse.Namespace) -> None:
     from .machine import pin_kernels
 
     if a.options.get("reproducible_kernels") and a.options.get("device") == "cpu":
-        pin_kernels()  # before torch and numpy load (nothing of them is imported yet)
+        _pin_kernels_before_numpy(pin_kernels)
     from lmdynamics.cli import pin_threads
 
     pin_threads(1)  # the run's one thread (interventions.run.CPU_THREADS), idle pools asleep
