@@ -481,8 +481,8 @@ def test_section_errors_name_the_key():
     assert "interventions.primary.contrast: 'z' is not among" in errors
     assert "interventions.target.layer: 3; size 183k has layers 0..2" in errors
     assert "interventions.vocab_size: 300" in errors
-    lone = _section(variants={**_section()["variants"], "lr_low": {
-        "kind": "lr_scale", "factor": 0.3, "seeds": [99]}})
+    lone = _section(variants={**_section()["variants"], "lr_high": {
+        "kind": "lr_scale", "factor": 3.0, "seeds": [99]}})
     assert any("share 0 seed(s)" in e for e in section_errors(lone))
 
 
