@@ -11,7 +11,7 @@ import argparse
 from collections.abc import Callable
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable]] = {}
-#: Subcommands that run a model: :func:`lmdynamics.cli.pin_threads` on their ``--threads``
+#: Subcommands that run a model: :func:`lmdynamics.threads.pin_threads` on their ``--threads``
 #: before they import.
 PINNED: set[str] = set()
 

@@ -105,6 +105,13 @@ def _merge(default: Any, given: Any) -> Any:
     return default if given is None else given
 
 
+def with_defaults(node: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
+    """``given`` with the defaults of the object schema ``node`` filled in where it leaves a
+    key out (nested objects too), for a schema file of its own (e.g. the intervention
+    study's); unchecked: validate ``given`` first."""
+    return _merge(_defaults_of(node), given)
+
+
 def resolve(section: str, given: Any = None) -> Any:
     """``given`` (config section ``section``, or a subset of it) checked against the schema,
     with the schema's defaults filled in. Raises ValueError listing every bad key as
