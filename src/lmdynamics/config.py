@@ -23,7 +23,7 @@ from lmdynamics.sources import pythia
 from lmdynamics.sources.schedule import checkpoint_schedule
 
 #: Where checkpoints come from (config key ``source``).
-SOURCES: tuple[str, ...] = ("tiny", "hub")
+SOURCES: tuple[str, ...] = ("tiny", "hub", "local")
 #: Patterns of the schema's string values (``\A...\Z``: ``$`` would also match before a final
 #: newline). Each must equal the schema's text, which is how :data:`PATTERN_HINTS` finds it.
 #: Labels become path components (suite, sizes, model names).
@@ -224,15 +224,17 @@ def schedule_for(config: Mapping[str, Any]) -> list[int] | None:
     if config["source"] == "tiny":
         sched = config["tiny"]["schedule"]
         return checkpoint_schedule(config["final_step"], sched["log_until"], sched["interval"])
+    if config["source"] == "local":  # the steps on disk (resolved by sources.local)
+        return sorted(config["steps"])
     schedule = suite_for(config).schedule
     return None if schedule is None else list(schedule)
 
 
 def eval_from_file(config: Mapping[str, Any], suite) -> bool:
     """Whether the eval batch comes from ``eval_data.path`` (set, or needed because the
-    suite has no public training batch) rather than the preshuffled Pile."""
+    suite has no public training batch; source local always) rather than the preshuffled Pile."""
     if suite is None:
-        return False
+        return config.get("source") == "local"
     return bool((config.get("eval_data") or {}).get("path")) or \
         suite.eval_data["kind"] != "pile_last_batch"
 
@@ -262,6 +264,14 @@ def semantic_errors(config: Mapping[str, Any]) -> list[str]:
             return ["config key 'tiny': missing; allowed: a 'tiny' section (schedule, models) "
                     "when source is 'tiny'"]
         known = list(config["tiny"]["models"])
+    elif source == "local":  # steps and final step from disk (lmdynamics.sources.local)
+        from lmdynamics.sources import local
+
+        errors = local.errors(config)
+        if errors:
+            return errors
+        config = {**config, **local.resolve(config)}
+        known = list(config["sizes"])
     else:
         try:
             suite = suite_for(config)
@@ -432,6 +442,10 @@ def resolved_family(config: Mapping[str, Any]) -> str:
 
     if config.get("family") is not None:
         return config["family"]
+    if config.get("source") == "local":  # the checkpoints' config.json
+        from lmdynamics.sources.local import resolve
+
+        return resolve(config)["family"]
     suite = suite_for(config) if config.get("source") == "hub" else None
     return suite.family if suite is not None else families.DEFAULT
 

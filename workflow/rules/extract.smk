@@ -14,14 +14,20 @@ EXTRACTION_OPTIONS = job_options(
     "family",
     omit=["conjecture.figure_steps"],
 )
+# Source local: the job waits for a complete checkpoint folder and records its fingerprint.
+LOCAL_FLAGS = (
+    f" --local-settle {float(config['local']['settle_seconds'])}"
+    f" --local-wait {float(config['local']['wait_seconds'])}"
+    if config["source"] == "local"
+    else ""
+)
 EXTRACT_COMMAND = (
     "lmdynamics extract --checkpoint {params.checkpoints:q}"
     " --eval-batch {input.batch:q} --size {wildcards.size:q} --step {params.steps:q}"
     " --replicate {wildcards.seed:q}"
     " --model {params.model:q} --revision {params.revisions:q}"
     " --options {params.options:q} {params.grad_batches:q} --threads {threads:q}"
-    " {params.stats:q}"
-    " --out {output:q} > {log:q} 2>&1"
+    " {params.stats:q}" + LOCAL_FLAGS + " --out {output:q} > {log:q} 2>&1"
 )
 
 
