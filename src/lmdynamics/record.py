@@ -234,7 +234,8 @@ class Recorder:
         return out
 
 
-def record_step(model: torch.nn.Module, step: int, *, config: Mapping[str, Any] | Path | str,
+def record_step(model: torch.nn.Module, step: int, *,
+                config: Mapping[str, Any] | Path | str | None = None,
                 size: str, seed: int = 0, workdir: Path | str = ".",
                 recorder: Recorder | None = None) -> Path:
     """Write the store of ``model`` at step ``step`` (a hand-written training loop).
