@@ -15,11 +15,13 @@ EXTRACTION_OPTIONS = job_options(
     omit=["conjecture.figure_steps"],
 )
 # Source local: the job waits for a complete checkpoint folder and records its fingerprint.
-LOCAL_FLAGS = (
-    f" --local-settle {float(config['local']['settle_seconds'])}"
-    f" --local-wait {float(config['local']['wait_seconds'])}"
+LOCAL_ARGS = (
+    [
+        f"--local-settle={float(config['local']['settle_seconds'])}",
+        f"--local-wait={float(config['local']['wait_seconds'])}",
+    ]
     if config["source"] == "local"
-    else ""
+    else []
 )
 EXTRACT_COMMAND = (
     "lmdynamics extract --checkpoint {params.checkpoints:q}"
@@ -58,6 +60,7 @@ if config["source"] == "tiny":
             ],
             grad_batches=gradient_batches_args,
             stats=stats_args,
+            local=LOCAL_ARGS,
         shell:
             EXTRACT_COMMAND
 
@@ -89,6 +92,7 @@ if config["source"] != "tiny":
             checkpoints=lambda wc, input: [os.path.dirname(input.weights)],
             grad_batches=gradient_batches_args,
             stats=stats_args,
+            local=LOCAL_ARGS,
         shell:
             EXTRACT_COMMAND
 
