@@ -29,7 +29,8 @@ EXTRACT_COMMAND = (
     " --replicate {wildcards.seed:q}"
     " --model {params.model:q} --revision {params.revisions:q}"
     " --options {params.options:q} {params.grad_batches:q} --threads {threads:q}"
-    " {params.stats:q}" + LOCAL_FLAGS + " --out {output:q} > {log:q} 2>&1"
+    " {params.stats:q} {params.local:q}"
+    " --out {output:q} > {log:q} 2>&1"
 )
 
 
