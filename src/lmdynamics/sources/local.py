@@ -31,8 +31,6 @@ from typing import Any
 
 from lmdynamics.options import defaults
 
-#: Schema defaults of config section ``local``.
-_DEFAULTS = defaults("local")
 #: The Trainer's record of a checkpoint's step, written after its weights.
 TRAINER_STATE = "trainer_state.json"
 #: Weight files a local checkpoint may hold (those :func:`~lmdynamics.sources.checkpoints.
@@ -92,9 +90,12 @@ def _glob(template: str, size: str, seed: int) -> dict[int, Path]:
 
 
 def discover_steps(template: str, size: str, seed: int, *,
-                   settle_seconds: float = _DEFAULTS["settle_seconds"],
+                   settle_seconds: float | None = None,
                    now: float | None = None) -> list[int]:
-    """Steps whose checkpoint folder exists and is complete (:func:`completeness`)."""
+    """Steps whose checkpoint folder exists and is complete (:func:`completeness`);
+    ``settle_seconds`` None: config ``local.settle_seconds``'s default."""
+    if settle_seconds is None:
+        settle_seconds = defaults("local")["settle_seconds"]
     return sorted(step for step, path in _glob(template, size, seed).items()
                   if path.is_dir() and completeness(path, step, settle_seconds, now=now)[0])
 
@@ -185,9 +186,7 @@ def completeness(directory: Path | str, step: int, settle_seconds: float,
 
 
 def wait_complete(directory: Path | str, step: int, *,
-                  settle_seconds: float = _DEFAULTS["settle_seconds"],
-                  wait_seconds: float = _DEFAULTS["wait_seconds"],
-                  poll: float = 2.0) -> str:
+                  settle_seconds: float, wait_seconds: float, poll: float = 2.0) -> str:
     """Return once the folder is complete (why it is); after ``wait_seconds`` raise
     :class:`IncompleteCheckpointError` saying what is missing and what to do."""
     deadline = time.monotonic() + wait_seconds
@@ -224,7 +223,7 @@ def fingerprint(directory: Path | str) -> dict[str, Any]:
 
 def section(config: Mapping[str, Any]) -> dict[str, Any]:
     """The ``local`` section with the schema's defaults filled in."""
-    return {**_DEFAULTS, **(config.get("local") or {})}
+    return {**defaults("local"), **(config.get("local") or {})}
 
 
 def seeds_of(config: Mapping[str, Any]) -> list[int]:
