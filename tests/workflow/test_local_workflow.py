@@ -94,7 +94,10 @@ def test_recorded_run_keeps_two_checkpoints_and_is_analysed(data, tmp_path):
                    local={"path": str(data / "recorded/checkpoint-{step}"),
                           "recorded": str(data / "stores/step{step}.zarr"),
                           "settle_seconds": 0})
-    proc = snakemake(wd2, "--configfile", "config/own.yaml", check=False)
+    proc = snakemake(wd2, "--configfile", "config/own.yaml", "--keep-going",
+                     "--until", "adopt_recorded", check=False)
     assert proc.returncode != 0
-    log = (wd2 / "results/own/logs/adopt_recorded/s/seed0/step4.log").read_text()
-    assert "recorded with other settings" in log and "64 tokens" in log
+    for step in (4, 8):
+        log = (wd2 / f"results/own/logs/adopt_recorded/s/seed0/step{step}.log").read_text()
+        assert "recorded with other settings" in log and "64 tokens" in log
+        assert not (wd2 / f"results/own/extract/s/seed0/step{step}.zarr").exists()
