@@ -35,6 +35,7 @@ if config["source"] == "local":
 
 include: "workflow/rules/reduce.smk"
 include: "workflow/rules/figures.smk"
+include: "workflow/rules/measures.smk"
 include: "workflow/rules/audit.smk"
 include: "workflow/rules/conjecture.smk"
 

@@ -25,7 +25,8 @@ One run measures and prints, as ratios against rates measured in the same run:
 2. **Reduction** of one size through :func:`lmdynamics.reduction.metrics.reduce_size` on real zarr
    stores written with the extraction's own writer (``--steps`` steps, L layers x 2
    components, ``--reduce-tokens`` N tokens of width D), with the workflow's default CKA
-   options (both estimators, pairwise, B=1000 sequence-bootstrap), over the GEMM floor of
+   options (both estimators, pairwise, B=1000 sequence-bootstrap) and no other measure
+   (``benchmarks/measures.py`` times those against this), over the GEMM floor of
    its products at the measured float64 GEMM rate (numpy, as the reduction runs). Floor per
    (component, layer), counting a symmetric product (``X'X``, ``XX'``) as half a GEMM:
    ``min(N D^2 S^2, S N^2 D + N^2 S(S+1)/2)`` for the pairwise CKA (feature or Gram route)
@@ -99,6 +100,7 @@ import torch  # noqa: E402
 import xarray as xr  # noqa: E402
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM  # noqa: E402
 
+from lmdynamics.estimators.sparsity import ELEMENT_STATS  # noqa: E402
 from lmdynamics.extraction.conjecture import StatsOptions  # noqa: E402
 from lmdynamics.extraction.extract import (  # noqa: E402
     activation_encoding,
@@ -106,9 +108,11 @@ from lmdynamics.extraction.extract import (  # noqa: E402
     extraction_dataset,
     sample_token_positions,
 )
+from lmdynamics.extraction.names import MEASURE_INPUTS  # noqa: E402
 from lmdynamics.extraction.passes import Extraction  # noqa: E402
 from lmdynamics.extraction.reference import build_reference  # noqa: E402
 from lmdynamics.reduction.cka import CKAOptions, cka_dataset  # noqa: E402
+from lmdynamics.reduction.measures import MeasureOptions  # noqa: E402
 from lmdynamics.reduction.metrics import reduce_size  # noqa: E402
 from lmdynamics.sources.checkpoints import save_checkpoint  # noqa: E402
 from lmdynamics.store import write_store  # noqa: E402
@@ -292,9 +296,34 @@ def bench_extraction(a: argparse.Namespace, root: Path) -> None:
 
 # ---------------------------------------------------------------------------- reduction
 
+def measure_inputs(layers: int, n: int, d: int, heads: int,
+                   rng: np.random.Generator) -> xr.Dataset:
+    """Synthetic per-pair variables of the measures' data (lmdynamics.extraction.measure_data)
+    of the right shapes: spectra of the activations and OV circuits, element statistics."""
+    def spectrum(*shape: int) -> np.ndarray:
+        return np.sort(rng.random(shape))[..., ::-1].copy()
+
+    counts = {"weights": (d * d, 4 * d * d), "gradients": (d * d, 4 * d * d),
+              "activations": (n * d, n * d)}
+    data = {}
+    for kind, per_component in counts.items():
+        stats = np.empty((2, layers, len(ELEMENT_STATS)))
+        for ci, count in enumerate(per_component):
+            l1 = 0.8 * count
+            stats[ci] = [count, l1, np.sqrt(count), 4.0, 0.4 * count * l1]
+        data[MEASURE_INPUTS["elements", kind]] = (("component", "layer", "element_stat"),
+                                                  stats)
+    data[MEASURE_INPUTS["spectrum", "activations"]] = (("component", "layer", "act_k"),
+                                                       spectrum(2, layers, min(n, d)))
+    data[MEASURE_INPUTS["spectrum", "ov_circuit"]] = (("layer", "head", "ov_k"),
+                                                      spectrum(layers, heads, d // heads))
+    return xr.Dataset(data, coords={"element_stat": list(ELEMENT_STATS)})
+
+
 def write_size_stores(root: Path, steps: int, layers: int, n: int, d: int,
-                      sequences: int) -> list[Path]:
-    """``steps`` per-pair stores of one synthetic size through the extraction's writer."""
+                      sequences: int, measure_data: bool = False) -> list[Path]:
+    """``steps`` per-pair stores of one synthetic size through the extraction's writer; with
+    ``measure_data``, the measures' data too (:func:`measure_inputs`)."""
     rng = np.random.default_rng(0)
     seq_idx, pos_idx = sample_token_positions(sequences, max(n // sequences, 1) * 4, n, 0)
     final = rng.normal(size=(2, layers, n, d)).astype(np.float32)
@@ -308,6 +337,8 @@ def write_size_stores(root: Path, steps: int, layers: int, n: int, d: int,
             "dtype": "float32", "hidden_size": d, "num_attention_heads": 8,
             "intermediate_size": 4 * d, "num_layers": layers, "n_params": 1,
             "weights_sha256": f"{step:064d}", "token_seed": 0})
+        if measure_data:
+            ds = ds.merge(measure_inputs(layers, n, d, 8, rng))
         path = root / f"step{step}.zarr"
         write_store(ds, path, encoding=activation_encoding(acts.shape))
         paths.append(path)
@@ -355,7 +386,8 @@ def bench_reduction(a: argparse.Namespace, root: Path) -> None:
     options = CKAOptions(bootstrap_samples=a.bootstrap, bootstrap_level=0.9)
     rate = numpy_gemm_rate(2048)
     t = time.perf_counter()
-    reduce_size(paths, root / "metrics.zarr", final_step=s - 1, cka_options=options)
+    reduce_size(paths, root / "metrics.zarr", final_step=s - 1, cka_options=options,
+                measure_options=MeasureOptions(()))  # CKA and PER: benchmarks/measures.py
     wall = time.perf_counter() - t
     rate = max(rate, numpy_gemm_rate(2048))
     floor = 2 * layers * reduction_floor(n, d, s, a.bootstrap > 0) / rate
@@ -578,6 +610,17 @@ def bench_contention(a: argparse.Namespace, root: Path) -> None:
               f"over the plain pass's **{(el / ea) / (pl / pa):.2f}**")
 
 
+def reduction_arguments(p: argparse.ArgumentParser) -> None:
+    """The 70m-shaped reduction benchmark's data (section 2): steps, layers, N, D, sequences,
+    and the bootstrap's resamples."""
+    p.add_argument("--steps", type=int, default=27)
+    p.add_argument("--reduce-layers", type=int, default=6)
+    p.add_argument("--reduce-tokens", type=int, default=4096)
+    p.add_argument("--reduce-dim", type=int, default=512)
+    p.add_argument("--reduce-sequences", type=int, default=8)
+    p.add_argument("--bootstrap", type=int, default=1000)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", choices=list(PYTHIA), default="70m")
@@ -587,12 +630,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--gemm-n", type=int, default=None, help="GEMM size (default 2048 on "
                    "CPU, 8192 on GPU)")
-    p.add_argument("--steps", type=int, default=27)
-    p.add_argument("--reduce-layers", type=int, default=6)
-    p.add_argument("--reduce-tokens", type=int, default=4096)
-    p.add_argument("--reduce-dim", type=int, default=512)
-    p.add_argument("--reduce-sequences", type=int, default=8)
-    p.add_argument("--bootstrap", type=int, default=1000)
+    reduction_arguments(p)
     p.add_argument("--cores", default="all")
     p.add_argument("--skip-extraction", action="store_true")
     p.add_argument("--skip-reduction", action="store_true")

@@ -4,7 +4,7 @@
 
 Builds (once, under ``--root``) three revisions of a Pythia-shaped model as the hub serves them
 after the download's conversion: ``config.json`` with transformers 4.24.0's Pythia fields and a
-legacy-named float16 ``model.safetensors`` (tests/pythia_files.py, whose facts come from
+legacy-named float16 ``model.safetensors`` (tests/support/pythia_files.py, whose facts come from
 shared/notes/reference-facts.md: layers, hidden, heads, vocabulary 50304, float16). Then runs
 one extraction of the middle revision with the statistics, in this process, and reports what it
 read:
@@ -134,7 +134,7 @@ class LoaderBytes:
 def revisions(arch: str, root: Path) -> list[Path]:
     import safetensors.torch
 
-    from pythia_files import legacy_state_dict, pythia_config
+    from support.pythia_files import legacy_state_dict, pythia_config
 
     hidden, layers, heads = ARCHS[arch]
     dirs = []

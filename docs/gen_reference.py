@@ -7,7 +7,7 @@ default, allowed values and the schema's own description.
 
 - the workflow configuration: the schema :mod:`lmdynamics.options` reads;
 - a suite definition: ``suite.schema.yaml`` of :mod:`lmdynamics.sources.suites`;
-- the ``interventions`` section: ``workflow/schemas/interventions.schema.yaml``.
+- the ``interventions`` section: the interventions schema :mod:`lmdynamics.options` reads.
 
 ``python docs/gen_reference.py OUT_DIR`` writes the same pages into ``OUT_DIR`` (to read them
 without mkdocs). ``tests/test_docs.py`` checks that every key of every schema has its row.
@@ -22,9 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-REPO = Path(__file__).resolve().parents[1]
 #: What a map's keys are called in its rows (``tiny.models.<size>.hidden_size``), by the
 #: map's own key.
 KEY_NAMES = {"models": "size", "sizes": "size", "variants": "variant"}
@@ -43,8 +40,9 @@ def suite_schema() -> dict[str, Any]:
 
 
 def interventions_schema() -> dict[str, Any]:
-    path = REPO / "workflow" / "schemas" / "interventions.schema.yaml"
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
+    from lmdynamics import options
+
+    return options.schema("interventions")
 
 
 @dataclass(frozen=True)
@@ -78,7 +76,7 @@ PAGES: dict[str, Page] = {
     "reference/interventions.md": Page(
         "Interventions configuration reference",
         "Every key of the config's `interventions` section, generated from "
-        "`workflow/schemas/interventions.schema.yaml`. What the study does: "
+        "`src/lmdynamics/schemas/interventions.schema.yaml`. What the study does: "
         "[Interventions](../guide/interventions.md).",
         interventions_schema, root="interventions"),
 }

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from conftest import REPO
 from lmdynamics.cli import COMMANDS
+from support.workflow import REPO
 
 
 @pytest.mark.parametrize("entry", [["-m", "lmdynamics"], ["-m", "lmdynamics.cli"]])

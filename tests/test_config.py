@@ -12,11 +12,12 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import REPO, copy_workflow, snakemake
 from lmdynamics.config import ConfigError, check_config, load_config
+from lmdynamics.options import schema_path
 from lmdynamics.sources.schedule import checkpoint_schedule, nearest_step, pythia_schedule
+from support.workflow import REPO, snakemake
 
-SCHEMA = REPO / "workflow/schemas/config.schema.yaml"
+SCHEMA = schema_path()
 TINY = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
 
 
@@ -208,8 +209,8 @@ def test_accepted_labels_are_single_path_components(label):
                 assert resolved.is_relative_to(root), (label, rel)
 
 
-def test_snakemake_refuses_path_escaping_label_before_any_job(tmp_path):
-    workdir = copy_workflow(tmp_path)
+def test_snakemake_refuses_path_escaping_label_before_any_job(workflow_copy):
+    workdir = workflow_copy
     config = copy.deepcopy(TINY)
     config["sizes"] = ["../../escape"]
     config["tiny"]["models"] = {"../../escape": {"hidden_size": 8, "num_layers": 1,
@@ -220,7 +221,7 @@ def test_snakemake_refuses_path_escaping_label_before_any_job(tmp_path):
     out = proc.stdout + proc.stderr
     assert "config key 'tiny.models': '../../escape' is not allowed" in out
     assert "no path separators" in out
-    assert not (workdir / "results").exists() and not (tmp_path.parent / "escape").exists()
+    assert not (workdir / "results").exists() and not (workdir.parent / "escape").exists()
 
 
 @pytest.mark.parametrize(("key", "value", "fragments"), BAD,
@@ -258,8 +259,8 @@ def test_the_removed_warm_start_option_is_refused_in_one_line():
     assert "warm start no longer exists" in lines[0] and "delete the key" in lines[0]
 
 
-def test_snakemake_refuses_bad_config_before_any_job(tmp_path):
-    workdir = copy_workflow(tmp_path)
+def test_snakemake_refuses_bad_config_before_any_job(workflow_copy):
+    workdir = workflow_copy
     proc = snakemake(workdir, "--configfile", "config/tiny.yaml", "--config", "tokens=-3",
                      "-n", check=False)
     assert proc.returncode != 0
@@ -325,7 +326,7 @@ def test_unset_seeds_are_every_replicate_of_the_suite_and_others_are_refused():
         [21, 49]
     config = {**copy.deepcopy(PYTHIA), "suite": "mistral-gpt2", "sizes": ["small"],
               "steps": [0, 400000], "final_step": 400000, "seeds": [21, 22],
-              "eval_data": {"path": "tokens.npy"}}
+              "eval_data": {"path": "tokens.npy", "seq_len": 1024}}
     for key in ("repo", "revision", "dataset"):
         config["hub"].pop(key, None)
     with pytest.raises(ConfigError) as info:

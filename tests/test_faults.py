@@ -21,8 +21,6 @@ import pytest
 import torch
 import xarray as xr
 
-from conftest import REPO
-from faultlib import BROKEN_STORES, FINAL, HOSTILE_STORES, STEPS, TOKENS, copy_stores, extract
 from lmdynamics.cli import run
 from lmdynamics.estimators.rank import proportional_effective_rank
 from lmdynamics.extraction.spectra import singular_values
@@ -32,6 +30,16 @@ from lmdynamics.report.figures import FIGURES, render
 from lmdynamics.report.tables import mcc_table
 from lmdynamics.sources import checkpoints as ck
 from lmdynamics.store import IncompleteStoreError, open_store, write_store
+from support.faultlib import (
+    BROKEN_STORES,
+    FINAL,
+    HOSTILE_STORES,
+    STEPS,
+    TOKENS,
+    copy_stores,
+    extract,
+)
+from support.workflow import REPO
 
 DIVERGE = "gpt_neox.layers.1.mlp.dense_4h_to_h.weight"
 

@@ -13,9 +13,11 @@ import pytest
 from lmdynamics import config, options
 from lmdynamics.estimators.cka import CKA_ESTIMATORS
 from lmdynamics.estimators.mcc import ALTERNATIVES
+from lmdynamics.estimators.measures import MEASURES, REFERENCES
 from lmdynamics.estimators.rank import PER_DIVISORS
 from lmdynamics.extraction import extract, paper_code
 from lmdynamics.reduction.cka import CKAOptions
+from lmdynamics.reduction.measures import MeasureOptions
 from lmdynamics.report import figures, tables
 from lmdynamics.report.tables import MCCOptions
 from lmdynamics.sources import checkpoints, eval_data
@@ -41,6 +43,10 @@ CODE_CHOICES = {
     ("extraction", "gradient_protocol"): paper_code.GRADIENT_PROTOCOLS,
     ("sampling", "protocol"): extract.SAMPLING_PROTOCOLS,
     ("eval_data", "dtype"): (*eval_data.BIN_DTYPES, None),  # null: not a .bin file
+    # every measure's data kinds and references, as its registry entry declares them
+    **{("measures", name, "data"): m.data for name, m in MEASURES.items()},
+    **{("measures", name, "reference"): REFERENCES for name, m in MEASURES.items()
+       if m.comparative},
 }
 
 
@@ -68,6 +74,13 @@ def test_options_classes_take_fields_and_defaults_from_the_schema():
     assert {f.name: f.default for f in dataclasses.fields(MCCOptions)} == mcc
     metrics = options.defaults("metrics")
     assert CKAOptions() == CKAOptions.from_config(metrics, seed=options.resolve("seed"))
+    assert MeasureOptions() == MeasureOptions.from_config(options.resolve("measures"))
+    # every measure has its schema entry, and its parameters are keys of it
+    section = options.section_schema("measures")["properties"]
+    assert list(section) == list(MEASURES)
+    for name, m in MEASURES.items():
+        keys = set(options._resolve_ref(section[name])["properties"])
+        assert keys == {"data", *(["reference"] if m.comparative else []), *m.parameters}
     # the drift of issue 17: a figure drawn by hand uses the workflow's estimator
     import inspect
 
@@ -100,3 +113,67 @@ def test_job_options_is_what_parse_reads_back():
     cfg = {"metrics": options.defaults("metrics"), "seed": 3, "figures": {"x_axis": "step"}}
     text = options.job_options(cfg, "metrics", "seed")
     assert options.parse(text, ["metrics", "seed"]) == {"metrics": cfg["metrics"], "seed": 3}
+
+
+def _schema_leaves(node, path=()):
+    """(dotted key, default) of every key of the schema that has a default."""
+    node = options._resolve_ref(node) if "$ref" in node else node
+    if node.get("type") == "object" and "properties" in node:
+        for key, child in node["properties"].items():
+            yield from _schema_leaves(child, (*path, key))
+    elif "default" in node:
+        yield ".".join(path), node["default"]
+
+
+def test_every_cli_default_of_an_option_is_the_schema_default():
+    """Every flag of every subcommand whose name is a config key has the schema's default
+    for that key (or none): the command line restates no default of its own."""
+    import argparse
+
+    from lmdynamics.cli import COMMANDS
+
+    by_name: dict[str, list] = {}
+    for dotted, default in _schema_leaves(options.schema()):
+        by_name.setdefault(dotted.rsplit(".", 1)[-1], []).append(default)
+    checked, wrong = 0, []
+    for name, (add_arguments, _) in COMMANDS.items():
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        for key, allowed in by_name.items():
+            default = parser.get_default(key)  # None: no such flag, or no default
+            if default in (None, ""):
+                continue
+            checked += 1
+            if default not in allowed:
+                wrong.append(f"{name} --{key}: {default!r}, schema {allowed!r}")
+    assert checked >= 10 and not wrong, wrong
+
+
+def test_a_job_gets_only_what_it_reads():
+    from lmdynamics.commands import READS
+
+    parsed = options.parse(None, READS["reference"])
+    assert parsed == {"conjecture": {"top_k": options.defaults("conjecture")["top_k"]}}
+    extract = options.parse(None, READS["extract"])
+    assert "figure_steps" not in extract["conjecture"] and "top_k" in extract["conjecture"]
+    with pytest.raises(ValueError, match="unknown section"):
+        options.parse('{"metrics": {}}', READS["reference"])
+
+
+def test_a_key_a_job_reads_reruns_it_and_another_does_not():
+    from lmdynamics.commands import READS
+
+    config = {s: options.resolve(s) for s in ("tokens", "seed", "extraction", "sampling",
+                                             "conjecture", "family")}
+
+    def changed(section, key, value):
+        return {**config, section: {**config[section], key: value}}
+
+    for name, reads, key, value, reruns in [
+            ("reference", READS["reference"], "top_k", 7, True),
+            ("reference", READS["reference"], "max_elements", 1 << 10, False),
+            ("extract", READS["extract"], "max_elements", 1 << 10, True),
+            ("extract", READS["extract"], "figure_steps", [0], False)]:
+        before = options.job_options(config, *reads)
+        after = options.job_options(changed("conjecture", key, value), *reads)
+        assert (before != after) == reruns, (name, key)

@@ -10,12 +10,12 @@ import sys
 
 import pytest
 
-from conftest import REPO
 from lmdynamics.cli import (
     OPENBLAS_VARIABLES,
     THREAD_VARIABLES,
     pin_threads,
 )
+from support.workflow import REPO
 
 PROBE = """
 import json, os, sys

@@ -19,23 +19,18 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+# The intervention study's subcommands register themselves on COMMANDS when imported.
+from lmdynamics.commands import COMMANDS, PINNED, READS, command
+from lmdynamics.interventions import cli as interventions_cli  # noqa: F401
+
 log = logging.getLogger("lmdynamics")
 
-COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable]] = {}
-#: Subcommands that run a model: :func:`pin_threads` on their ``--threads`` before they import.
-PINNED: set[str] = set()
 
+def _default(section: str, key: str | None = None):
+    """The schema's default of config ``section`` (or of its ``key``): a flag's default."""
+    from lmdynamics.options import defaults, resolve
 
-def command(name: str, add_arguments: Callable[[argparse.ArgumentParser], None], *,
-            threads: bool = False):
-    """Register ``func(args)`` as subcommand ``name``; ``threads``: it has ``--threads`` and
-    runs a model, so :func:`run_command` pins its threads before it starts."""
-    def wrap(func: Callable[[argparse.Namespace], None]):
-        COMMANDS[name] = (add_arguments, func)
-        if threads:
-            PINNED.add(name)
-        return func
-    return wrap
+    return resolve(section) if key is None else defaults(section)[key]
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
@@ -46,11 +41,11 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--final-step", type=int, required=True)
     p.add_argument("--log-until", type=int, required=True)
     p.add_argument("--interval", type=int, required=True)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--warmup", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=_default("tiny", "batch_size"))
+    p.add_argument("--seq-len", type=int, default=_default("tiny", "seq_len"))
+    p.add_argument("--lr", type=float, default=_default("tiny", "lr"))
+    p.add_argument("--warmup", type=int, default=_default("tiny", "warmup"))
+    p.add_argument("--seed", type=int, default=_default("seed"))
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out-dir", type=Path, required=True)
     p.add_argument("--loss-csv", type=Path, required=True)
@@ -71,9 +66,9 @@ def _train(a: argparse.Namespace) -> None:
 
 def _eval_batch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--final-step", type=int, required=True)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=_default("tiny", "batch_size"))
+    p.add_argument("--seq-len", type=int, default=_default("tiny", "seq_len"))
+    p.add_argument("--seed", type=int, default=_default("seed"))
     p.add_argument("--out", type=Path, required=True)
 
 
@@ -127,8 +122,7 @@ def _extract_args(p: argparse.ArgumentParser) -> None:
                    help="seed replicate id (config seeds), recorded as store attr seed")
     p.add_argument("--model", required=True, help="model name recorded in the store")
     p.add_argument("--revision", nargs="+", required=True)
-    _options_arg(p, "tokens", "seed", "extraction", "sampling", "conjecture",
-                 "family")
+    _options_arg(p, *READS["extract"])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--gradient-batches", type=Path, nargs="+", default=None,
                    help=".npy (2, sequences, positions) for extraction.gradient_protocol "
@@ -254,7 +248,7 @@ def _reference_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", required=True)
     p.add_argument("--model", default="", help="model name recorded in the store")
     p.add_argument("--final-step", type=int, default=None, help="recorded in the store")
-    _options_arg(p, "conjecture")
+    _options_arg(p, *READS["reference"])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, required=True)
 
@@ -275,17 +269,22 @@ def _reference(a: argparse.Namespace) -> None:
 def _gradient_batches_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", required=True, help="tiny | hub")
     p.add_argument("--step", type=int, required=True, help="the checkpoint c")
-    p.add_argument("--batch-size", type=int, default=16, help="tiny: sequences per batch")
-    p.add_argument("--seq-len", type=int, default=128, help="tiny: bytes per sequence")
-    p.add_argument("--seed", type=int, default=0, help="tiny: data order seed")
+    p.add_argument("--batch-size", type=int, default=_default("tiny", "batch_size"),
+                   help="tiny: sequences per batch")
+    p.add_argument("--seq-len", type=int, default=_default("tiny", "seq_len"),
+                   help="tiny: bytes per sequence")
+    p.add_argument("--seed", type=int, default=_default("seed"), help="tiny: data order seed")
     p.add_argument("--dataset", default=None,
                    help="hub: the preshuffled Pile (default: the schema's hub.dataset)")
-    p.add_argument("--dataset-revision", default="main", help="hub: its revision")
+    p.add_argument("--dataset-revision", default=_default("hub", "dataset_revision"),
+                   help="hub: its revision")
     p.add_argument("--tokens-path", default="",
                    help="hub: local shards folder or concatenated file instead of the hub "
                         "(empty: read from the hub)")
-    p.add_argument("--retries", type=int, default=5, help="hub: retries of transient errors")
-    p.add_argument("--backoff", type=float, default=2.0, help="hub: first wait (s), doubled")
+    p.add_argument("--retries", type=int, default=_default("hub", "retries"),
+                   help="hub: retries of transient errors")
+    p.add_argument("--backoff", type=float, default=_default("hub", "backoff"),
+                   help="hub: first wait (s), doubled")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--record", type=Path, default=None, help="hub: .json provenance")
 
@@ -311,14 +310,15 @@ def _gradient_batches(a: argparse.Namespace) -> None:
     log.info("gradient batches of checkpoint %d: %s -> %s", a.step, batches.shape, a.out)
 
 
-def _options_arg(p: argparse.ArgumentParser, *sections: str) -> None:
-    """``--options``: the config sections a step reads, as one JSON object (inline or a file;
-    see :func:`lmdynamics.options.parse`); keys left out take the schema's defaults."""
+def _options_arg(p: argparse.ArgumentParser, *reads: str) -> None:
+    """``--options``: what a step reads of the config (``section`` or ``section.key``
+    entries), as one JSON object of sections (inline or a file; see
+    :func:`lmdynamics.options.parse`); keys left out take the schema's defaults."""
     p.add_argument("--options", default=None, metavar="JSON|FILE",
-                   help=f"config sections {', '.join(sections)} as one JSON object, inline or "
+                   help=f"config {', '.join(reads)} as one JSON object of sections, inline or "
                         "in a file, e.g. '{\"%s\": {...}}'; unset keys take the defaults of "
-                        "workflow/schemas/config.schema.yaml" % sections[0])
-    p.set_defaults(option_sections=sections)
+                        "lmdynamics/schemas/config.schema.yaml" % reads[0].partition(".")[0])
+    p.set_defaults(option_sections=reads)
 
 
 def _token_source(a: argparse.Namespace):
@@ -346,20 +346,22 @@ def _options(a: argparse.Namespace) -> dict:
 def _reduce_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("stores", nargs="+", type=Path)
     p.add_argument("--final-step", type=int, required=True)
-    _options_arg(p, "metrics", "seed")
+    _options_arg(p, "metrics", "seed", "measures")
     p.add_argument("--out", type=Path, required=True)
 
 
 @command("reduce", _reduce_args)
 def _reduce(a: argparse.Namespace) -> None:
     from lmdynamics.reduction.cka import CKAOptions
+    from lmdynamics.reduction.measures import MeasureOptions
     from lmdynamics.reduction.metrics import reduce_size
 
     opts = _options(a)
     metrics = opts["metrics"]
     reduce_size(a.stores, a.out, final_step=a.final_step, per_divisor=metrics["per_divisor"],
                 per_truncate=metrics["per_truncate"],
-                cka_options=CKAOptions.from_config(metrics, seed=opts["seed"]))
+                cka_options=CKAOptions.from_config(metrics, seed=opts["seed"]),
+                measure_options=MeasureOptions.from_config(opts["measures"]))
 
 
 def _combine_args(p: argparse.ArgumentParser) -> None:
@@ -394,6 +396,17 @@ def _figure(a: argparse.Namespace) -> None:
     opts = _options(a)
     render_figure(a.name, open_store(a.metrics).load(), a.out_stem,
                   estimator=opts["metrics"]["cka_estimator"], x_axis=opts["figures"]["x_axis"])
+
+
+@command("measure-figure", _drawing_args("metrics", "figures"))
+def _measure_figure(a: argparse.Namespace) -> None:
+    """The layer x step figure of one measure (:mod:`lmdynamics.report.measures`)."""
+    from lmdynamics.report.measures import measure_figure
+    from lmdynamics.store import open_store
+
+    opts = _options(a)
+    measure_figure(a.name, open_store(a.metrics).load(), a.out_stem,
+                   x_axis=opts["figures"]["x_axis"])
 
 
 def _mcc_args(p: argparse.ArgumentParser) -> None:
@@ -468,8 +481,10 @@ def _stats_figure(a: argparse.Namespace) -> None:
 
 
 def _retry_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--retries", type=int, default=5, help="retries of transient hub errors")
-    p.add_argument("--backoff", type=float, default=2.0, help="first wait (s), doubled each time")
+    p.add_argument("--retries", type=int, default=_default("hub", "retries"),
+                   help="retries of transient hub errors")
+    p.add_argument("--backoff", type=float, default=_default("hub", "backoff"),
+                   help="first wait (s), doubled each time")
 
 
 def _download_args(p: argparse.ArgumentParser) -> None:
@@ -482,7 +497,7 @@ def _download_args(p: argparse.ArgumentParser) -> None:
                             "'step(?P<step>[0-9]+)-tokens[0-9]+B'")
     p.add_argument("--step", type=int, default=None, help="the step, with --revision-pattern")
     p.add_argument("--out-dir", type=Path, required=True)
-    p.add_argument("--min-free-gb", type=float, default=0.0,
+    p.add_argument("--min-free-gb", type=float, default=_default("hub", "min_free_gb"),
                    help="fail before writing if the download would leave less free disk")
     _retry_args(p)
 
@@ -511,7 +526,7 @@ def _download(a: argparse.Namespace) -> None:
 def _pile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default=None,
                    help="default: the pythia-deduped suite definition's dataset")
-    p.add_argument("--dataset-revision", default="main")
+    p.add_argument("--dataset-revision", default=_default("hub", "dataset_revision"))
     p.add_argument("--tokens-path", type=Path, default=None,
                    help="local shards folder or concatenated file instead of the hub")
     p.add_argument("--batch", type=int, required=True, help="training batch index (142999)")
@@ -586,7 +601,9 @@ def _adopt_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", required=True)
     p.add_argument("--step", type=int, required=True)
     p.add_argument("--replicate", type=int, default=0)
-    _options_arg(p, "tokens", "seed", "extraction", "sampling", "conjecture", "family")
+    _options_arg(p, *READS["extract"])
+    p.add_argument("--statistics", action="store_true",
+                   help="the workflow computes the Conjecture statistics (conjecture.enabled)")
     p.add_argument("--out", type=Path, required=True)
 
 
@@ -596,7 +613,7 @@ def _adopt_store(a: argparse.Namespace) -> None:
     from lmdynamics.sources.local import adopt_recorded
 
     adopt_recorded(a.store, a.eval_batch, a.out, size=a.size, step=a.step,
-                   replicate=a.replicate, opts=_options(a))
+                   replicate=a.replicate, opts=_options(a), statistics=a.statistics)
     log.info("adopted %s -> %s", a.store, a.out)
 
 
@@ -619,8 +636,8 @@ def _audit(a: argparse.Namespace) -> None:
 
 def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--configfile", type=Path, default=Path("config/config.yaml"))
-    p.add_argument("--schema", type=Path,
-                   default=Path("workflow/schemas/config.schema.yaml"))
+    p.add_argument("--schema", type=Path, default=None,
+                   help="config schema (default: the package's, lmdynamics/schemas/)")
     p.add_argument("--offline", action="store_true",
                    help="estimate downloads from parameter counts (also with HF_HUB_OFFLINE=1)")
     p.add_argument("--tflops", type=float, default=None,
@@ -633,7 +650,7 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
 def _plan(a: argparse.Namespace) -> None:
     """Print, per size, bytes to download, bytes of the stores and compute, before a run."""
     from lmdynamics.config import load_config
-    from lmdynamics.sources.plan import (
+    from lmdynamics.plan import (
         DEFAULT_DOWNLOAD_MB_S,
         DEFAULT_TFLOPS,
         format_plan,
@@ -723,12 +740,9 @@ def one_line(exc: BaseException) -> str:
     return f"{head} {'; '.join(rest)}" if head.endswith(":") and rest else "; ".join(lines)
 
 
-# Subcommands of the intervention study (lmdynamics.interventions) register themselves.
-from lmdynamics.interventions import cli as interventions_cli  # noqa: E402,F401
-
 if __name__ == "__main__":
-    # `python -m lmdynamics.cli` runs this file as __main__, a second copy of the module: the
-    # commands register on the package's lmdynamics.cli, so run that one's main.
+    # `python -m lmdynamics.cli` runs this file as __main__, a second copy of the module: run
+    # the package's lmdynamics.cli (the one tests and the rest of the package patch and use).
     from lmdynamics.cli import main as _main
 
     raise SystemExit(_main())

@@ -1,7 +1,8 @@
 """Checks of a workflow configuration, run before any job.
 
-The JSON schema (``workflow/schemas/config.schema.yaml``) states types, ranges and enums;
-:func:`check_config` reports its violations one per line as ``key: value — what is allowed``
+The JSON schema (``lmdynamics/schemas/config.schema.yaml``) states types, ranges and enums;
+:func:`check_config` reports its violations (:mod:`lmdynamics.validation`) one per line as
+``key: value — what is allowed``
 and adds the checks a schema cannot express (steps in the suite's schedule, sizes known to
 the source, the final step among the steps, enough eval tokens).
 """
@@ -9,61 +10,31 @@ the source, the final step among the steps, enough eval tokens).
 from __future__ import annotations
 
 import json
-import math
 import re
 import string
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import yaml
 
 from lmdynamics.sources import pythia
 from lmdynamics.sources.schedule import checkpoint_schedule
+from lmdynamics.validation import (
+    REPO_ID_PATTERN,
+    REVISION_PATTERN,
+    ConfigError,
+    config_file_errors,
+    config_size_errors,
+    nonfinite_errors,
+    read_text_bounded,
+    schema_errors,
+    show_value,
+    yaml_errors,
+)
 
 #: Where checkpoints come from (config key ``source``).
 SOURCES: tuple[str, ...] = ("tiny", "hub", "local")
-#: Patterns of the schema's string values (``\A...\Z``: ``$`` would also match before a final
-#: newline). Each must equal the schema's text, which is how :data:`PATTERN_HINTS` finds it.
-#: Labels become path components (suite, sizes, model names).
-LABEL_PATTERN = r"\A[A-Za-z0-9_][A-Za-z0-9_.+-]*\Z"
-#: ``hub.repo`` and ``hub.revision``: templates whose formatted values are checked in full below.
-REPO_TEMPLATE_PATTERN = r"\A[A-Za-z0-9_./{}-]*\{size\}[A-Za-z0-9_./{}-]*\Z"
-REVISION_TEMPLATE_PATTERN = r"\A[A-Za-z0-9_./+{}-]*\{step\}[A-Za-z0-9_./+{}-]*\Z"
-#: A Hugging Face repo id: ``owner/name`` (hub rules: no '--' or '..', at most 96 characters).
-REPO_ID = r"\A[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*\Z"
-#: A git revision name as the hub accepts it (a branch or tag such as step143000, a sha, or
-#: refs/pr/1): no leading '/' or '-', no '//' (and, checked separately, no '..').
-REVISION_NAME = r"\A[A-Za-z0-9_][A-Za-z0-9_.+-]*(/[A-Za-z0-9_][A-Za-z0-9_.+-]*)*\Z"
-#: A local path (``hub.tokens_path``): anything but control characters (the rules quote it)
-#: and braces (Snakemake would read them as wildcards of the rule's input).
-PATH_PATTERN = r"\A[^\x00-\x1f\x7f{}]+\Z"
-#: ``local.path`` and ``local.recorded``: path templates with ``{step}`` (fields checked by
-#: :func:`lmdynamics.sources.local.template_fields`); ``steps: discover`` (source local).
-LOCAL_TEMPLATE_PATTERN = r"\A[^\x00-\x1f\x7f]*\{step\}[^\x00-\x1f\x7f]*\Z"
-DISCOVER_PATTERN = r"\Adiscover\Z"
-REPO_ID_PATTERN = re.compile(REPO_ID)
-REVISION_PATTERN = re.compile(REVISION_NAME)
-#: What a schema ``pattern`` asks for, in words (patterns not listed are shown as regexes).
-PATTERN_HINTS = {
-    LABEL_PATTERN: "a plain name: letters, digits, '_', '.', '+', '-', not starting with '.' "
-                   "or '-', no path separators",
-    REPO_TEMPLATE_PATTERN: "a template of letters, digits, '_', '.', '-', '/' containing "
-                           "'{size}', e.g. 'EleutherAI/pythia-{size}-deduped'",
-    REVISION_TEMPLATE_PATTERN: "a template of letters, digits, '_', '.', '+', '-', '/' "
-                               "containing '{step}', e.g. 'step{step}'",
-    REPO_ID: "a repo id 'owner/name' of letters, digits, '_', '.', '-'",
-    REVISION_NAME: "a branch, tag or commit name of letters, digits, '_', '.', '+', '-', '/' "
-                   "(no leading or doubled '/')",
-    PATH_PATTERN: "a file or folder path without control characters (newline, tab, NUL) "
-                  "or braces",
-    LOCAL_TEMPLATE_PATTERN: "a path template with {step} (and {size}, {seed}) without "
-                            "control characters, e.g. 'runs/{size}/checkpoint-{step}'",
-    DISCOVER_PATTERN: "a list of steps, or 'discover' (source local)",
-}
-#: Deepest nesting of a config value (the schema's deepest key is 4 levels down).
-MAX_DEPTH = 16
 #: Most checkpoints a tiny schedule may save (bounds the check's own work and the job list).
 MAX_CHECKPOINTS = 10_000
 
@@ -73,105 +44,6 @@ REMOVED_KEYS = {
     "execution": "removed (it held warm_start; warm start no longer exists and every job runs "
                  "as an ordinary process): delete the key",
 }
-
-
-class ConfigError(ValueError):
-    """A configuration value is not allowed; the message names key, value and what is allowed."""
-
-
-def _key(path: Any) -> str:
-    parts = [str(p) for p in path]
-    return ".".join(parts) if parts else "<top level>"
-
-
-def _show(value: Any, limit: int = 80) -> str:
-    """``repr(value)``, cut to ``limit`` characters (a message stays one readable line)."""
-    try:
-        text = repr(value)
-    except RecursionError:
-        return f"a {type(value).__name__} nested too deeply to show"
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
-
-
-def _is_integer(checker: Any, instance: Any) -> bool:
-    # JSON Schema counts 1024.0 as an integer; YAML's 1024.0 is a float that would be
-    # truncated somewhere later, so only a real int (not a bool) is an integer here.
-    return isinstance(instance, int) and not isinstance(instance, bool)
-
-
-_Validator = jsonschema.validators.extend(
-    jsonschema.Draft202012Validator,
-    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_integer))
-
-
-def _allowed(error: jsonschema.ValidationError) -> str:
-    v, kind = error.validator_value, error.validator
-    if kind == "enum":
-        return "one of " + ", ".join(map(str, v))
-    if kind == "pattern":
-        return PATTERN_HINTS.get(v, f"a string matching the regular expression {v!r}")
-    if kind == "not":
-        return "a plain name without '..'"
-    if kind in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
-        ops = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=",
-               "exclusiveMaximum": "<"}
-        return f"a value {ops[kind]} {v}"
-    if kind == "type" and v == "integer" and isinstance(error.instance, float):
-        return "an integer, written without a decimal point or exponent"
-    if kind == "type":
-        return f"a value of type {v}"
-    if kind == "required":
-        return f"the key {error.message.split(' ')[0]} to be set"
-    if kind == "additionalProperties":
-        return "only the keys " + ", ".join(error.schema.get("properties", {}))
-    if kind == "uniqueItems":
-        seen: set[str] = set()
-        repeated = [x for x in error.instance if repr(x) in seen or seen.add(repr(x))]
-        return f"distinct values (repeated: {', '.join(map(repr, repeated))})"
-    if kind in ("minItems", "minProperties"):
-        return f"at least {v} {'item' if kind == 'minItems' else 'entry'}{'s' * (v != 1)}"
-    if kind == "maxLength":
-        return f"at most {v} characters"
-    if kind in ("maxItems", "maxProperties"):
-        return f"at most {v} {'items' if kind == 'maxItems' else 'entries'}"
-    return error.message
-
-
-def schema_errors(config: Mapping[str, Any], schema: Mapping[str, Any]) -> list[str]:
-    """Messages for every schema violation, each naming the key, the value and what is allowed."""
-    validator = _Validator(schema)
-    messages = []
-    for err in sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.path))):
-        if err.validator == "additionalProperties":
-            known = set(err.schema.get("properties", {}))
-            unknown = [k for k in err.instance if k not in known]
-            messages.append(f"config key '{_key(err.path)}': unknown key(s) "
-                            f"{', '.join(map(_show, unknown))}; allowed: {_allowed(err)}")
-            continue
-        messages.append(f"config key '{_key(err.path)}': {_show(err.instance)} is not allowed; "
-                        f"allowed: {_allowed(err)}")
-    return messages
-
-
-def nonfinite_errors(config: Any) -> list[str]:
-    """Every NaN or infinity in the config (range checks cannot see NaN: it compares false),
-    and values nested deeper than any key of the schema (which would exhaust the recursion of
-    the schema validator)."""
-    errors, deep, stack = [], set(), [((), config)]
-    while stack:  # no recursion: any nesting depth
-        path, value = stack.pop()
-        if len(path) > MAX_DEPTH:
-            deep.add(path[0])
-        elif isinstance(value, float) and not math.isfinite(value):
-            errors.append(f"config key '{_key(path)}': {value} is not allowed; "
-                          f"allowed: a finite number")
-        elif isinstance(value, Mapping):
-            stack.extend(((*path, k), v) for k, v in value.items())
-        elif isinstance(value, list):
-            stack.extend(((*path, i), v) for i, v in enumerate(value))
-    errors += [f"config key '{key}': a value nested more than {MAX_DEPTH} levels deep is not "
-               f"allowed; allowed: the structure of the schema" for key in deep]
-    return sorted(errors)
 
 
 #: The suite definition a hub config uses when ``suite`` names no shipped one and
@@ -285,7 +157,7 @@ def semantic_errors(config: Mapping[str, Any]) -> list[str]:
         except SuiteError as exc:
             return [f"config key 'suite_file': {' '.join(str(exc).split())}"]
         known = list(suite.sizes)
-        errors += eval_data_errors(config, suite)
+        errors += eval_data_errors(config, suite) + context_errors(config, suite)
     for size in config["sizes"]:
         if size not in known:
             errors.append(f"config key 'sizes': {size!r} is not a known size for source "
@@ -357,6 +229,22 @@ def eval_data_errors(config: Mapping[str, Any], suite) -> list[str]:
     return errors
 
 
+def context_errors(config: Mapping[str, Any], suite) -> list[str]:
+    """An eval file's ``seq_len`` beyond the learned position embedding (``context``) of a
+    configured size: the model has no position for the later tokens."""
+    if not eval_from_file(config, suite):
+        return []
+    seq_len = (config.get("eval_data") or {}).get("seq_len", pythia.SEQUENCE_TOKENS)
+    limits = {s: suite.sizes[s].context for s in config["sizes"]
+              if s in suite.sizes and suite.sizes[s].context is not None}
+    if limits and seq_len > min(limits.values()):
+        size = min(limits, key=limits.get)
+        return [f"config key 'eval_data.seq_len': {seq_len} tokens exceed the {limits[size]} "
+                f"positions of size {size!r} of suite {suite.name!r}; allowed: "
+                f"eval_data.seq_len <= {limits[size]}"]
+    return []
+
+
 def eval_sequences(config: Mapping[str, Any]) -> int:
     """Number of sequences in the eval batch the config feeds to extraction."""
     if config["source"] == "tiny":
@@ -424,8 +312,11 @@ def check_config(config: Mapping[str, Any], schema: Mapping[str, Any] | Path | s
     """
     if not isinstance(schema, Mapping):
         schema = yaml.safe_load(Path(schema).read_text())
+    file_errors = config_file_errors(files)
+    if too_large := config_size_errors(config):  # nothing else walks a file's alias bomb
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(file_errors + too_large))
     nonfinite = nonfinite_errors(config)
-    errors = [*config_file_errors(files), *nonfinite]
+    errors = [*file_errors, *nonfinite]
     if not any("levels deep" in e for e in nonfinite):
         named = {e.split(":")[0] for e in nonfinite}  # "config key 'x'": reported once
         errors += [f"config key '{key}': {why}" for key, why in REMOVED_KEYS.items()
@@ -436,7 +327,7 @@ def check_config(config: Mapping[str, Any], schema: Mapping[str, Any] | Path | s
         errors = semantic_errors(config)
     if not errors:
         errors = (model_spec_errors(config) + hub_errors(config) + family_errors(config)
-                  + seed_errors(config))
+                  + (seed_errors(config) or repo_collision_errors(config)))
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
 
@@ -507,12 +398,12 @@ def _template_errors(key: str, template: str, field: str, values: list[Any],
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:  # a lone '{' or '}'
-        return [f"config key '{key}': {_show(template)} is not a template ({exc}); "
+        return [f"config key '{key}': {show_value(template)} is not a template ({exc}); "
                 f"allowed: only the placeholder(s) {shown}"]
     fields = [(f, spec, conv) for _, f, spec, conv in parsed if f is not None]
     if any(f not in names or spec or conv for f, spec, conv in fields):
         bad = sorted({f for f, _, _ in fields} - set(names)) or [f"{field} with a format"]
-        return [f"config key '{key}': {_show(template)} has placeholder(s) {', '.join(bad)}; "
+        return [f"config key '{key}': {show_value(template)} has placeholder(s) {', '.join(bad)}; "
                 f"allowed: only {shown}"]
     used = {f for f, _, _ in fields}
     grid = [{}]
@@ -546,7 +437,7 @@ def hub_errors(config: Mapping[str, Any]) -> list[str]:
                                    "a branch, tag or commit name of letters, digits, '_', '.', "
                                    "'+', '-', '/' (no '..', no leading or doubled '/')")
     if "dataset" in hub and not (REPO_ID_PATTERN.fullmatch(hub["dataset"])
-                                 and ".." not in hub["dataset"]):
+                                 and ".." not in hub["dataset"] and "--" not in hub["dataset"]):
         errors.append(f"config key 'hub.dataset': {hub['dataset']!r} is not a dataset repo id; "
                       f"allowed: {repo_rule}")
     return errors
@@ -598,92 +489,51 @@ def seed_errors(config: Mapping[str, Any]) -> list[str]:
     return errors
 
 
-def load_config(path: Path | str, schema: Path | str) -> dict[str, Any]:
-    """Read a YAML config file and check it (used by tests and the ``plan`` command)."""
-    text = Path(path).read_text()
+def repo_collision_errors(config: Mapping[str, Any]) -> list[str]:
+    """Two (size, seed) pairs of a hub config whose repos are one (``hub.repo`` or the suite
+    definition's): their replicates would be the same checkpoints, counted twice."""
+    from lmdynamics.sources.suites import SuiteError
+
+    if config.get("source") != "hub":
+        return []
+    try:
+        suite, seeds = suite_for(config), resolved_seeds(config)
+    except SuiteError:  # a broken suite file: its own one-line error, raised by suite_for
+        return []
+    owners: dict[str, str] = {}
+    for size in config["sizes"]:
+        for seed in seeds:
+            try:
+                name = hub_repo(config, suite, size, seed if len(seeds) > 1 else None)
+            except (SuiteError, KeyError, IndexError, ValueError):
+                return []  # reported by hub_errors / seed_errors
+            here = f"size {size!r} seed {seed}"
+            if name in owners:
+                return [f"config key 'seeds': {owners[name]} and {here} both download the "
+                        f"repo {name!r}, two replicates of the same checkpoints; allowed: "
+                        "seeds and sizes whose repos differ (hub.repo with {seed} and {size})"]
+            owners[name] = here
+    return []
+
+
+def load_config(path: Path | str, schema: Path | str | None = None) -> dict[str, Any]:
+    """Read a YAML config file and check it against ``schema`` (default: the package's config
+    schema, :func:`lmdynamics.options.schema`); used by tests and the ``plan`` command."""
+    text = read_text_bounded(path, "config file")
     try:  # as Snakemake reads it: JSON first, then YAML
         config = json.loads(text)
     except ValueError:
-        config = yaml.safe_load(text)
+        try:
+            config = yaml.safe_load(text)
+        except yaml.YAMLError:  # a tag the safe loader refuses, or not YAML: say which line
+            raise ConfigError("invalid configuration:\n  " + "\n  ".join(
+                f"config file {path}, {e}" for e in yaml_errors(text))) from None
+    if schema is None:
+        from lmdynamics.options import schema as package_schema
+
+        schema = package_schema()
     check_config(config, schema, files=[path])
     return config
-
-
-def config_file_errors(files: Iterable[Path | str]) -> list[str]:
-    """What a strict reading of each config file refuses (see :func:`yaml_errors`)."""
-    errors: list[str] = []
-    seen: set[Path] = set()
-    for file in files:
-        path = Path(file).resolve()
-        if path in seen or not path.is_file():
-            continue
-        seen.add(path)
-        text = path.read_text()
-        problems = json_errors(text)
-        if problems is None:  # not JSON: YAML
-            problems = yaml_errors(text)
-        errors += [f"config file {file}, {e}" for e in problems]
-    return errors
-
-
-def json_errors(text: str) -> list[str] | None:
-    """Repeated keys of a JSON document (Snakemake reads a config file as JSON first), or None
-    when ``text`` is not JSON."""
-    repeated: list[str] = []
-
-    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-        keys = [k for k, _ in items]
-        repeated.extend(k for i, k in enumerate(keys) if k in keys[:i])
-        return dict(items)
-
-    try:
-        json.loads(text, object_pairs_hook=pairs)
-    except ValueError:
-        return None
-    return [f"config key {k!r} is given twice; allowed: each key once" for k in repeated]
-
-
-#: Integers that YAML 1.1 (PyYAML, Snakemake) reads differently from YAML 1.2 and from what
-#: a reader sees: ``0777`` is octal 511, ``0b11`` binary 3, ``1:30`` sexagesimal 90.
-_YAML11_NUMBER = re.compile(r"[-+]?(0[0-9_]+|0b[01_]+|[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?)")
-
-
-def yaml_errors(text: str) -> list[str]:
-    """Repeated keys and YAML 1.1 number forms in a YAML document, one message each.
-
-    Walks the composed node tree (no values are built), visiting each node once, so
-    aliases cannot make the work grow."""
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        return [f"not valid YAML: {' '.join(str(exc).split())}"]
-    errors: list[str] = []
-    visited: set[int] = set()
-    stack: list[tuple[yaml.Node | None, tuple]] = [(root, ())]
-    while stack:
-        node, path = stack.pop()
-        if node is None or id(node) in visited:
-            continue
-        visited.add(id(node))
-        line = f"line {node.start_mark.line + 1}"
-        if isinstance(node, yaml.MappingNode):
-            first: dict[tuple[str, str], int] = {}
-            for key_node, value_node in node.value:
-                key = (key_node.tag, str(key_node.value))
-                here = key_node.start_mark.line + 1
-                if isinstance(key_node, yaml.ScalarNode) and key in first:
-                    errors.append(f"line {here}: config key '{_key((*path, key[1]))}' is given "
-                                  f"twice (also line {first[key]}); allowed: each key once")
-                first.setdefault(key, here)
-                stack.append((value_node, (*path, key_node.value)))
-        elif isinstance(node, yaml.SequenceNode):
-            stack.extend((item, (*path, i)) for i, item in enumerate(node.value))
-        elif node.tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float") \
-                and _YAML11_NUMBER.fullmatch(node.value):
-            read = yaml.safe_load(node.value)
-            errors.append(f"{line}: config key '{_key(path)}': {node.value} is read by YAML 1.1 "
-                          f"as {read!r}; allowed: a plain decimal number (or quote it)")
-    return sorted(errors, key=lambda e: int(e.split()[1].rstrip(":")))
 
 
 def canonical(value: Any) -> Any:

@@ -1,8 +1,9 @@
 """One source of truth from the config to the code: a job's options are one config section.
 
-The workflow's JSON schema (``workflow/schemas/config.schema.yaml``) is the only place where a
-config option, its type, its allowed values and its default are written down. This module
-reads it once and gives the rest of the package:
+The package's JSON schema (``lmdynamics/schemas/config.schema.yaml``, package data) is the only
+place where a config option, its type, its allowed values and its default are written down.
+This module reads it once and gives the rest of the package (and the workflow, whose
+``common.smk`` validates the config against the same file, :func:`schema_path`):
 
 - :func:`defaults`: the schema's defaults of a section (nested sections as dicts), which the
   typed options classes (:class:`lmdynamics.report.tables.MCCOptions`,
@@ -17,14 +18,17 @@ reads it once and gives the rest of the package:
   of a ``.json`` file; what it leaves out takes the schema's default. So a rule hands its job
   the options in one piece, and adding an option is one schema entry plus the code using it.
 
-The schema is found beside the package in the source tree (``src/lmdynamics`` ->
-``workflow/schemas``): lmdynamics is installed from its repository (``pip install -e .``).
+The schemas are read with :mod:`importlib.resources`, so an installed wheel reads them as a
+source checkout does.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import copy
 import functools
+import importlib.resources
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -32,19 +36,25 @@ from typing import Any
 
 import yaml
 
-#: The workflow's config schema (``common.smk`` validates the config against the same file).
-SCHEMA_FILE = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+#: The schemas shipped with the package: ``<name>.schema.yaml`` for ``name`` in
+#: ``config`` (the workflow config) and ``interventions`` (its ``interventions`` section).
+SCHEMAS = importlib.resources.files("lmdynamics") / "schemas"
+_FILES = contextlib.ExitStack()
+atexit.register(_FILES.close)
+
+
+def schema_path(name: str = "config") -> Path:
+    """A file-system path of the package's schema ``name`` (for readers that take a path,
+    such as Snakemake's ``validate``); valid until the process exits."""
+    return _FILES.enter_context(importlib.resources.as_file(SCHEMAS / f"{name}.schema.yaml"))
 
 
 @functools.cache
-def schema() -> dict[str, Any]:
-    """The config schema, parsed once per process."""
-    if not SCHEMA_FILE.is_file():
-        raise FileNotFoundError(f"{SCHEMA_FILE}: the config schema is missing; lmdynamics reads "
-                                "it from its source tree: install with `pip install -e .` from "
-                                "the repository")
+def schema(name: str = "config") -> dict[str, Any]:
+    """The package's schema ``name`` (default: the config schema), parsed once per process."""
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: ~10x faster
-    return yaml.load(SCHEMA_FILE.read_text(), Loader=loader)  # noqa: S506 (a safe loader)
+    text = (SCHEMAS / f"{name}.schema.yaml").read_text(encoding="utf-8")
+    return yaml.load(text, Loader=loader)  # noqa: S506 (a safe loader)
 
 
 def _resolve_ref(node: Mapping[str, Any]) -> dict[str, Any]:
@@ -99,7 +109,7 @@ def resolve(section: str, given: Any = None) -> Any:
     """``given`` (config section ``section``, or a subset of it) checked against the schema,
     with the schema's defaults filled in. Raises ValueError listing every bad key as
     ``section.key: value — what is allowed``."""
-    from lmdynamics.config import schema_errors
+    from lmdynamics.validation import schema_errors
 
     node = section_schema(section)
     is_object = node.get("type") == "object"
@@ -114,10 +124,33 @@ def resolve(section: str, given: Any = None) -> Any:
     return _merge(defaults(section), given) if is_object else given
 
 
-def parse(text: str | None, sections: Sequence[str]) -> dict[str, Any]:
-    """The ``--options`` argument of a job that reads config ``sections``: a JSON object
-    ``{section: value}`` inline, or the path of a file holding one (``None``: all defaults).
-    Every section is checked and completed by :func:`resolve`; other keys are refused."""
+def _heads(reads: Sequence[str]) -> list[str]:
+    """The sections of ``reads`` (``section`` or ``section.key`` entries), in order, once."""
+    return list(dict.fromkeys(entry.partition(".")[0] for entry in reads))
+
+
+def _only(chosen: dict[str, Any], reads: Sequence[str]) -> dict[str, Any]:
+    """``chosen`` ({section: value}) cut to ``reads``: a ``section.key`` entry keeps only the
+    keys of its section that ``reads`` names; a ``section`` entry keeps the whole section."""
+    keys: dict[str, set[str] | None] = {}
+    for entry in reads:
+        section, _, key = entry.partition(".")
+        if not key:
+            keys[section] = None
+        elif keys.get(section, set()) is not None:
+            keys.setdefault(section, set()).add(key)
+    return {s: chosen[s] if keys[s] is None else {k: v for k, v in chosen[s].items()
+                                                  if k in keys[s]}
+            for s in keys}
+
+
+def parse(text: str | None, reads: Sequence[str]) -> dict[str, Any]:
+    """The ``--options`` argument of a job that reads ``reads`` of the config (a ``section``,
+    or one key of it, ``section.key``): a JSON object ``{section: value}`` inline, or the path
+    of a file holding one (``None``: all defaults). Every section is checked and completed by
+    :func:`resolve`, then cut to what the job reads (so code reading a key its list lacks
+    fails); sections it does not read are refused."""
+    sections = _heads(reads)
     value: Any = {}
     if text is not None:
         stripped, source = text.strip(), "--options"
@@ -140,16 +173,14 @@ def parse(text: str | None, sections: Sequence[str]) -> dict[str, Any]:
         if unknown:
             raise ValueError(f"{source}: unknown section(s) {', '.join(unknown)}; this step "
                              "reads " + ", ".join(sections))
-    return {s: resolve(s, value.get(s)) for s in sections}
+    return _only({s: resolve(s, value.get(s)) for s in sections}, reads)
 
 
-def job_options(config: Mapping[str, Any], *sections: str, omit: Sequence[str] = ()) -> str:
-    """The ``--options`` argument a rule hands its job: ``sections`` of the validated
-    ``config`` as one JSON object, keys sorted (so reordering a config file reruns nothing).
-    ``omit``: ``section.key`` entries the job does not read, left out so that changing them
-    does not rerun it (Snakemake reruns a job whose parameters changed)."""
-    chosen = {s: config[s] for s in sections}
-    for dotted in omit:
-        section, _, key = dotted.partition(".")
-        chosen[section] = {k: v for k, v in chosen[section].items() if k != key}
+def job_options(config: Mapping[str, Any], *reads: str) -> str:
+    """The ``--options`` argument a rule hands its job: what the job reads of the validated
+    ``config`` (``section`` or ``section.key`` entries, the list its subcommand declares in
+    :data:`lmdynamics.commands.READS` or ``--options`` help) as one JSON object, keys sorted
+    (so reordering a config file reruns nothing). Snakemake reruns a job whose parameters
+    changed: a key the job reads reruns it, and a key it does not read is not there."""
+    chosen = _only({s: config[s] for s in _heads(reads)}, reads)
     return json.dumps(chosen, sort_keys=True, separators=(",", ":"))

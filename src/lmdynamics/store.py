@@ -171,6 +171,51 @@ def file_sha256(path: Path | str) -> str:
     return digest.hexdigest()
 
 
+def npy_problem(path: Path | str) -> str | None:
+    """Why ``path`` cannot be read as a ``.npy`` array of numbers, checked from its header
+    before anything is allocated, or None when it can: not a regular file (a FIFO would
+    block, /dev/zero never end), no valid header, a pickled object dtype, or a shape whose
+    bytes differ from what the file holds (a header claiming 10^12 values)."""
+    import stat
+
+    from numpy.lib import format as npy_format
+
+    path = Path(path)
+    try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            return "not a regular file"
+        with open(path, "rb") as f:
+            version = npy_format.read_magic(f)
+            read = {(1, 0): npy_format.read_array_header_1_0,
+                    (2, 0): npy_format.read_array_header_2_0}.get(version)
+            if read is None:
+                return f"a .npy format version {version} this reader does not know"
+            shape, _, dtype = read(f)
+            offset = f.tell()
+    except OSError as exc:
+        return f"cannot be read ({type(exc).__name__}: {exc.strerror or exc})"
+    except (ValueError, EOFError, SyntaxError) as exc:
+        return f"no valid .npy header ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})"
+    if dtype.hasobject or dtype.kind not in "biuf":
+        return f"holds {dtype} values, not numbers"
+    need = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if offset + need != info.st_size:
+        return (f"its header says shape {shape} of {dtype} ({need} bytes of data), the file "
+                f"holds {info.st_size - offset}; truncated or damaged")
+    return None
+
+
+def open_npy(path: Path | str) -> np.ndarray:
+    """The array of a ``.npy`` file, memory-mapped (nothing read until used), after
+    :func:`npy_problem` found nothing wrong; :class:`TokenArrayError` names what is."""
+    problem = npy_problem(path)
+    if problem is not None:
+        raise TokenArrayError(f"{path}: {problem}")
+    array = np.load(path, mmap_mode="r", allow_pickle=False)
+    return array if array.size else np.zeros(array.shape, array.dtype)
+
+
 def load_token_array(path: Path | str, *, ndim: int, what: str) -> np.ndarray:
     """Load an .npy of token ids, refusing anything but a non-empty ``ndim``-D integer array.
 
@@ -179,7 +224,7 @@ def load_token_array(path: Path | str, *, ndim: int, what: str) -> np.ndarray:
     and what is expected. No pickled object is ever loaded.
     """
     try:
-        array = np.load(path, allow_pickle=False)
+        array = np.array(open_npy(path))  # in memory, as a batch is used
     except (OSError, ValueError, EOFError) as exc:
         raise TokenArrayError(f"{path}: cannot be read as a .npy {what} "
                               f"({type(exc).__name__}: {' '.join(str(exc).split())}); "

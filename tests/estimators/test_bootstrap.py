@@ -9,7 +9,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cka_reference import weighted_biased_hsic, weighted_hsic_bruteforce
 from lmdynamics.estimators import bootstrap
 from lmdynamics.estimators.bootstrap import (
     BootstrapReference,
@@ -21,6 +20,7 @@ from lmdynamics.estimators.bootstrap import (
     resampled_hsic,
 )
 from lmdynamics.estimators.cka import debiased_linear_cka, hsic_unbiased, linear_cka
+from support.cka_reference import weighted_biased_hsic, weighted_hsic_bruteforce
 
 
 def data(seed: int, n: int = 9, d1: int = 3, d2: int = 4) -> tuple[np.ndarray, np.ndarray]:

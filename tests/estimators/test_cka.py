@@ -11,7 +11,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cka_reference import biased_cka_gram, debiased_cka_gram, hsic_unbiased_gram
 from lmdynamics.estimators import cka
 from lmdynamics.estimators.cka import (
     DebiasedCKAReference,
@@ -24,6 +23,7 @@ from lmdynamics.estimators.cka import (
     pairwise_cka,
     standardize,
 )
+from support.cka_reference import biased_cka_gram, debiased_cka_gram, hsic_unbiased_gram
 
 FAST = settings(max_examples=40, deadline=None)
 shapes = st.tuples(st.integers(0, 2**32 - 1), st.integers(5, 30), st.integers(1, 9),

@@ -10,10 +10,11 @@ import pytest
 import xarray as xr
 import yaml
 
-from conftest import REPO, copy_workflow, snakemake
 from lmdynamics.config import ConfigError, check_config, load_config
+from lmdynamics.options import schema_path
+from support.workflow import REPO, copy_workflow, snakemake
 
-SCHEMA = REPO / "workflow/schemas/config.schema.yaml"
+SCHEMA = schema_path()
 TINY = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
 PAPER_OPTIONS = {
     "metrics": {"per_divisor": "head_dim", "per_truncate": True, "cka_estimator": "biased",

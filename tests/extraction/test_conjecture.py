@@ -14,7 +14,7 @@ import torch
 import xarray as xr
 
 from lmdynamics.config import conjecture_errors
-from lmdynamics.extraction.conjecture import ReferenceWeights, ResidualRecorder, StatsOptions
+from lmdynamics.extraction.conjecture import ResidualRecorder, StatsOptions
 from lmdynamics.extraction.extract import extract_checkpoint, sample_token_positions
 from lmdynamics.extraction.names import param_key, param_parts, param_sort_key
 from lmdynamics.extraction.passes import run_pass
@@ -23,7 +23,7 @@ from lmdynamics.extraction.stats import Moments
 from lmdynamics.reduction.stats import STAT_VARIABLES, combine_stats, reduce_stats
 from lmdynamics.report import conjecture as conjecture_figures
 from lmdynamics.sources import tiny
-from lmdynamics.sources.checkpoints import CheckpointMismatchError, load_model
+from lmdynamics.sources.checkpoints import CheckpointMismatchError, ReferenceWeights, load_model
 from lmdynamics.store import IncompleteStoreError, open_store, write_array_atomic
 
 SPECS = {"a": {"hidden_size": 16, "num_layers": 2, "num_heads": 2},
@@ -175,7 +175,7 @@ def test_residual_recorder_matches_hidden_states_and_micro_batches(suite):
 def test_reference_weights_accept_pythia_names_and_name_missing_tensors(tmp_path):
     """Pythia's files name the unembedding ``embed_out``; transformers' own renaming maps
     it to today's ``lm_head`` (tests/pythia_files.py)."""
-    from pythia_files import pythia_config
+    from support.pythia_files import pythia_config
 
     (tmp_path / "config.json").write_text(json.dumps(pythia_config(16, 2, 2, 512)))
     safetensors.torch.save_file({"embed_out.weight": torch.ones(2, 2)},

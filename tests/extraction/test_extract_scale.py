@@ -20,8 +20,7 @@ def _model(dtype=torch.float32, context=16) -> GPTNeoXForCausalLM:
                            num_attention_heads=2, intermediate_size=64,
                            max_position_embeddings=context, rotary_pct=0.25,
                            tie_word_embeddings=False, hidden_dropout=0.0, attention_dropout=0.0,
-                           use_cache=False)
-    config._attn_implementation = "eager"
+                           use_cache=False, attn_implementation="eager")
     return GPTNeoXForCausalLM(config).to(dtype).eval()
 
 

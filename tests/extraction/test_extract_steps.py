@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from faultlib import TOKENS, eval_batch, tiny_checkpoint
 from lmdynamics.cli import run
+from support.faultlib import TOKENS, eval_batch, tiny_checkpoint
 
 STEPS = (0, 4, 8)
 

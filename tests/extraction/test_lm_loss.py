@@ -28,8 +28,8 @@ def _model(dtype=torch.float64, attention="eager", seed=0) -> GPTNeoXForCausalLM
     config = GPTNeoXConfig(vocab_size=VOCAB, hidden_size=24, num_hidden_layers=2,
                            num_attention_heads=3, intermediate_size=48,
                            max_position_embeddings=32, rotary_pct=0.25,
-                           tie_word_embeddings=False, use_cache=False)
-    config._attn_implementation = attention
+                           tie_word_embeddings=False, use_cache=False,
+                           attn_implementation=attention)
     return GPTNeoXForCausalLM(config).to(dtype).eval()
 
 

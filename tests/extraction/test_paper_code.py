@@ -160,14 +160,14 @@ def test_extract_with_paper_code_options(tmp_path):
                            attention_activation="qkv", **common)
 
 
-def test_paper_code_config_plans_hub_gradient_batches_with_quoted_paths(tmp_path):
+def test_paper_code_config_plans_hub_gradient_batches_with_quoted_paths(tmp_path, workflow_copy):
     """config/paper_code.yaml: 27 gradient_batches jobs whose shell line passes
     hub.tokens_path as one quoted argument (a space in it does not split it)."""
     import shlex
 
-    from conftest import copy_workflow, snakemake
+    from support.workflow import snakemake
 
-    workdir = copy_workflow(tmp_path / "wf")
+    workdir = workflow_copy
     local = tmp_path / "my pile"
     local.mkdir()
     config = (workdir / "config/paper_code.yaml").read_text()

@@ -18,9 +18,7 @@ from lmdynamics import cli
 from lmdynamics.extraction.conjecture import (
     CIRCUITS,
     PARAM_STATS,
-    ReferenceWeights,
     StatsOptions,
-    circuit_directions,
 )
 from lmdynamics.extraction.extract import extract_checkpoint
 from lmdynamics.extraction.names import param_key
@@ -29,10 +27,14 @@ from lmdynamics.extraction.reference import (
     ReferenceStore,
     build_reference,
 )
-from lmdynamics.extraction.stats import compare_to_reference, direction_closeness
+from lmdynamics.extraction.stats import (
+    circuit_directions,
+    compare_to_reference,
+    direction_closeness,
+)
 from lmdynamics.families import get as get_family
 from lmdynamics.sources import tiny
-from lmdynamics.sources.checkpoints import load_model, weights_sha256
+from lmdynamics.sources.checkpoints import ReferenceWeights, load_model, weights_sha256
 from lmdynamics.store import IncompleteStoreError, open_store, write_array_atomic
 
 GPT_NEOX = get_family("gpt_neox")
@@ -201,7 +203,7 @@ def test_pythia_files_are_stored_in_float16_and_read_as_their_float32_values(tmp
     buffers, as ``pytorch_model.bin`` or ``model.safetensors`` (shared/notes/reference-facts.md;
     tests/pythia_files.py): the store keeps float16 (half the bytes of float32) and gives back
     exactly the float32 tensors ReferenceWeights reads from the files."""
-    from pythia_files import legacy_state_dict, pythia_config, torch_bytes
+    from support.pythia_files import legacy_state_dict, pythia_config, torch_bytes
 
     shape = (16, 2, 2, 64)
     for step, seed in ((0, 1), (1, 2)):

@@ -17,15 +17,18 @@ import pytest
 import torch
 import yaml
 
-from family_files import BUILDERS, FAMILY, HIDDEN, LAYERS, write_checkpoint
 from lmdynamics import families
 from lmdynamics.extraction import passes as ps
-from lmdynamics.extraction.conjecture import circuit_directions
 from lmdynamics.extraction.names import param_key, param_sort_key
-from lmdynamics.extraction.stats import direction_closeness, top_left_singular_vectors
+from lmdynamics.extraction.stats import (
+    circuit_directions,
+    direction_closeness,
+    top_left_singular_vectors,
+)
 from lmdynamics.families.gpt2 import GPT2
-from lmdynamics.options import SCHEMA_FILE
+from lmdynamics.options import schema_path
 from lmdynamics.sources import checkpoints as ck
+from support.family_files import BUILDERS, FAMILY, HIDDEN, LAYERS, write_checkpoint
 
 KINDS = sorted(BUILDERS)
 
@@ -167,7 +170,7 @@ def test_the_registry_not_the_schema_lists_the_families():
     """A new family needs no schema edit: the config check asks the registry."""
     from lmdynamics.config import family_errors, resolved_family
 
-    schema = yaml.safe_load(SCHEMA_FILE.read_text())
+    schema = yaml.safe_load(schema_path().read_text())
     assert "enum" not in schema["properties"]["family"]
     assert "default" not in schema["properties"]["family"]  # unset: the suite's, or tiny's
     assert resolved_family({"source": "tiny"}) == families.DEFAULT

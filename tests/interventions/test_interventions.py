@@ -19,7 +19,6 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, copy_workflow, snakemake
 from lmdynamics.estimators.rank import effective_rank
 from lmdynamics.interventions.outcomes import (
     MEASURES,
@@ -37,6 +36,7 @@ from lmdynamics.interventions.variants import (
     orthogonal_write_init,
 )
 from lmdynamics.sources.tiny import model_config
+from support.workflow import REPO, copy_workflow, snakemake
 
 TINY_ARCH = {"hidden_size": 8, "num_layers": 2, "num_heads": 2}
 

@@ -13,7 +13,6 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from cka_reference import biased_cka_gram, debiased_cka_gram
 from lmdynamics.cli import run
 from lmdynamics.estimators.rank import effective_rank, proportional_effective_rank
 from lmdynamics.extraction.extract import extract_checkpoint
@@ -24,6 +23,7 @@ from lmdynamics.report.cka import render_figure, select_cka
 from lmdynamics.report.tables import header_line
 from lmdynamics.sources.tiny import eval_batch, load_corpus, train_tiny_model
 from lmdynamics.store import open_store, write_store
+from support.cka_reference import biased_cka_gram, debiased_cka_gram
 
 SPEC = {"hidden_size": 16, "num_layers": 2, "num_heads": 2}
 STEPS = [0, 2, 8]

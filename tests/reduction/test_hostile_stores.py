@@ -18,7 +18,6 @@ import pytest
 import xarray as xr
 import zarr
 
-from faultlib import FINAL, STEPS, _flip_byte, _rewrite, copy_stores, extract
 from lmdynamics.cli import run
 from lmdynamics.store import (
     ATTRS_DIGEST_ATTR,
@@ -29,6 +28,7 @@ from lmdynamics.store import (
     open_store,
     write_store,
 )
+from support.faultlib import FINAL, STEPS, _flip_byte, _rewrite, copy_stores, extract
 
 
 @pytest.fixture(scope="module")

@@ -436,10 +436,9 @@ def test_paper_code_config_reproduces_the_paper_definitions():
 def test_schema_enums_and_defaults_match_the_code():
     import dataclasses
 
-    import yaml
+    from lmdynamics.options import schema as package_schema
 
-    schema = yaml.safe_load((Path(__file__).parents[2] /
-                             "workflow/schemas/config.schema.yaml").read_text())
+    schema = package_schema()
     mcc = schema["properties"]["mcc"]["properties"]
     allowed = {"early_step": tables.EARLY_STEP_RULES, "per_quantity": tuple(tables.PER_QUANTITIES),
                "weight_threshold": tables.WEIGHT_THRESHOLDS, "reference": tables.REFERENCES,

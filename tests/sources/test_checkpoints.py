@@ -232,7 +232,7 @@ def test_legacy_revisions_load_bit_identical_to_from_pretrained(tmp_path, layout
     from transformers import GPTNeoXForCausalLM
 
     from lmdynamics.sources.hub import convert_to_safetensors, shard_map
-    from pythia_files import revision_files
+    from support.pythia_files import revision_files
 
     source = tmp_path / "hub"
     source.mkdir()
@@ -254,7 +254,7 @@ def test_legacy_revisions_load_bit_identical_to_from_pretrained(tmp_path, layout
 
 
 def _pythia_dir(tmp_path, **config_changes):
-    from pythia_files import revision_files
+    from support.pythia_files import revision_files
 
     files = revision_files("70m", seed=1, vocab=512, layout="safetensors")
     config = {**json.loads(files["config.json"]), **config_changes}

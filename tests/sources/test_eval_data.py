@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO
 from lmdynamics.cli import main
 from lmdynamics.config import ConfigError, check_config
+from lmdynamics.options import schema_path
 from lmdynamics.sources.eval_data import EvalDataError, eval_batch
+from support.workflow import REPO
 
-SCHEMA = REPO / "workflow/schemas/config.schema.yaml"
+SCHEMA = schema_path()
 PYTHIA = yaml.safe_load((REPO / "config/config.yaml").read_text())
 
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
 
-from hub_server import HubServer, add_pythia, checkpoint_files, use_endpoint
 from lmdynamics.sources import hub as hb
 from lmdynamics.sources.checkpoints import UntrustedCheckpointError, load_model, read_state_dict
 from lmdynamics.sources.revision import revision_attrs
-from pythia_files import torch_bytes
+from support.hub_server import HubServer, add_pythia, checkpoint_files, use_endpoint
+from support.pythia_files import torch_bytes
 
 REPO = "EleutherAI/pythia-70m-deduped"
 FAST = {"retries": 2, "backoff": 0.01}
@@ -61,8 +61,8 @@ def test_a_safetensors_revision_is_kept_byte_for_byte_and_loads_its_legacy_names
 
 def expected_state(size, seed):
     """The revision's float16 tensors under today's names, as float32."""
-    from hub_server import TEST_VOCAB
-    from pythia_files import TEST_ARCHITECTURES, legacy_state_dict
+    from support.hub_server import TEST_VOCAB
+    from support.pythia_files import TEST_ARCHITECTURES, legacy_state_dict
 
     state = legacy_state_dict(*TEST_ARCHITECTURES[size], TEST_VOCAB, seed)
     state["lm_head.weight"] = state.pop("embed_out.weight")

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hub_server import PILE_REPO, PILE_SHARDS, HubServer, token_at, use_endpoint
 from lmdynamics.sources import pile
+from support.hub_server import PILE_REPO, PILE_SHARDS, HubServer, token_at, use_endpoint
 
 REAL = [pile.Shard(n, s) for n, s in PILE_SHARDS if n.endswith(".bin")]
 LAST_BATCH_BYTES = 1024 * 2049 * 2

@@ -11,7 +11,15 @@ import pytest
 import torch
 import yaml
 
-from hub_server import (
+from lmdynamics.cli import run
+from lmdynamics.plan import hub_refs
+from lmdynamics.sources import pythia
+from lmdynamics.sources import suites as S
+from lmdynamics.sources.checkpoints import KNOWN_ARCHITECTURES, read_state_dict
+from lmdynamics.sources.hub import RevisionNotFound, resolve_revision
+from lmdynamics.sources.schedule import pythia_schedule
+from lmdynamics.validation import REPO_ID_PATTERN
+from support.hub_server import (
     MISTRAL_REPO,
     OLMO_REPO,
     TEST_VOCAB,
@@ -20,15 +28,7 @@ from hub_server import (
     add_olmo,
     use_endpoint,
 )
-from lmdynamics.cli import run
-from lmdynamics.config import REPO_ID_PATTERN
-from lmdynamics.sources import pythia
-from lmdynamics.sources import suites as S
-from lmdynamics.sources.checkpoints import KNOWN_ARCHITECTURES, read_state_dict
-from lmdynamics.sources.hub import RevisionNotFound, resolve_revision
-from lmdynamics.sources.plan import hub_refs
-from lmdynamics.sources.schedule import pythia_schedule
-from suite_files import GPT2_TEST, OLMO_TEST, gpt2_state_dict, olmo_branch, olmo_state_dict
+from support.suite_files import GPT2_TEST, OLMO_TEST, gpt2_state_dict, olmo_branch, olmo_state_dict
 
 OLMO_STEPS = [0, 1000, 2000, 20000]  # 3000..19000 "lost", as the model card warns
 

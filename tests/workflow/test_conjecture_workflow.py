@@ -10,9 +10,9 @@ import pytest
 import xarray as xr
 import yaml
 
-from conftest import REPO, snakemake
 from lmdynamics.reduction.stats import STAT_VARIABLES
 from lmdynamics.store import open_store
+from support.workflow import REPO, snakemake
 
 TINY = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
 RESULTS = "results/tiny"

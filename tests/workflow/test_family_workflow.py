@@ -10,8 +10,8 @@ import pytest
 import xarray as xr
 import yaml
 
-from conftest import copy_workflow, mini_config, snakemake
 from lmdynamics import families
+from support.workflow import copy_workflow, mini_config, snakemake
 
 
 def _run(tmp_path, family: str, **overlay):

@@ -28,9 +28,9 @@ import safetensors.torch
 import xarray as xr
 import yaml
 
-from conftest import REPO, copy_workflow, snakemake
-from faultlib import BROKEN_STORES
 from lmdynamics.store import IncompleteStoreError, open_store
+from support.faultlib import BROKEN_STORES
+from support.workflow import REPO, copy_workflow, snakemake
 
 pytestmark = pytest.mark.slow
 

@@ -18,15 +18,17 @@ import pytest
 import xarray as xr
 import yaml
 
-from conftest import copy_workflow, snakemake
-from hub_server import HubServer, add_olmo, add_pythia, token_at, use_endpoint
-from suite_files import olmo_branch
+from support.hub_server import HubServer, add_olmo, add_pythia, token_at, use_endpoint
+from support.suite_files import olmo_branch
+from support.workflow import copy_workflow, snakemake
 
 RESULTS = "results/pythia"
 STEPS = [0, 1, 512, 143000]
 OVERLAY = {"sizes": ["70m"], "steps": STEPS, "tokens": 512,
            "extraction": {"device": "cpu", "dtype": "float32"},
-           "hub": {"sequences": 2, "retries": 2, "backoff": 0.2, "min_free_gb": 0}}
+           "hub": {"sequences": 2, "retries": 2, "backoff": 0.2, "min_free_gb": 0},
+           # every measure (PWCCA and SVCCA are off by default: docs/guide/measures.md)
+           "measures": {"pwcca": {"data": ["activations"]}, "svcca": {"data": ["activations"]}}}
 
 
 def test_the_paper_grid_dry_run_is_offline_and_lists_135_extractions(tmp_path, monkeypatch):
@@ -109,6 +111,25 @@ def test_pythia_config_runs_end_to_end_through_the_hub_client(tmp_path, monkeypa
         np.testing.assert_allclose(final[name].values, 1.0, atol=1e-9)
     assert pd.read_csv(results / "tables/mcc.csv").shape[0] >= 1
     assert (results / "figures/figure2.png").stat().st_size > 5000
+    # every measure on the hub path (docs/guide/measures.md): PWCCA, SVCCA, PER, condition
+    # numbers, norms, Gini and Hoyer of weights, gradients, activations and OV circuits
+    from lmdynamics.estimators.measures import MEASURES
+    from lmdynamics.options import resolve
+    from lmdynamics.reduction.measures import MeasureOptions
+
+    table = pd.read_csv(results / "metrics.csv")
+    chosen = MeasureOptions.from_config(resolve("measures", OVERLAY["measures"])).choices
+    for choice in chosen:
+        assert (results / f"figures/measure_{choice.measure.name}.png").stat().st_size > 5000
+        for kind in choice.data:
+            name = choice.measure.variable(kind)
+            values = metrics[name].sel(size="70m")
+            if kind == "ov_circuit":
+                values = values.sel(component="attention")
+                assert metrics[f"{name}_heads"].sel(size="70m").notnull().all(), name
+            assert values.notnull().all() and name in table.columns, name
+    assert {c.measure.name for c in chosen} == set(MEASURES)
+    np.testing.assert_allclose(final["svcca"].values, 1.0, atol=1e-9)
 
 
 # --- other suites: the dry run of every shipped definition, offline, and OLMo end to end ----
@@ -126,7 +147,8 @@ SUITE_RUNS = {
                  "final_step": 452000, "eval_data": {"path": "tokens.npy"}}, 3),
     "mistral-gpt2": ({"suite": "mistral-gpt2", "sizes": ["small", "medium"],
                       "steps": [0, 10, 100, 1000, 2000, 20000, 100000, 400000],
-                      "final_step": 400000, "eval_data": {"path": "tokens.npy"}}, 2 * 8 * 5),
+                      "final_step": 400000,
+                      "eval_data": {"path": "tokens.npy", "seq_len": 1024}}, 2 * 8 * 5),
 }
 
 

@@ -13,10 +13,10 @@ import pytest
 import xarray as xr
 import yaml
 
-from conftest import copy_workflow, snakemake
 from lmdynamics.record import TrainerCallback
+from support.reruns import parse_plan
+from support.workflow import copy_workflow, snakemake
 from test_record import SEQ, STEPS, VOCAB, run_config, train
-from test_reruns import parse_plan
 
 pytestmark = pytest.mark.slow
 

@@ -10,8 +10,8 @@ import zipfile
 import pytest
 import yaml
 
-from conftest import REPO, snakemake
 from lmdynamics.report import conjecture as conjecture_figures
+from support.workflow import REPO, snakemake
 
 pytestmark = pytest.mark.slow
 

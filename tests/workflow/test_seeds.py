@@ -13,12 +13,12 @@ import pytest
 import xarray as xr
 import yaml
 
-from conftest import snakemake
 from lmdynamics.reduction.metrics import combine_sizes
 from lmdynamics.report.cka import select_cka
 from lmdynamics.report.tables import MCCOptions, mcc_table
 from lmdynamics.store import open_store
-from test_reruns import CONFIG, CONFIGFILE, RESULTS, SIZES, STEPS, finished_copy, plan
+from support.reruns import CONFIG, CONFIGFILE, RESULTS, SIZES, STEPS, finished_copy, plan
+from support.workflow import snakemake
 
 pytestmark = pytest.mark.slow
 SEEDS = [0, 1]

@@ -19,8 +19,8 @@ import pytest
 import xarray as xr
 import yaml
 
-import slurm_cluster
-from conftest import REPO, copy_workflow, snakemake
+from support import slurm_cluster
+from support.workflow import REPO, copy_workflow, snakemake
 
 pytestmark = pytest.mark.slow
 

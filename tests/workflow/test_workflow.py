@@ -17,7 +17,7 @@ import pytest
 import xarray as xr
 import yaml
 
-from conftest import REPO, snakemake
+from support.workflow import REPO, snakemake
 
 TINY = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
 RESULTS = "results/tiny"
@@ -34,6 +34,39 @@ def test_every_output_exists_and_is_non_empty(mini_run):
     for name in ["metrics.csv", "training_loss.csv", "tables/mcc.csv", "tables/mcc.md",
                  "tables/mcc_seeds.csv"]:
         assert (results / name).stat().st_size > 0, name
+
+
+def test_every_measure_is_in_the_metrics_the_csv_and_a_figure(mini_run):
+    """The default measures (lmdynamics.estimators.measures) on the tiny suite: a figure each,
+    their variables over (size, seed, component, layer, step) and as CSV columns, defined
+    wherever a size has the layer (the tiny models' known exceptions aside)."""
+    from lmdynamics.estimators.measures import MEASURES
+    from lmdynamics.options import resolve
+    from lmdynamics.reduction.measures import MeasureOptions
+
+    results = mini_run.results
+    ds = xr.open_zarr(results / "metrics.zarr", consolidated=False).load()
+    table = pd.read_csv(results / "metrics.csv")
+    choices = MeasureOptions.from_config(resolve("measures", mini_run.config.get("measures")))
+    assert {c.measure.name for c in choices.choices} == set(MEASURES)
+    for choice in choices.choices:
+        for ext in ("png", "pdf"):
+            f = results / f"figures/measure_{choice.measure.name}.{ext}"
+            assert f.stat().st_size > 5000, f
+        for kind in choice.data:
+            name = choice.measure.variable(kind)
+            assert ds[name].dims == ("size", "seed", "component", "layer", "step"), name
+            assert name in table.columns, name
+            for size in ds.size.values:
+                n_layers = mini_run.config["tiny"]["models"][str(size)]["num_layers"]
+                values = ds[name].sel(size=size).isel(layer=slice(0, n_layers))
+                if kind == "ov_circuit":
+                    values = values.sel(component="attention")
+                # GPT-NeoX's first MLP reads the token's embedding alone: its sampled outputs
+                # have the rank of the distinct tokens, so no condition number
+                if name == "condition_number_act":
+                    values = values.where((values.component != "mlp") | (values.layer != 0), 1.0)
+                assert values.notnull().all(), (name, str(size))
 
 
 def test_per_pair_store_layout(mini_run):

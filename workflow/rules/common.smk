@@ -19,12 +19,20 @@ from lmdynamics.config import (
     suite_for,
     suite_vocab,
 )
-from lmdynamics.options import job_options
+from lmdynamics.commands import READS
+from lmdynamics.options import job_options, schema_path
+from lmdynamics.plan import parameters
 from lmdynamics.sources import local
-from lmdynamics.sources.plan import parameters
-from lmdynamics.report.registry import REPORT_CATEGORIES, STATS_FIGURES, paper_figures
+from lmdynamics.report.registry import (
+    REPORT_CATEGORIES,
+    STATS_FIGURES,
+    measure_category,
+    measure_figures,
+    paper_figures,
+)
 
-SCHEMA = workflow.source_path("../schemas/config.schema.yaml")
+# The config schema is package data of lmdynamics (lmdynamics/schemas/config.schema.yaml).
+SCHEMA = str(schema_path("config"))
 
 # Friendly messages first (key, bad value, what is allowed), then Snakemake's validate,
 # which also fills in the schema's defaults. The config files are read again strictly
@@ -58,6 +66,8 @@ FINAL_STEP = config["final_step"]
 SCHEDULE = schedule_for(config)
 ENV = "../../envs/lmdynamics.yaml"
 FIGURES = paper_figures(config["metrics"]["standardize"])
+# One figure per measure turned on (config section measures; workflow/rules/measures.smk).
+MEASURE_FIGURES = measure_figures(config["measures"])
 # train_tiny's priority: 1 for the smallest size ... len(SIZES) for the largest (by parameters).
 TRAINING_PRIORITY = (
     {
@@ -272,6 +282,11 @@ def all_outputs():
     ]
     outputs += expand(
         f"{RESULTS}/figures/{{figure}}.{{ext}}", figure=FIGURES, ext=["png", "pdf"]
+    )
+    outputs += expand(
+        f"{RESULTS}/figures/measure_{{measure}}.{{ext}}",
+        measure=MEASURE_FIGURES,
+        ext=["png", "pdf"],
     )
     if CONJECTURE["enabled"]:
         outputs += expand(

@@ -5,7 +5,7 @@
 
 # What the statistics need of the step-0 and final checkpoints, once per (size, seed): both
 # checkpoints' weights and the final top-k singular directions (lmdynamics.extraction.reference).
-# Only conjecture.top_k shapes it, so changing another statistics option does not rebuild it.
+# What it reads of the config: READS["reference"] (lmdynamics.commands).
 rule reference:
     input:
         unpack(reference_checkpoints),
@@ -19,13 +19,7 @@ rule reference:
         ENV
     threads: 1
     params:
-        options=job_options(
-            config,
-            "conjecture",
-            omit=[
-                f"conjecture.{key}" for key in config["conjecture"] if key != "top_k"
-            ],
-        ),
+        options=job_options(config, *READS["reference"]),
         model=lambda wc: model_name(wc.size, wc.seed),
         final_step=FINAL_STEP,
         init=lambda wc, input: os.path.dirname(input.init_weights),

@@ -3,17 +3,8 @@
 # only. The tiny suite: one job per (size, seed) extracting every step in one process (a
 # checkpoint takes about a second, the process's start several), so adding a step there
 # extracts that (size, seed) again; its stores are the same as one job per step writes.
-# What the job reads of the config; figure_steps only chooses what figures show.
-EXTRACTION_OPTIONS = job_options(
-    config,
-    "tokens",
-    "seed",
-    "extraction",
-    "sampling",
-    "conjecture",
-    "family",
-    omit=["conjecture.figure_steps"],
-)
+# What the job reads of the config: READS["extract"] (lmdynamics.commands).
+EXTRACTION_OPTIONS = job_options(config, *READS["extract"])
 # Source local: the job waits for a complete checkpoint folder and records its fingerprint.
 LOCAL_ARGS = (
     [
@@ -121,8 +112,8 @@ rule gradient_batches:
         ),
     params:
         source=config["source"],
-        batch_size=config.get("tiny", {}).get("batch_size", 16),
-        seq_len=config.get("tiny", {}).get("seq_len", 128),
+        batch_size=config["tiny"]["batch_size"],
+        seq_len=config["tiny"]["seq_len"],
         seed=lambda wc: (
             training_seed(wc.seed) if "seed" in wc.keys() else config["seed"]
         ),

@@ -1,14 +1,14 @@
 # Configuration checks and input functions of the intervention study (interventions.smk).
 import json
 
-import yaml
-
-from lmdynamics.config import ConfigError, schema_errors
+from lmdynamics.validation import ConfigError, schema_errors
 from lmdynamics.interventions.study import TINY_TOKENS, run_section, section_errors
+from lmdynamics.options import schema as package_schema
+from lmdynamics.options import schema_path
 
-_ISCHEMA = workflow.source_path("../schemas/interventions.schema.yaml")
-with open(_ISCHEMA) as _f:
-    _ierrors = schema_errors(config, yaml.safe_load(_f))
+# Package data of lmdynamics (lmdynamics/schemas/interventions.schema.yaml).
+_ISCHEMA = str(schema_path("interventions"))
+_ierrors = schema_errors(config, package_schema("interventions"))
 if not _ierrors:
     validate(config, _ISCHEMA)  # fills in the defaults
     _ierrors = section_errors(config["interventions"])

@@ -55,8 +55,9 @@ if config["local"]["recorded"]:
             ENV
         params:
             options=EXTRACTION_OPTIONS,
+            stats=["--statistics"] if CONJECTURE["enabled"] else [],
         shell:
             "lmdynamics adopt-store {input.store:q} --eval-batch {input.batch:q}"
             " --size {wildcards.size:q} --step {wildcards.step:q}"
-            " --replicate {wildcards.seed:q} --options {params.options:q}"
+            " --replicate {wildcards.seed:q} --options {params.options:q} {params.stats:q}"
             " --out {output:q} > {log:q} 2>&1"

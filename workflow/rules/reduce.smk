@@ -15,7 +15,7 @@ rule reduce_size:
         ENV
     params:
         final_step=FINAL_STEP,
-        options=job_options(config, "metrics", "seed"),
+        options=job_options(config, "metrics", "seed", "measures"),
     shell:
         "lmdynamics reduce {input:q} --final-step {params.final_step:q}"
         " --options {params.options:q} --out {output:q} > {log:q} 2>&1"

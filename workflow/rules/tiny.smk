@@ -51,8 +51,8 @@ rule tiny_eval_batch:
         ENV
     params:
         final_step=FINAL_STEP,
-        batch_size=config.get("tiny", {}).get("batch_size"),
-        seq_len=config.get("tiny", {}).get("seq_len"),
+        batch_size=config["tiny"]["batch_size"],
+        seq_len=config["tiny"]["seq_len"],
         seed=config["seed"],
     shell:
         "lmdynamics tiny-eval-batch --final-step {params.final_step:q}"

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import safetensors
 import torch
 import xarray as xr
 
@@ -29,20 +28,11 @@ from lmdynamics.extraction.spectra import singular_values
 from lmdynamics.extraction.stats import (
     DISTRIBUTIONS,
     QUANTILES,
+    circuit_directions,
     compare_to_reference,
     direction_closeness,
     distribution_summary,
     embedding_correlation,
-    ov_left_singular_vectors,
-    top_left_singular_vectors,
-)
-from lmdynamics.sources.checkpoints import (
-    CheckpointMismatchError,
-    config_family,
-    key_renaming,
-    read_model_config,
-    read_state_dict,
-    weights_path,
 )
 
 if TYPE_CHECKING:
@@ -94,45 +84,6 @@ class StatsOptions:
         for name, value, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"{name}={value!r}: allowed {allowed}")
-
-
-class ReferenceWeights:
-    """Tensors of another checkpoint, read one at a time (safetensors) or all at once (what
-    :func:`lmdynamics.extraction.reference.build_reference` reads the two reference
-    checkpoints with)."""
-
-    def __init__(self, directory: Path | str):
-        self.path = weights_path(directory)
-        self._state: dict[str, torch.Tensor] | None = None
-        if self.path.suffix != ".safetensors":
-            self._state = read_state_dict(self.path)
-            keys = list(self._state)
-        else:
-            with safetensors.safe_open(self.path, framework="pt", device="cpu") as fh:
-                keys = list(fh.keys())
-        config = read_model_config(directory)
-        rename = key_renaming(config)
-        #: today's state-dict name -> the name in the file (Pythia's files: ``embed_out``)
-        self._names = {rename(key): key for key in keys}
-        #: the trunk's prefix, absent from files saved from the trunk (GPT-2's released files)
-        self._base = f"{config_family(config).base}."
-
-    def raw(self, name: str) -> torch.Tensor:
-        """The tensor ``name`` (today's state-dict name, e.g. ``lm_head.weight``, whatever
-        the file calls it) in the file's dtype, on CPU."""
-        if name not in self._names and name.removeprefix(self._base) in self._names:
-            name = name.removeprefix(self._base)
-        if name not in self._names:
-            raise CheckpointMismatchError(f"{self.path}: no tensor {name!r}; the reference "
-                                          "checkpoint must have the same architecture")
-        if self._state is not None:
-            return self._state[self._names[name]]
-        with safetensors.safe_open(self.path, framework="pt", device="cpu") as fh:
-            return fh.get_tensor(self._names[name])
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        """The tensor ``name`` as float32 on CPU."""
-        return self.raw(name).float()
 
 
 class ResidualRecorder:
@@ -271,21 +222,6 @@ def activation_stats(sites: dict[str, np.ndarray], opts: StatsOptions) -> dict:
                  for s in SITES for layer in range(sites[SITES[0]].shape[0])]
     n_layers = sites[SITES[0]].shape[0]
     return _shape_vars("stat_act", ("site", "layer"), summaries, (len(SITES), n_layers))
-
-
-def circuit_directions(weights: Callable[[str], torch.Tensor], layer: int, n_heads: int,
-                       k: int, family: families.Family) -> dict[str, list[torch.Tensor]]:
-    """Top-k left singular vectors (residual-stream directions) of one layer's MLP write
-    matrix (out, in) and of each head's OV (the family's ``ov_weights``). The final
-    checkpoint's are computed once per size, into the reference store."""
-    mlp_out = family.write_matrix(weights(family.param_name(layer, family.mlp_write)))
-    mlp = [top_left_singular_vectors(mlp_out, k)]
-    stored, values = family.ov_weights(weights, layer, n_heads)
-    out = family.write_matrix(stored)
-    head = out.shape[1] // n_heads
-    ov = [ov_left_singular_vectors(out[:, h * head:(h + 1) * head], values[h], k)
-          for h in range(n_heads)]
-    return {"mlp": mlp, "ov": ov}
 
 
 def direction_stats(model: torch.nn.Module, opts: StatsOptions, refs: ReferenceStore) -> dict:

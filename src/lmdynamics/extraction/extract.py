@@ -42,6 +42,7 @@ from lmdynamics.extraction.conjecture import (
     StatsOptions,
     checkpoint_stats,
 )
+from lmdynamics.extraction.measure_data import measure_data
 from lmdynamics.extraction.paper_code import (
     GRADIENT_PROTOCOLS,
     check_choice,
@@ -69,7 +70,12 @@ from lmdynamics.sources.checkpoints import (
     read_model_config,
     weights_sha256,
 )
-from lmdynamics.sources.revision import discard_corrupt_download, revision_attrs
+from lmdynamics.sources.revision import (
+    WeightsMismatchError,
+    config_attrs,
+    discard_corrupt_download,
+    verified_revision_attrs,
+)
 from lmdynamics.store import load_token_array, write_store
 
 log = logging.getLogger(__name__)
@@ -225,6 +231,11 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
                          "batches of steps c-5 and c-4 (--gradient-batches); none was given")
     refs = (ReferenceStore(stats.reference, size=size, top_k=stats.top_k)
             if stats is not None else None)
+    weights_sha = weights_sha256(checkpoint)
+    try:  # before the model is loaded: weights that are not the download's never count
+        hub_attrs = verified_revision_attrs(checkpoint, weights_sha)
+    except WeightsMismatchError as exc:
+        raise discard_corrupt_download(checkpoint, exc) from exc
     try:
         model = load_model(checkpoint, dtype=DTYPES[dtype], device=dev,
                            attention=attention_implementation, family=fam.name)
@@ -240,8 +251,8 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
         attention_implementation=attention_implementation,
         gradient_protocol=gradient_protocol, gradient_batches=gradient_batches,
         stats=stats, refs=refs, replicate=replicate, grad_sub_batches=grad_sub_batches,
-        checkpoint_attrs={"weights_sha256": weights_sha256(checkpoint),
-                          **revision_attrs(checkpoint), **(extra_attrs or {})})
+        checkpoint_attrs={"weights_sha256": weights_sha, **hub_attrs,
+                          **config_attrs(checkpoint), **(extra_attrs or {})})
 
 
 def extract_model(model: torch.nn.Module, fam: families.Family, batch_array: np.ndarray,
@@ -308,6 +319,7 @@ def extract_model(model: torch.nn.Module, fam: families.Family, batch_array: np.
     if gradient_protocol == "paper_code":
         attrs["gradient_steps"] = list(gradient_steps(step))
     ds = extraction_dataset(result, seq_idx, pos_idx, attrs)
+    ds = ds.merge(measure_data(model, result.activations))  # lmdynamics.estimators.measures
     warn_nonfinite(ds)
     if stats is not None and residual is not None and refs is not None:
         t_stats = time.perf_counter()

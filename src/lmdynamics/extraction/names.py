@@ -62,3 +62,18 @@ def param_sort_key(key: str, family: Family | str | None = None) -> tuple[int, i
     group = (1 if layer >= 0 else 0 if module in fam.input_embeddings
              else 3 if module == unembedding else 2)
     return (group, layer, 2 * rank + (kind == "bias"), key)
+
+
+#: Per-pair store variable holding each measure's input, by (input, data kind) of
+#: :mod:`lmdynamics.estimators.measures`; the extraction writes the last four
+#: (:mod:`lmdynamics.extraction.measure_data`), the measures' reduction reads them all.
+MEASURE_INPUTS: dict[tuple[str, str], str] = {
+    ("activation_pair", "activations"): "activations",
+    ("spectrum", "weights"): "weight_singular_values",
+    ("spectrum", "gradients"): "grad_singular_values",
+    ("spectrum", "activations"): "activation_singular_values",
+    ("spectrum", "ov_circuit"): "ov_singular_values",
+    ("elements", "weights"): "weight_element_stats",
+    ("elements", "gradients"): "grad_element_stats",
+    ("elements", "activations"): "activation_element_stats",
+}

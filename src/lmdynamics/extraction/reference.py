@@ -44,9 +44,10 @@ import torch
 import xarray as xr
 import zarr
 
-from lmdynamics.extraction.conjecture import ReferenceWeights, circuit_directions
+from lmdynamics.extraction.stats import circuit_directions
 from lmdynamics.sources.checkpoints import (
     CheckpointMismatchError,
+    ReferenceWeights,
     config_family,
     read_model_config,
     weights_sha256,

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["singular_values"]
+__all__ = ["factored_singular_values", "singular_values"]
 
 
 def singular_values(matrix: Any) -> np.ndarray:
@@ -44,5 +44,32 @@ def singular_values(matrix: Any) -> np.ndarray:
     else:
         eig = torch.linalg.eigvalsh(gram).cpu().numpy()
     out = np.sqrt(np.clip(eig[..., ::-1], 0.0, None))
+    out[~finite.cpu().numpy()] = np.nan
+    return np.ascontiguousarray(out)
+
+
+def factored_singular_values(left: torch.Tensor, right: torch.Tensor) -> np.ndarray:
+    """Singular values, descending, float64, of ``left @ right`` without forming the product.
+
+    ``left`` (..., m, k) and ``right`` (..., k, n) with k <= m, n (e.g. an attention head's
+    ``W_O^h`` (d, head_dim) and ``W_V^h`` (head_dim, d), stacked over heads), any float dtype
+    and device. With ``left = Q_l R_l`` and ``right' = Q_r R_r`` (Householder QR), ``left @ right
+    = Q_l (R_l R_r') Q_r'``, so the values are those of the k x k core ``R_l R_r'``
+    (Golub & Van Loan 2013, 6.4: the SVD of a product from its factors): O((m + n) k^2) work
+    against O(m n k) to form the m x n product and O(m n min(m, n)) for its SVD, and backward
+    stable (no Gram matrix: small values keep their relative accuracy down to ~eps times the
+    largest). Returns shape (..., k); all NaN for a pair with a non-finite entry.
+    """
+    a = left.detach().to(torch.float64)
+    b = right.detach().to(device=a.device, dtype=torch.float64)
+    if a.shape[-1] != b.shape[-2] or a.shape[-1] > min(a.shape[-2], b.shape[-1]):
+        raise ValueError(f"factors must be (..., m, k) and (..., k, n) with k <= m, n; got "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}")
+    finite = (torch.isfinite(a).flatten(-2).all(-1) & torch.isfinite(b).flatten(-2).all(-1))
+    a = torch.where(finite[..., None, None], a, 0.0)
+    b = torch.where(finite[..., None, None], b, 0.0)
+    r_left = torch.linalg.qr(a, mode="r").R
+    r_right = torch.linalg.qr(b.mT, mode="r").R
+    out = torch.linalg.svdvals(r_left @ r_right.mT).cpu().numpy()
     out[~finite.cpu().numpy()] = np.nan
     return np.ascontiguousarray(out)

@@ -20,12 +20,15 @@ exception: callers know the size, step and parameter and add that context.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from lmdynamics.families import Family
 
 #: Quantile probabilities stored for every distribution (0-1).
 QUANTILES: tuple[float, ...] = (0.001, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 0.999)
@@ -348,3 +351,18 @@ def direction_closeness(u: torch.Tensor, u_ref: torch.Tensor) -> float:
     a = a / torch.linalg.vector_norm(a, dim=0, keepdim=True)
     b = b / torch.linalg.vector_norm(b, dim=0, keepdim=True)
     return float((a.T @ b).abs().max(dim=0).values.mean())
+
+
+def circuit_directions(weights: Callable[[str], torch.Tensor], layer: int, n_heads: int,
+                       k: int, family: Family) -> dict[str, list[torch.Tensor]]:
+    """Top-k left singular vectors (residual-stream directions) of one layer's MLP write
+    matrix (out, in) and of each head's OV (the family's ``ov_weights``). The final
+    checkpoint's are computed once per size, into the reference store."""
+    mlp_out = family.write_matrix(weights(family.param_name(layer, family.mlp_write)))
+    mlp = [top_left_singular_vectors(mlp_out, k)]
+    stored, values = family.ov_weights(weights, layer, n_heads)
+    out = family.write_matrix(stored)
+    head = out.shape[1] // n_heads
+    ov = [ov_left_singular_vectors(out[:, h * head:(h + 1) * head], values[h], k)
+          for h in range(n_heads)]
+    return {"mlp": mlp, "ov": ov}

@@ -210,9 +210,7 @@ class Family:
         kwargs = self.tiny_config(hidden_size=spec["hidden_size"],
                                   num_layers=spec["num_layers"], num_heads=spec["num_heads"],
                                   seq_len=seq_len, vocab_size=vocab_size)
-        config = self.config_cls()(**kwargs)
-        config._attn_implementation = "eager"
-        return config
+        return self.config_cls()(**kwargs, attn_implementation="eager")
 
 
 @functools.cache

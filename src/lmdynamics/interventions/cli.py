@@ -1,5 +1,5 @@
 """``lmdynamics`` subcommands of the intervention study (registered on
-:data:`lmdynamics.cli.COMMANDS`; workflow/rules/interventions.smk calls them)."""
+:data:`lmdynamics.commands.COMMANDS`; workflow/rules/interventions.smk calls them)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from lmdynamics.cli import command
+from lmdynamics.commands import command
 
 
 def _json(text: str):
@@ -40,7 +40,7 @@ def _run(a: argparse.Namespace) -> None:
 
     settings = settings_from(a.section, threads=a.threads)
     metrics, losses = run_one(a.variant, a.variant_spec, a.size, a.architecture, a.seed,
-                              settings, load_tokens(a.section["tokens"]))
+                              settings, load_tokens(a.section["tokens"], settings))
     write_text_atomic(losses.to_csv(index=False), a.out_losses)
     write_text_atomic(metrics.to_csv(index=False), a.out_metrics)  # last: the job's marker
 

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .inputs import check_device, check_tokens, input_errors
 from .outcomes import effects, run_outcomes, summary_effects
 from .run import RunSettings, train_run
 from .variants import build_variant
@@ -26,10 +27,13 @@ __all__ = ["load_tokens", "run_one", "settings_from", "summarise"]
 TINY_TOKENS = "tiny"
 
 
-def load_tokens(source: str | Path) -> np.ndarray:
+def load_tokens(source: str | Path, settings: RunSettings | None = None) -> np.ndarray:
     """Training tokens: ``"tiny"`` (the tiny suite's bytes) or a .npy file of a 1-D integer
     array (token ids, e.g. a tokenised corpus; memory-mapped). Raises ValueError naming the
-    file and what is wrong."""
+    file and what is wrong; with ``settings``, every id is checked against its vocabulary
+    and the file against its batch (:func:`.inputs.check_tokens`)."""
+    from lmdynamics.store import open_npy
+
     if str(source) == TINY_TOKENS:
         from lmdynamics.sources.tiny import load_corpus
 
@@ -39,14 +43,20 @@ def load_tokens(source: str | Path) -> np.ndarray:
         raise ValueError(f"interventions.tokens: {path}: expected 'tiny' or a .npy file of "
                          "a 1-D integer array of token ids")
     try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        arr = open_npy(path)  # header checked first: no FIFO, no 10^12-value claim
     except (OSError, ValueError) as exc:
         raise ValueError(f"interventions.tokens: {path}: cannot be read as .npy ({exc}); "
                          "save it with numpy.save(path, tokens)") from exc
     if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"interventions.tokens: {path}: holds {arr.dtype} of shape "
                          f"{arr.shape}; expected a 1-D integer array of token ids")
-    if arr.size and int(arr[: 1 << 20].min()) < 0:
+    if arr.size == 0:
+        raise ValueError(f"interventions.tokens: {path}: holds no tokens; give a non-empty "
+                         "1-D array of token ids")
+    if settings is not None:
+        check_tokens(arr, path, vocab_size=settings.vocab_size, batch_size=settings.batch_size,
+                     seq_len=settings.seq_len, final_step=settings.final_step)
+    elif int(arr[: 1 << 20].min()) < 0:
         raise ValueError(f"interventions.tokens: {path}: negative token ids")
     return arr
 
@@ -67,6 +77,7 @@ def run_one(variant: str, variant_spec: Mapping[str, Any], size: str,
             spec: Mapping[str, int], seed: int, settings: RunSettings,
             tokens: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Train and analyse one run; both tables gain the keys variant, size, seed."""
+    check_device(settings.device)
     result = train_run(build_variant(variant, variant_spec), spec, tokens, settings=settings,
                        seed=seed)
     keys = {"variant": variant, "size": size, "seed": seed}
@@ -136,4 +147,4 @@ def section_errors(section: Mapping[str, Any]) -> list[str]:
     if str(section["tokens"]) == TINY_TOKENS and section["vocab_size"] != 256:
         errors.append(f"interventions.vocab_size: {section['vocab_size']}; tokens 'tiny' are "
                       "bytes: use 256")
-    return errors
+    return errors + input_errors(section)

@@ -104,7 +104,9 @@ def _variants(options: CKAOptions) -> list[bool]:
 
 def cka_dataset(activations: dict[int, xr.DataArray], sequences: np.ndarray, *,
                 final_step: int, size: str, options: CKAOptions,
-                read_block: Callable[[int, int, int], np.ndarray] | None = None) -> xr.Dataset:
+                read_block: Callable[[int, int, int], np.ndarray] | None = None,
+                on_blocks: Callable[[int, int, list[np.ndarray]], None] | None = None
+                ) -> xr.Dataset:
     """All CKA variables of one size (see the module docstring).
 
     ``activations``: step -> DataArray (component, layer, token, dim) of that step's store,
@@ -112,7 +114,11 @@ def cka_dataset(activations: dict[int, xr.DataArray], sequences: np.ndarray, *,
     from (the bootstrap's resampling unit). ``read_block(step, component index, layer)``,
     when given, reads the (token, dim) block instead of ``activations`` (the reduction
     reads through :class:`lmdynamics.store.DigestedReader`); every block is read once, the
-    (component, layer) pairs in C order. Returns a dataset over (component, layer, step)
+    (component, layer) pairs in C order. ``on_blocks(component index, layer, blocks)``, when
+    given, receives each (component, layer)'s float64 (token, dim) blocks of every step (in
+    step order) before the CKA uses them, and must not modify them (the other measures of
+    :mod:`lmdynamics.reduction.measures` read the same blocks in the same pass). Returns a
+    dataset over (component, layer, step)
     [+ step_ref] with float64 variables and the options as attrs.
     """
     steps = sorted(activations)
@@ -139,6 +145,8 @@ def cka_dataset(activations: dict[int, xr.DataArray], sequences: np.ndarray, *,
     for ci in range(n_comp):
         for layer in range(n_layers):
             raw = [np.array(read_block(s, ci, layer), dtype=np.float64) for s in steps]
+            if on_blocks is not None:
+                on_blocks(ci, layer, raw)
             for standardized in variants:
                 xs = [standardize(x) for x in raw] if standardized else raw
                 # every step against every step; the final step's column is the CKA to it.

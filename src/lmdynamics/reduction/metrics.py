@@ -35,6 +35,7 @@ from lmdynamics.reduction.flags import (
     warn,
     warn_nan_metrics,
 )
+from lmdynamics.reduction.measures import MeasureOptions, MeasureReduction
 from lmdynamics.reduction.sizes import agreed_attrs, load_sizes, stack_seeds, stack_sizes
 from lmdynamics.store import (
     DigestedReader,
@@ -59,7 +60,7 @@ CONSISTENT_ATTRS = ("size", "seed", "model", "num_layers", "hidden_size", "dtype
 METRIC_VARIABLES = ("cka", "per_weight", "per_grad")
 #: Attributes every per-size metrics store records and the combined one keeps (must agree).
 SHARED_ATTRS = ("final_step", "per_divisor", "per_truncate", "bootstrap_samples",
-                "bootstrap_level", "bootstrap_seed", "standardize")
+                "bootstrap_level", "bootstrap_seed", "standardize", "measures")
 
 
 #: Schema defaults of config section ``metrics``.
@@ -255,8 +256,10 @@ def _sub_batches(ds: xr.Dataset) -> list[xr.Dataset]:
 def reduce_size(paths: Sequence[Path | str], out: Path | str, *, final_step: int,
                 per_divisor: str = _DEFAULTS["per_divisor"],
                 per_truncate: bool = _DEFAULTS["per_truncate"],
-                cka_options: CKAOptions | None = None) -> xr.Dataset:
-    """Reduce one size's per-pair stores into CKA and PER variables.
+                cka_options: CKAOptions | None = None,
+                measure_options: MeasureOptions | None = None) -> xr.Dataset:
+    """Reduce one size's per-pair stores into CKA and PER variables, and the measures of
+    ``measure_options`` (default: the schema's; :mod:`lmdynamics.reduction.measures`).
 
     ``cka`` (biased), ``cka_debiased``, ``per_weight``, ``per_grad`` have dims (component,
     layer, step), float64; ``cka_options`` adds bootstrap intervals, standardised variants
@@ -287,9 +290,12 @@ def reduce_size(paths: Sequence[Path | str], out: Path | str, *, final_step: int
         finite[s][ci, layer] = bool(np.isfinite(block).all())
         return block
 
+    measures = MeasureReduction(measure_options or MeasureOptions(), stores,
+                                final_step=final_step, per_divisor_kind=per_divisor,
+                                per_truncate=per_truncate)
     cka = cka_dataset({s: ds.activations for s, ds in stores.items()}, ref.sequence.values,
                       final_step=final_step, size=str(ref.attrs["size"]), options=options,
-                      read_block=read_block)
+                      read_block=read_block, on_blocks=measures.on_blocks)
     for reader in readers.values():  # every value was read once: its digest is complete
         reader.finish()
     per_w = np.stack([_per(stores[s], "weight_singular_values", per_divisor, per_truncate)
@@ -325,6 +331,7 @@ def reduce_size(paths: Sequence[Path | str], out: Path | str, *, final_step: int
     )
     ds["flag_duplicate"] = duplicate_flag(stores)
     ds = ds.merge(baseline).merge(sub_batch_per(stores, per_divisor, per_truncate))
+    ds = ds.merge(measures.dataset()).assign_attrs(measures.options.attrs())
     for var in ("per_weight", "per_grad", *(["per_grad_sub"] if "per_grad_sub" in ds else [])):
         normalized = (ds[var] / ds["per_random"]).transpose(*dims, ...)
         ds[f"{var}_normalized"] = normalized.assign_attrs(

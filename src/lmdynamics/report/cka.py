@@ -79,7 +79,7 @@ def cka_label(ds: xr.Dataset) -> str:
     return label + (" (standardised dims)" if ds.attrs.get("cka_standardized") else "")
 
 
-def _tick_positions(steps: np.ndarray, limit: int = 6) -> np.ndarray:
+def tick_positions(steps: np.ndarray, limit: int = 6) -> np.ndarray:
     """Indices of at most ``limit`` steps spread over ``steps``, always first and last."""
     if steps.size <= limit:
         return np.arange(steps.size)
@@ -101,7 +101,7 @@ def figure6(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step") -> list[Pat
     sizes = [str(s) for s in ds["size"].values]
     components = [str(c) for c in ds["component"].values]
     steps = ds["step"].to_numpy()
-    ticks = _tick_positions(steps)
+    ticks = tick_positions(steps)
     if x_axis == "step":
         labels = [step_tick_label(float(steps[i])) for i in ticks]
     else:

@@ -5,9 +5,16 @@ The drawing functions are registered under the same names in
 :data:`lmdynamics.report.figures.FIGURES`
 (1-5), :data:`lmdynamics.report.cka.CKA_FIGURES` (6) and
 :data:`lmdynamics.report.conjecture.STATS_FIGURES`; ``tests/test_registry.py`` checks they agree.
+The measure figures are one per measure of :mod:`lmdynamics.estimators.measures` a config turns
+on (:func:`measure_figures`), each in its own report category.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from lmdynamics.estimators.measures import MEASURES, chosen
 
 #: The paper's figures: ``results/<suite>/figures/<name>.png``, one ``report()`` category each.
 REPORT_CATEGORIES: dict[str, str] = {
@@ -31,3 +38,15 @@ def paper_figures(standardize: bool) -> list[str]:
     """The paper figures a configuration draws (``metrics.standardize`` adds one)."""
     return [name for name in REPORT_CATEGORIES
             if standardize or name not in STANDARDIZED_FIGURES]
+
+
+def measure_figures(measures: Mapping[str, Any]) -> list[str]:
+    """The measure figures (``figures/measure_<name>.png``, :mod:`lmdynamics.report.measures`)
+    a config's section ``measures`` draws, its defaults filled in (as Snakemake's ``validate``
+    and :func:`lmdynamics.options.resolve` leave it): one per measure it turns on."""
+    return [choice.measure.name for choice in chosen(measures)]
+
+
+def measure_category(name: str) -> str:
+    """The report category of measure ``name``'s figure."""
+    return f"Measure: {MEASURES[name].title.removesuffix(' vs final step')}"

@@ -132,7 +132,7 @@ class MCCOptions:
     """The definitions behind Table 1 (config section ``mcc``; see the module docstring).
 
     Fields are the keys of config section ``mcc``; their defaults are the schema's
-    (``workflow/schemas/config.schema.yaml``). Defaults follow the paper's text where it
+    (``lmdynamics/schemas/config.schema.yaml``). Defaults follow the paper's text where it
     decides (thresholds 0.45 / 0.95 / 0.9, ``>=``, converged *by* 10 % of training, the
     gradient reference within one component);
     ``per_quantity`` defaults to ``per_normalized`` and ``weight_threshold`` to ``relative``:

@@ -409,3 +409,42 @@ def weights_sha256(directory: Path | str) -> str:
     from lmdynamics.store import file_sha256
 
     return file_sha256(weights_path(directory))
+
+
+class ReferenceWeights:
+    """Tensors of another checkpoint, read one at a time (safetensors) or all at once (what
+    :func:`lmdynamics.extraction.reference.build_reference` reads the two reference
+    checkpoints with)."""
+
+    def __init__(self, directory: Path | str):
+        self.path = weights_path(directory)
+        self._state: dict[str, torch.Tensor] | None = None
+        if self.path.suffix != ".safetensors":
+            self._state = read_state_dict(self.path)
+            keys = list(self._state)
+        else:
+            with safetensors.safe_open(self.path, framework="pt", device="cpu") as fh:
+                keys = list(fh.keys())
+        config = read_model_config(directory)
+        rename = key_renaming(config)
+        #: today's state-dict name -> the name in the file (Pythia's files: ``embed_out``)
+        self._names = {rename(key): key for key in keys}
+        #: the trunk's prefix, absent from files saved from the trunk (GPT-2's released files)
+        self._base = f"{config_family(config).base}."
+
+    def raw(self, name: str) -> torch.Tensor:
+        """The tensor ``name`` (today's state-dict name, e.g. ``lm_head.weight``, whatever
+        the file calls it) in the file's dtype, on CPU."""
+        if name not in self._names and name.removeprefix(self._base) in self._names:
+            name = name.removeprefix(self._base)
+        if name not in self._names:
+            raise CheckpointMismatchError(f"{self.path}: no tensor {name!r}; the reference "
+                                          "checkpoint must have the same architecture")
+        if self._state is not None:
+            return self._state[self._names[name]]
+        with safetensors.safe_open(self.path, framework="pt", device="cpu") as fh:
+            return fh.get_tensor(self._names[name])
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """The tensor ``name`` as float32 on CPU."""
+        return self.raw(name).float()

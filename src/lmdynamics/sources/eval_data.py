@@ -47,13 +47,14 @@ def _cut(tokens: np.ndarray, path: Path, sequences: int, seq_len: int) -> np.nda
 
 def read_npy(path: Path | str, sequences: int, seq_len: int) -> np.ndarray:
     """Token ids of a ``.npy`` file: 1-D (cut into sequences) or ``(n, seq_len)``."""
+    from lmdynamics.store import npy_problem, open_npy
+
     path = Path(path)
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        raise EvalDataError(f"eval_data.path {path}: not a readable .npy array "
-                            f"({type(exc).__name__}: {' '.join(str(exc).split())}); give a "
-                            "NumPy .npy file of integer token ids") from None
+    problem = npy_problem(path)
+    if problem is not None:  # checked from the header, before anything is allocated
+        raise EvalDataError(f"eval_data.path {path}: not a readable .npy array ({problem}); "
+                            "give a NumPy .npy file of integer token ids (numpy.save)")
+    array = open_npy(path)
     if array.dtype.kind not in "iu":
         raise EvalDataError(f"eval_data.path {path}: holds {array.dtype} values; token ids "
                             "must be integers (save them with an integer dtype)")
@@ -65,6 +66,26 @@ def read_npy(path: Path | str, sequences: int, seq_len: int) -> np.ndarray:
         raise EvalDataError(f"eval_data.path {path}: a {array.ndim}-D array; give a 1-D "
                             "array of tokens or a 2-D (sequences, seq_len) one")
     return _cut(array, path, sequences, seq_len)
+
+
+#: Fewest tokens a wide-dtype check looks at (fewer say nothing about the pattern).
+_WIDTH_SAMPLE = 64
+
+
+def check_token_width(tokens: np.ndarray, dtype: str, path: Path | str) -> None:
+    """Refuse tokens that are evidently a wider dtype read as ``dtype``: little-endian ids
+    of ``uint32`` read as ``uint16`` (or ``int64`` as ``int32``) put the high halves, all 0,
+    at every odd position (``[0 0 1 0 2 0 ...]``), which no real token stream does."""
+    sample = np.asarray(tokens[: 1 << 16]).reshape(-1)
+    if sample.size < _WIDTH_SAMPLE or np.dtype(dtype).itemsize > 4:
+        return
+    if not sample[1::2].any() and sample[0::2].any():
+        wider = {"uint16": "uint32", "int32": "int64", "uint32": "int64"}.get(dtype, "a wider "
+                                                                                "dtype")
+        raise EvalDataError(f"eval_data.path {path}: every second token of the file read as "
+                            f"{dtype} is 0, as {wider} ids read as {dtype} give; set "
+                            f"eval_data.dtype to the dtype the file was written with "
+                            f"({wider}?)")
 
 
 def read_bin(path: Path | str, dtype: str, sequences: int, seq_len: int) -> np.ndarray:
@@ -81,6 +102,7 @@ def read_bin(path: Path | str, dtype: str, sequences: int, seq_len: int) -> np.n
                             "truncated file")
     count = min(size // width, sequences * seq_len)
     tokens = np.fromfile(path, dtype=np.dtype(dtype).newbyteorder("<"), count=count)
+    check_token_width(tokens, dtype, path)
     return _cut(tokens, path, sequences, seq_len)
 
 
@@ -123,17 +145,31 @@ def check_vocab(batch: np.ndarray, vocab: int | None, path: Path | str) -> None:
                             "tokenizer, or the right dtype)")
 
 
+def check_npy_dtype(path: Path | str, dtype: str) -> None:
+    """An ``eval_data.dtype`` set for a ``.npy`` file must be the dtype its header states."""
+    from lmdynamics.store import open_npy
+
+    held = open_npy(path).dtype
+    if held != np.dtype(dtype):
+        raise EvalDataError(f"eval_data.path {path}: the .npy holds {held} token ids, "
+                            f"eval_data.dtype says {dtype}; unset eval_data.dtype (a .npy "
+                            f"states its own) or set it to {held}")
+
+
 def eval_batch(path: Path | str, *, sequences: int, seq_len: int, vocab: int | None = None,
                dtype: str | None = None, tokenizer: str | None = None,
                allow_download: bool = False) -> np.ndarray:
     """The eval batch ``(sequences, seq_len)`` int64 from ``path`` (see the module doc)."""
     path = Path(path)
     if not path.is_file():
-        raise EvalDataError(f"eval_data.path {path}: no such file; give a local .npy, .bin or "
+        what = "not a regular file" if path.exists() else "no such file"
+        raise EvalDataError(f"eval_data.path {path}: {what}; give a local .npy, .bin or "
                             "text file")
     kind = file_format(path)
     if kind == "npy":
         batch = read_npy(path, sequences, seq_len)
+        if dtype is not None:
+            check_npy_dtype(path, dtype)
     elif kind == "bin":
         if dtype is None:
             raise EvalDataError(f"eval_data.path {path}: a .bin file needs eval_data.dtype; "

@@ -134,8 +134,56 @@ def set_default_timeout(seconds: float | None = None) -> None:
 
 
 def steps_from_refs(names: Iterable[str]) -> list[int]:
-    """Steps of branch names ``step<N>`` (others ignored), sorted."""
-    return sorted({int(m.group(1)) for n in names if (m := re.fullmatch(r"step(\d+)", n))})
+    """Steps of branch names ``step<N>`` (ASCII digits; others, and names too long to be a
+    step's, ignored), sorted."""
+    from lmdynamics.sources.suites import step_of
+
+    return sorted({s for n in names if (s := step_of(_STEP_BRANCH, n)) is not None})
+
+
+#: Pythia's step branches (``step<N>``, ASCII digits only).
+_STEP_BRANCH = re.compile(r"step(?P<step>[0-9]+)", re.ASCII)
+#: A git commit id as the hub reports it.
+_COMMIT = re.compile(r"[0-9a-f]{40}", re.ASCII)
+
+
+def checked_commit(sha: object, repo: str, revision: str) -> str:
+    """The commit id the hub reported for ``repo@revision``, which must be 40 lowercase hex
+    digits (it is recorded in ``revision.json`` and pins every file fetched); anything else
+    raises :class:`HubError`."""
+    if not isinstance(sha, str) or not _COMMIT.fullmatch(sha):
+        raise HubError(f"{repo}@{revision}: the hub reported the commit {str(sha)[:80]!r}, "
+                       f"not 40 hex digits; check HF_ENDPOINT ({constants.ENDPOINT}) is the "
+                       "Hugging Face hub or a faithful mirror")
+    return sha
+
+
+def branch_names(refs: object, repo: str) -> list[str]:
+    """The branch names of a ``list_repo_refs`` answer, checked: a listing without
+    ``branches``, or with a name that is not a string, raises :class:`HubError`."""
+    branches = getattr(refs, "branches", None)
+    names = [getattr(b, "name", None) for b in branches] if isinstance(branches, list) else None
+    if names is None or not all(isinstance(n, str) for n in names):
+        bad = "no branch list" if names is None else \
+            f"a branch name {next(n for n in names if not isinstance(n, str))!r:.60}"
+        raise HubError(f"{repo}: the hub's refs listing has {bad}; expected branches with "
+                       f"string names; check HF_ENDPOINT ({constants.ENDPOINT})")
+    return names
+
+
+def list_branches(api: HfApi, repo: str, *, retries: int, backoff: float) -> list[str]:
+    """The branch names of ``repo`` (:func:`branch_names`); an answer that is not a refs
+    listing (HTML, JSON of another shape) raises :class:`HubError` in one line."""
+    try:
+        refs = with_retries(lambda: api.list_repo_refs(repo), what=f"{repo}: list branches",
+                            retries=retries, backoff=backoff)
+    except (RepositoryNotFoundError, HubError):
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # JSONDecodeError too
+        raise HubError(f"{repo}: the hub's refs listing is not a JSON listing of branches "
+                       f"({type(exc).__name__}: {_first_line(exc)[:120]}); check HF_ENDPOINT "
+                       f"({constants.ENDPOINT})") from exc
+    return branch_names(refs, repo)
 
 
 def nearest_steps(available: list[int], step: int, k: int = 3) -> list[int]:
@@ -151,11 +199,9 @@ def nearest_steps(available: list[int], step: int, k: int = 3) -> list[int]:
 def _missing_revision(api: HfApi, repo: str, revision: str, retries: int,
                       backoff: float) -> RevisionNotFound:
     """The error for a missing revision, listing the nearest steps the repo does have."""
-    step = re.search(r"(\d+)", revision)
+    step = re.search(r"([0-9]{1,15})", revision)
     try:
-        refs = with_retries(lambda: api.list_repo_refs(repo), what=f"{repo}: list branches",
-                            retries=retries, backoff=backoff)
-        available = steps_from_refs(b.name for b in refs.branches)
+        available = steps_from_refs(list_branches(api, repo, retries=retries, backoff=backoff))
         source = "branches on the hub"
     except Exception as exc:  # the listing is a courtesy: fall back to the published schedule
         from lmdynamics.sources.schedule import pythia_schedule
@@ -174,16 +220,19 @@ def resolve_revision(repo: str, step: int, pattern: str, *, retries: int = 5,
     """The branch of ``repo`` holding ``step``, found in ``list_repo_refs`` by ``pattern``
     (a regular expression with a named group ``step``), for suites whose revision names
     carry facts not computable from the step (OLMo's ``step<N>-tokens<M>B``)."""
-    from lmdynamics.sources.suites import step_refs
+    from lmdynamics.sources.suites import SuiteError, compile_pattern, step_refs
 
+    try:
+        compiled = compile_pattern(pattern)
+    except SuiteError as exc:
+        raise ValueError(f"--revision-pattern: {exc}") from None
     api = HfApi()
     try:
-        refs = with_retries(lambda: api.list_repo_refs(repo), what=f"{repo}: list branches",
-                            retries=retries, backoff=backoff)
+        names = list_branches(api, repo, retries=retries, backoff=backoff)
     except RepositoryNotFoundError as exc:
         raise HubError(f"repository {repo} not found on {constants.ENDPOINT} (check the "
                        "suite's repo and the size label)") from exc
-    found = step_refs((b.name for b in refs.branches), re.compile(pattern), repo)
+    found = step_refs(names, compiled, repo)
     if step in found:
         return found[step]
     near = ", ".join(found[s] for s in nearest_steps(list(found), step)) if found else "none"
@@ -398,7 +447,7 @@ def download_revision(repo: str, revision: str, out_dir: Path | str, *, retries:
     except RepositoryNotFoundError as exc:
         raise HubError(f"repository {repo} not found on {constants.ENDPOINT} (check hub.repo "
                        "and the size label)") from exc
-    commit = info.sha
+    commit = checked_commit(info.sha, repo, revision)
     names = [s.rfilename for s in info.siblings or []]
     if CONFIG_NAME not in names:
         raise HubError(f"{repo}@{revision} ({commit}) has no {CONFIG_NAME}; files: {names}")

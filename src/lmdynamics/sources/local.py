@@ -345,12 +345,14 @@ ADOPT_CHECKS = (
 
 
 def adopt_recorded(store: Path | str, eval_batch: Path | str, out: Path | str, *, size: str,
-                   step: int, replicate: int, opts: Mapping[str, Any]) -> Path:
+                   step: int, replicate: int, opts: Mapping[str, Any],
+                   statistics: bool) -> Path:
     """Copy a store the recording callback wrote (:mod:`lmdynamics.record`) to ``out``, the
     place of the store the workflow would have extracted, after checking that it is whole
     (:func:`lmdynamics.store.verify_store`), of this size, seed and step, of this eval batch
     (its sha256) and of these extraction options (``opts``: sections tokens, seed,
-    extraction, sampling, conjecture); otherwise one line says what differs. The recorded
+    extraction, sampling) and with the Conjecture statistics exactly when ``statistics``;
+    otherwise one line says what differs. The recorded
     store is left in place."""
     import hashlib
     import shutil
@@ -372,9 +374,9 @@ def adopt_recorded(store: Path | str, eval_batch: Path | str, out: Path | str, *
              if attrs.get(k) != v]
     if n_tokens != opts["tokens"]:
         wrong.append(f"{n_tokens} tokens (the workflow's: {opts['tokens']})")
-    if stats != bool(opts["conjecture"]["enabled"]):
+    if stats != statistics:
         wrong.append(f"Conjecture statistics {'present' if stats else 'absent'} (the "
-                     f"workflow's conjecture.enabled: {opts['conjecture']['enabled']})")
+                     f"workflow's conjecture.enabled: {statistics})")
     sub = opts["extraction"]["grad_sub_batches"]
     if opts["extraction"]["gradient_protocol"] == "eval_batch" and \
             attrs.get("grad_sub_batches", 0) != (min(sub, batch.shape[0]) if sub > 1 else 0):

@@ -42,7 +42,7 @@ from typing import Any
 
 import yaml
 
-from lmdynamics.config import REPO_ID_PATTERN
+from lmdynamics.validation import REPO_ID_PATTERN
 
 #: Most checkpoints a definition's schedule may list (bounds the work of reading a file).
 MAX_STEPS = 100_000
@@ -129,7 +129,7 @@ class Suite:
     @property
     def pattern(self) -> re.Pattern | None:
         """The compiled branch-name pattern of a ``discover`` suite."""
-        return re.compile(self.revisions["pattern"]) if self.discover else None
+        return compile_pattern(self.revisions["pattern"]) if self.discover else None
 
     def step_refs(self, names: Iterable[str]) -> dict[int, str]:
         """Step -> branch name of the ``names`` that match the suite's pattern (``discover``)
@@ -138,7 +138,7 @@ class Suite:
             pattern = self.pattern
         elif self.revisions["kind"] == "template":
             pattern = re.compile(re.escape(self.revisions["template"]).replace(
-                re.escape("{step}"), r"(?P<step>[0-9]+)"))
+                re.escape("{step}"), r"(?P<step>[0-9]+)"), re.ASCII)
         else:
             return {s: n for s, n in self.revisions["list"].items() if n in set(names)}
         return step_refs(names, pattern, self.name)
@@ -148,8 +148,8 @@ class Suite:
         ``tokens_unit`` when the suite has one, else step x ``tokens_per_step`` when
         documented, else ``None``."""
         if self.discover and "tokens" in self.pattern.groupindex:
-            m = self.pattern.fullmatch(ref)
-            if m:
+            m = self.pattern.fullmatch(ref) if step_of(self.pattern, ref) is not None else None
+            if m and len(m.group("tokens")) <= MAX_STEP_DIGITS:
                 return int(m.group("tokens")) * int(self.revisions.get("tokens_unit", 1))
         m = self.step_refs([ref])
         if m and self.tokens_per_step:
@@ -162,15 +162,71 @@ def step_refs(names: Iterable[str], pattern: re.Pattern, label: str = "") -> dic
     group read as an integer); two branches of one step raise :class:`SuiteError`."""
     found: dict[int, str] = {}
     for name in names:
-        m = pattern.fullmatch(name)
-        if not m:
+        step = step_of(pattern, name)
+        if step is None:
             continue
-        step = int(m.group("step"))
         if step in found and found[step] != name:
             raise SuiteError(f"suite {label}: branches {found[step]!r} and {name!r} both claim "
                              f"step {step}; the revision of that step is ambiguous")
         found[step] = name
     return dict(sorted(found.items()))
+
+
+#: Longest branch name read from a hub listing (longer names are no revision of a suite and
+#: are never matched, which bounds the work of a pattern on a hostile name).
+MAX_BRANCH_NAME = 256
+#: Most digits of a step or token count read from a branch name (int64, with room).
+MAX_STEP_DIGITS = 15
+#: The named groups a ``discover`` pattern may hold, each exactly this subpattern (ASCII
+#: digits, so ``step\u0661\u0660`` is no step).
+PATTERN_GROUPS = {"step": r"(?P<step>[0-9]+)", "tokens": r"(?P<tokens>[0-9]+)"}
+#: What a ``discover`` pattern is made of besides the groups: literal name characters
+#: (``.`` and ``+`` escaped). No quantifier, alternation or class outside the groups, so
+#: matching a name is linear in its length (no backtracking blow-up).
+_PATTERN_LITERAL = re.compile(r"(?:[A-Za-z0-9_/-]|\\[.+_/-])*")
+
+
+def pattern_error(pattern: str) -> str | None:
+    """Why ``pattern`` is not a ``discover`` pattern (one line), or None when it is: literal
+    branch-name text with :data:`PATTERN_GROUPS` (``step`` once, required; ``tokens`` at most
+    once)."""
+    rest = pattern
+    for name, group in PATTERN_GROUPS.items():
+        count = rest.count(group)
+        if count > 1 or (name == "step" and count == 0):
+            return (f"{pattern!r} needs the named group {PATTERN_GROUPS['step']} exactly once "
+                    f"(and {PATTERN_GROUPS['tokens']} at most once)")
+        rest = rest.replace(group, "")
+    if not _PATTERN_LITERAL.fullmatch(rest):
+        return (f"{pattern!r} holds regular-expression syntax besides its groups; allowed: "
+                f"literal branch-name text (letters, digits, '_', '-', '/', and '\\.' or "
+                f"'\\+' for a dot or plus) around {PATTERN_GROUPS['step']} and optionally "
+                f"{PATTERN_GROUPS['tokens']}, e.g. "
+                "'step(?P<step>[0-9]+)-tokens(?P<tokens>[0-9]+)B'")
+    return None
+
+
+def compile_pattern(pattern: str) -> re.Pattern:
+    """The compiled ``discover`` pattern (ASCII digits only); :class:`SuiteError` names what
+    is wrong with one that is not (:func:`pattern_error`)."""
+    problem = pattern_error(pattern)
+    if problem is not None:
+        raise SuiteError(f"revision pattern {problem}")
+    return re.compile(pattern, re.ASCII)
+
+
+def step_of(pattern: re.Pattern, name: object) -> int | None:
+    """The step ``pattern`` reads from branch ``name``; None when it does not match in full,
+    or the name is not a string, longer than :data:`MAX_BRANCH_NAME`, or its step has more
+    than :data:`MAX_STEP_DIGITS` digits or any but ASCII digits."""
+    if not isinstance(name, str) or len(name) > MAX_BRANCH_NAME:
+        return None
+    m = pattern.fullmatch(name)
+    digits = m.group("step") if m else None
+    if not digits or len(digits) > MAX_STEP_DIGITS or not digits.isascii() \
+            or not digits.isdigit():
+        return None
+    return int(digits)
 
 
 def _short(values: list, limit: int = 12) -> str:
@@ -202,19 +258,20 @@ def load_suite(name: str) -> Suite:
 
 def read_suite(path: Path | str) -> Suite:
     """A user's definition file."""
+    from lmdynamics.validation import ConfigError, read_text_bounded
+
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SuiteError(f"suite_file {path}: cannot be read ({type(exc).__name__}: {exc}); "
-                         "give the path of a suite definition YAML file") from None
+        text = read_text_bounded(path, "suite_file")
+    except ConfigError as exc:
+        raise SuiteError(f"{exc} (a suite definition)") from None
     return parse_suite(text, origin=f"suite_file {path}")
 
 
 def parse_suite(text: str, origin: str = "suite definition") -> Suite:
     """A definition from its YAML text, checked; :class:`SuiteError` lists every problem,
     one line each, prefixed with ``origin`` and the key."""
-    from lmdynamics.config import schema_errors, yaml_errors
+    from lmdynamics.validation import nonfinite_errors, schema_errors, yaml_errors
 
     problems = yaml_errors(text)
     if not problems:
@@ -223,9 +280,10 @@ def parse_suite(text: str, origin: str = "suite definition") -> Suite:
             problems = [f"a mapping of the keys {', '.join(schema()['properties'])} is "
                         f"needed, not {type(data).__name__}"]
         else:
-            problems = [e.replace("config key", "key") for e in schema_errors(data, schema())]
+            problems = [e.replace("config key", "key") for e in
+                        nonfinite_errors(data) or schema_errors(data, schema())]
             if not problems:
-                problems = _semantic_errors(data)
+                problems = _semantic_errors(data) or _hostile_errors(data)
     if problems:
         raise SuiteError(f"{origin}: invalid:\n  " + "\n  ".join(problems))
     return _build(data, origin)
@@ -313,6 +371,8 @@ def _semantic_errors(data: Mapping[str, Any]) -> list[str]:
         else:
             if "step" not in pattern.groupindex:
                 errors.append("key 'revisions.pattern': needs a named group (?P<step>[0-9]+)")
+            elif (problem := pattern_error(revisions["pattern"])) is not None:
+                errors.append(f"key 'revisions.pattern': {problem}")
     schedule = data.get("schedule") or {}
     total = 0
     for i, (start, stop, every) in enumerate(schedule.get("ranges", [])):
@@ -334,6 +394,50 @@ def _semantic_errors(data: Mapping[str, Any]) -> list[str]:
     steps = _expand_schedule(schedule) if not errors else None
     if final is not None and steps is not None and final not in steps:
         errors.append(f"key 'final_step': {final} is not in the schedule")
+    return errors
+
+
+def _repo_name_error(name: str) -> str | None:
+    """Why ``name`` is not a hub repo id (the hub refuses '..', '--' and more than 96
+    characters), or None."""
+    if not REPO_ID_PATTERN.fullmatch(name) or ".." in name or "--" in name or len(name) > 96:
+        return (f"{name!r} is not a hub repo id; allowed: 'owner/name' of letters, digits, "
+                "'_', '.', '-' (no '..' or '--', at most 96 characters)")
+    return None
+
+
+def _hostile_errors(data: Mapping[str, Any]) -> list[str]:
+    """What :func:`_semantic_errors` leaves to the hub to find out: explicit repo and
+    dataset ids the hub would refuse, two seeds or sizes of one repo (two replicates of the
+    same checkpoints), a Pile batch without its dataset."""
+    errors: list[str] = []
+    for size, by_seed in (data.get("repos") or {}).items():
+        for seed, name in by_seed.items():
+            if (problem := _repo_name_error(name)) is not None:
+                errors.append(f"key 'repos.{size}.{seed}': {problem}")
+    for key in ("dataset", "tokenizer"):
+        name = data["eval_data"].get(key)
+        if name is not None and (problem := _repo_name_error(name)) is not None:
+            errors.append(f"key 'eval_data.{key}': {problem}")
+    if data["eval_data"]["kind"] == "pile_last_batch" and not data["eval_data"].get("dataset"):
+        errors.append("key 'eval_data.dataset': unset, but eval_data.kind is pile_last_batch; "
+                      "name the preshuffled Pile dataset the suite was trained on (e.g. "
+                      "EleutherAI/pile-deduped-pythia-preshuffled)")
+    if errors:
+        return errors
+    suite = _build(data, "")
+    seeds = list(suite.seeds) or [None]
+    owners: dict[str, str] = {}
+    for size in suite.sizes:
+        for seed in seeds:
+            name = suite.repo_id(size, seed)
+            here = f"size {size!r}" + (f" seed {seed}" if seed is not None else "")
+            if name in owners:
+                return [f"key 'repos': {owners[name]} and {here} both resolve to the repo "
+                        f"{name!r}, which would make two replicates of the same checkpoints; "
+                        "allowed: one repo per size and seed ({seed} in 'repo', or distinct "
+                        "'repos' entries)"]
+            owners[name] = here
     return errors
 
 

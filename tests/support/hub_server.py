@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pythia_files import revision_files
+from support.pythia_files import revision_files
 
 #: The preshuffled Pile's files and sizes (shared/notes/reference-facts.md).
 PILE_SHARDS = [(f"document-{i:05d}-of-00020.bin", 30_000_000_000) for i in range(20)] + [
@@ -380,7 +380,7 @@ def add_olmo(hub: HubServer, steps: list[int], repo_id: str = OLMO_REPO) -> dict
     """Publish an OLMo-style repo: branches ``step<N>-tokens<M>B`` (and ``main`` = the last
     step), each with ``config.json`` and ``model.safetensors``; revision of step N seeded
     ``2000 + N``. Returns step -> branch name."""
-    from suite_files import olmo_branch, olmo_files
+    from support.suite_files import olmo_branch, olmo_files
 
     names = {}
     for step in sorted(steps):
@@ -394,7 +394,7 @@ def add_olmo(hub: HubServer, steps: list[int], repo_id: str = OLMO_REPO) -> dict
 def add_mistral_gpt2(hub: HubServer, steps: list[int], repo_id: str = MISTRAL_REPO) -> None:
     """Publish a Mistral GPT-2 repo: branches ``checkpoint-<step>`` (and ``main``) with
     ``config.json`` and ``pytorch_model.bin``; revision of step N seeded ``3000 + N``."""
-    from suite_files import gpt2_files
+    from support.suite_files import gpt2_files
 
     for step in sorted(steps):
         hub.add_model(repo_id, f"checkpoint-{step}", gpt2_files(3000 + step, TEST_VOCAB))

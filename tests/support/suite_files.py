@@ -24,8 +24,8 @@ import json
 import safetensors.torch
 import torch
 
-from family_files import Dims, gpt2_config, gpt2_state, llama_config, llama_state
-from pythia_files import torch_bytes
+from support.family_files import Dims, gpt2_config, gpt2_state, llama_config, llama_state
+from support.pythia_files import torch_bytes
 
 #: Test shapes: (hidden, layers, heads, intermediate or positions).
 OLMO_TEST = (16, 2, 2, 32)

@@ -8,14 +8,15 @@ import dataclasses
 import pytest
 import yaml
 
-from conftest import REPO
-from hub_server import HubServer, add_pythia, checkpoint_files, use_endpoint
+from lmdynamics import plan as pl
 from lmdynamics.cli import run
 from lmdynamics.config import ConfigError, check_config
-from lmdynamics.sources import plan as pl
+from lmdynamics.options import schema_path
 from lmdynamics.sources.suites import Shape, load_suite
+from support.hub_server import HubServer, add_pythia, checkpoint_files, use_endpoint
+from support.workflow import REPO
 
-SCHEMA = REPO / "workflow/schemas/config.schema.yaml"
+SCHEMA = schema_path()
 PYTHIA = yaml.safe_load((REPO / "config/config.yaml").read_text())
 TINY = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
 
@@ -178,8 +179,8 @@ def test_suite_shapes_are_counted_by_the_family():
 
 
 def test_online_plan_of_a_discover_suite_reads_the_branches(monkeypatch, tmp_path):
-    from hub_server import OLMO_REPO, add_olmo
-    from suite_files import olmo_branch
+    from support.hub_server import OLMO_REPO, add_olmo
+    from support.suite_files import olmo_branch
 
     config = _suite_config(suite="olmo-1b", sizes=["1B"], steps=[0, 1000], final_step=1000,
                            eval_data={"path": "t.npy"})

@@ -142,10 +142,13 @@ def hub_revision_bytes(repo: str, revision: str) -> int:
 
 
 def hub_refs(repo: str) -> list[str]:
-    """Branch names of a hub repo (``list_repo_refs``)."""
+    """Branch names of a hub repo (``list_repo_refs``, checked by
+    :func:`lmdynamics.sources.hub.list_branches`)."""
     from huggingface_hub import HfApi
 
-    return [b.name for b in HfApi().list_repo_refs(repo).branches]
+    from lmdynamics.sources.hub import list_branches
+
+    return list_branches(HfApi(), repo, retries=1, backoff=1.0)
 
 
 def _revisions(config: Mapping[str, Any], suite, repo: str, steps: list[int], online: bool,
