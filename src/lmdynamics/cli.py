@@ -8,6 +8,7 @@ hand. Logging goes to stderr (the rules redirect it to ``results/<suite>/logs/``
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import logging
@@ -132,6 +133,12 @@ def _extract_args(p: argparse.ArgumentParser) -> None:
                              "options: config section conjecture)")
     g.add_argument("--reference", type=Path,
                    help="the size's reference store (lmdynamics reference)")
+    g = p.add_argument_group("checkpoints of your own run (source local): each is read once "
+                             "complete, and its store records its path, sha256, size, mtime")
+    g.add_argument("--local-settle", type=float, default=None, metavar="SECONDS",
+                   help="config local.settle_seconds; given: the checkpoints are local")
+    g.add_argument("--local-wait", type=float, default=0.0, metavar="SECONDS",
+                   help="config local.wait_seconds")
 
 
 def _stats_options(a: argparse.Namespace, conjecture: dict, seed: int):
@@ -165,10 +172,13 @@ def _checkpoint_steps(a: argparse.Namespace) -> list:
 @command("extract", _extract_args, threads=True)
 def _extract(a: argparse.Namespace) -> None:
     from lmdynamics.extraction.extract import extract_checkpoints
+    from lmdynamics.extraction.local import extract_local
 
     opts = _options(a)
     ex = opts["extraction"]
-    extract_checkpoints(_checkpoint_steps(a), a.eval_batch, tokens=opts["tokens"],
+    run = extract_checkpoints if a.local_settle is None else functools.partial(
+        extract_local, settle_seconds=a.local_settle, wait_seconds=a.local_wait)
+    run(_checkpoint_steps(a), a.eval_batch, tokens=opts["tokens"],
                         seed=opts["seed"], size=a.size, model_name=a.model,
                         device=ex["device"], dtype=ex["dtype"],
                         micro_batch=ex["micro_batch"], sampling=opts["sampling"]["protocol"],
@@ -583,6 +593,28 @@ def _suite_eval_batch(a: argparse.Namespace) -> None:
     write_array_atomic(batch, a.out)
     log.info("eval batch %s from %s -> %s (sha256 %s)", batch.shape, a.source, a.out,
              hashlib.sha256(batch.tobytes()).hexdigest())
+
+
+def _adopt_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("store", type=Path, help="a store lmdynamics.record wrote during training")
+    p.add_argument("--eval-batch", type=Path, required=True)
+    p.add_argument("--size", required=True)
+    p.add_argument("--step", type=int, required=True)
+    p.add_argument("--replicate", type=int, default=0)
+    _options_arg(p, *READS["extract"])
+    p.add_argument("--statistics", action="store_true",
+                   help="the workflow computes the Conjecture statistics (conjecture.enabled)")
+    p.add_argument("--out", type=Path, required=True)
+
+
+@command("adopt-store", _adopt_args)
+def _adopt_store(a: argparse.Namespace) -> None:
+    """Check a store recorded during training against this workflow's and copy it in place."""
+    from lmdynamics.sources.local import adopt_recorded
+
+    adopt_recorded(a.store, a.eval_batch, a.out, size=a.size, step=a.step,
+                   replicate=a.replicate, opts=_options(a), statistics=a.statistics)
+    log.info("adopted %s -> %s", a.store, a.out)
 
 
 def _audit_args(p: argparse.ArgumentParser) -> None:

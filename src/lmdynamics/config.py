@@ -35,7 +35,7 @@ from lmdynamics.validation import (
 )
 
 #: Where checkpoints come from (config key ``source``).
-SOURCES: tuple[str, ...] = ("tiny", "hub")
+SOURCES: tuple[str, ...] = ("tiny", "hub", "local")
 #: Most checkpoints a tiny schedule may save (bounds the check's own work and the job list).
 MAX_CHECKPOINTS = 10_000
 
@@ -104,15 +104,17 @@ def schedule_for(config: Mapping[str, Any]) -> list[int] | None:
     if config["source"] == "tiny":
         sched = config["tiny"]["schedule"]
         return checkpoint_schedule(config["final_step"], sched["log_until"], sched["interval"])
+    if config["source"] == "local":  # the steps on disk (resolved by sources.local)
+        return sorted(config["steps"])
     schedule = suite_for(config).schedule
     return None if schedule is None else list(schedule)
 
 
 def eval_from_file(config: Mapping[str, Any], suite) -> bool:
     """Whether the eval batch comes from ``eval_data.path`` (set, or needed because the
-    suite has no public training batch) rather than the preshuffled Pile."""
+    suite has no public training batch; source local always) rather than the preshuffled Pile."""
     if suite is None:
-        return False
+        return config.get("source") == "local"
     return bool((config.get("eval_data") or {}).get("path")) or \
         suite.eval_data["kind"] != "pile_last_batch"
 
@@ -144,6 +146,14 @@ def semantic_errors(config: Mapping[str, Any],
             return ["config key 'tiny': missing; allowed: a 'tiny' section (schedule, models) "
                     "when source is 'tiny'"]
         known = list(config["tiny"]["models"])
+    elif source == "local":  # steps and final step from disk (lmdynamics.sources.local)
+        from lmdynamics.sources import local
+
+        errors = local.errors(config)
+        if errors:
+            return errors
+        config = {**config, **local.resolve(config)}
+        known = list(config["sizes"])
     else:
         try:
             suite = suite_for(config)
@@ -367,6 +377,10 @@ def resolved_family(config: Mapping[str, Any]) -> str:
 
     if config.get("family") is not None:
         return config["family"]
+    if config.get("source") == "local":  # the checkpoints' config.json
+        from lmdynamics.sources.local import resolve
+
+        return resolve(config)["family"]
     suite = suite_for(config) if config.get("source") == "hub" else None
     return suite.family if suite is not None else families.DEFAULT
 

@@ -124,7 +124,7 @@ def resolve(section: str, given: Any = None) -> Any:
         given = {} if is_object else node.get("default")
         if given is None:  # a key without a default (e.g. family): unset stays unset
             return None
-    root = {k: v for k, v in schema().items() if k not in ("properties", "required")}
+    root = {k: v for k, v in schema().items() if k not in ("properties", "required", "allOf")}
     errors = schema_errors({section: given}, {**root, "properties": {section: node}})
     if errors:
         raise ValueError("invalid options: " + "; ".join(errors))

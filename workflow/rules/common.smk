@@ -22,6 +22,7 @@ from lmdynamics.config import (
 from lmdynamics.commands import READS
 from lmdynamics.options import job_options, schema_path
 from lmdynamics.plan import parameters
+from lmdynamics.sources import local
 from lmdynamics.report.registry import (
     REPORT_CATEGORIES,
     STATS_FIGURES,
@@ -42,6 +43,8 @@ check_config(config, SCHEMA, files=workflow.configfiles)
 
 
 validate(config, SCHEMA)
+# Source local: steps "discover", an unset final_step and family, read from disk.
+config.update(local.resolve(config))
 # The suite definition (source hub; lmdynamics.sources.suites): hub.repo, hub.revision and
 # hub.dataset the config leaves unset come from it.
 SUITE = suite_for(config)
@@ -97,6 +100,9 @@ wildcard_constraints:
 def checkpoint_files(wildcards):
     """The Hugging Face model directory of one (size, seed, step), as its two files."""
     base = checkpoint_dir(wildcards.size, wildcards.seed, wildcards.step)
+    if config["source"] == "local":  # the weights file the folder holds
+        weights = local.weight_file(base) or f"{base}/{local.WEIGHT_NAMES[0]}"
+        return {"config": f"{base}/config.json", "weights": str(weights)}
     return {"config": f"{base}/config.json", "weights": f"{base}/model.safetensors"}
 
 
@@ -141,6 +147,8 @@ def size_extraction_inputs(wildcards):
 
 def checkpoint_dir(size, seed, step):
     """The one place a checkpoint directory's path is formed."""
+    if config["source"] == "local":
+        return str(local.checkpoint_dir(config["local"]["path"], size, seed, step))
     return f"{RESULTS}/checkpoints/{size}/seed{seed}/step{step}"
 
 
@@ -192,6 +200,8 @@ def model_name(size, seed):
     seed = int(seed)
     if config["source"] == "tiny":
         return f"lmdynamics-tiny-{size}" + (f"-seed{seed}" if seed else "")
+    if config["source"] == "local":
+        return f"local:{config['local']['path']}"
     return hub_repo(config, SUITE, size, seed)
 
 
@@ -204,7 +214,7 @@ def training_seed(seed):
 def revision(step):
     """The revision name of a step; for a discover suite, a label until the download job
     has read the branch from the hub (its revision.json, which the store records)."""
-    if config["source"] == "tiny":
+    if config["source"] != "hub":
         return f"step{step}"
     return hub_revision(config, SUITE, step) or f"discovered-step{step}"
 
@@ -260,6 +270,11 @@ def stats_args(wildcards):
     each one); empty when statistics are off."""
     refs = reference_store(wildcards)
     return ["--reference", refs["reference"]] if refs else []
+
+
+def recorded_store(template, size, seed, step):
+    """The store lmdynamics.record wrote for one (size, seed, step) (source local)."""
+    return str(local.recorded_store(template, size, seed, step))
 
 
 def all_outputs():

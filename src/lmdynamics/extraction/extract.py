@@ -193,7 +193,8 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
                        gradient_batches: Path | str | None = None,
                        stats: StatsOptions | None = None,
                        family: str | None = None, replicate: int = 0,
-                       grad_sub_batches: int = _DEFAULTS["grad_sub_batches"]) -> Path:
+                       grad_sub_batches: int = _DEFAULTS["grad_sub_batches"],
+                       extra_attrs: dict[str, Any] | None = None) -> Path:
     """Load one checkpoint, run the eval batch through it and write its store to ``out``.
 
     ``replicate``: the seed replicate the checkpoint belongs to (config ``seeds``), recorded
@@ -216,7 +217,9 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
     With ``stats``, the Conjecture statistics (:mod:`lmdynamics.extraction.conjecture`) of the
     same pass are added to the store as ``stat_*`` variables; the size's reference store
     (``stats.reference``) is opened and checked before the model is loaded, so a damaged or
-    mismatched one fails before any work.
+    mismatched one fails before any work. ``extra_attrs`` are added to the store's attrs
+    (a local checkpoint's path, sha256, size and mtime: :func:`lmdynamics.sources.local.
+    fingerprint`). The pass itself is :func:`extract_model`'s.
     """
     t0 = time.perf_counter()
     dev = resolve_device(device)
@@ -249,16 +252,47 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
     except CorruptCheckpointError as exc:
         raise discard_corrupt_download(checkpoint, exc) from exc
     batch_array = load_token_array(eval_batch, ndim=2, what="eval batch (sequences, positions)")
+    log.info("loaded %s step %d (%s) on %s in %.1fs", size, step, checkpoint, dev,
+             time.perf_counter() - t0)
+    return extract_model(
+        model, fam, batch_array, out, eval_batch_source=eval_batch, tokens=tokens, seed=seed,
+        size=size, step=step, model_name=model_name, revision=revision, dtype=dtype,
+        micro_batch=micro_batch, sampling=sampling, attention_activation=attention_activation,
+        attention_implementation=attention_implementation,
+        gradient_protocol=gradient_protocol, gradient_batches=gradient_batches,
+        stats=stats, refs=refs, replicate=replicate, grad_sub_batches=grad_sub_batches,
+        checkpoint_attrs={"weights_sha256": weights_sha, "tensor_sha256": tensor_sha256,
+                          **hub_attrs,
+                          **config_attrs(checkpoint), **(extra_attrs or {})})
+
+
+def extract_model(model: torch.nn.Module, fam: families.Family, batch_array: np.ndarray,
+                  out: Path | str, *, eval_batch_source: Path | str, tokens: int, seed: int,
+                  size: str, step: int, model_name: str, revision: str, dtype: str,
+                  micro_batch: int | None, sampling: str, attention_activation: str,
+                  attention_implementation: str, gradient_protocol: str,
+                  gradient_batches: Path | str | None, stats: StatsOptions | None,
+                  refs: Any, replicate: int, grad_sub_batches: int,
+                  checkpoint_attrs: dict[str, Any]) -> Path:
+    """The pass of :func:`extract_checkpoint` on a loaded ``model`` (eval mode, its weights
+    the checkpoint's; it is run through, its gradients and ``requires_grad`` flags are
+    changed) and the store written to ``out``. ``batch_array``: the eval batch (S, T)
+    token ids; ``refs``: the opened reference store when ``stats`` is given (anything with
+    its ``check_model``, ``init``, ``final`` and ``directions``); ``checkpoint_attrs``:
+    what identifies the weights (``weights_sha256`` and the source's attrs).
+    """
+    t0 = time.perf_counter()
+    dev = next(model.parameters()).device
     batch = torch.as_tensor(batch_array, dtype=torch.long)
-    check_vocabulary(batch, model.config.vocab_size, eval_batch)
+    check_vocabulary(batch, model.config.vocab_size, eval_batch_source)
     seq_idx, pos_idx = token_positions(sampling, *batch.shape, tokens, seed,
                                        context=model.config.max_position_embeddings)
     if refs is not None:
         refs.check_model(model)
     if stats is None:  # the Conjecture statistics need every parameter's gradient
         only_write_weights_train(model)
-    log.info("loaded %s step %d (%s) on %s in %.1fs; eval batch %s, %d sampled tokens",
-             size, step, checkpoint, dev, time.perf_counter() - t0, tuple(batch.shape), tokens)
+    log.info("%s step %d on %s: eval batch %s, %d sampled tokens", size, step, dev,
+             tuple(batch.shape), tokens)
     residual = ResidualRecorder(model) if stats is not None else None
     if dev.type == "cpu":
         reuse_freed_memory()
@@ -285,10 +319,9 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
         "hidden_size": cfg.hidden_size, "num_attention_heads": cfg.num_attention_heads,
         "intermediate_size": fam.dims(cfg.to_dict())["intermediate_size"],
         "num_layers": cfg.num_hidden_layers,
-        "n_params": n_parameters(model), "weights_sha256": weights_sha,
-        "tensor_sha256": tensor_sha256,
+        "n_params": n_parameters(model),
         "eval_batch_shape": list(batch.shape), "token_seed": seed,
-        "sampling_protocol": sampling, **hub_attrs, **config_attrs(checkpoint),
+        "sampling_protocol": sampling, **checkpoint_attrs,
         "eval_batch_sha256": hashlib.sha256(
             np.ascontiguousarray(batch_array, dtype=np.int64).tobytes()).hexdigest(),
         "attention_activation": attention_activation, "gradient_protocol": gradient_protocol,
