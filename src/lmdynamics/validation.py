@@ -35,7 +35,8 @@ REVISION_NAME = r"\A[A-Za-z0-9_][A-Za-z0-9_.+-]*(/[A-Za-z0-9_][A-Za-z0-9_.+-]*)*
 PATH_PATTERN = r"\A[^\x00-\x1f\x7f{}]+\Z"
 #: ``local.path`` and ``local.recorded``: path templates with ``{step}`` (fields checked by
 #: :func:`lmdynamics.sources.local.template_fields`); ``steps: discover`` (source local).
-LOCAL_TEMPLATE_PATTERN = r"\A[^\x00-\x1f\x7f]*\{step\}[^\x00-\x1f\x7f]*\Z"
+LOCAL_TEMPLATE_PATTERN = (r"\A(?:[^\x00-\x1f\x7f{}]|\{(?:size|seed|step)\})*\{step\}"
+                          r"(?:[^\x00-\x1f\x7f{}]|\{(?:size|seed|step)\})*\Z")
 DISCOVER_PATTERN = r"\Adiscover\Z"
 REPO_ID_PATTERN = re.compile(REPO_ID)
 REVISION_PATTERN = re.compile(REVISION_NAME)
@@ -52,8 +53,9 @@ PATTERN_HINTS = {
                    "(no leading or doubled '/')",
     PATH_PATTERN: "a file or folder path without control characters (newline, tab, NUL) "
                   "or braces",
-    LOCAL_TEMPLATE_PATTERN: "a path template with {step} (and {size}, {seed}) without "
-                            "control characters, e.g. 'runs/{size}/checkpoint-{step}'",
+    LOCAL_TEMPLATE_PATTERN: "a path template with {step} (and {size}, {seed}; no other "
+                            "braces) without control characters, e.g. "
+                            "'runs/{size}/checkpoint-{step}'",
     DISCOVER_PATTERN: "a list of steps, or 'discover' (source local)",
 }
 #: Deepest nesting of a config value (the schema's deepest key is 4 levels down).

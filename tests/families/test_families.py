@@ -355,7 +355,7 @@ def test_mistral_gpt2_files_with_persistent_buffers_load(tmp_path):
     ``h.<i>.attn.bias`` and ``h.<i>.attn.masked_bias``; today's transformers ignores only the
     first, so the family drops both, by name, and loads the values of the file. An unknown
     extra key still fails naming it."""
-    from family_files import SMALL, gpt2_config, gpt2_state
+    from support.family_files import SMALL, gpt2_config, gpt2_state
 
     state = gpt2_state(SMALL, 0, layout="mistral")
     assert any(k.endswith("attn.masked_bias") for k in state)
