@@ -38,4 +38,16 @@ READS: dict[str, tuple[str, ...]] = {
                 "family"),
     # Only top_k shapes the reference store (the final checkpoint's top-k directions).
     "reference": ("conjecture.top_k",),
+    "train-tiny": ("tiny.batch_size", "tiny.seq_len", "tiny.lr", "tiny.warmup", "seed",
+                   "family"),
+    "tiny-eval-batch": ("tiny.batch_size", "tiny.seq_len", "seed"),
+    "gradient-batches": ("source", "tiny.batch_size", "tiny.seq_len", "seed", "hub.dataset",
+                         "hub.dataset_revision", "hub.tokens_path", "hub.retries",
+                         "hub.backoff"),
+    "download": ("hub.retries", "hub.backoff", "hub.min_free_gb"),
+    "pile-batch": ("hub.dataset", "hub.dataset_revision", "hub.tokens_path", "hub.retries",
+                   "hub.backoff"),
+    "hub-eval-batch": ("hub.sequences",),
+    "suite-eval-batch": ("hub.sequences", "eval_data.seq_len", "eval_data.dtype",
+                         "eval_data.allow_download"),
 }

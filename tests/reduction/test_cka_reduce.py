@@ -15,7 +15,8 @@ import xarray as xr
 
 from lmdynamics.cli import run
 from lmdynamics.estimators.rank import effective_rank, proportional_effective_rank
-from lmdynamics.extraction.extract import extract_checkpoint
+from lmdynamics.extraction.extract import ExtractionOptions, extract_checkpoint
+from lmdynamics.options import defaults
 from lmdynamics.reduction.cka import CKAOptions
 from lmdynamics.reduction.metrics import combine_sizes, reduce_size, tidy_metrics
 from lmdynamics.report import figures
@@ -38,13 +39,14 @@ def stores(tmp_path_factory) -> list:
     corpus = load_corpus()
     train_tiny_model(SPEC, size="t", out_dir=root / "ckpt", loss_csv=root / "loss.csv",
                      final_step=FINAL, log_until=8, interval=8, batch_size=BATCH,
-                     seq_len=SEQ_LEN, warmup=2, threads=1, corpus=corpus)
+                     seq_len=SEQ_LEN, lr=defaults("tiny")["lr"], warmup=2, seed=0,
+                     threads=1, corpus=corpus)
     np.save(root / "eval.npy", eval_batch(corpus, final_step=FINAL, batch_size=BATCH,
                                           seq_len=SEQ_LEN, seed=0))
     return [extract_checkpoint(root / "ckpt" / f"step{s}", root / "eval.npy",
                                root / f"extract/step{s}.zarr", tokens=TOKENS, seed=0,
                                size="t", step=s, model_name="tiny-t", revision=f"step{s}",
-                               device="cpu") for s in STEPS]
+                               options=ExtractionOptions(device="cpu")) for s in STEPS]
 
 
 @pytest.fixture(scope="module")

@@ -186,7 +186,8 @@ def test_download_command_fetches_a_revision_of_each_suite(suite_name, monkeypat
             args = ["--revision", suite.revision(10)]
             branch, expected = "checkpoint-10", gpt2_state_dict(*GPT2_TEST, TEST_VOCAB, 3010)
         assert arch in KNOWN_ARCHITECTURES
-        run(["download", "--repo", repo, *args, "--out-dir", str(out), "--retries", "0"])
+        run(["download", "--repo", repo, *args, "--out-dir", str(out),
+             "--options", '{"hub": {"retries": 0}}'])
         commit = hub.state.repo("models", repo).branches[branch]
     record = json.loads((out / "revision.json").read_text())
     assert record["revision"] == branch and record["commit"] == commit
