@@ -141,9 +141,7 @@ def _schema_leaves(node, path=()):
 
 #: Flags whose name is a config key's but whose value is one job's, worked out by the workflow
 #: from the config and the suite (not the key's value), or a file: flag -> the commands.
-#: ``--final-step`` is the exception: config ``final_step`` itself, still a flag (to move).
 PER_JOB_FLAGS = {
-    "--final-step": {"train-tiny", "tiny-eval-batch", "reduce", "reduce-stats", "reference"},
     "--revision": {"download", "extract"},  # the branch of one step (suite revision pattern)
     "--repo": {"download"},  # the repository of one size and seed
     "--seeds": {"training-loss"},  # the replicate of each loss CSV
@@ -154,6 +152,11 @@ PER_JOB_FLAGS = {
 #: Subcommands of the intervention study, which reads its own section
 #: (``interventions.schema.yaml``) and is not walked here yet.
 INTERVENTION_COMMANDS = {"intervention-run", "intervention-summarise", "intervention-figures"}
+
+
+#: A value of each required top-level config key (they have no default).
+REQUIRED = {"final_step": 8, "source": "tiny", "tokens": 32, "steps": [0, 8], "sizes": ["a"],
+            "suite": "tiny"}
 
 
 def _config_key_names() -> set[str]:
@@ -194,11 +197,15 @@ def test_no_flag_names_a_config_key_and_every_read_is_a_schema_key():
     walked, wrong = _flags_naming_config_keys(
         {k: v for k, v in COMMANDS.items() if k not in INTERVENTION_COMMANDS})
     assert walked > 50 and not wrong, wrong
+    required = options.schema()["required"]
     for name, reads in READS.items():
-        parsed = options.parse(None, reads)
+        given = {s: REQUIRED[s] for s in reads if s in required}  # no default
+        parsed = options.parse(json.dumps(given), reads)
         for entry in reads:
             section, _, key = entry.partition(".")
-            if key:
+            if section in given:
+                assert parsed[section] == given[section], (name, entry)
+            elif key:
                 assert key in options.section_schema(section)["properties"], (name, entry)
                 assert parsed[section][key] == options.defaults(section).get(key), (name, entry)
             else:
@@ -219,9 +226,12 @@ def test_the_flag_walk_refuses_a_flag_named_after_a_config_key():
 def test_a_job_gets_only_what_it_reads():
     from lmdynamics.commands import READS
 
-    parsed = options.parse(None, READS["reference"])
-    assert parsed == {"conjecture": {"top_k": options.defaults("conjecture")["top_k"]}}
-    extract = options.parse(None, READS["extract"])
+    parsed = options.parse('{"final_step": 8}', READS["reference"])
+    assert parsed == {"conjecture": {"top_k": options.defaults("conjecture")["top_k"]},
+                      "final_step": 8}
+    with pytest.raises(ValueError, match="final_step required by this step and not given"):
+        options.parse(None, READS["reference"])
+    extract = options.parse('{"tokens": 32}', READS["extract"])
     assert "figure_steps" not in extract["conjecture"] and "top_k" in extract["conjecture"]
     with pytest.raises(ValueError, match="unknown section"):
         options.parse('{"metrics": {}}', READS["reference"])
@@ -231,7 +241,7 @@ def test_a_key_a_job_reads_reruns_it_and_another_does_not():
     from lmdynamics.commands import READS
 
     config = {s: options.resolve(s) for s in ("tokens", "seed", "extraction", "sampling",
-                                             "conjecture", "family")}
+                                             "conjecture", "family")} | {"final_step": 8}
 
     def changed(section, key, value):
         return {**config, section: {**config[section], key: value}}

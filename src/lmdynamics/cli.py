@@ -30,7 +30,6 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hidden-size", type=int, required=True)
     p.add_argument("--num-layers", type=int, required=True)
     p.add_argument("--num-heads", type=int, required=True)
-    p.add_argument("--final-step", type=int, required=True, help="the suite's final step")
     p.add_argument("--log-until", type=int, required=True)
     p.add_argument("--interval", type=int, required=True)
     _replicate_arg(p)
@@ -53,13 +52,12 @@ def _train(a: argparse.Namespace) -> None:
     opts = _options(a)
     spec = {"hidden_size": a.hidden_size, "num_layers": a.num_layers, "num_heads": a.num_heads}
     train_tiny_model(spec, size=a.size, out_dir=a.out_dir, loss_csv=a.loss_csv,
-                     final_step=a.final_step, log_until=a.log_until, interval=a.interval,
+                     final_step=opts["final_step"], log_until=a.log_until, interval=a.interval,
                      **opts["tiny"], seed=opts["seed"] + a.replicate, threads=a.threads,
                      family=opts["family"] or families.DEFAULT)
 
 
 def _eval_batch_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--final-step", type=int, required=True, help="the suite's final step")
     _options_arg(p, *READS["tiny-eval-batch"])
     p.add_argument("--out", type=Path, required=True)
 
@@ -70,9 +68,10 @@ def _tiny_eval_batch(a: argparse.Namespace) -> None:
     from lmdynamics.store import write_array_atomic
 
     opts = _options(a)
-    batch = eval_batch(load_corpus(), final_step=a.final_step, **opts["tiny"], seed=opts["seed"])
+    batch = eval_batch(load_corpus(), final_step=opts["final_step"], **opts["tiny"],
+                       seed=opts["seed"])
     write_array_atomic(batch, a.out)
-    log.info("eval batch (last training batch, update %d): %s -> %s", a.final_step - 1,
+    log.info("eval batch (last training batch, update %d): %s -> %s", opts["final_step"] - 1,
              batch.shape, a.out)
 
 
@@ -224,7 +223,6 @@ def _reference_args(p: argparse.ArgumentParser) -> None:
                    help="final-step model directory of the size")
     p.add_argument("--size", required=True)
     p.add_argument("--model", default="", help="model name recorded in the store")
-    p.add_argument("--final-step", type=int, default=None, help="recorded in the store")
     _options_arg(p, *READS["reference"])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, required=True)
@@ -239,7 +237,7 @@ def _reference(a: argparse.Namespace) -> None:
     opts = _options(a)
     build_reference(a.init_checkpoint, a.final_checkpoint, a.out, size=a.size,
                     top_k=opts["conjecture"]["top_k"], model_name=a.model,
-                    final_step=a.final_step)
+                    final_step=opts["final_step"])
     log.info("reference store of %s -> %s", a.size, a.out)
 
 
@@ -310,8 +308,7 @@ def _options(a: argparse.Namespace) -> dict:
 
 def _reduce_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("stores", nargs="+", type=Path)
-    p.add_argument("--final-step", type=int, required=True)
-    _options_arg(p, "metrics", "seed", "measures")
+    _options_arg(p, *READS["reduce"])
     p.add_argument("--out", type=Path, required=True)
 
 
@@ -323,7 +320,8 @@ def _reduce(a: argparse.Namespace) -> None:
 
     opts = _options(a)
     metrics = opts["metrics"]
-    reduce_size(a.stores, a.out, final_step=a.final_step, per_divisor=metrics["per_divisor"],
+    reduce_size(a.stores, a.out, final_step=opts["final_step"],
+                per_divisor=metrics["per_divisor"],
                 per_truncate=metrics["per_truncate"],
                 cka_options=CKAOptions.from_config(metrics, seed=opts["seed"]),
                 measure_options=MeasureOptions.from_config(opts["measures"]))
@@ -409,7 +407,7 @@ def _mcc(a: argparse.Namespace) -> None:
 
 def _reduce_stats_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("stores", nargs="+", type=Path)
-    p.add_argument("--final-step", type=int, required=True)
+    _options_arg(p, *READS["reduce-stats"])
     p.add_argument("--out", type=Path, required=True)
 
 
@@ -417,7 +415,7 @@ def _reduce_stats_args(p: argparse.ArgumentParser) -> None:
 def _reduce_stats(a: argparse.Namespace) -> None:
     from lmdynamics.reduction.stats import reduce_stats
 
-    reduce_stats(a.stores, a.out, final_step=a.final_step)
+    reduce_stats(a.stores, a.out, final_step=_options(a)["final_step"])
 
 
 def _combine_stats_args(p: argparse.ArgumentParser) -> None:

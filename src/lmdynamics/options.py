@@ -165,7 +165,8 @@ def parse(text: str | None, reads: Sequence[str]) -> dict[str, Any]:
     or one key of it, ``section.key``): a JSON object ``{section: value}`` inline, or the path
     of a file holding one (``None``: all defaults). Every section is checked and completed by
     :func:`resolve`, then cut to what the job reads (so code reading a key its list lacks
-    fails); sections it does not read are refused."""
+    fails); sections it does not read are refused, and a required top-level key it reads
+    (``final_step``) must be given."""
     sections = _heads(reads)
     value: Any = {}
     if text is not None:
@@ -190,7 +191,12 @@ def parse(text: str | None, reads: Sequence[str]) -> dict[str, Any]:
             raise ValueError(f"{source}: unknown section(s) {', '.join(unknown)}; this step "
                              "reads " + ", ".join(sections))
     keys = _keys(reads)
-    return _only({s: resolve(s, value.get(s), keys[s]) for s in sections}, reads)
+    parsed = {s: resolve(s, value.get(s), keys[s]) for s in sections}
+    missing = [s for s in sections if parsed[s] is None and s in schema().get("required", ())]
+    if missing:
+        raise ValueError(f"--options: config key(s) {', '.join(missing)} required by this step "
+                         f"and not given; give e.g. --options '{{\"{missing[0]}\": ...}}'")
+    return _only(parsed, reads)
 
 
 def job_options(config: Mapping[str, Any], *reads: str) -> str:

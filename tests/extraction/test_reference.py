@@ -54,8 +54,8 @@ def trained(tmp_path_factory) -> Path:
                           final_step=FINAL, log_until=MID, interval=MID, batch_size=4,
                           seq_len=32, lr=1e-2, warmup=1, seed=0, threads=1, corpus=corpus)
     cli.run(["reference", "--init-checkpoint", str(root / "ck/step0"), "--final-checkpoint",
-             str(root / f"ck/step{FINAL}"), "--size", "a", "--final-step", str(FINAL),
-             "--options", json.dumps({"conjecture": {"top_k": TOP_K}}),
+             str(root / f"ck/step{FINAL}"), "--size", "a",
+             "--options", json.dumps({"conjecture": {"top_k": TOP_K}, "final_step": FINAL}),
              "--out", str(root / "ref.zarr")])
     return root
 

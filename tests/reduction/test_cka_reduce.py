@@ -250,15 +250,16 @@ def test_figures_from_the_combined_store(reduced, tmp_path, monkeypatch, name, e
 def test_reduce_command_line(stores, tmp_path):
     out = tmp_path / "cli.zarr"
     options = {"metrics": {"per_truncate": False, "standardize": True,
-                           "bootstrap": {"samples": 30, "level": 0.8}}, "seed": 1}
-    run(["reduce", *map(str, stores), "--final-step", str(FINAL), "--options",
+                           "bootstrap": {"samples": 30, "level": 0.8}}, "seed": 1,
+               "final_step": FINAL}
+    run(["reduce", *map(str, stores), "--options",
          json.dumps(options), "--out", str(out)])
     ds = open_store(out)
     assert ds.attrs["per_truncate"] is False and ds.attrs["standardize"] is True
     assert ds.attrs["bootstrap_level"] == 0.8 and "cka_debiased_standardized_low" in ds
     with pytest.raises(ValueError, match="metrics.standardize': 'maybe'"):
-        run(["reduce", str(stores[0]), "--final-step", "8", "--options",
-             '{"metrics": {"standardize": "maybe"}}', "--out", str(out)])
+        run(["reduce", str(stores[0]), "--options",
+             '{"metrics": {"standardize": "maybe"}, "final_step": 8}', "--out", str(out)])
     with pytest.raises(ValueError, match=r"metrics.bootstrap.level=1.5.*\(0, 1\)"):
         CKAOptions(bootstrap_level=1.5)
     with pytest.raises(ValueError, match="metrics.bootstrap.samples=-1"):

@@ -255,11 +255,11 @@ def test_measure_options_choose_what_is_computed(run_dir, tmp_path):
     assert json.loads(ds.attrs["measures"]) == {}
     # the command line: --options picks measures and data
     out = tmp_path / "some.zarr"
-    opts = {"measures": {name: {"data": []} for name in MEASURES}}
+    opts = {"measures": {name: {"data": []} for name in MEASURES}, "final_step": FINAL}
     opts["measures"]["gini"] = {"data": ["weights"]}
     opts["measures"]["svcca"] = {"data": ["activations"], "reference": ["pairwise"],
                                  "variance": 0.5}
-    run(["reduce", *map(str, stores(run_dir)), "--final-step", str(FINAL), "--options",
+    run(["reduce", *map(str, stores(run_dir)), "--options",
          json.dumps(opts), "--out", str(out)])
     got = open_store(out)
     assert "gini_weight" in got and "gini_grad" not in got and "hoyer_weight" not in got

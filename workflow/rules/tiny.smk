@@ -26,14 +26,13 @@ rule train_tiny:
         spec=lambda wc: config["tiny"]["models"][wc.size],
         schedule=config["tiny"]["schedule"],
         out_dir=lambda wc: f"{RESULTS}/checkpoints/{wc.size}/seed{wc.seed}",
-        final_step=FINAL_STEP,
         options=job_options(config, *READS["train-tiny"]),
     shell:
         "lmdynamics train-tiny --size {wildcards.size:q} --replicate {wildcards.seed:q}"
         " --options {params.options:q}"
         " --hidden-size {params.spec[hidden_size]:q}"
         " --num-layers {params.spec[num_layers]:q}"
-        " --num-heads {params.spec[num_heads]:q} --final-step {params.final_step:q}"
+        " --num-heads {params.spec[num_heads]:q}"
         " --log-until {params.schedule[log_until]:q}"
         " --interval {params.schedule[interval]:q}"
         " --threads {threads:q} --out-dir {params.out_dir:q} --loss-csv {output.loss:q}"
@@ -48,11 +47,10 @@ rule tiny_eval_batch:
     conda:
         ENV
     params:
-        final_step=FINAL_STEP,
         options=job_options(config, *READS["tiny-eval-batch"]),
     shell:
-        "lmdynamics tiny-eval-batch --final-step {params.final_step:q}"
-        " --options {params.options:q} --out {output:q} > {log:q} 2>&1"
+        "lmdynamics tiny-eval-batch --options {params.options:q}"
+        " --out {output:q} > {log:q} 2>&1"
 
 
 rule training_loss:
