@@ -30,8 +30,6 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hidden-size", type=int, required=True)
     p.add_argument("--num-layers", type=int, required=True)
     p.add_argument("--num-heads", type=int, required=True)
-    p.add_argument("--log-until", type=int, required=True)
-    p.add_argument("--interval", type=int, required=True)
     _replicate_arg(p)
     _options_arg(p, *READS["train-tiny"])
     p.add_argument("--threads", type=int, default=None)
@@ -50,10 +48,12 @@ def _train(a: argparse.Namespace) -> None:
     from lmdynamics.sources.tiny import train_tiny_model
 
     opts = _options(a)
+    tiny = dict(opts["tiny"])
+    schedule = tiny.pop("schedule")
     spec = {"hidden_size": a.hidden_size, "num_layers": a.num_layers, "num_heads": a.num_heads}
     train_tiny_model(spec, size=a.size, out_dir=a.out_dir, loss_csv=a.loss_csv,
-                     final_step=opts["final_step"], log_until=a.log_until, interval=a.interval,
-                     **opts["tiny"], seed=opts["seed"] + a.replicate, threads=a.threads,
+                     final_step=opts["final_step"], **schedule, **tiny,
+                     seed=opts["seed"] + a.replicate, threads=a.threads,
                      family=opts["family"] or families.DEFAULT)
 
 

@@ -24,7 +24,6 @@ rule train_tiny:
     threads: 1
     params:
         spec=lambda wc: config["tiny"]["models"][wc.size],
-        schedule=config["tiny"]["schedule"],
         out_dir=lambda wc: f"{RESULTS}/checkpoints/{wc.size}/seed{wc.seed}",
         options=job_options(config, *READS["train-tiny"]),
     shell:
@@ -33,8 +32,6 @@ rule train_tiny:
         " --hidden-size {params.spec[hidden_size]:q}"
         " --num-layers {params.spec[num_layers]:q}"
         " --num-heads {params.spec[num_heads]:q}"
-        " --log-until {params.schedule[log_until]:q}"
-        " --interval {params.schedule[interval]:q}"
         " --threads {threads:q} --out-dir {params.out_dir:q} --loss-csv {output.loss:q}"
         " > {log:q} 2>&1"
 
