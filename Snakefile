@@ -25,6 +25,14 @@ if config["source"] == "hub":
 
 
 include: "workflow/rules/extract.smk"
+
+
+# after extract.smk: its adopt_recorded rule shares the extraction options
+if config["source"] == "local":
+
+    include: "workflow/rules/local.smk"
+
+
 include: "workflow/rules/reduce.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/measures.smk"

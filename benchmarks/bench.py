@@ -49,11 +49,11 @@ One run measures and prints, as ratios against rates measured in the same run:
    extraction's pass (with statistics) of a small Pythia-70m-shaped batch, each in a fresh
    process on ``--threads`` threads, on the machine as it is and beside ``--load-procs`` busy
    loops; each pass's slowdown under that load, with the threads left to the libraries'
-   defaults and pinned by :func:`lmdynamics.cli.pin_threads` (as ``lmdynamics extract`` and
+   defaults and pinned by :func:`lmdynamics.threads.pin_threads` (as ``lmdynamics extract`` and
    this script do); ``--repeats N`` runs each N times and reports medians.
 
 Threads: this script pins its own threads like the workflow's commands that run a model do
-(:func:`lmdynamics.cli.pin_threads`, ``--threads``, default: every core), before numpy and
+(:func:`lmdynamics.threads.pin_threads`, ``--threads``, default: every core), before numpy and
 torch load: torch on ``--threads``, numpy's OpenBLAS on one thread (as every workflow job,
 whose ``threads`` is 1) unless ``OPENBLAS_NUM_THREADS`` is set; the reduction section and its
 float64 GEMM rate use that same OpenBLAS pool.
@@ -81,7 +81,7 @@ import time
 from io import StringIO
 from pathlib import Path
 
-from lmdynamics.cli import THREAD_VARIABLES, pin_threads
+from lmdynamics.threads import THREAD_VARIABLES, pin_threads
 
 
 def _threads_argument(argv: list[str]) -> int:

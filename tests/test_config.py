@@ -334,3 +334,35 @@ def test_unset_seeds_are_every_replicate_of_the_suite_and_others_are_refused():
     (line,) = [x for x in str(info.value).splitlines() if "seeds" in x]
     assert "[22] are not replicates of suite 'mistral-gpt2'" in line
     assert "[21, 49, 81, 343, 777]" in line
+
+
+def _olmo(**overlay):
+    config = {**copy.deepcopy(PYTHIA), "suite": "olmo-1b", "sizes": ["1B"],
+              "steps": [1000, 2000, 20000, 738020], "final_step": 738020,
+              "eval_data": {"path": "tokens.npy"}, **overlay}
+    for key in ("repo", "revision", "dataset"):
+        config["hub"].pop(key, None)
+    return config
+
+
+def test_a_suite_without_step_0_refuses_it_before_any_job():
+    """OLMo-1B-hf has no step0 branch (its first is step1000-tokens4B): the README's old
+    example ``steps: [0, 1000, ...]`` is refused by the config check, not by a download."""
+    check_config(_olmo(), SCHEMA)
+    with pytest.raises(ConfigError) as info:
+        check_config(_olmo(steps=[0, 1000, 20000, 738020]), SCHEMA)
+    (line,) = str(info.value).splitlines()[1:]
+    assert "config key 'steps': 0 is before step 1000, the first revision suite olmo-1b" in line
+
+
+def test_table_1s_early_step_is_checked_before_any_job():
+    """No analysed step at or before early_fraction x final: Table 1 could not be made; the
+    config check says so instead of the last job of the run."""
+    config = _olmo(steps=[100000, 200000, 738020])
+    with pytest.raises(ConfigError) as info:
+        check_config(config, SCHEMA)
+    assert ("no analysed step is at or before mcc.early_fraction 0.1 x final_step 738020 = "
+            "73802, Table 1's early step; allowed: steps including one <= 73802, or "
+            "mcc.early_step: nearest") in str(info.value)
+    check_config({**config, "mcc": {"early_step": "nearest"}}, SCHEMA)
+    check_config({**config, "mcc": {"early_fraction": 0.2}}, SCHEMA)

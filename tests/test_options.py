@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lmdynamics import config, options
+from lmdynamics import config, defects, options
 from lmdynamics.estimators.cka import CKA_ESTIMATORS
 from lmdynamics.estimators.mcc import ALTERNATIVES
 from lmdynamics.estimators.measures import MEASURES, REFERENCES
@@ -49,6 +49,7 @@ CODE_CHOICES = {
     **{("measures", name, "data"): m.data for name, m in MEASURES.items()},
     **{("measures", name, "reference"): REFERENCES for name, m in MEASURES.items()
        if m.comparative},
+    ("audit", "defective"): defects.POLICIES,
 }
 
 
@@ -147,6 +148,7 @@ PER_JOB_FLAGS = {
     "--seeds": {"training-loss"},  # the replicate of each loss CSV
     "--tokenizer": {"suite-eval-batch"},  # eval_data.tokenizer, else the suite's, else its repo
     "--metrics": {"figure", "measure-figure", "mcc"},  # the metrics store (a path)
+    "--final-step": {"audit"},  # config final_step itself (merged from main; to move)
     "--reference": {"extract"},  # the size's reference store (a path)
 }
 #: Subcommands of the intervention study, which reads its own section
@@ -232,8 +234,8 @@ def test_a_job_gets_only_what_it_reads():
     parsed = options.parse('{"final_step": 8}', READS["reference"])
     assert parsed == {"conjecture": {"top_k": options.defaults("conjecture")["top_k"]},
                       "final_step": 8}
-    with pytest.raises(ValueError, match="final_step required by this step and not given"):
-        options.parse(None, READS["reference"])
+    with pytest.raises(ValueError, match="tokens required by this step and not given"):
+        options.parse(None, READS["extract"])
     extract = options.parse('{"tokens": 32}', READS["extract"])
     assert "figure_steps" not in extract["conjecture"] and "top_k" in extract["conjecture"]
     with pytest.raises(ValueError, match="unknown section"):

@@ -27,10 +27,11 @@ PUBLISHED = {"14m": 14_067_712, "31m": 30_494_720, "70m": 70_426_624, "160m": 16
 
 
 def test_parameter_counts_match_the_published_ones():
-    suite = load_suite("pythia")
+    suite = load_suite("pythia-deduped")  # every size (the standard suite leaves out 31m)
     for size, count in PUBLISHED.items():
         assert pl.shape_parameters("gpt_neox", suite.sizes[size]) == count, size
-        assert pl.parameters({**PYTHIA, "sizes": [size]}, size) == count, size
+        assert pl.parameters({**PYTHIA, "suite": "pythia-deduped", "sizes": [size]},
+                             size) == count, size
 
 
 def test_offline_plan_of_the_paper_grid():
@@ -155,13 +156,12 @@ def test_offline_plan_of_suite_definitions():
                                  eval_data={"path": "t.npy", "seq_len": 1024}),
                    online=False)
     assert gpt2.jobs.tolist() == [10, 10]
-    # small: the definition documents neither the context (rows of the position embedding)
-    # nor the MLP width, so GPT-2's exact count is unknown; medium: no shape at all
-    assert gpt2.parameters.isna().all()
-    assert gpt2.download_source[1].startswith("unknown")
+    # GPT-2 small and medium, tied embeddings, 1024 positions: the counts of
+    # openai-community/gpt2 and gpt2-medium
+    assert gpt2.parameters.tolist() == [124_439_808, 354_823_168]
     assert gpt2.store_bytes[0] == 10 * pl.store_bytes(4096, 768, 12)
-    text = pl.format_plan(gpt2)
-    assert "medium   unknown" in text and "jobs" in text
+    assert gpt2.store_bytes[1] == 10 * pl.store_bytes(4096, 1024, 24)
+    assert "jobs" in pl.format_plan(gpt2)
 
 
 def test_suite_shapes_are_counted_by_the_family():

@@ -1,4 +1,4 @@
-"""``lmdynamics.cli.pin_threads``: what a command on ``--threads`` sets before numpy and torch
+"""``lmdynamics.threads.pin_threads``: what a command on ``--threads`` sets before numpy and torch
 load (the cause and the measurement: docs/benchmarks/2026-12-05.md, "Contention")."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from lmdynamics.cli import (
+from lmdynamics.threads import (
     OPENBLAS_VARIABLES,
     THREAD_VARIABLES,
     pin_threads,
@@ -19,7 +19,7 @@ from support.workflow import REPO
 
 PROBE = """
 import json, os, sys
-from lmdynamics.cli import pin_threads
+from lmdynamics.threads import pin_threads
 pin_threads(int(sys.argv[1]))
 import numpy, torch
 print(json.dumps({"env": {k: os.environ.get(k) for k in sys.argv[2:]},

@@ -8,6 +8,7 @@ hand. Logging goes to stderr (the rules redirect it to ``results/<suite>/logs/``
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import logging
@@ -21,6 +22,7 @@ from pathlib import Path
 # The intervention study's subcommands register themselves on COMMANDS when imported.
 from lmdynamics.commands import COMMANDS, PINNED, READS, command
 from lmdynamics.interventions import cli as interventions_cli  # noqa: F401
+from lmdynamics.threads import pin_threads
 
 log = logging.getLogger("lmdynamics")
 
@@ -52,7 +54,7 @@ def _train(a: argparse.Namespace) -> None:
     schedule = tiny.pop("schedule")
     spec = {"hidden_size": a.hidden_size, "num_layers": a.num_layers, "num_heads": a.num_heads}
     train_tiny_model(spec, size=a.size, out_dir=a.out_dir, loss_csv=a.loss_csv,
-                     final_step=opts["final_step"], **schedule, **tiny,
+                     final_step=_final_step(opts), **schedule, **tiny,
                      seed=opts["seed"] + a.replicate, threads=a.threads,
                      family=opts["family"] or families.DEFAULT)
 
@@ -68,10 +70,10 @@ def _tiny_eval_batch(a: argparse.Namespace) -> None:
     from lmdynamics.store import write_array_atomic
 
     opts = _options(a)
-    batch = eval_batch(load_corpus(), final_step=opts["final_step"], **opts["tiny"],
+    batch = eval_batch(load_corpus(), final_step=_final_step(opts), **opts["tiny"],
                        seed=opts["seed"])
     write_array_atomic(batch, a.out)
-    log.info("eval batch (last training batch, update %d): %s -> %s", opts["final_step"] - 1,
+    log.info("eval batch (last training batch, update %d): %s -> %s", _final_step(opts) - 1,
              batch.shape, a.out)
 
 
@@ -123,6 +125,12 @@ def _extract_args(p: argparse.ArgumentParser) -> None:
                              "options: config section conjecture)")
     g.add_argument("--reference", type=Path,
                    help="the size's reference store (lmdynamics reference)")
+    g = p.add_argument_group("checkpoints of your own run (source local): each is read once "
+                             "complete, and its store records its path, sha256, size, mtime")
+    g.add_argument("--local-settle", type=float, default=None, metavar="SECONDS",
+                   help="config local.settle_seconds; given: the checkpoints are local")
+    g.add_argument("--local-wait", type=float, default=0.0, metavar="SECONDS",
+                   help="config local.wait_seconds")
 
 
 def _stats_options(a: argparse.Namespace, conjecture: dict, seed: int):
@@ -131,58 +139,6 @@ def _stats_options(a: argparse.Namespace, conjecture: dict, seed: int):
     if a.reference is None:
         return None
     return StatsOptions.from_config(a.reference, conjecture, seed=seed)
-
-
-#: What sizes the thread pools of the libraries one process loads: OpenMP (torch's intra-op
-#: pool), OpenBLAS (numpy's BLAS and LAPACK), MKL, numexpr; Snakemake sets these to a job's
-#: ``threads`` (snakemake/shell.py). Each is read once, when its library loads.
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "GOTO_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                    "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
-#: numpy's OpenBLAS pool, whose idle threads spin: one thread in a command that runs a model.
-OPENBLAS_VARIABLES = ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS")
-
-
-def thread_environment(threads: int | None, environ: Mapping[str, str]) -> dict[str, str]:
-    """The variables :func:`pin_threads` sets for ``threads`` in a process whose environment is
-    ``environ`` (those ``environ`` has already are kept): ``OMP_WAIT_POLICY=PASSIVE``, every
-    pool of :data:`THREAD_VARIABLES` at ``threads`` but numpy's OpenBLAS
-    (:data:`OPENBLAS_VARIABLES`) at 1. Empty for ``None`` or 0."""
-    if not threads:
-        return {}
-    if threads < 0:
-        raise ValueError(f"--threads {threads}: must be a positive integer")
-    wanted = {"OMP_WAIT_POLICY": "PASSIVE", **dict.fromkeys(THREAD_VARIABLES, str(threads)),
-              **dict.fromkeys(OPENBLAS_VARIABLES, "1")}
-    return {name: environ.get(name, value) for name, value in wanted.items()}
-
-
-def pin_threads(threads: int | None) -> None:
-    """Run this process's numerical work on ``threads`` threads, and let idle ones sleep.
-
-    Call it before numpy or torch is imported (the variables are read when they load; later
-    only torch's own counts change); :func:`run_command` does, for the commands that run a
-    model (:data:`PINNED`). One pass alternates torch kernels (OpenMP threads) with numpy's
-    LAPACK and BLAS (OpenBLAS's own pthreads); by default each runtime's idle threads spin,
-    waiting for more work, while the other runtime's run, and on a machine whose cores are
-    all busy they take the cores the working threads need. So (:func:`thread_environment`):
-    ``OMP_WAIT_POLICY=PASSIVE`` (OpenMP threads sleep when idle), torch's pools at
-    ``threads`` with one inter-op thread (the passes never run operators side by side), and
-    numpy's OpenBLAS at one thread: its calls in a pass are small (eigenvalues of D x D Gram
-    matrices, fits) and gain nothing from a second thread, while a second thread's spinning
-    slows the pass on a busy machine (measurements: docs/benchmarks/2026-12-05.md,
-    "Contention"). A variable already set (by the user, or by Snakemake for a job's
-    ``threads``) is kept. ``None`` or 0 changes nothing.
-    """
-    os.environ.update(thread_environment(threads, os.environ))
-    if not threads:
-        return
-    import torch
-
-    torch.set_num_threads(threads)
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError:  # already set, or inter-op work already started in this process
-        pass
 
 
 def _checkpoint_steps(a: argparse.Namespace) -> list:
@@ -205,9 +161,12 @@ def _checkpoint_steps(a: argparse.Namespace) -> list:
 @command("extract", _extract_args, threads=True)
 def _extract(a: argparse.Namespace) -> None:
     from lmdynamics.extraction.extract import ExtractionOptions, extract_checkpoints
+    from lmdynamics.extraction.local import extract_local
 
     opts = _options(a)
-    extract_checkpoints(_checkpoint_steps(a), a.eval_batch, tokens=opts["tokens"],
+    run = extract_checkpoints if a.local_settle is None else functools.partial(
+        extract_local, settle_seconds=a.local_settle, wait_seconds=a.local_wait)
+    run(_checkpoint_steps(a), a.eval_batch, tokens=opts["tokens"],
                         seed=opts["seed"], size=a.size, model_name=a.model,
                         options=ExtractionOptions.from_config(opts["extraction"],
                                                               opts["sampling"]),
@@ -300,6 +259,14 @@ def _token_source(hub: Mapping):
                      retries=hub["retries"], backoff=hub["backoff"])
 
 
+def _final_step(opts: dict) -> int:
+    """Config ``final_step`` of a step's ``--options`` (no default: the step needs it)."""
+    if opts["final_step"] is None:
+        raise ValueError("--options: final_step not given; this step needs the run's final "
+                         "step, e.g. --options '{\"final_step\": 143000}'")
+    return opts["final_step"]
+
+
 def _options(a: argparse.Namespace) -> dict:
     from lmdynamics.options import parse
 
@@ -320,7 +287,7 @@ def _reduce(a: argparse.Namespace) -> None:
 
     opts = _options(a)
     metrics = opts["metrics"]
-    reduce_size(a.stores, a.out, final_step=opts["final_step"],
+    reduce_size(a.stores, a.out, final_step=_final_step(opts),
                 per_divisor=metrics["per_divisor"],
                 per_truncate=metrics["per_truncate"],
                 cka_options=CKAOptions.from_config(metrics, seed=opts["seed"]),
@@ -340,24 +307,43 @@ def _combine(a: argparse.Namespace) -> None:
     write_combined(a.stores, a.out_zarr, a.out_csv)
 
 
-def _drawing_args(data: str, *sections: str) -> Callable[[argparse.ArgumentParser], None]:
+def _drawing_args(data: str, *sections: str,
+                  defects: bool = False) -> Callable[[argparse.ArgumentParser], None]:
     """Arguments of a figure command: its name, ``--<data>`` (the dataset it draws), the config
-    ``sections`` it reads (``--options``) and ``--out-stem`` (``<stem>.png`` and ``.pdf``)."""
+    ``sections`` it reads (``--options``), ``--out-stem`` (``<stem>.png`` and ``.pdf``) and,
+    with ``defects``, ``--defects`` (the revisions the audits flagged)."""
     def add(p: argparse.ArgumentParser) -> None:
         p.add_argument("name")
         p.add_argument(f"--{data}", type=Path, required=True)
         _options_arg(p, *sections)
         p.add_argument("--out-stem", type=Path, required=True)
+        if defects:
+            _defects_arg(p)
     return add
 
 
-@command("figure", _drawing_args("metrics", "figures", "metrics"))
+def _defects_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--defects", type=Path, default=None,
+                   help="tables/defective.csv: revisions the audits flagged, left out or marked "
+                        "as config audit.defective says")
+
+
+def _marked(ds, a: argparse.Namespace, opts: dict):
+    """``ds`` with the flagged revisions of ``--defects`` marked for the figures
+    (:func:`lmdynamics.report.exclusion.mark_dataset`)."""
+    from lmdynamics.defects import read_defects
+    from lmdynamics.report.exclusion import mark_dataset
+
+    return mark_dataset(ds, read_defects(a.defects), opts["audit"]["defective"])
+
+
+@command("figure", _drawing_args("metrics", *READS["figure"], defects=True))
 def _figure(a: argparse.Namespace) -> None:
     from lmdynamics.report.cka import render_figure
     from lmdynamics.store import open_store
 
     opts = _options(a)
-    render_figure(a.name, open_store(a.metrics).load(), a.out_stem,
+    render_figure(a.name, _marked(open_store(a.metrics).load(), a, opts), a.out_stem,
                   estimator=opts["metrics"]["cka_estimator"], x_axis=opts["figures"]["x_axis"])
 
 
@@ -374,7 +360,8 @@ def _measure_figure(a: argparse.Namespace) -> None:
 
 def _mcc_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics", type=Path, required=True)
-    _options_arg(p, "mcc", "metrics")
+    _options_arg(p, *READS["mcc"])
+    _defects_arg(p)
     p.add_argument("--csv", type=Path)
     p.add_argument("--md", type=Path)
     p.add_argument("--seeds-csv", type=Path,
@@ -391,18 +378,26 @@ def _mcc(a: argparse.Namespace) -> None:
 
     if not (a.csv and a.md) and not a.sensitivity_stem:
         raise ValueError("mcc: give --csv and --md (the table) and/or --sensitivity-stem")
+    from lmdynamics.defects import read_defects
+    from lmdynamics.report import exclusion
+
     opts = _options(a)
     estimator = opts["metrics"]["cka_estimator"]
     ds = select_cka(open_store(a.metrics).load(), estimator)
     options = MCCOptions(**opts["mcc"])
+    policy, found = opts["audit"]["defective"], read_defects(a.defects)
     if a.csv and a.md:
         table = mcc_table(ds, options)
+        table, early = exclusion.table_without(ds, found, options, table, policy)
         table.attrs["thresholds"]["cka_estimator"] = estimator
         write_mcc_table(table, a.csv, a.md, seeds_csv=a.seeds_csv)
+        exclusion.append_notes(a.md, exclusion.footnotes(ds, found, policy, early))
     if a.sensitivity_stem:
         from lmdynamics.report.mcc import mcc_sensitivity
 
-        mcc_sensitivity(ds, a.sensitivity_stem, options)
+        grid = exclusion.grid_without(ds, found, options, policy)
+        mcc_sensitivity(ds, a.sensitivity_stem, options, grids=grid,
+                        note=exclusion.figure_note(ds, found, policy))
 
 
 def _reduce_stats_args(p: argparse.ArgumentParser) -> None:
@@ -415,7 +410,7 @@ def _reduce_stats_args(p: argparse.ArgumentParser) -> None:
 def _reduce_stats(a: argparse.Namespace) -> None:
     from lmdynamics.reduction.stats import reduce_stats
 
-    reduce_stats(a.stores, a.out, final_step=_options(a)["final_step"])
+    reduce_stats(a.stores, a.out, final_step=_final_step(_options(a)))
 
 
 def _combine_stats_args(p: argparse.ArgumentParser) -> None:
@@ -430,13 +425,22 @@ def _combine_stats(a: argparse.Namespace) -> None:
     write_combined_stats(a.stores, a.out)
 
 
-@command("stats-figure", _drawing_args("stats", "figures", "conjecture"))
+def _stats_figure_args(p: argparse.ArgumentParser) -> None:
+    _drawing_args("stats", *READS["stats-figure"], defects=True)(p)
+    p.add_argument("--init-step", type=int, default=0,
+                   help="the step of the reference initialisation (the earliest analysed step "
+                        "when the suite has no step 0)")
+
+
+@command("stats-figure", _stats_figure_args)
 def _stats_figure(a: argparse.Namespace) -> None:
     from lmdynamics.report.conjecture import render_stats
     from lmdynamics.store import open_store
 
     opts = _options(a)
-    render_stats(a.name, open_store(a.stats).load(), a.out_stem,
+    ds = _marked(open_store(a.stats).load(), a, opts)
+    ds.attrs["init_step"] = a.init_step
+    render_stats(a.name, ds, a.out_stem,
                  x_axis=opts["figures"]["x_axis"], steps=opts["conjecture"]["figure_steps"])
 
 
@@ -454,6 +458,12 @@ def _download_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step", type=int, default=None, help="the step, with --revision-pattern")
     p.add_argument("--out-dir", type=Path, required=True)
     _options_arg(p, *READS["download"])
+    p.add_argument("--hub-audit", type=Path, default=None,
+                   help="tables/hub_audit.csv: weight blobs several planned revisions serve are "
+                        "fetched once (with --blob-dir)")
+    p.add_argument("--blob-dir", type=Path, default=None,
+                   help="where a shared blob is kept until every revision serving it is "
+                        "downloaded (default: .blobs beside the size folders)")
 
 
 @command("download", _download_args)
@@ -473,8 +483,15 @@ def _download(a: argparse.Namespace) -> None:
             raise ValueError("--revision-pattern needs --step (the step whose branch to find)")
         revision = resolve_revision(a.repo, a.step, a.revision_pattern, **retry)
         log.info("step %d of %s is branch %s", a.step, a.repo, revision)
+    blobs = None
+    if a.hub_audit is not None:
+        from lmdynamics.hub_audit import read_audit
+        from lmdynamics.sources.blobs import SharedBlobs
+
+        blob_dir = a.blob_dir or a.out_dir.parent.parent.parent / ".blobs"
+        blobs = SharedBlobs(blob_dir, read_audit(a.hub_audit))
     record = download_revision(a.repo, revision, a.out_dir, **retry,
-                               min_free_bytes=int(hub["min_free_gb"] * 1e9))
+                               min_free_bytes=int(hub["min_free_gb"] * 1e9), blobs=blobs)
     log.info("revision record: %s", json.dumps(record))
 
 
@@ -541,14 +558,45 @@ def _suite_eval_batch(a: argparse.Namespace) -> None:
              hashlib.sha256(batch.tobytes()).hexdigest())
 
 
+def _adopt_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("store", type=Path, help="a store lmdynamics.record wrote during training")
+    p.add_argument("--eval-batch", type=Path, required=True)
+    p.add_argument("--size", required=True)
+    p.add_argument("--step", type=int, required=True)
+    p.add_argument("--replicate", type=int, default=0)
+    _options_arg(p, *READS["extract"])
+    p.add_argument("--statistics", action="store_true",
+                   help="the workflow computes the Conjecture statistics (conjecture.enabled)")
+    p.add_argument("--out", type=Path, required=True)
+
+
+@command("adopt-store", _adopt_args)
+def _adopt_store(a: argparse.Namespace) -> None:
+    """Check a store recorded during training against this workflow's and copy it in place."""
+    from lmdynamics.sources.local import adopt_recorded
+
+    adopt_recorded(a.store, a.eval_batch, a.out, size=a.size, step=a.step,
+                   replicate=a.replicate, opts=_options(a), statistics=a.statistics)
+    log.info("adopted %s -> %s", a.store, a.out)
+
+
 def _audit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("stores", nargs="+", type=Path)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="tables/checkpoint_audit.csv")
+    g = p.add_argument_group("content audit (with --defects)")
+    g.add_argument("--final-step", type=int, default=None, help="the run's final step")
+    g.add_argument("--tensor-audit", type=Path, default=None,
+                   help="tables/tensor_audit.csv: tensors equal to other steps' ones")
+    g.add_argument("--defects", type=Path, default=None,
+                   help="tables/defective.csv: every flagged revision, both audits")
+    g.add_argument("--hub-audit", type=Path, default=None,
+                   help="tables/hub_audit.csv of the pre-flight audit (hub suites)")
+    _options_arg(p, "audit")
 
 
 @command("audit", _audit_args)
 def _audit(a: argparse.Namespace) -> None:
-    """Table of revisions whose weights are byte-identical to another revision's."""
+    """Checkpoint audit: byte-identical revisions, per-tensor digests and trajectories."""
     from lmdynamics.reduction.audit import write_audit
 
     table = write_audit(a.stores, a.out)
@@ -556,6 +604,58 @@ def _audit(a: argparse.Namespace) -> None:
     for row in dups.itertuples():
         log.warning("%s step %s: weights identical to %s", row.size, row.step, row.duplicate_of)
     log.info("%d checkpoints audited, %d duplicates -> %s", len(table), len(dups), a.out)
+    if a.defects is None:
+        return
+    from lmdynamics import defects
+    from lmdynamics.reduction.audit import content_audit, revision_facts
+    from lmdynamics.store import write_text_atomic
+
+    if a.final_step is None or a.tensor_audit is None:
+        raise ValueError("audit --defects needs --final-step and --tensor-audit")
+    opts = _options(a)["audit"]
+    hub_rows = []
+    if a.hub_audit is not None:
+        from lmdynamics.hub_audit import defect_rows, read_audit
+
+        hub_rows = defect_rows(read_audit(a.hub_audit))
+    tensors, rows = content_audit([revision_facts(p) for p in a.stores], a.final_step,
+                                  opts["trajectory_tolerance"],
+                                  {(r["size"], r["seed"], r["step"]) for r in hub_rows})
+    write_text_atomic(tensors.to_csv(index=False), a.tensor_audit)
+    found = defects.frame([*hub_rows, *rows])
+    defects.write_defects(found, a.defects)
+    for (size, seed, step), why in defects.flagged(found).items():
+        log.warning("%s seed %d step %d: %s", size, seed, step, why)
+    log.info("%d revisions flagged (%d by the content audit) -> %s",
+             len(defects.flagged(found)), len(rows), a.defects)
+    content = defects.frame(rows)
+    if opts["defective"] == "fail" and len(content):
+        raise defects.DefectiveRevisionsError(defects.fail_line(content, "the content audit"))
+
+
+def _hub_audit_args(p: argparse.ArgumentParser) -> None:
+    _options_arg(p, *READS["hub-audit"])
+    p.add_argument("--out", type=Path, required=True, help="tables/hub_audit.csv")
+
+
+@command("hub-audit", _hub_audit_args)
+def _hub_audit(a: argparse.Namespace) -> None:
+    """Pre-flight hub audit: what the hub serves for every planned revision, no weights."""
+    from huggingface_hub.utils import disable_progress_bars
+
+    from lmdynamics.hub_audit import audit, enforce, write_audit
+    from lmdynamics.sources.hub import set_default_timeout
+
+    disable_progress_bars()
+    set_default_timeout()
+    config = {k: v for k, v in _options(a).items() if v is not None}
+    result = audit(config)
+    write_audit(result, a.out)
+    for line in result.findings():
+        log.warning("%s", line)
+    log.info("%d revisions audited in %d requests (%.1fs), %d flagged -> %s",
+             len(result.table), result.requests, result.seconds, len(result.defective), a.out)
+    enforce(result.table, config["audit"]["defective"])
 
 
 def _plan_args(p: argparse.ArgumentParser) -> None:
@@ -590,10 +690,17 @@ def _plan(a: argparse.Namespace) -> None:
         from lmdynamics.sources.hub import set_default_timeout
 
         set_default_timeout()
-    table = plan(config, online=online, tflops=tflops, download_mb_s=speed)
+    from lmdynamics.hub_audit import audit_report
+
+    findings, sizes = audit_report(config, online=online)
+    table = plan(config, online=online, tflops=tflops, download_mb_s=speed,
+                 **({"revision_bytes": sizes} if sizes is not None else {}))
     print(f"plan for {a.configfile} (suite {config['suite']}, {config['tokens']} stored tokens "
           "per checkpoint)")
     print(format_plan(table, tflops=tflops, download_mb_s=speed))
+    if findings:
+        print("")
+        print("\n".join(findings))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,7 +11,7 @@ import argparse
 from collections.abc import Callable
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable]] = {}
-#: Subcommands that run a model: :func:`lmdynamics.cli.pin_threads` on their ``--threads``
+#: Subcommands that run a model: :func:`lmdynamics.threads.pin_threads` on their ``--threads``
 #: before they import.
 PINNED: set[str] = set()
 
@@ -52,4 +52,13 @@ READS: dict[str, tuple[str, ...]] = {
     "hub-eval-batch": ("hub.sequences",),
     "suite-eval-batch": ("hub.sequences", "eval_data.seq_len", "eval_data.dtype",
                          "eval_data.allow_download"),
+    # The drawings and Table 1 read the policy for flagged revisions, not the audit's
+    # tolerance (which decides what is flagged: tables/defective.csv, their input).
+    "figure": ("figures", "metrics", "audit.defective"),
+    "stats-figure": ("figures", "conjecture", "audit.defective"),
+    "mcc": ("mcc", "metrics", "audit.defective"),
+    # What the pre-flight audit asks and how; the rest of the hub section changes nothing it
+    # finds.
+    "hub-audit": ("source", "suite", "suite_file", "sizes", "seeds", "steps", "final_step",
+                  "hub.repo", "hub.revision", "hub.retries", "hub.backoff", "audit.defective"),
 }

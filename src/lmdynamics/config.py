@@ -10,6 +10,7 @@ the source, the final step among the steps, enough eval tokens).
 from __future__ import annotations
 
 import json
+import math
 import re
 import string
 from collections.abc import Iterable, Mapping
@@ -34,7 +35,7 @@ from lmdynamics.validation import (
 )
 
 #: Where checkpoints come from (config key ``source``).
-SOURCES: tuple[str, ...] = ("tiny", "hub")
+SOURCES: tuple[str, ...] = ("tiny", "hub", "local")
 #: Most checkpoints a tiny schedule may save (bounds the check's own work and the job list).
 MAX_CHECKPOINTS = 10_000
 
@@ -103,15 +104,17 @@ def schedule_for(config: Mapping[str, Any]) -> list[int] | None:
     if config["source"] == "tiny":
         sched = config["tiny"]["schedule"]
         return checkpoint_schedule(config["final_step"], sched["log_until"], sched["interval"])
+    if config["source"] == "local":  # the steps on disk (resolved by sources.local)
+        return sorted(config["steps"])
     schedule = suite_for(config).schedule
     return None if schedule is None else list(schedule)
 
 
 def eval_from_file(config: Mapping[str, Any], suite) -> bool:
     """Whether the eval batch comes from ``eval_data.path`` (set, or needed because the
-    suite has no public training batch) rather than the preshuffled Pile."""
+    suite has no public training batch; source local always) rather than the preshuffled Pile."""
     if suite is None:
-        return False
+        return config.get("source") == "local"
     return bool((config.get("eval_data") or {}).get("path")) or \
         suite.eval_data["kind"] != "pile_last_batch"
 
@@ -129,8 +132,10 @@ def _short(values: list[int], limit: int = 30) -> str:
     return shown + (f", ... ({len(values)} in all)" if len(values) > limit else "")
 
 
-def semantic_errors(config: Mapping[str, Any]) -> list[str]:
-    """Checks the schema cannot express; assumes the config passed the schema."""
+def semantic_errors(config: Mapping[str, Any],
+                    schema: Mapping[str, Any] | None = None) -> list[str]:
+    """Checks the schema cannot express; assumes the config passed ``schema`` (whose
+    defaults fill unset keys; default: the one :mod:`lmdynamics.options` reads)."""
     from lmdynamics.sources.suites import SuiteError
 
     errors: list[str] = []
@@ -141,6 +146,14 @@ def semantic_errors(config: Mapping[str, Any]) -> list[str]:
             return ["config key 'tiny': missing; allowed: a 'tiny' section (schedule, models) "
                     "when source is 'tiny'"]
         known = list(config["tiny"]["models"])
+    elif source == "local":  # steps and final step from disk (lmdynamics.sources.local)
+        from lmdynamics.sources import local
+
+        errors = local.errors(config)
+        if errors:
+            return errors
+        config = {**config, **local.resolve(config)}
+        known = list(config["sizes"])
     else:
         try:
             suite = suite_for(config)
@@ -184,6 +197,15 @@ def semantic_errors(config: Mapping[str, Any]) -> list[str]:
     if final not in config["steps"]:
         errors.append(f"config key 'steps': the final step {final} is missing; allowed: a list "
                       f"that includes final_step {final} (the CKA reference)")
+    first = suite.first_step if suite is not None else None
+    early = sorted(s for s in config["steps"] if first is not None and s < first)
+    if early:
+        verb = "is" if len(early) == 1 else "are"
+        errors.append(f"config key 'steps': {_short(early, 10)} {verb} before step {first}, "
+                      f"the first revision suite {suite.name} has (no step 0 branch); allowed: "
+                      f"steps >= {first}; the Conjecture reference is then the earliest "
+                      "analysed step")
+    errors += early_step_errors(config, schema)
     errors += conjecture_errors(config)
     available = eval_positions(config)
     if config.get("sampling", {}).get("protocol") == "paper_code":
@@ -196,6 +218,31 @@ def semantic_errors(config: Mapping[str, Any]) -> list[str]:
         errors.append(f"config key 'tokens': {config['tokens']} exceeds the {available} token "
                       f"positions of the eval batch; allowed: 2..{available}")
     return errors
+
+
+def early_step_errors(config: Mapping[str, Any],
+                      schema: Mapping[str, Any] | None = None) -> list[str]:
+    """Table 1's early step must exist: with ``mcc.early_step: at_or_before`` some analysed
+    step must be at or before ``mcc.early_fraction`` x ``final_step`` (the rule of
+    :func:`lmdynamics.report.tables.early_step`, checked here before any job runs).
+    ``schema``: the config schema whose ``mcc`` defaults fill unset keys (default: the one
+    :mod:`lmdynamics.options` reads)."""
+    if schema is None:
+        from lmdynamics.options import defaults
+
+        unset = defaults("mcc")
+    else:
+        unset = {k: v.get("default") for k, v in schema["properties"]["mcc"]["properties"].items()}
+    mcc = {**unset, **(config.get("mcc") or {})}
+    if mcc["early_step"] != "at_or_before":
+        return []
+    target = mcc["early_fraction"] * config["final_step"]
+    if any(s <= target + 1e-9 * max(1.0, target) for s in config["steps"]):
+        return []
+    return [f"config key 'steps': no analysed step is at or before mcc.early_fraction "
+            f"{mcc['early_fraction']:g} x final_step {config['final_step']} = {target:g}, "
+            f"Table 1's early step; allowed: steps including one <= {math.floor(target)}, "
+            "or mcc.early_step: nearest"]
 
 
 def eval_data_errors(config: Mapping[str, Any], suite) -> list[str]:
@@ -314,7 +361,7 @@ def check_config(config: Mapping[str, Any], schema: Mapping[str, Any] | Path | s
         current = {k: v for k, v in config.items() if k not in REMOVED_KEYS}
         errors += [e for e in schema_errors(current, schema) if e.split(":")[0] not in named]
     if not errors:
-        errors = semantic_errors(config)
+        errors = semantic_errors(config, schema)
     if not errors:
         errors = (model_spec_errors(config) + hub_errors(config) + family_errors(config)
                   + (seed_errors(config) or repo_collision_errors(config)))
@@ -330,6 +377,10 @@ def resolved_family(config: Mapping[str, Any]) -> str:
 
     if config.get("family") is not None:
         return config["family"]
+    if config.get("source") == "local":  # the checkpoints' config.json
+        from lmdynamics.sources.local import resolve
+
+        return resolve(config)["family"]
     suite = suite_for(config) if config.get("source") == "hub" else None
     return suite.family if suite is not None else families.DEFAULT
 

@@ -105,6 +105,13 @@ def _merge(default: Any, given: Any) -> Any:
     return default if given is None else given
 
 
+def with_defaults(node: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
+    """``given`` with the defaults of the object schema ``node`` filled in where it leaves a
+    key out (nested objects too), for a schema file of its own (e.g. the intervention
+    study's); unchecked: validate ``given`` first."""
+    return _merge(_defaults_of(node), given)
+
+
 def resolve(section: str, given: Any = None, keys: Collection[str] | None = None) -> Any:
     """``given`` (config section ``section``, or a subset of it) checked against the schema,
     with the schema's defaults filled in. Raises ValueError listing every bad key as
@@ -122,7 +129,7 @@ def resolve(section: str, given: Any = None, keys: Collection[str] | None = None
         given = {} if is_object else node.get("default")
         if given is None:  # a key without a default (e.g. family): unset stays unset
             return None
-    root = {k: v for k, v in schema().items() if k not in ("properties", "required")}
+    root = {k: v for k, v in schema().items() if k not in ("properties", "required", "allOf")}
     errors = schema_errors({section: given}, {**root, "properties": {section: node}})
     if errors:
         raise ValueError("invalid options: " + "; ".join(errors))
@@ -166,7 +173,7 @@ def parse(text: str | None, reads: Sequence[str]) -> dict[str, Any]:
     of a file holding one (``None``: all defaults). Every section is checked and completed by
     :func:`resolve`, then cut to what the job reads (so code reading a key its list lacks
     fails); sections it does not read are refused, and a required top-level key it reads
-    (``final_step``) must be given."""
+    (``tokens``) must be given."""
     sections = _heads(reads)
     value: Any = {}
     if text is not None:

@@ -95,6 +95,22 @@ def architecture(config: Mapping[str, Any], size: str) -> tuple[int, int, int]:
     return shape.layers, shape.hidden, shape.vocab
 
 
+def local_architecture(config: Mapping[str, Any], size: str) -> tuple[int, int, int, int]:
+    """(layers, hidden, vocab, parameters) of a size of your own run, from the final
+    checkpoint's ``config.json`` (:mod:`lmdynamics.sources.local`)."""
+    from lmdynamics import families
+    from lmdynamics.sources.checkpoints import read_model_config
+    from lmdynamics.sources.local import checkpoint_dir, section, seeds_of
+
+    folder = checkpoint_dir(section(config)["path"], size, seeds_of(config)[0],
+                            config["final_step"])
+    cfg = read_model_config(folder).to_dict()
+    fam = families.get(config["family"])
+    dims = fam.dims(cfg)
+    return (dims["num_hidden_layers"], dims["hidden_size"], dims["vocab_size"],
+            fam.parameters(cfg))
+
+
 def eval_tokens(config: Mapping[str, Any]) -> int:
     """Tokens of the eval batch that go through the model per checkpoint."""
     if config["source"] == "tiny":
@@ -160,12 +176,18 @@ def plan(config: Mapping[str, Any], *, online: bool = True, tflops: float = DEFA
     suite definition; a shape the definition does not document leaves that size's counts
     NaN ("unknown")."""
     rows = []
+    if config["source"] == "local":  # steps, final step and family from disk
+        from lmdynamics.sources.local import resolve
+
+        config = {**config, **resolve(config)}
     steps = sorted(config["steps"])
     n_tokens = eval_tokens(config)
     suite = suite_for(config)
     seeds = plan_seeds(config, suite)
     for size in config["sizes"]:
-        if suite is None:
+        if config["source"] == "local":
+            layers, hidden, vocab, params = local_architecture(config, size)
+        elif suite is None:
             layers, hidden, vocab = architecture(config, size)
             params = parameters(config, size)
         else:
@@ -173,7 +195,8 @@ def plan(config: Mapping[str, Any], *, online: bool = True, tflops: float = DEFA
             layers, hidden, vocab = shape.layers, shape.hidden, shape.vocab
             params = shape_parameters(suite.family, shape)
         jobs = len(steps) * len(seeds)
-        download, source = 0, "none (trained locally)"
+        download, source = 0, ("none (read in place)" if config["source"] == "local"
+                               else "none (trained locally)")
         if config["source"] == "hub":
             download = (jobs * (params * PUBLISHED_BYTES_PER_PARAM + 1000)
                         if params is not None else math.nan)

@@ -33,6 +33,10 @@ REVISION_NAME = r"\A[A-Za-z0-9_][A-Za-z0-9_.+-]*(/[A-Za-z0-9_][A-Za-z0-9_.+-]*)*
 #: A local path (``hub.tokens_path``): anything but control characters (the rules quote it)
 #: and braces (Snakemake would read them as wildcards of the rule's input).
 PATH_PATTERN = r"\A[^\x00-\x1f\x7f{}]+\Z"
+#: ``local.path`` and ``local.recorded``: path templates with ``{step}`` (fields checked by
+#: :func:`lmdynamics.sources.local.template_fields`); ``steps: discover`` (source local).
+LOCAL_TEMPLATE_PATTERN = r"\A[^\x00-\x1f\x7f]*\{step\}[^\x00-\x1f\x7f]*\Z"
+DISCOVER_PATTERN = r"\Adiscover\Z"
 REPO_ID_PATTERN = re.compile(REPO_ID)
 REVISION_PATTERN = re.compile(REVISION_NAME)
 #: What a schema ``pattern`` asks for, in words (patterns not listed are shown as regexes).
@@ -48,6 +52,9 @@ PATTERN_HINTS = {
                    "(no leading or doubled '/')",
     PATH_PATTERN: "a file or folder path without control characters (newline, tab, NUL) "
                   "or braces",
+    LOCAL_TEMPLATE_PATTERN: "a path template with {step} (and {size}, {seed}) without "
+                            "control characters, e.g. 'runs/{size}/checkpoint-{step}'",
+    DISCOVER_PATTERN: "a list of steps, or 'discover' (source local)",
 }
 #: Deepest nesting of a config value (the schema's deepest key is 4 levels down).
 MAX_DEPTH = 16

@@ -24,7 +24,7 @@ from lmdynamics.estimators.cca import (
     svcca,
     unit_correlations,
 )
-from measure_reference import cca_core_coefficients, svcca_reference
+from support.measure_reference import cca_core_coefficients, svcca_reference
 
 REPSIM_TOL = 1e-10
 CCA_CORE_TOL = 1e-6

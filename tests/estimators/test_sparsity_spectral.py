@@ -31,7 +31,7 @@ from lmdynamics.estimators.spectral import (
     spectral_norm,
 )
 from lmdynamics.extraction.spectra import singular_values
-from measure_reference import gini_hurley_rickard, gini_mean_difference, hoyer_reference
+from support.measure_reference import gini_hurley_rickard, gini_mean_difference, hoyer_reference
 
 
 def g(x) -> float:

@@ -25,8 +25,8 @@ from lmdynamics.extraction import passes
 from lmdynamics.extraction.measure_data import element_statistics, measure_data
 from lmdynamics.extraction.spectra import factored_singular_values
 from lmdynamics.sources.checkpoints import load_model
-from measure_reference import ov_heads
 from support.family_files import FAMILY, write_checkpoint
+from support.measure_reference import ov_heads
 from support.pythia_files import legacy_state_dict, pythia_config
 
 REL = 1e-12

@@ -348,3 +348,37 @@ def test_shape_config_counts_what_transformers_builds(name, shape):
     assert family.parameters(config) == ck.n_parameters(model)
     missing = {**shape, "intermediate": None}
     assert family.shape_config(missing) is None
+
+
+def test_mistral_gpt2_files_with_persistent_buffers_load(tmp_path):
+    """Stanford CRFM's Mistral runs (transformers 4.5, ``pytorch_model.bin``) persist
+    ``h.<i>.attn.bias`` and ``h.<i>.attn.masked_bias``; today's transformers ignores only the
+    first, so the family drops both, by name, and loads the values of the file. An unknown
+    extra key still fails naming it."""
+    from family_files import SMALL, gpt2_config, gpt2_state
+
+    state = gpt2_state(SMALL, 0, layout="mistral")
+    assert any(k.endswith("attn.masked_bias") for k in state)
+    (tmp_path / "config.json").write_text(json.dumps(gpt2_config(SMALL, "mistral")))
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    model = ck.load_model(tmp_path, family="gpt2")
+    loaded = model.state_dict()
+    for name, tensor in state.items():
+        if GPT2.is_legacy_buffer(name):
+            continue
+        torch.testing.assert_close(loaded[name], tensor, rtol=0, atol=0, msg=name)
+    torch.save({**state, "transformer.h.0.attn.unknown_buf": torch.tensor(1.0)},
+               tmp_path / "pytorch_model.bin")
+    with pytest.raises(ck.CheckpointMismatchError,
+                       match=r"unexpected keys transformer\.h\.0\.attn\.unknown_buf"):
+        ck.load_model(tmp_path, family="gpt2")
+
+
+def test_legacy_buffers_are_matched_by_name_only():
+    assert GPT2.is_legacy_buffer("transformer.h.11.attn.masked_bias")
+    assert GPT2.is_legacy_buffer("h.0.attn.bias")  # the released files lack the prefix
+    assert not GPT2.is_legacy_buffer("transformer.h.0.attn.c_attn.bias")
+    assert not GPT2.is_legacy_buffer("transformer.h.0.attn.masked_bias_extra")
+    neox = families.get("gpt_neox")
+    assert neox.is_legacy_buffer("gpt_neox.layers.3.attention.rotary_emb.inv_freq")
+    assert not neox.is_legacy_buffer("gpt_neox.layers.3.attention.dense.bias")

@@ -31,7 +31,7 @@ from lmdynamics.reduction.metrics import combine_sizes, reduce_size, tidy_metric
 from lmdynamics.report.measures import measure_figure
 from lmdynamics.sources.tiny import eval_batch, load_corpus, train_tiny_model
 from lmdynamics.store import IncompleteStoreError, open_store, write_store
-from measure_reference import (
+from support.measure_reference import (
     effective_rank_reference,
     gini_hurley_rickard,
     hoyer_reference,

@@ -133,7 +133,7 @@ def _hub(**overlay):
 
 
 def test_config_names_what_a_suite_without_public_batch_needs():
-    config = _hub(suite="olmo-1b", sizes=["1B"], steps=[0, 1000], final_step=1000)
+    config = _hub(suite="olmo-1b", sizes=["1B"], steps=[1000, 20000], final_step=20000)
     with pytest.raises(ConfigError, match=r"config key 'eval_data.path': unset, but suite "
                                           r"olmo-1b has no public training batch"):
         check_config(config, SCHEMA)

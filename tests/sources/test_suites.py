@@ -4,10 +4,12 @@ non-Pythia suite from the loopback hub (tests/hub_server.py, tests/suite_files.p
 
 from __future__ import annotations
 
+import io
 import json
 import re
 
 import pytest
+import safetensors.torch
 import torch
 import yaml
 
@@ -28,14 +30,22 @@ from support.hub_server import (
     add_olmo,
     use_endpoint,
 )
-from support.suite_files import GPT2_TEST, OLMO_TEST, gpt2_state_dict, olmo_branch, olmo_state_dict
+from support.suite_files import (
+    GPT2_TEST,
+    OLMO_TEST,
+    gpt2_files,
+    gpt2_state_dict,
+    olmo_branch,
+    olmo_files,
+    olmo_state_dict,
+)
 
 OLMO_STEPS = [0, 1000, 2000, 20000]  # 3000..19000 "lost", as the model card warns
 
 
 def test_every_shipped_definition_loads_and_cites_its_sources():
     names = S.shipped()
-    assert {"pythia", "pythia-deduped", "polypythias", "olmo-1b", "olmo-7b",
+    assert {"pythia", "pythia-deduped", "polypythias", "olmo-1b", "olmo-7b-0424",
             "mistral-gpt2"} <= set(names)
     for name in names:
         suite = S.load_suite(name)
@@ -69,7 +79,10 @@ def test_polypythias_seed_zero_is_the_original_run():
 
 def test_olmo_and_mistral_facts():
     olmo = S.load_suite("olmo-1b")
-    assert olmo.discover and olmo.schedule is None and olmo.final_step is None
+    assert olmo.discover and olmo.schedule is None
+    # OLMo-1B-hf's branches: step1000-tokens4B (no step0) to step738020-tokens3094B
+    assert olmo.first_step == 1000 and olmo.final_step == 738_020
+    assert olmo.tokens_per_step == 2048 * 2048
     assert olmo.revision(1000) is None  # never computed: read from the branch list
     assert olmo.tokens_of("step20000-tokens84B") == 84_000_000_000
     mistral = S.load_suite("mistral-gpt2")
@@ -77,7 +90,36 @@ def test_olmo_and_mistral_facts():
     assert mistral.schedule[:3] == (0, 10, 20) and 1950 in mistral.schedule
     assert mistral.repo_id("medium", 777) == "stanford-crfm/eowyn-gpt2-medium-x777"
     assert mistral.revision(400000) == "checkpoint-400000"
-    assert mistral.sizes["medium"].layers is None  # not checked: unknown, not guessed
+    medium = mistral.sizes["medium"]
+    assert (medium.layers, medium.hidden, medium.heads, medium.context) == (24, 1024, 16, 1024)
+    assert mistral.tokens_per_step == 512 * 1024
+    assert mistral.eval_data["tokenizer"] == "openai-community/gpt2"
+
+
+def test_corrected_facts_cite_their_sources():
+    """The facts issue 27 corrected: Pythia's heads, pythia-31m's data, PolyPythias' data
+    order, OLMo-7B's converted checkpoints, and the known defects of the trackers."""
+    assert [pythia.HEADS[s] for s in ("14m", "31m", "1b", "6.9b", "12b")] == [4, 8, 8, 32, 40]
+    standard, deduped = S.load_suite("pythia"), S.load_suite("pythia-deduped")
+    assert "31m" not in standard.sizes and "31m" in deduped.sizes
+    assert "pythia-31m" in " ".join(standard.sources)
+    assert "reorders" in S.load_suite("polypythias").eval_data["note"]
+    olmo7 = S.load_suite("olmo-7b-0424")
+    assert olmo7.repo_id("7B") == "allenai/OLMo-7B-0424-hf" and olmo7.discover
+    assert any("OLMo-7B-hf" in s and "not converted" in s for s in olmo7.sources)
+    defect = standard.defects_of("2.8b", None, 13000)
+    assert [d.kind for d in defect] == ["same_as_main"]
+    assert defect[0].source == "https://github.com/EleutherAI/pythia/issues/205"
+    assert [d.kind for d in standard.defects_of("12b", None, 50000)] == ["shared_shard"]
+    assert {d.source for d in standard.defects_of("70m", None, 2)} == {
+        "https://github.com/EleutherAI/pythia/issues/198"}
+    poly = S.load_suite("polypythias")
+    assert [d.kind for d in poly.defects_of("410m", 9, 40000)] == ["no_weights"]
+    assert poly.defects_of("410m", 8, 40000) == []
+    assert deduped.defects_of("12b", None, 32000)[0].fixed
+    for name in S.shipped():
+        for d in S.load_suite(name).known_defects:
+            assert d.source.startswith("https://"), (name, d)
 
 
 GOOD = yaml.safe_load(S.resources.files(S.__name__).joinpath("olmo-1b.yaml").read_text())
@@ -98,6 +140,12 @@ HOSTILE = [
     ({"sources": []}, "key 'sources'"),
     ({"sizes": {"1B": {"layers": 16}}}, "key 'sizes"),
     ({"repos": {"7B": {"0": "a/b"}}}, "not a size of the suite"),
+    ({"known_defects": [{"sizes": ["9B"], "steps": [1], "kind": "no_weights",
+                         "source": "https://x.org/1"}]}, "key 'known_defects.0.sizes'"),
+    ({"known_defects": [{"sizes": ["1B"], "steps": [1], "kind": "rumour",
+                         "source": "https://x.org/1"}]}, "key 'known_defects.0.kind'"),
+    ({"known_defects": [{"sizes": ["1B"], "steps": [1], "kind": "no_weights",
+                         "source": "see the forum"}]}, "key 'known_defects.0.source'"),
 ]
 
 
@@ -179,12 +227,16 @@ def test_download_command_fetches_a_revision_of_each_suite(suite_name, monkeypat
             add_olmo(hub, OLMO_STEPS)
             repo = suite.repo_id("1B")
             args = ["--step", "2000", "--revision-pattern", suite.revisions["pattern"]]
-            branch, expected = olmo_branch(2000), olmo_state_dict(*OLMO_TEST, TEST_VOCAB, 4000)
+            branch = olmo_branch(2000)
+            expected = safetensors.torch.load(  # the bytes the hub serves for step 2000
+                olmo_files(2000, max(OLMO_STEPS), TEST_VOCAB)["model.safetensors"])
         else:
             add_mistral_gpt2(hub, [0, 10, 400000])
             repo = suite.repo_id("small", 21)
             args = ["--revision", suite.revision(10)]
-            branch, expected = "checkpoint-10", gpt2_state_dict(*GPT2_TEST, TEST_VOCAB, 3010)
+            branch = "checkpoint-10"
+            expected = torch.load(io.BytesIO(gpt2_files(10, 400000, TEST_VOCAB)[
+                "pytorch_model.bin"]), weights_only=True)
         assert arch in KNOWN_ARCHITECTURES
         run(["download", "--repo", repo, *args, "--out-dir", str(out),
              "--options", '{"hub": {"retries": 0}}'])

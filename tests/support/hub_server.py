@@ -3,9 +3,15 @@
 
 Endpoints (``{kind}`` = ``models`` | ``datasets``; dataset file URLs start with ``/datasets``):
 
-- ``GET /api/{kind}/{repo}[/revision/{rev}]`` -> ``{"id", "sha", "siblings": [{"rfilename"}]}``
+- ``GET /api/{kind}/{repo}[/revision/{rev}]`` -> ``{"id", "sha", "siblings": [{"rfilename"}]}``;
+  with ``?blobs=true`` (what ``HfApi.model_info(files_metadata=True)`` sends) each sibling
+  also has ``size``, ``blobId`` and, for LFS files, ``lfs: {"sha256", "size",
+  "pointerSize"}`` (the fields huggingface_hub 2.4 parses into ``RepoSibling`` /
+  ``BlobLfsInfo``; #205 and allenai/OLMo #915 read the LFS sha256 this way, without
+  downloading); ``blobId`` of an LFS file is the git id of its pointer file
 - ``GET /api/{kind}/{repo}/refs`` -> ``{"branches": [{"name", "ref", "targetCommit"}], ...}``
-- ``GET /api/{kind}/{repo}/tree/{rev}`` -> ``[{"type": "file", "path", "size", "oid"}]``
+- ``GET /api/{kind}/{repo}/tree/{rev}`` -> ``[{"type": "file", "path", "size", "oid"}]`` (and
+  ``lfs: {"oid", "size", "pointerSize"}`` for LFS files)
 - ``HEAD``/``GET /[datasets/]{repo}/resolve/{rev}/{file}`` with ``X-Repo-Commit``, ``ETag``
   (sha256 for weight files, as for LFS; git blob id otherwise), ``Content-Length``, and
   ``Range`` requests answered 206 with ``Content-Range``
@@ -69,11 +75,35 @@ def git_blob_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
+def is_lfs(name: str) -> bool:
+    """Weight files are stored with git LFS (the hub's default ``.gitattributes`` tracks
+    ``*.bin`` and ``*.safetensors``)."""
+    return name.endswith((".safetensors", ".bin"))
+
+
 def etag_for(name: str, data: bytes) -> str:
     """sha256 for weight files (what the hub sends for LFS files), git blob id otherwise."""
-    if name.endswith((".safetensors", ".bin")):
+    if is_lfs(name):
         return hashlib.sha256(data).hexdigest()
     return git_blob_sha1(data)
+
+
+def lfs_pointer(sha256: str, size: int) -> bytes:
+    """The git LFS pointer file of an object (git-lfs spec v1)."""
+    return (f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\n"
+            f"size {size}\n").encode()
+
+
+def sibling(name: str, f: bytes | VirtualFile, blobs: bool) -> dict:
+    """One entry of ``siblings``; with ``blobs`` the file metadata the hub adds."""
+    if not blobs:
+        return {"rfilename": name}
+    size, etag = _size(f), _etag(name, f)
+    if not is_lfs(name):
+        return {"rfilename": name, "size": size, "blobId": etag}
+    pointer = lfs_pointer(etag, size)
+    return {"rfilename": name, "size": size, "blobId": git_blob_sha1(pointer),
+            "lfs": {"sha256": etag, "size": size, "pointerSize": len(pointer)}}
 
 
 @dataclass
@@ -164,7 +194,7 @@ class Handler(BaseHTTPRequestHandler):
         self._handle("HEAD")
 
     def _handle(self, method: str) -> None:
-        path = self.path.split("?", 1)[0]
+        path, _, query = self.path.partition("?")
         fault = self.state.take_fault(method, path)
         try:
             if fault and fault.kind == "slow":
@@ -173,7 +203,7 @@ class Handler(BaseHTTPRequestHandler):
                 self._send(fault.status, b"injected failure", {}, method, path)
                 return
             if m := API.match(path):
-                self._api(method, path, *m.groups())
+                self._api(method, path, *m.groups(), blobs="blobs=true" in query.lower())
             elif m := RESOLVE.match(path):
                 self._resolve(method, path, m, fault)
             else:
@@ -205,7 +235,7 @@ class Handler(BaseHTTPRequestHandler):
         self._send(200, json.dumps(obj).encode(), {"Content-Type": "application/json"}, method,
                    path)
 
-    def _api(self, method, path, kind, repo_id, action, rev, rest) -> None:
+    def _api(self, method, path, kind, repo_id, action, rev, rest, blobs=False) -> None:
         repo = self.state.repos.get((kind, repo_id))
         if repo is None:
             return self._error("RepoNotFound", method, path)
@@ -219,10 +249,15 @@ class Handler(BaseHTTPRequestHandler):
         files = repo.commits[commit]
         if action == "tree":
             return self._json([{"type": "file", "path": n, "size": _size(f),
-                                "oid": _etag(n, f)} for n, f in sorted(files.items())],
-                              method, path)
+                                "oid": _etag(n, f),
+                                **({"lfs": {"oid": _etag(n, f), "size": _size(f),
+                                            "pointerSize": len(lfs_pointer(_etag(n, f),
+                                                                           _size(f)))}}
+                                   if is_lfs(n) else {})}
+                               for n, f in sorted(files.items())], method, path)
         self._json({"id": repo_id, "sha": commit,
-                    "siblings": [{"rfilename": n} for n in sorted(files)]}, method, path)
+                    "siblings": [sibling(n, f, blobs) for n, f in sorted(files.items())]},
+                   method, path)
 
     def _resolve(self, method: str, path: str, m: re.Match, fault: Fault | None) -> None:
         kind = "datasets" if m.group(1) else "models"
@@ -376,26 +411,30 @@ OLMO_REPO = "allenai/OLMo-1B-hf"
 MISTRAL_REPO = "stanford-crfm/alias-gpt2-small-x21"
 
 
-def add_olmo(hub: HubServer, steps: list[int], repo_id: str = OLMO_REPO) -> dict[int, str]:
+def add_olmo(hub: HubServer, steps: list[int], repo_id: str = OLMO_REPO,
+             names: dict[int, str] | None = None) -> dict[int, str]:
     """Publish an OLMo-style repo: branches ``step<N>-tokens<M>B`` (and ``main`` = the last
-    step), each with ``config.json`` and ``model.safetensors``; revision of step N seeded
-    ``2000 + N``. Returns step -> branch name."""
+    step), each with ``config.json`` and ``model.safetensors``, the revisions of one training
+    trajectory (:func:`support.suite_files.olmo_files`); ``names`` gives a step's branch name where
+    the repo's own differs from :func:`support.suite_files.olmo_branch` (OLMo-1B-hf's last,
+    ``step738020-tokens3094B``). Returns step -> branch name."""
     from support.suite_files import olmo_branch, olmo_files
 
-    names = {}
+    names = dict(names or {})
     for step in sorted(steps):
-        files = olmo_files(2000 + step, TEST_VOCAB)
-        names[step] = olmo_branch(step)
+        files = olmo_files(step, max(steps), TEST_VOCAB)
+        names.setdefault(step, olmo_branch(step))
         hub.add_model(repo_id, names[step], files)
-    hub.add_model(repo_id, "main", olmo_files(2000 + max(steps), TEST_VOCAB))
+    hub.add_model(repo_id, "main", olmo_files(max(steps), max(steps), TEST_VOCAB))
     return names
 
 
 def add_mistral_gpt2(hub: HubServer, steps: list[int], repo_id: str = MISTRAL_REPO) -> None:
     """Publish a Mistral GPT-2 repo: branches ``checkpoint-<step>`` (and ``main``) with
-    ``config.json`` and ``pytorch_model.bin``; revision of step N seeded ``3000 + N``."""
+    ``config.json`` and ``pytorch_model.bin``, the revisions of one training trajectory
+    (:func:`support.suite_files.gpt2_files`)."""
     from support.suite_files import gpt2_files
 
     for step in sorted(steps):
-        hub.add_model(repo_id, f"checkpoint-{step}", gpt2_files(3000 + step, TEST_VOCAB))
-    hub.add_model(repo_id, "main", gpt2_files(3000 + max(steps), TEST_VOCAB))
+        hub.add_model(repo_id, f"checkpoint-{step}", gpt2_files(step, max(steps), TEST_VOCAB))
+    hub.add_model(repo_id, "main", gpt2_files(max(steps), max(steps), TEST_VOCAB))

@@ -15,6 +15,9 @@ GPT-2 ``mistral`` layout):
 
 - ``pytorch_model.bin`` (the repo's commit history: "checkpoint-<step> contents" touching
   pytorch_model.bin), on branches ``checkpoint-<step>``.
+
+Revisions of one repo lie on a training trajectory (:func:`on_trajectory`): the content audit
+checks that a revision sits between its neighbours, as real checkpoints of one run do.
 """
 
 from __future__ import annotations
@@ -38,6 +41,23 @@ SCALE, SPREAD = 0.02, 0.05
 OLMO_NAME_TOKENS_PER_STEP = 4_194_304
 
 
+def on_trajectory(init: dict[str, torch.Tensor], end: dict[str, torch.Tensor], step: int,
+                  final: int, noise: float = 0.002) -> dict[str, torch.Tensor]:
+    """The checkpoint of ``step`` of a run from ``init`` to ``end`` (its ``final`` step):
+    ``(1 - t) init + t end`` plus a seeded noise, ``t = sqrt(step / final)``; tensors that are
+    not floating point (masks) are ``init``'s."""
+    t = (step / final) ** 0.5
+    gen = torch.Generator().manual_seed(7_000_000 + step)
+    out = {}
+    for name, a in init.items():
+        if not a.is_floating_point() or a.ndim == 0:
+            out[name] = a.clone()
+            continue
+        w = (1 - t) * a.float() + t * end[name].float()
+        out[name] = (w + noise * torch.randn(w.shape, generator=gen)).to(a.dtype)
+    return out
+
+
 def olmo_branch(step: int) -> str:
     """``step<N>-tokens<M>B`` as the OLMo repos name their branches."""
     return f"step{step}-tokens{round(step * OLMO_NAME_TOKENS_PER_STEP / 1e9)}B"
@@ -54,12 +74,14 @@ def olmo_state_dict(hidden: int, layers: int, heads: int, intermediate: int, voc
                        scale=SCALE, spread=SPREAD)
 
 
-def olmo_files(seed: int, vocab: int) -> dict[str, bytes]:
+def olmo_files(step: int, final: int, vocab: int, seed: int = 2000) -> dict[str, bytes]:
+    """An OLMo revision: step ``step`` of a run (seeded ``seed``) ending at ``final``."""
     dims = olmo_dims(*OLMO_TEST, vocab)
+    state = on_trajectory(llama_state("olmo", dims, seed, scale=SCALE, spread=SPREAD),
+                          llama_state("olmo", dims, seed + 1, scale=SCALE, spread=SPREAD),
+                          step, final)
     return {"config.json": json.dumps(llama_config("olmo", dims), indent=2).encode() + b"\n",
-            "model.safetensors": safetensors.torch.save(
-                llama_state("olmo", dims, seed, scale=SCALE, spread=SPREAD),
-                metadata={"format": "pt"})}
+            "model.safetensors": safetensors.torch.save(state, metadata={"format": "pt"})}
 
 
 def gpt2_dims(hidden: int, layers: int, heads: int, positions: int, vocab: int) -> Dims:
@@ -74,9 +96,13 @@ def gpt2_state_dict(hidden: int, layers: int, heads: int, positions: int, vocab:
                       layout="mistral", scale=SCALE, spread=SPREAD)
 
 
-def gpt2_files(seed: int, vocab: int) -> dict[str, bytes]:
+def gpt2_files(step: int, final: int, vocab: int, seed: int = 3000) -> dict[str, bytes]:
+    """A Mistral GPT-2 revision: step ``step`` of a run (seeded ``seed``) ending at
+    ``final``, with the persistent buffers of transformers 4.x."""
     dims = gpt2_dims(*GPT2_TEST, vocab)
     config = gpt2_config(dims, layout="mistral")
-    state = gpt2_state(dims, seed, layout="mistral", scale=SCALE, spread=SPREAD)
+    state = on_trajectory(
+        gpt2_state(dims, seed, layout="mistral", scale=SCALE, spread=SPREAD),
+        gpt2_state(dims, seed + 1, layout="mistral", scale=SCALE, spread=SPREAD), step, final)
     return {"config.json": json.dumps(config, indent=2).encode() + b"\n",
             "pytorch_model.bin": torch_bytes(state)}

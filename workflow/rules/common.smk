@@ -22,6 +22,7 @@ from lmdynamics.config import (
 from lmdynamics.commands import READS
 from lmdynamics.options import job_options, schema_path
 from lmdynamics.plan import parameters
+from lmdynamics.sources import local
 from lmdynamics.report.registry import (
     REPORT_CATEGORIES,
     STATS_FIGURES,
@@ -42,6 +43,8 @@ check_config(config, SCHEMA, files=workflow.configfiles)
 
 
 validate(config, SCHEMA)
+# Source local: steps "discover", an unset final_step and family, read from disk.
+config.update(local.resolve(config))
 # The suite definition (source hub; lmdynamics.sources.suites): hub.repo, hub.revision and
 # hub.dataset the config leaves unset come from it.
 SUITE = suite_for(config)
@@ -60,6 +63,13 @@ SIZES = list(config["sizes"])
 SEEDS = sorted(config["seeds"])
 STEPS = sorted(config["steps"])
 FINAL_STEP = config["final_step"]
+# The Conjecture statistics' initialisation: step 0, or the earliest analysed step of a suite
+# that has no step 0 (OLMo-1B-hf's first revision is step 1000).
+INIT_STEP = STEPS[0]
+# Checkpoints you can trust (docs/guide/checkpoint-trust.md): what the pre-flight hub audit
+# and the content audit flag, and what the run does with it (audit.defective).
+HUB_AUDIT = f"{RESULTS}/tables/hub_audit.csv"
+DEFECTS = f"{RESULTS}/tables/defective.csv"
 SCHEDULE = schedule_for(config)
 ENV = "../../envs/lmdynamics.yaml"
 FIGURES = paper_figures(config["metrics"]["standardize"])
@@ -90,6 +100,9 @@ wildcard_constraints:
 def checkpoint_files(wildcards):
     """The Hugging Face model directory of one (size, seed, step), as its two files."""
     base = checkpoint_dir(wildcards.size, wildcards.seed, wildcards.step)
+    if config["source"] == "local":  # the weights file the folder holds
+        weights = local.weight_file(base) or f"{base}/{local.WEIGHT_NAMES[0]}"
+        return {"config": f"{base}/config.json", "weights": str(weights)}
     return {"config": f"{base}/config.json", "weights": f"{base}/model.safetensors"}
 
 
@@ -134,6 +147,8 @@ def size_extraction_inputs(wildcards):
 
 def checkpoint_dir(size, seed, step):
     """The one place a checkpoint directory's path is formed."""
+    if config["source"] == "local":
+        return str(local.checkpoint_dir(config["local"]["path"], size, seed, step))
     return f"{RESULTS}/checkpoints/{size}/seed{seed}/step{step}"
 
 
@@ -185,13 +200,15 @@ def model_name(size, seed):
     seed = int(seed)
     if config["source"] == "tiny":
         return f"lmdynamics-tiny-{size}" + (f"-seed{seed}" if seed else "")
+    if config["source"] == "local":
+        return f"local:{config['local']['path']}"
     return hub_repo(config, SUITE, size, seed)
 
 
 def revision(step):
     """The revision name of a step; for a discover suite, a label until the download job
     has read the branch from the hub (its revision.json, which the store records)."""
-    if config["source"] == "tiny":
+    if config["source"] != "hub":
         return f"step{step}"
     return hub_revision(config, SUITE, step) or f"discovered-step{step}"
 
@@ -214,7 +231,7 @@ def download_revision(wildcards):
 EVAL_FROM_FILE = eval_from_file(config, SUITE)
 
 
-# Conjecture statistics (workflow/rules/conjecture.smk). What they need of the step-0 and
+# Conjecture statistics (workflow/rules/conjecture.smk). What they need of the INIT_STEP and
 # final checkpoints of a size (init weights, final weights, the final top-k singular
 # directions) is computed once per (size, seed) into reference/<size>/seed<k>.zarr (rule reference); each
 # extraction job reads that store and its own checkpoint. The two checkpoints are inputs of the
@@ -223,9 +240,9 @@ CONJECTURE = config["conjecture"]
 
 
 def reference_checkpoints(wildcards):
-    """Files of the step-0 and final checkpoints of a size (the reference job's inputs)."""
+    """Files of the INIT_STEP and final checkpoints of a size (the reference job's inputs)."""
     files = {}
-    for name, step in (("init", 0), ("final", FINAL_STEP)):
+    for name, step in (("init", INIT_STEP), ("final", FINAL_STEP)):
         ref = checkpoint_files(
             SimpleNamespace(size=wildcards.size, seed=wildcards.seed, step=step)
         )
@@ -249,6 +266,11 @@ def stats_args(wildcards):
     return ["--reference", refs["reference"]] if refs else []
 
 
+def recorded_store(template, size, seed, step):
+    """The store lmdynamics.record wrote for one (size, seed, step) (source local)."""
+    return str(local.recorded_store(template, size, seed, step))
+
+
 def all_outputs():
     outputs = [
         f"{RESULTS}/metrics.csv",
@@ -256,6 +278,8 @@ def all_outputs():
         f"{RESULTS}/tables/mcc.md",
         f"{RESULTS}/tables/mcc_seeds.csv",
         f"{RESULTS}/tables/checkpoint_audit.csv",
+        f"{RESULTS}/tables/tensor_audit.csv",
+        DEFECTS,
         f"{RESULTS}/figures/mcc_sensitivity.png",
         f"{RESULTS}/figures/mcc_sensitivity.pdf",
     ]
@@ -273,6 +297,8 @@ def all_outputs():
             name=STATS_FIGURES,
             ext=["png", "pdf"],
         )
+    if config["source"] == "hub":
+        outputs.append(HUB_AUDIT)
     if config["source"] == "tiny":
         outputs += [
             f"{RESULTS}/training_loss.csv",

@@ -3,7 +3,8 @@
 # sizes, and drawn.
 
 
-# What the statistics need of the step-0 and final checkpoints, once per (size, seed): both
+# What the statistics need of the INIT_STEP (step 0, else the earliest analysed step) and final
+# checkpoints, once per (size, seed): both
 # checkpoints' weights and the final top-k singular directions (lmdynamics.extraction.reference).
 # What it reads of the config: READS["reference"] (lmdynamics.commands).
 rule reference:
@@ -67,7 +68,8 @@ rule combine_stats:
 rule stats_figure:
     input:
         stats=f"{RESULTS}/stats.zarr",
-        code=package_sources("report.figures", "report.conjecture"),
+        defects=DEFECTS,
+        code=package_sources("report.figures", "report.conjecture", "report.exclusion"),
     output:
         png=report(
             f"{RESULTS}/figures/conjecture_{{stat_figure}}.png",
@@ -82,8 +84,10 @@ rule stats_figure:
     conda:
         ENV
     params:
-        options=job_options(config, "figures", "conjecture"),
+        options=job_options(config, *READS["stats-figure"]),
         stem=lambda wc, output: os.path.splitext(output.png)[0],
+        init_step=INIT_STEP,
     shell:
         "lmdynamics stats-figure {wildcards.stat_figure:q} --stats {input.stats:q}"
+        " --defects {input.defects:q} --init-step {params.init_step:q}"
         " --options {params.options:q} --out-stem {params.stem:q} > {log:q} 2>&1"

@@ -5,13 +5,22 @@
 # extracts that (size, seed) again; its stores are the same as one job per step writes.
 # What the job reads of the config: READS["extract"] (lmdynamics.commands).
 EXTRACTION_OPTIONS = job_options(config, *READS["extract"])
+# Source local: the job waits for a complete checkpoint folder and records its fingerprint.
+LOCAL_ARGS = (
+    [
+        f"--local-settle={float(config['local']['settle_seconds'])}",
+        f"--local-wait={float(config['local']['wait_seconds'])}",
+    ]
+    if config["source"] == "local"
+    else []
+)
 EXTRACT_COMMAND = (
     "lmdynamics extract --checkpoint {params.checkpoints:q}"
     " --eval-batch {input.batch:q} --size {wildcards.size:q} --step {params.steps:q}"
     " --replicate {wildcards.seed:q}"
     " --model {params.model:q} --revision {params.revisions:q}"
     " --options {params.options:q} {params.grad_batches:q} --threads {threads:q}"
-    " {params.stats:q}"
+    " {params.stats:q} {params.local:q}"
     " --out {output:q} > {log:q} 2>&1"
 )
 
@@ -43,6 +52,7 @@ if config["source"] == "tiny":
             ],
             grad_batches=gradient_batches_args,
             stats=stats_args,
+            local=LOCAL_ARGS,
         shell:
             EXTRACT_COMMAND
 
@@ -74,6 +84,7 @@ if config["source"] != "tiny":
             checkpoints=lambda wc, input: [os.path.dirname(input.weights)],
             grad_batches=gradient_batches_args,
             stats=stats_args,
+            local=LOCAL_ARGS,
         shell:
             EXTRACT_COMMAND
 

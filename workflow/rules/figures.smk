@@ -4,7 +4,8 @@
 rule figure:
     input:
         metrics=f"{RESULTS}/metrics.zarr",
-        code=package_sources("report.figures", "report.cka"),
+        defects=DEFECTS,
+        code=package_sources("report.figures", "report.cka", "report.exclusion"),
     output:
         png=report(
             f"{RESULTS}/figures/{{figure}}.png",
@@ -18,17 +19,19 @@ rule figure:
     conda:
         ENV
     params:
-        options=job_options(config, "figures", "metrics"),
+        options=job_options(config, *READS["figure"]),
         stem=lambda wc, output: os.path.splitext(output.png)[0],
     shell:
         "lmdynamics figure {wildcards.figure:q} --metrics {input.metrics:q}"
-        " --options {params.options:q} --out-stem {params.stem:q} > {log:q} 2>&1"
+        " --defects {input.defects:q} --options {params.options:q}"
+        " --out-stem {params.stem:q} > {log:q} 2>&1"
 
 
 rule mcc_table:
     input:
         metrics=f"{RESULTS}/metrics.zarr",
-        code=package_sources("report.tables"),
+        defects=DEFECTS,
+        code=package_sources("report.tables", "report.exclusion"),
     output:
         csv=report(
             f"{RESULTS}/tables/mcc.csv",
@@ -48,9 +51,10 @@ rule mcc_table:
     conda:
         ENV
     params:
-        options=job_options(config, "mcc", "metrics"),
+        options=job_options(config, *READS["mcc"]),
     shell:
-        "lmdynamics mcc --metrics {input.metrics:q} --options {params.options:q}"
+        "lmdynamics mcc --metrics {input.metrics:q} --defects {input.defects:q}"
+        " --options {params.options:q}"
         " --csv {output.csv:q} --md {output.md:q} --seeds-csv {output.seeds:q}"
         " > {log:q} 2>&1"
 
@@ -58,8 +62,13 @@ rule mcc_table:
 rule mcc_sensitivity:
     input:
         metrics=f"{RESULTS}/metrics.zarr",
+        defects=DEFECTS,
         code=package_sources(
-            "report.tables", "report.mcc", "report.figures", "report.cka"
+            "report.tables",
+            "report.mcc",
+            "report.figures",
+            "report.cka",
+            "report.exclusion",
         ),
     output:
         png=report(
@@ -77,8 +86,8 @@ rule mcc_sensitivity:
     conda:
         ENV
     params:
-        options=job_options(config, "mcc", "metrics"),
+        options=job_options(config, *READS["mcc"]),
         stem=lambda wc, output: os.path.splitext(output.png)[0],
     shell:
-        "lmdynamics mcc --metrics {input.metrics:q} --options {params.options:q}"
-        " --sensitivity-stem {params.stem:q} > {log:q} 2>&1"
+        "lmdynamics mcc --metrics {input.metrics:q} --defects {input.defects:q}"
+        " --options {params.options:q} --sensitivity-stem {params.stem:q} > {log:q} 2>&1"

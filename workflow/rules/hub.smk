@@ -3,12 +3,41 @@
 # byte range from the preshuffled Pile (or a local copy of it), or a local file (eval_data).
 
 
+# The pre-flight hub audit: the commit and each weight file's LFS sha256 and size of every
+# planned revision and of each repo's main, from the hub's metadata (no weight bytes), before
+# any download (lmdynamics.hub_audit). Stops the run on a revision without weights,
+# and on any flagged revision with audit.defective: fail.
+rule hub_audit:
+    output:
+        report(
+            HUB_AUDIT,
+            caption="../report/hub_audit.rst",
+            category="Tables",
+        ),
+    log:
+        f"{RESULTS}/logs/hub_audit.log",
+    conda:
+        ENV
+    resources:
+        network=1,
+    params:
+        # what the audit asks and how (the rest of the hub section changes nothing it
+        # finds); a function, so that the '{size}' of hub.repo is not read as a wildcard
+        options=lambda wc: job_options(config, *READS["hub-audit"]),
+    shell:
+        "lmdynamics hub-audit --options {params.options:q} --out {output:q} > {log:q} 2>&1"
+
+
 # Weights are temporary: deleted once every job reading them has finished (the extraction of
 # their (size, step), and for step 0 and the final step also the size's reference job),
 # unless hub.keep_weights. The durable things are the per-pair stores and the per-size
 # reference store, so adding a step later downloads and extracts that step only: Snakemake
 # does not redo a job whose output exists because its temp() inputs are gone.
 rule download:
+    input:
+        # the audit precedes every weight request; rewriting it later (a new step, a new
+        # policy) re-downloads nothing
+        audit=ancient(HUB_AUDIT),
     output:
         config=f"{RESULTS}/checkpoints/{{size}}/seed{{seed}}/step{{step}}/config.json",
         weights=(
@@ -37,6 +66,7 @@ rule download:
         + REVISION_FLAGS
         + " {params.revision:q}"
         " --out-dir {params.out_dir:q} --options {params.options:q}"
+        " --hub-audit {input.audit:q}"
         " > {log:q} 2>&1"
 
 

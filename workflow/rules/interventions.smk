@@ -12,7 +12,7 @@ rule interventions:
         f"{IV_OUT}/effects.md",
         expand(
             f"{IV_RESULTS}/figures/{{name}}.{{ext}}",
-            name=["convergence", "effect_scatter"],
+            name=["convergence", "contrasts"],
             ext=["png", "pdf"],
         ),
 
@@ -23,6 +23,7 @@ rule intervention_run:
     output:
         metrics=f"{IV_RESULTS}/runs/{{variant}}/{{arch}}/seed{{seed}}_metrics.csv",
         losses=f"{IV_RESULTS}/runs/{{variant}}/{{arch}}/seed{{seed}}_losses.csv",
+        machine=f"{IV_RESULTS}/runs/{{variant}}/{{arch}}/seed{{seed}}_machine.json",
     log:
         f"{IV_RESULTS}/logs/intervention_run/{{variant}}/{{arch}}/seed{{seed}}.log",
     benchmark:
@@ -33,27 +34,31 @@ rule intervention_run:
     resources:
         gpu=1 if IV["device"] == "cuda" else 0,
     params:
-        variant=lambda wc: json.dumps(IV["variants"][wc.variant], sort_keys=True),
+        variant=iv_variant_spec,
         arch=lambda wc: json.dumps(IV["sizes"][wc.arch], sort_keys=True),
-        section=IV_RUN,
+        options=IV_RUN,
     shell:
         "lmdynamics intervention-run --variant {wildcards.variant:q}"
         " --variant-spec {params.variant:q} --size {wildcards.arch:q}"
         " --architecture {params.arch:q} --seed {wildcards.seed:q}"
-        " --section {params.section:q} --threads {threads:q}"
-        " --out-metrics {output.metrics:q} --out-losses {output.losses:q} > {log:q} 2>&1"
+        " --options {params.options:q} --out-metrics {output.metrics:q}"
+        " --out-losses {output.losses:q} --out-machine {output.machine:q} > {log:q} 2>&1"
 
 
 rule intervention_summarise:
     input:
         metrics=iv_runs("metrics"),
         losses=iv_runs("losses"),
-        code=package_sources("interventions.outcomes", "interventions.report"),
+        machines=iv_runs("machine", "json"),
+        code=package_sources(
+            "interventions.outcomes", "interventions.report", "estimators.paired"
+        ),
     output:
         runs=f"{IV_OUT}/runs.csv",
         outcomes=f"{IV_OUT}/outcomes.csv",
+        run_contrasts=f"{IV_OUT}/run_contrasts.csv",
         effects=f"{IV_OUT}/effects.csv",
-        summary=f"{IV_OUT}/effects_summary.csv",
+        machines=f"{IV_OUT}/machines.csv",
         table=report(
             f"{IV_OUT}/effects.md",
             caption="../report/interventions_table.rst",
@@ -65,23 +70,18 @@ rule intervention_summarise:
     conda:
         ENV
     params:
-        baseline=IV["baseline"],
-        threshold=IV["outcomes"]["threshold"],
-        estimator=IV["outcomes"]["cka_estimator"],
-        samples=IV["outcomes"]["bootstrap"]["samples"],
-        level=IV["outcomes"]["bootstrap"]["level"],
+        options=IV_OPTIONS,
         out_dir=lambda wc, output: os.path.dirname(output.outcomes),
     shell:
         "lmdynamics intervention-summarise --metrics {input.metrics:q}"
-        " --losses {input.losses:q} --baseline {params.baseline:q}"
-        " --threshold {params.threshold:q} --cka-estimator {params.estimator:q}"
-        " --bootstrap-samples {params.samples:q} --bootstrap-level {params.level:q}"
-        " --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        " --losses {input.losses:q} --machines {input.machines:q}"
+        " --options {params.options:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
 rule intervention_figures:
     input:
         runs=f"{IV_OUT}/runs.csv",
+        run_contrasts=f"{IV_OUT}/run_contrasts.csv",
         effects=f"{IV_OUT}/effects.csv",
         code=package_sources("interventions.report"),
     output:
@@ -91,25 +91,24 @@ rule intervention_figures:
             category="Interventions",
             labels={"result": "convergence curves", "file": "figures/convergence.png"},
         ),
-        scatter=report(
-            f"{IV_RESULTS}/figures/effect_scatter.png",
-            caption="../report/interventions_scatter.rst",
+        contrasts=report(
+            f"{IV_RESULTS}/figures/contrasts.png",
+            caption="../report/interventions_contrasts.rst",
             category="Interventions",
-            labels={"result": "effect scatter", "file": "figures/effect_scatter.png"},
+            labels={"result": "per-seed contrasts", "file": "figures/contrasts.png"},
         ),
         pdfs=expand(
             f"{IV_RESULTS}/figures/{{name}}.pdf",
-            name=["convergence", "effect_scatter"],
+            name=["convergence", "contrasts"],
         ),
     log:
         f"{IV_RESULTS}/logs/intervention_figures.log",
     conda:
         ENV
     params:
-        threshold=IV["outcomes"]["threshold"],
-        estimator=IV["outcomes"]["cka_estimator"],
+        options=IV_OPTIONS,
         out_dir=lambda wc, output: os.path.dirname(output.convergence),
     shell:
-        "lmdynamics intervention-figures --runs {input.runs:q} --effects {input.effects:q}"
-        " --threshold {params.threshold:q} --cka-estimator {params.estimator:q}"
-        " --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        "lmdynamics intervention-figures --runs {input.runs:q}"
+        " --run-contrasts {input.run_contrasts:q} --effects {input.effects:q}"
+        " --options {params.options:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"

@@ -1,26 +1,20 @@
 # Configuration checks and input functions of the intervention study (interventions.smk).
 import json
 
-from lmdynamics.validation import ConfigError, schema_errors
-from lmdynamics.interventions.study import TINY_TOKENS, run_section, section_errors
-from lmdynamics.options import schema as package_schema
-from lmdynamics.options import schema_path
+from lmdynamics.validation import ConfigError
+from lmdynamics.interventions.study import (
+    TINY_TOKENS,
+    resolve_section,
+    run_section,
+    variant_seeds,
+)
 
-# Package data of lmdynamics (lmdynamics/schemas/interventions.schema.yaml).
-_ISCHEMA = str(schema_path("interventions"))
-_ierrors = schema_errors(config, package_schema("interventions"))
-if not _ierrors:
-    validate(config, _ISCHEMA)  # fills in the defaults
-    _ierrors = section_errors(config["interventions"])
-if _ierrors:
-    raise ConfigError("invalid configuration:\n  " + "\n  ".join(_ierrors))
-
-IV = config["interventions"]
+IV = resolve_section(config)  # schema, defaults, and what the schema cannot say
 IV_RESULTS = f"results/interventions/{IV['name']}"
 IV_VARIANTS = list(IV["variants"])
 IV_SIZES = list(IV["sizes"])
-IV_SEEDS = list(IV["seeds"])
 IV_RUN = json.dumps(run_section(IV), sort_keys=True)
+IV_OPTIONS = json.dumps(IV, sort_keys=True)
 IV_OUT = f"{IV_RESULTS}/effects"
 
 
@@ -30,13 +24,20 @@ wildcard_constraints:
     seed=r"\d+",
 
 
-def iv_runs(name):
-    return expand(
-        f"{IV_RESULTS}/runs/{{variant}}/{{arch}}/seed{{seed}}_{name}.csv",
-        variant=IV_VARIANTS,
-        arch=IV_SIZES,
-        seed=IV_SEEDS,
-    )
+def iv_runs(name, ext="csv"):
+    """One file per run: every variant x size x the variant's seeds."""
+    return [
+        f"{IV_RESULTS}/runs/{v}/{a}/seed{s}_{name}.{ext}"
+        for v in IV_VARIANTS
+        for a in IV_SIZES
+        for s in variant_seeds(IV, v)
+    ]
+
+
+def iv_variant_spec(wildcards):
+    """The variant's entry without its seeds (a changed seed list reruns no run)."""
+    spec = {k: v for k, v in IV["variants"][wildcards.variant].items() if k != "seeds"}
+    return json.dumps(spec, sort_keys=True)
 
 
 def iv_tokens(wildcards):

@@ -18,6 +18,11 @@ matrix or in that matrix's gradient) is recorded, not refused: booleans
 the store attr ``nonfinite``, with a warning naming size, step, component and layer.
 The paper code's attention activation, gradient protocol and token sampling are options
 (:mod:`lmdynamics.extraction.paper_code`, :func:`token_positions`).
+
+Besides the sha256 of the weights file (attr ``weights_sha256``) the store records the sha256
+of every floating-point tensor of that file (attr ``tensor_sha256``, name -> digest,
+:func:`lmdynamics.sources.checkpoints.weights_digests`), which the content audit compares
+across the steps of a run (:mod:`lmdynamics.reduction.audit`).
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ from lmdynamics.sources.checkpoints import (
     load_model,
     n_parameters,
     read_model_config,
+    weights_digests,
     weights_sha256,
 )
 from lmdynamics.sources.revision import (
@@ -210,7 +216,8 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
                        revision: str, options: ExtractionOptions = ExtractionOptions(),
                        gradient_batches: Path | str | None = None,
                        stats: StatsOptions | None = None,
-                       family: str | None = None, replicate: int = 0) -> Path:
+                       family: str | None = None, replicate: int = 0,
+                       extra_attrs: dict[str, Any] | None = None) -> Path:
     """Load one checkpoint, run the eval batch through it and write its store to ``out``.
 
     ``replicate``: the seed replicate the checkpoint belongs to (config ``seeds``), recorded
@@ -234,7 +241,9 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
     With ``stats``, the Conjecture statistics (:mod:`lmdynamics.extraction.conjecture`) of the
     same pass are added to the store as ``stat_*`` variables; the size's reference store
     (``stats.reference``) is opened and checked before the model is loaded, so a damaged or
-    mismatched one fails before any work.
+    mismatched one fails before any work. ``extra_attrs`` are added to the store's attrs
+    (a local checkpoint's path, sha256, size and mtime: :func:`lmdynamics.sources.local.
+    fingerprint`). The pass itself is :func:`extract_model`'s.
     """
     t0 = time.perf_counter()
     device, dtype, micro_batch = options.device, options.dtype, options.micro_batch
@@ -257,10 +266,14 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
                          "batches of steps c-5 and c-4 (--gradient-batches); none was given")
     refs = (ReferenceStore(stats.reference, size=size, top_k=stats.top_k)
             if stats is not None else None)
-    weights_sha = weights_sha256(checkpoint)
     try:  # before the model is loaded: weights that are not the download's never count
+        try:
+            weights_sha, tensor_sha256 = weights_digests(checkpoint, fam)
+        except CorruptCheckpointError:  # unreadable: say first whether it is the download's
+            verified_revision_attrs(checkpoint, weights_sha256(checkpoint))
+            raise
         hub_attrs = verified_revision_attrs(checkpoint, weights_sha)
-    except WeightsMismatchError as exc:
+    except (WeightsMismatchError, CorruptCheckpointError) as exc:
         raise discard_corrupt_download(checkpoint, exc) from exc
     try:
         model = load_model(checkpoint, dtype=DTYPES[dtype], device=dev,
@@ -268,16 +281,47 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
     except CorruptCheckpointError as exc:
         raise discard_corrupt_download(checkpoint, exc) from exc
     batch_array = load_token_array(eval_batch, ndim=2, what="eval batch (sequences, positions)")
+    log.info("loaded %s step %d (%s) on %s in %.1fs", size, step, checkpoint, dev,
+             time.perf_counter() - t0)
+    return extract_model(
+        model, fam, batch_array, out, eval_batch_source=eval_batch, tokens=tokens, seed=seed,
+        size=size, step=step, model_name=model_name, revision=revision, dtype=dtype,
+        micro_batch=micro_batch, sampling=sampling, attention_activation=attention_activation,
+        attention_implementation=attention_implementation,
+        gradient_protocol=gradient_protocol, gradient_batches=gradient_batches,
+        stats=stats, refs=refs, replicate=replicate, grad_sub_batches=grad_sub_batches,
+        checkpoint_attrs={"weights_sha256": weights_sha, "tensor_sha256": tensor_sha256,
+                          **hub_attrs,
+                          **config_attrs(checkpoint), **(extra_attrs or {})})
+
+
+def extract_model(model: torch.nn.Module, fam: families.Family, batch_array: np.ndarray,
+                  out: Path | str, *, eval_batch_source: Path | str, tokens: int, seed: int,
+                  size: str, step: int, model_name: str, revision: str, dtype: str,
+                  micro_batch: int | None, sampling: str, attention_activation: str,
+                  attention_implementation: str, gradient_protocol: str,
+                  gradient_batches: Path | str | None, stats: StatsOptions | None,
+                  refs: Any, replicate: int, grad_sub_batches: int,
+                  checkpoint_attrs: dict[str, Any]) -> Path:
+    """The pass of :func:`extract_checkpoint` on a loaded ``model`` (eval mode, its weights
+    the checkpoint's; it is run through, its gradients and ``requires_grad`` flags are
+    changed) and the store written to ``out``. ``batch_array``: the eval batch (S, T)
+    token ids; ``refs``: the opened reference store when ``stats`` is given (anything with
+    its ``check_model``, ``init``, ``final`` and ``directions``); ``checkpoint_attrs``:
+    what identifies the weights (``weights_sha256`` and the source's attrs).
+    """
+    t0 = time.perf_counter()
+    dev = next(model.parameters()).device
     batch = torch.as_tensor(batch_array, dtype=torch.long)
-    check_vocabulary(batch, model.config.vocab_size, eval_batch)
+    check_vocabulary(batch, model.config.vocab_size, eval_batch_source)
     seq_idx, pos_idx = token_positions(sampling, *batch.shape, tokens, seed,
                                        context=model.config.max_position_embeddings)
     if refs is not None:
         refs.check_model(model)
     if stats is None:  # the Conjecture statistics need every parameter's gradient
         only_write_weights_train(model)
-    log.info("loaded %s step %d (%s) on %s in %.1fs; eval batch %s, %d sampled tokens",
-             size, step, checkpoint, dev, time.perf_counter() - t0, tuple(batch.shape), tokens)
+    log.info("%s step %d on %s: eval batch %s, %d sampled tokens", size, step, dev,
+             tuple(batch.shape), tokens)
     residual = ResidualRecorder(model) if stats is not None else None
     if dev.type == "cpu":
         reuse_freed_memory()
@@ -304,9 +348,9 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
         "hidden_size": cfg.hidden_size, "num_attention_heads": cfg.num_attention_heads,
         "intermediate_size": fam.dims(cfg.to_dict())["intermediate_size"],
         "num_layers": cfg.num_hidden_layers,
-        "n_params": n_parameters(model), "weights_sha256": weights_sha,
+        "n_params": n_parameters(model),
         "eval_batch_shape": list(batch.shape), "token_seed": seed,
-        "sampling_protocol": sampling, **hub_attrs, **config_attrs(checkpoint),
+        "sampling_protocol": sampling, **checkpoint_attrs,
         "eval_batch_sha256": hashlib.sha256(
             np.ascontiguousarray(batch_array, dtype=np.int64).tobytes()).hexdigest(),
         "attention_activation": attention_activation, "gradient_protocol": gradient_protocol,

@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import importlib
 import pkgutil
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -115,6 +116,13 @@ class Family:
     paper_code_attention : bool
         Whether ``extraction.attention_activation: paper_code`` (a slice of GPT-NeoX's fused
         QKV) exists for this family.
+    legacy_buffers : tuple of str
+        Regular expressions (searched in a checkpoint key) of the non-parameter buffers that
+        checkpoints written by older transformers persist and today's model no longer has
+        (GPT-2's ``attn.masked_bias``, kept by transformers < 4.30); the loader drops exactly
+        these keys, by name, and logs them (:func:`lmdynamics.sources.checkpoints.load_model`),
+        and the content audit leaves them out of the tensor digests. Any other unexpected
+        key still fails the load.
     """
 
     name: str
@@ -144,6 +152,7 @@ class Family:
     config_keys: Mapping[str, str] = field(default_factory=dict)
     activation_sites: Mapping[str, tuple[str, str]] = field(default_factory=dict)
     paper_code_attention: bool = False
+    legacy_buffers: tuple[str, ...] = ()
 
     # --- transformers classes (imported when called) -----------------------------------
     def model_cls(self, model_type: str | None = None) -> type:
@@ -190,6 +199,10 @@ class Family:
         """A write module's weight (or its gradient) as the (out, in) matrix: transposed for
         :attr:`transposed_writes` families (``Conv1D`` stores (in, out)), else as is."""
         return weight.T if self.transposed_writes else weight
+
+    def is_legacy_buffer(self, key: str) -> bool:
+        """Whether checkpoint key ``key`` is one of :attr:`legacy_buffers`."""
+        return any(re.search(p, key) for p in self.legacy_buffers)
 
     def param_name(self, layer: int, module: str, kind: str = "weight") -> str:
         """State-dict name of a block parameter: ``gpt_neox.layers.3.attention.dense.weight``."""

@@ -10,9 +10,8 @@ in the released models). The projections are ``Conv1D`` modules that store ``wei
 (in, out), the transpose of ``nn.Linear``'s, so :meth:`Family.write_matrix` transposes them;
 singular values (PER) and activations (CKA) do not depend on it, singular vectors do.
 Pre-LN with a final ``ln_f``. Files written by transformers 4.x also hold the causal-mask
-buffers ``h.<i>.attn.bias`` (and older ones ``attn.masked_bias``), which transformers ignores
-on load (``GPT2LMHeadModel._keys_to_ignore_on_load_unexpected``), and the released
-checkpoint's keys lack the ``transformer.`` prefix (it was saved from ``GPT2Model``).
+buffers ``h.<i>.attn.bias`` and ``h.<i>.attn.masked_bias`` (:data:`LEGACY_BUFFERS`), and the
+released checkpoint's keys lack the ``transformer.`` prefix (it was saved from ``GPT2Model``).
 """
 
 from __future__ import annotations
@@ -22,6 +21,16 @@ from typing import Any
 
 from lmdynamics.families import Family, default_dims, known
 
+#: Persistent non-parameter buffers of GPT-2 files written by transformers before 4.30 (its
+#: attention registered them with ``register_buffer`` and no ``persistent=False``): the causal
+#: mask ``h.<i>.attn.bias`` (uint8 or bool, 1 x 1 x n_positions x n_positions) and the fill
+#: value ``h.<i>.attn.masked_bias`` (a float scalar, -1e4). Today's
+#: ``GPT2LMHeadModel._keys_to_ignore_on_load_unexpected`` lists ``attn.bias`` but not
+#: ``masked_bias``, so transformers refuses Stanford CRFM's Mistral runs (transformers 4.5,
+#: ``pytorch_model.bin``) with ``unexpected keys transformer.h.0.attn.masked_bias``. Sources:
+#: transformers PR #11213 (both keys in ``_keys_to_ignore_on_load_missing``), issues #3974
+#: (``masked_bias`` in 4.x files) and #29725 (4.24 files refused by 4.38 for both keys).
+LEGACY_BUFFERS = (r"(^|\.)h\.\d+\.attn\.bias$", r"(^|\.)h\.\d+\.attn\.masked_bias$")
 #: GPT-2's config keys for transformers' common names (``GPT2Config.attribute_map``).
 RENAMES = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer",
            "num_attention_heads": "n_head", "max_position_embeddings": "n_positions",
@@ -115,4 +124,5 @@ GPT2 = Family(
     config_keys=RENAMES,
     activation_key="activation_function",
     default_activation="gelu_new",
+    legacy_buffers=LEGACY_BUFFERS,
 )

@@ -74,6 +74,15 @@ def ov_weights(weight, layer: int, n_heads: int):
     return dense, [value[h] for h in range(n_heads)]
 
 
+#: Persistent non-parameter buffers of GPT-NeoX files written by transformers 4.x (every
+#: Pythia revision; shared/notes/reference-facts.md, "Key names as written by transformers
+#: 4.x"): the causal mask ``attention.bias``, the fill value ``attention.masked_bias`` and the
+#: rotary frequencies ``attention.rotary_emb.inv_freq`` of each layer.
+LEGACY_BUFFERS = (r"(^|\.)layers\.\d+\.attention\.bias$",
+                  r"(^|\.)layers\.\d+\.attention\.masked_bias$",
+                  r"(^|\.)layers\.\d+\.attention\.rotary_emb\.inv_freq$")
+
+
 GPT_NEOX = Family(
     name="gpt_neox",
     model_class="GPTNeoXForCausalLM",
@@ -102,4 +111,5 @@ GPT_NEOX = Family(
     shape_config=shape_config,
     ov_weights=ov_weights,
     paper_code_attention=True,
+    legacy_buffers=LEGACY_BUFFERS,
 )

@@ -1,20 +1,54 @@
 """``lmdynamics`` subcommands of the intervention study (registered on
-:data:`lmdynamics.commands.COMMANDS`; workflow/rules/interventions.smk calls them)."""
+:data:`lmdynamics.commands.COMMANDS`; workflow/rules/interventions.smk calls them).
+
+Each takes the resolved ``interventions`` section (or the part of it a run depends on) as one
+``--options`` JSON argument: an object inline or the path of a .json file.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
 
 from lmdynamics.commands import command
 
 
 def _json(text: str):
+    """A JSON object given inline, or the path of a file holding one."""
+    source = text
+    if not text.lstrip().startswith("{"):
+        path = Path(text)
+        if not path.is_file():
+            raise ValueError(f"--options {text[:80]!r}: neither a JSON object nor a file")
+        text = path.read_text()
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"not valid JSON: {text[:80]!r} ({exc})") from exc
+        raise ValueError(f"{source[:80]!r}: not valid JSON ({exc})") from exc
+    if not isinstance(value, dict):
+        raise ValueError(f"{source[:80]!r}: expected a JSON object")
+    return value
+
+
+def _pin_kernels_before_numpy(pin_kernels) -> None:
+    """Pin the CPU kernels (:func:`lmdynamics.interventions.machine.pin_kernels`). They are
+    read when numpy and torch load, and building the command line's parser already loads
+    numpy (another subcommand's arguments), so a process started as ``intervention-run``
+    whose environment does not pin them yet runs itself again with the pinned environment
+    (one interpreter start); otherwise numpy's OpenBLAS would keep the kernels this
+    environment chose (measured: the float64 spectra then differed in the 14th digit)."""
+    from .machine import PINNED_KERNELS
+
+    if all(os.environ.get(k) == v for k, v in PINNED_KERNELS.items()):
+        return
+    if sys.argv[1:2] == ["intervention-run"] and ("numpy" in sys.modules
+                                                  or "torch" in sys.modules):
+        os.execve(sys.executable, [sys.executable, "-m", "lmdynamics", *sys.argv[1:]],
+                  {**os.environ, **PINNED_KERNELS})
+    pin_kernels()
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
@@ -24,23 +58,35 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--architecture", type=_json, required=True,
                    help="JSON {hidden_size, num_layers, num_heads}")
     p.add_argument("--seed", type=int, required=True)
-    p.add_argument("--section", type=_json, required=True,
-                   help="JSON of the config's interventions section (training settings)")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--options", type=_json, required=True,
+                   help="JSON of the resolved interventions section (the keys a run reads: "
+                        "lmdynamics.interventions.study.RUN_KEYS)")
     p.add_argument("--out-metrics", type=Path, required=True)
     p.add_argument("--out-losses", type=Path, required=True)
+    p.add_argument("--out-machine", type=Path, required=True)
 
 
 @command("intervention-run", _run_args)
 def _run(a: argparse.Namespace) -> None:
     """Train and analyse one (variant, size, seed) run of an intervention study."""
+    from .machine import pin_kernels
+
+    if a.options.get("reproducible_kernels") and a.options.get("device") == "cpu":
+        _pin_kernels_before_numpy(pin_kernels)
+    from lmdynamics.threads import pin_threads
+
+    pin_threads(1)  # the run's one thread (interventions.run.CPU_THREADS), idle pools asleep
     from lmdynamics.store import write_text_atomic
 
-    from .study import load_tokens, run_one, settings_from
+    from .machine import machine_facts
+    from .study import load_tokens, run_one, settings_from, target_from
 
-    settings = settings_from(a.section, threads=a.threads)
+    settings = settings_from(a.options)
     metrics, losses = run_one(a.variant, a.variant_spec, a.size, a.architecture, a.seed,
-                              settings, load_tokens(a.section["tokens"], settings))
+                              settings, load_tokens(a.options["tokens"], settings),
+                              target_from(a.options))
+    facts = machine_facts(settings.device)
+    write_text_atomic(json.dumps(facts, indent=1, sort_keys=True) + "\n", a.out_machine)
     write_text_atomic(losses.to_csv(index=False), a.out_losses)
     write_text_atomic(metrics.to_csv(index=False), a.out_metrics)  # last: the job's marker
 
@@ -48,58 +94,37 @@ def _run(a: argparse.Namespace) -> None:
 def _summarise_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics", type=Path, nargs="+", required=True)
     p.add_argument("--losses", type=Path, nargs="+", required=True)
-    p.add_argument("--baseline", required=True)
-    p.add_argument("--threshold", type=float, required=True)
-    p.add_argument("--cka-estimator", required=True)
-    p.add_argument("--bootstrap-samples", type=int, required=True)
-    p.add_argument("--bootstrap-level", type=float, required=True)
+    p.add_argument("--machines", type=Path, nargs="+", required=True)
+    p.add_argument("--options", type=_json, required=True,
+                   help="JSON of the resolved interventions section")
     p.add_argument("--out-dir", type=Path, required=True)
 
 
 @command("intervention-summarise", _summarise_args)
 def _summarise(a: argparse.Namespace) -> None:
-    """Outcome measures, effects against baseline and the effects table of a study."""
-    import pandas as pd
+    """Outcome measures, within-run contrasts, effects and the effects table of a study."""
+    from .report import write_summary
 
-    from lmdynamics.store import write_text_atomic
-
-    from .report import effects_markdown
-    from .study import summarise
-
-    metrics = pd.concat([pd.read_csv(p) for p in a.metrics], ignore_index=True)
-    losses = pd.concat([pd.read_csv(p) for p in a.losses], ignore_index=True)
-    outcomes, eff, summary = summarise(
-        metrics, losses, baseline=a.baseline, threshold=a.threshold,
-        estimator=a.cka_estimator, samples=a.bootstrap_samples, level=a.bootstrap_level)
-    out = a.out_dir
-    write_text_atomic(metrics.to_csv(index=False), out / "runs.csv")
-    write_text_atomic(outcomes.to_csv(index=False), out / "outcomes.csv")
-    write_text_atomic(eff.to_csv(index=False), out / "effects.csv")
-    write_text_atomic(summary.to_csv(index=False), out / "effects_summary.csv")
-    write_text_atomic(effects_markdown(eff, summary, level=a.bootstrap_level,
-                                       threshold=a.threshold, estimator=a.cka_estimator),
-                      out / "effects.md")
+    write_summary(a.metrics, a.losses, a.machines, a.options, a.out_dir)
 
 
 def _figures_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=Path, required=True)
+    p.add_argument("--run-contrasts", type=Path, required=True)
     p.add_argument("--effects", type=Path, required=True)
-    p.add_argument("--threshold", type=float, required=True)
-    p.add_argument("--cka-estimator", required=True)
+    p.add_argument("--options", type=_json, required=True,
+                   help="JSON of the resolved interventions section")
     p.add_argument("--out-dir", type=Path, required=True)
 
 
 @command("intervention-figures", _figures_args)
 def _figures(a: argparse.Namespace) -> None:
-    """The convergence curves and the effect scatter of a study."""
+    """The convergence curves and the per-seed contrasts of a study."""
     import pandas as pd
 
-    from .outcomes import CKA_COLUMNS
-    from .report import convergence_figure, effect_scatter
+    from .report import contrast_figure, convergence_figure
 
-    if a.cka_estimator not in CKA_COLUMNS:
-        raise ValueError(f"cka estimator {a.cka_estimator!r}: allowed {', '.join(CKA_COLUMNS)}")
-    runs = pd.read_csv(a.runs)
-    convergence_figure(runs, a.out_dir / "convergence", threshold=a.threshold,
-                       estimator_column=CKA_COLUMNS[a.cka_estimator])
-    effect_scatter(pd.read_csv(a.effects), a.out_dir / "effect_scatter")
+    section = a.options
+    convergence_figure(pd.read_csv(a.runs), a.out_dir / "convergence", section)
+    contrast_figure(pd.read_csv(a.run_contrasts), pd.read_csv(a.effects),
+                    a.out_dir / "contrasts", section)

@@ -34,12 +34,16 @@ from lmdynamics.report.figures import (  # noqa: E402
     DEPTH_LABEL,
     check_x_axis,
     depth_fraction,
+    excluded_steps,
+    flagged_handle,
     format_x,
+    leaves_out,
     over_seeds,
+    plot_steps,
     render,
     save_figure,
     size_colors,
-    x_label,
+    x_caption,
     x_values,
 )
 from lmdynamics.report.style import STYLE, grid, new_figure, style  # noqa: E402
@@ -93,11 +97,15 @@ def nanmean0(values: np.ndarray) -> np.ndarray:
         return np.nanmean(values, axis=0)
 
 
-def depth_lines(ax: Any, x: np.ndarray, rows: np.ndarray, **kw: Any) -> None:
-    """One line per row of ``rows`` (layer, step), coloured by depth."""
+def depth_lines(ax: Any, x: np.ndarray, rows: np.ndarray, flagged: np.ndarray | None = None,
+                leave_out: bool = False, **kw: Any) -> None:
+    """One line per row of ``rows`` (layer, step), coloured by depth; ``flagged`` steps
+    hollow (:func:`~lmdynamics.report.figures.plot_steps`)."""
     cmap = plt.get_cmap(DEPTH_CMAP)
+    flagged = np.zeros(len(x), dtype=bool) if flagged is None else flagged
     for i, y in enumerate(rows):
-        ax.plot(x, y, color=cmap(depth_fraction(i, len(rows))), lw=0.8, **kw)
+        plot_steps(ax, x, y, flagged, leave_out=leave_out,
+                   color=cmap(depth_fraction(i, len(rows))), lw=0.8, **kw)
 
 
 def depth_colorbar(fig: Any, axes: Any) -> None:
@@ -106,14 +114,23 @@ def depth_colorbar(fig: Any, axes: Any) -> None:
                  ax=axes, label=DEPTH_LABEL, aspect=30, pad=0.01)
 
 
-def _finish(fig: Any, x_axis: str, out_stem: Path, legend_axis: Any = None,
+def _finish(fig: Any, ds: xr.Dataset, x_axis: str, out_stem: Path, legend_axis: Any = None,
             title: str = "model size") -> list[Path]:
-    fig.supxlabel(x_label(x_axis), fontsize=STYLE["axes.labelsize"])
-    if legend_axis is not None:
-        handles, labels = legend_axis.get_legend_handles_labels()
+    fig.supxlabel(x_caption(ds, x_axis), fontsize=STYLE["axes.labelsize"])
+    handles, labels = legend_axis.get_legend_handles_labels() if legend_axis is not None \
+        else ([], [])
+    if (entry := flagged_handle(ds)) is not None:
+        handles.append(entry[0])
+        labels.append(entry[1])
+    if handles:
         fig.legend(handles, labels, loc="outside upper center", ncol=max(1, len(handles)),
                    frameon=False, title=title)
     return save_figure(fig, out_stem)
+
+
+def _flagged(ds: xr.Dataset, size: str) -> dict[str, Any]:
+    """Keyword arguments of :func:`depth_lines` / ``plot_steps`` for ``size``'s flagged steps."""
+    return {"flagged": excluded_steps(ds, size), "leave_out": leaves_out(ds)}
 
 
 def pick_steps(steps: Sequence[int], final: int, wanted: Sequence[int] = ()) -> list[int]:
@@ -152,13 +169,15 @@ def norms_figure(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step",
                                 sharey="row", height_per_row=1.1)
         for j, size in enumerate(sizes):
             for i, (module, title) in enumerate(matrices.items()):
-                depth_lines(axes[i, j], x, block_param(ds, "stat_param", size, module, "norm"))
+                depth_lines(axes[i, j], x, block_param(ds, "stat_param", size, module, "norm"),
+                            **_flagged(ds, size))
                 axes[i, 0].set_ylabel(f"{title}\n||W||_F")
             ax = axes[-1, j]
             for k, name in enumerate(embeddings):
                 ls = "--" if k == len(embeddings) - 1 and k > 0 else ("-", ":")[k % 2]
                 y = ds["stat_param"].sel(size=size, param=f"{name}.weight", param_stat="norm")
-                ax.plot(x, y.to_numpy(), color="0.2", ls=ls, label=name)
+                plot_steps(ax, x, y.to_numpy(), color="0.2", ls=ls, label=name,
+                           **_flagged(ds, size))
             axes[-1, 0].set_ylabel("embeddings\n||W||_F")
             axes[0, j].set_title(f"{size} ({n_layers(ds, size)} layers)")
             for ax in axes[:, j]:
@@ -166,7 +185,7 @@ def norms_figure(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step",
                 grid(ax)
         axes[-1, 0].legend(frameon=False)
         depth_colorbar(fig, axes)
-        return _finish(fig, x_axis, out_stem)
+        return _finish(fig, ds, x_axis, out_stem)
 
 
 def _size_mean_grid(ds: xr.Dataset, out_stem: Path, x_axis: str,
@@ -186,7 +205,8 @@ def _size_mean_grid(ds: xr.Dataset, out_stem: Path, x_axis: str,
             for j, (key, title) in enumerate(columns.items()):
                 ax = axes[i, j]
                 for size in sizes:
-                    ax.plot(x, nanmean0(values(size, key)), color=colors[size], label=size)
+                    plot_steps(ax, x, nanmean0(values(size, key)), color=colors[size],
+                               label=size, **_flagged(ds, size))
                 for ref in (refs or {}).get(i, []):
                     ax.axhline(ref, color="0.5", lw=0.6, ls=":")
                 if i in symlog_rows:
@@ -195,7 +215,8 @@ def _size_mean_grid(ds: xr.Dataset, out_stem: Path, x_axis: str,
                 format_x(ax, x_axis, max_step=float(x.max()))
                 grid(ax)
             axes[i, 0].set_ylabel(label)
-        return _finish(fig, x_axis, out_stem, axes[0, 0], "model size (mean over layers)")
+        return _finish(fig, ds, x_axis, out_stem, axes[0, 0],
+                       "model size (mean over layers)")
 
 
 def _matrix_values(ds: xr.Dataset, var: str, stat: str) -> Callable[[str, str], np.ndarray]:
@@ -209,11 +230,16 @@ def _matrix_values(ds: xr.Dataset, var: str, stat: str) -> Callable[[str, str], 
 
 def distance_figure(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step",
                     steps: Sequence[int] = ()) -> list[Path]:
-    """Relative distance from the step-0 weights and cosine to the final weights, mean over
+    """Relative distance from the step-0 weights (from the earliest analysed step's, attr
+    ``init_step``, when the suite has no step 0) and cosine to the final weights, mean over
     blocks per size, for each block matrix and the embeddings."""
     check_x_axis(x_axis)
     columns = {**block_matrices(ds), **{n: n for n in embedding_names(ds)}}
-    rows = [("||W - W0|| / ||W0||", _matrix_values(ds, "stat_param", "rel_dist_init")),
+    init = int(ds.attrs.get("init_step", 0))
+    w0 = "W0" if init == 0 else f"W{init}"
+    rows = [(f"||W - {w0}|| / ||{w0}||" + ("" if init == 0 else
+                                           f"\n({w0}: step {init}, the earliest analysed)"),
+             _matrix_values(ds, "stat_param", "rel_dist_init")),
             ("cosine to final W", _matrix_values(ds, "stat_param", "cos_final"))]
     return _size_mean_grid(ds, out_stem, x_axis, rows, columns, refs={1: [1.0]}, sharey=False)
 
@@ -259,7 +285,7 @@ def residual_figure(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step",
             rows = ds["stat_resid_max_abs"].sel(size=size).isel(layer=slice(0, n))
             rows = rows.transpose("layer", "step").to_numpy().astype(float)
             ax = axes[0, j]
-            depth_lines(ax, x, rows)
+            depth_lines(ax, x, rows, **_flagged(ds, size))
             ax.set_title(f"{size} ({n} layers)")
             format_x(ax, x_axis, max_step=float(x.max()))
             grid(ax)
@@ -272,7 +298,7 @@ def residual_figure(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step",
         last.set_xlabel(DEPTH_LABEL)
         grid(last)
         depth_colorbar(fig, axes)
-        return _finish(fig, x_axis, out_stem, last)
+        return _finish(fig, ds, x_axis, out_stem, last)
 
 
 def spectra_figure(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step",
@@ -299,8 +325,8 @@ def spectra_figure(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step",
             for s in sizes:
                 names = [f"layer{li}.{module}" for li in range(n_layers(ds, s))]
                 alpha = ds["stat_spectrum_slope"].sel(size=s, matrix=names)
-                ax.plot(x, nanmean0(alpha.transpose("matrix", "step").to_numpy()),
-                        color=colors[s], label=s)
+                plot_steps(ax, x, nanmean0(alpha.transpose("matrix", "step").to_numpy()),
+                           color=colors[s], label=s, **_flagged(ds, s))
             ax.set_ylabel(f"{title}\nalpha (all sizes)")
             format_x(ax, x_axis, max_step=float(x.max()), label=i == last_row)
             grid(ax)
@@ -323,15 +349,27 @@ def spectra_figure(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step",
                 ax.yaxis.set_minor_formatter(NullFormatter())
                 grid(ax)
                 if i == 0:
-                    ax.set_title(f"{size}, step {step}")
+                    ax.set_title(f"{size}, step {step}{_flag_text(ds, size, step)}")
                 if i == last_row:
                     ax.set_xlabel("rank k")
         axes[0, 0].set_title("alpha over training")
         depth_colorbar(fig, axes)
         handles, labels = axes[0, 0].get_legend_handles_labels()
+        if (entry := flagged_handle(ds)) is not None:
+            handles.append(entry[0])
+            labels.append(entry[1])
         fig.legend(handles, labels, loc="outside upper center", ncol=len(handles),
                    frameon=False, title="model size (alpha: mean over layers)")
+        if ds.attrs.get("audit_note"):
+            fig.supxlabel(ds.attrs["audit_note"], fontsize=5)
         return save_figure(fig, out_stem)
+
+
+def _flag_text(ds: xr.Dataset, size: str, step: int) -> str:
+    """`` (flagged)`` in the title of a snapshot of a flagged revision."""
+    flags = excluded_steps(ds, size)
+    steps = ds["step"].to_numpy().tolist()
+    return " (flagged)" if step in steps and flags[steps.index(step)] else ""
 
 
 def embedding_figure(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step",
@@ -350,11 +388,13 @@ def embedding_figure(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step",
                 image = ax.imshow(corr, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
                 ax.set_xticks([])
                 ax.set_yticks([])
-                if i == 0:
-                    ax.set_title(f"step {step}")
+                if i == 0 or _flag_text(ds, size, step):
+                    ax.set_title(f"step {step}{_flag_text(ds, size, step)}")
                 if j == 0:
                     ax.set_ylabel(f"{size}\ntoken 0-{corr.shape[0] - 1}")
         fig.colorbar(image, ax=axes, label="Pearson correlation", aspect=30, pad=0.01)
+        if ds.attrs.get("audit_note"):
+            fig.supxlabel(ds.attrs["audit_note"], fontsize=5)
         return save_figure(fig, out_stem)
 
 
@@ -376,8 +416,9 @@ def closeness_figure(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step",
                 da = ds["stat_direction_closeness"].sel(size=size, circuit=circuit)
                 rows = da.isel(layer=slice(0, n_layers(ds, size))).transpose("layer", "step")
                 rows = rows.to_numpy().astype(float)
-                depth_lines(axes[i, j], x, rows)
-                axes[i, -1].plot(x, nanmean0(rows), color=colors[size], label=size)
+                depth_lines(axes[i, j], x, rows, **_flagged(ds, size))
+                plot_steps(axes[i, -1], x, nanmean0(rows), color=colors[size], label=size,
+                           **_flagged(ds, size))
                 axes[0, j].set_title(f"{size} ({n_layers(ds, size)} layers)")
             axes[i, 0].set_ylabel(f"{CIRCUIT_TITLES.get(circuit, circuit)}\n"
                                   "mean best |cos| to final")
@@ -386,7 +427,7 @@ def closeness_figure(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step",
                 format_x(ax, x_axis, max_step=float(x.max()))
                 grid(ax)
         depth_colorbar(fig, axes)
-        return _finish(fig, x_axis, out_stem, axes[0, -1])
+        return _finish(fig, ds, x_axis, out_stem, axes[0, -1])
 
 
 STATS_FIGURES: dict[str, Callable[..., list[Path]]] = {

@@ -79,6 +79,55 @@ def x_label(x_axis: str) -> str:
     return "fraction of training (step / final step)"
 
 
+def x_caption(ds: xr.Dataset, x_axis: str) -> str:
+    """The figure's x label, and under it the note on flagged revisions (attr ``audit_note``
+    of :func:`lmdynamics.report.exclusion.mark_dataset`) when there is one."""
+    note = ds.attrs.get("audit_note", "")
+    return x_label(x_axis) + (f"\n{note}" if note else "")
+
+
+def excluded_steps(ds: xr.Dataset, size: str) -> np.ndarray:
+    """Boolean (step,): the steps of ``size`` whose revision the audits flagged (variable
+    ``excluded``, :func:`lmdynamics.report.exclusion.mark_dataset`); all False without it."""
+    if "excluded" not in ds:
+        return np.zeros(ds.sizes["step"], dtype=bool)
+    return ds["excluded"].sel(size=size).transpose("step").to_numpy().astype(bool)
+
+
+def leaves_out(ds: xr.Dataset) -> bool:
+    """Whether flagged revisions are left out of the drawn statistics (``audit.defective:
+    exclude``), not only drawn hollow."""
+    return ds.attrs.get("audit_policy") == "exclude"
+
+
+def plot_steps(ax: Axes, x: np.ndarray, y: np.ndarray, flagged: np.ndarray, *,
+               leave_out: bool, color: Any, **kw: Any) -> list:
+    """A line over steps whose ``flagged`` points are hollow markers: left out of the line
+    with ``leave_out`` (it joins the trusted steps on either side), kept in it otherwise."""
+    keep = ~flagged if leave_out else np.ones_like(flagged)
+    lines = ax.plot(x[keep], np.asarray(y)[keep], color=color, **kw)
+    if flagged.any():
+        ax.plot(x[flagged], np.asarray(y)[flagged], ls="none", marker="o", mfc="none",
+                mec=color, ms=3.0, mew=0.7, zorder=4)
+    return lines
+
+
+def band_steps(ax: Axes, x: np.ndarray, lo: np.ndarray, hi: np.ndarray, flagged: np.ndarray,
+               *, leave_out: bool, **kw: Any) -> None:
+    """``fill_between`` over the steps, without the ``flagged`` ones when ``leave_out``."""
+    keep = ~flagged if leave_out else np.ones_like(flagged)
+    ax.fill_between(x[keep], np.asarray(lo)[keep], np.asarray(hi)[keep], **kw)
+
+
+def flagged_handle(ds: xr.Dataset) -> tuple[Line2D, str] | None:
+    """The legend entry of hollow markers, when any revision of ``ds`` is flagged."""
+    if "excluded" not in ds or not bool(ds["excluded"].any()):
+        return None
+    label = ("flagged revision (left out)" if leaves_out(ds)
+             else "flagged revision (counted)")
+    return Line2D([], [], ls="none", marker="o", mfc="none", mec="0.3", ms=3.0), label
+
+
 def step_tick_label(value: float, _pos: int | None = None) -> str:
     """Compact step tick: 0, 1, 10, 100, 1k, 10k, 100k, 1M."""
     for unit, scale in (("M", 1e6), ("k", 1e3)):
@@ -87,16 +136,22 @@ def step_tick_label(value: float, _pos: int | None = None) -> str:
     return f"{value:g}"
 
 
-def format_x(ax: Axes, x_axis: str, *, label: bool = False, max_step: float = 0.0) -> None:
+def format_x(ax: Axes, x_axis: str, *, label: bool = False, max_step: float = 0.0,
+             min_step: float | None = None) -> None:
     """Scale an x axis: symlog (linthresh 1, so step 0 shows) or linear fraction of training.
 
-    With ``max_step`` above 10^4 the step axis is ticked every second decade (0, 1, 100, 10k)
-    so that narrow panels stay legible.
+    The step axis starts at 0 when the first analysed step is 0, else at the first analysed
+    step (``min_step``; default the smallest x of what is drawn), so a suite without step 0
+    (OLMo-1B-hf starts at step 1000) does not spend most of the axis on steps it never
+    saved. With more than four decades to show the step axis is ticked every second decade
+    (0, 1, 100, 10k) so that narrow panels stay legible.
     """
     if check_x_axis(x_axis) == "step":
         ax.set_xscale("symlog", linthresh=1.0, linscale=1.0)
-        ax.set_xlim(left=0)
-        base = 100 if max_step > 1e4 else 10
+        first = ax.dataLim.x0 if min_step is None else min_step
+        left = float(first) if np.isfinite(first) and first > 0 else 0.0
+        ax.set_xlim(left=left)
+        base = 100 if max_step > 1e4 * max(left, 1.0) else 10
         ax.xaxis.set_major_locator(SymmetricalLogLocator(base=base, linthresh=1.0))
         ax.xaxis.set_major_formatter(FuncFormatter(step_tick_label))
     else:
@@ -239,20 +294,24 @@ def figure1(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step") -> list[Pat
     components = [str(c) for c in ds["component"].values]
     x = x_values(ds, x_axis)
     colors = dict(zip(sizes, size_colors(len(sizes)), strict=True))
+    out = leaves_out(ds)
     with style():
         fig, axes = new_figure(len(sizes), len(components), sharex=True, sharey=True)
         for i, size in enumerate(sizes):
+            flagged = excluded_steps(ds, size)
             for j, comp in enumerate(components):
                 ax = axes[i, j]
                 da = ds["cka"].sel(size=size, component=comp)
                 pct = layer_percentiles(da, [10, 25, 50, 75, 90])
                 c = colors[size]
-                ax.fill_between(x, pct[0], pct[4], color=c, alpha=0.2, lw=0)
-                ax.fill_between(x, pct[1], pct[3], color=c, alpha=0.45, lw=0)
-                ax.plot(x, pct[2], color=c)
+                band_steps(ax, x, pct[0], pct[4], flagged, leave_out=out, color=c, alpha=0.2,
+                           lw=0)
+                band_steps(ax, x, pct[1], pct[3], flagged, leave_out=out, color=c, alpha=0.45,
+                           lw=0)
+                plot_steps(ax, x, pct[2], flagged, leave_out=out, color=c)
                 n = len(present_layers(ds, size))
                 ax.set_title(f"{size} ({n} layers), {COMPONENT_NAMES.get(comp, comp)}")
-                format_x(ax, x_axis, max_step=float(x.max()))
+                format_x(ax, x_axis, max_step=float(x.max()), min_step=float(x.min()))
                 if j == 0:
                     ax.set_ylabel(metric_ylabel(ds, "cka"))
                 grid(ax)
@@ -263,10 +322,13 @@ def figure1(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step") -> list[Pat
             Line2D([], [], color=grey),
         ]
         labels = ["10-90th pct.", "25-75th pct.", "median"]
-        fig.supxlabel(x_label(x_axis), fontsize=STYLE["axes.labelsize"])
+        if (entry := flagged_handle(ds)) is not None:
+            handles.append(entry[0])
+            labels.append(entry[1])
+        fig.supxlabel(x_caption(ds, x_axis), fontsize=STYLE["axes.labelsize"])
         title = ", ".join(filter(None, ["distribution over layers", seeds_text(ds)]))
-        fig.legend(handles, labels, loc="outside upper center", ncol=3, frameon=False,
-                   title=title)
+        fig.legend(handles, labels, loc="outside upper center", ncol=len(handles),
+                   frameon=False, title=title)
         return save_figure(fig, out_stem)
 
 
@@ -319,6 +381,7 @@ def figure2(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step") -> list[Pat
     colors = dict(zip(sizes, size_colors(len(sizes)), strict=True))
     x = x_values(ds, x_axis)
     flagged = banded = seed_banded = False
+    out = leaves_out(ds)
     with style():
         fig, axes = new_figure(len(components), len(METRICS), sharex=True, sharey="col")
         fig.get_layout_engine().set(wspace=0.1)  # room for the y labels between columns
@@ -326,24 +389,30 @@ def figure2(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step") -> list[Pat
             for j, metric in enumerate(METRICS):
                 ax = axes[i, j]
                 for size in sizes:
+                    hollow = excluded_steps(ds, size)
                     y = layer_mean(ds[metric].sel(size=size, component=comp))
-                    ax.plot(x, y, color=colors[size], label=size)
+                    plot_steps(ax, x, y, hollow, leave_out=out, color=colors[size],
+                               label=size)
                     if per_seed is not None:
                         with warnings.catch_warnings():
                             warnings.simplefilter("ignore", RuntimeWarning)  # absent layers
                             means = per_seed[metric].sel(size=size, component=comp).mean(
                                 "layer")
                         lo, hi = seed_range(means)
-                        ax.fill_between(x, lo, hi, color=colors[size], alpha=0.2, lw=0)
+                        band_steps(ax, x, lo, hi, hollow, leave_out=out, color=colors[size],
+                                   alpha=0.2, lw=0)
                         seed_banded = True
                     banded |= _layer_mean_band(ax, ds, metric, size, comp, x, colors[size])
                 flagged |= _mark_flagged(ax, ds, x, colors)
                 ax.set_title(f"{COMPONENT_NAMES.get(comp, comp)}: {METRIC_TITLES[metric]}")
                 ax.set_ylabel(metric_ylabel(ds, metric))
-                format_x(ax, x_axis, max_step=float(x.max()))
+                format_x(ax, x_axis, max_step=float(x.max()), min_step=float(x.min()))
                 grid(ax)
-        fig.supxlabel(x_label(x_axis), fontsize=STYLE["axes.labelsize"])
+        fig.supxlabel(x_caption(ds, x_axis), fontsize=STYLE["axes.labelsize"])
         handles, labels = axes[0, 0].get_legend_handles_labels()
+        if (entry := flagged_handle(ds)) is not None:
+            handles.append(entry[0])
+            labels.append(entry[1])
         if flagged:
             handles.append(Line2D([], [], ls="none", marker="^", ms=3.5, color="0.3"))
             labels.append("flagged checkpoint")
@@ -387,9 +456,11 @@ def layer_grid(ds: xr.Dataset, out_stem: Path, x_axis: str, *, sharey: bool | st
                     ax.set_title(f"{size} ({len(layers)} layers)")
                 if j == 0:
                     ax.set_ylabel(ylabel(comp))
-                format_x(ax, x_axis, max_step=float(x.max()))
+                format_x(ax, x_axis, max_step=float(x.max()), min_step=float(x.min()))
                 grid(ax)
-        fig.supxlabel(x_label(x_axis), fontsize=STYLE["axes.labelsize"])
+        fig.supxlabel(x_caption(ds, x_axis), fontsize=STYLE["axes.labelsize"])
+        if (entry := flagged_handle(ds)) is not None:
+            fig.legend([entry[0]], [entry[1]], loc="outside upper right", frameon=False)
         if suptitle is not None:
             fig.suptitle(suptitle, fontsize=STYLE["axes.labelsize"])
         fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes, label=DEPTH_LABEL,
@@ -410,13 +481,15 @@ def per_layer_figure(ds: xr.Dataset, out_stem: Path, metric: str, *,
 
     def draw(ax, size, comp, layers, colour_of):
         da = ds[metric].sel(size=size, component=comp)
+        hollow = excluded_steps(ds, size)
         for layer in layers:
-            ax.plot(x, da.sel(layer=layer).transpose("step").to_numpy(),
-                    color=colour_of(layer), lw=0.8)
+            plot_steps(ax, x, da.sel(layer=layer).transpose("step").to_numpy(), hollow,
+                       leave_out=leaves_out(ds), color=colour_of(layer), lw=0.8)
             if per_seed is not None:
                 lo, hi = seed_range(per_seed[metric].sel(size=size, component=comp,
                                                          layer=layer))
-                ax.fill_between(x, lo, hi, color=colour_of(layer), alpha=0.15, lw=0)
+                band_steps(ax, x, lo, hi, hollow, leave_out=leaves_out(ds),
+                           color=colour_of(layer), alpha=0.15, lw=0)
 
     return layer_grid(
         ds, out_stem, x_axis, sharey="row", draw=draw,
@@ -463,8 +536,9 @@ def cka_seed_sd(ds: xr.Dataset, out_stem: Path, *, x_axis: str = "step") -> list
             return
         da = sd.sel(size=size, component=comp)
         for layer in layers:
-            ax.plot(x, da.sel(layer=layer).transpose("step").to_numpy(), lw=0.8,
-                    color=colour_of(layer))
+            plot_steps(ax, x, da.sel(layer=layer).transpose("step").to_numpy(),
+                       excluded_steps(mean, size), leave_out=leaves_out(mean), lw=0.8,
+                       color=colour_of(layer))
 
     return layer_grid(
         mean, out_stem, x_axis, sharey=True, draw=draw,
@@ -530,7 +604,7 @@ def training_loss_figure(loss: pd.DataFrame, out_stem: Path, *,
                 ax.plot(steps, raw, color=colors[size], alpha=0.25, lw=0.5)
                 raw = smooth_log_window(steps, raw, smooth)
             ax.plot(steps, raw, color=colors[size], label=size)
-        format_x(ax, "step", label=True, max_step=float(loss["step"].max()))
+        format_x(ax, "step", label=True, max_step=float(loss["step"].max()), min_step=0.0)
         ax.set_ylabel("training loss (nats/token)")
         grid(ax)
         ax.legend(title="model size" + (f" (mean and min-max of {n_seeds} seeds)"

@@ -34,11 +34,16 @@ def _per_axis_label(options: MCCOptions, parameter: str) -> str:
     return f"fraction of largest\n{options.per_quantity}"
 
 
-def mcc_sensitivity(ds: xr.Dataset, out_stem: Path,
-                    options: MCCOptions | None = None) -> list[Path]:
-    """Draw the sensitivity heatmaps of ``ds`` (the combined metrics after ``select_cka``)."""
+def mcc_sensitivity(ds: xr.Dataset, out_stem: Path, options: MCCOptions | None = None, *,
+                    grids: xr.Dataset | None = None, note: str = "") -> list[Path]:
+    """Draw the sensitivity heatmaps of ``ds`` (the combined metrics after ``select_cka``).
+
+    ``grids``: the MCC grid and its p-values to draw (default
+    :func:`~lmdynamics.report.tables.mcc_grids` of ``ds``;
+    :func:`lmdynamics.report.exclusion.grid_without` leaves flagged revisions out);
+    ``note``: a line under the figure (the flagged revisions)."""
     options = options or MCCOptions()
-    grids = mcc_grids(ds, options)
+    grids = mcc_grids(ds, options) if grids is None else grids
     grid, p_values = grids["mcc"], grids["p_value"]
     sizes = [str(s) for s in grid["size"].values]
     cka_t, per_t = grid["cka_threshold"].values, grid["per_threshold"].values
@@ -76,4 +81,6 @@ def mcc_sensitivity(ds: xr.Dataset, out_stem: Path,
         if image is not None:
             fig.colorbar(image, ax=axes, label="MCC (grey: undefined)", aspect=40, pad=0.01,
                          shrink=0.8)
+        if note:
+            fig.supxlabel(note, fontsize=5, wrap=True)
         return save_figure(fig, Path(out_stem))

@@ -845,7 +845,15 @@ def mcc_grids(ds: xr.Dataset, options: MCCOptions | None = None, *,
     ``options.alternative``; with seed replicates the exact stratified test over seeds; NaN
     where the MCC is undefined in every seed)."""
     options = options or MCCOptions()
-    runs = [_run_grid(run, options, cka_thresholds, per_thresholds) for _, run in replicates(ds)]
+    runs = [run_grid(run, options, cka_thresholds, per_thresholds) for _, run in replicates(ds)]
+    return combine_run_grids(runs, options, cka_thresholds, per_thresholds)
+
+
+def combine_run_grids(runs: list[tuple[np.ndarray, np.ndarray, dict]], options: MCCOptions,
+                      cka_thresholds: tuple[float, ...] = SENSITIVITY_CKA,
+                      per_thresholds: tuple[float, ...] = SENSITIVITY_PER) -> xr.Dataset:
+    """:func:`mcc_grids` of the seed replicates' grids ``runs`` (:func:`run_grid` of each):
+    the mean MCC and the exact stratified p-value over them."""
     mcc = np.mean([values for values, _, _ in runs], axis=0)
     counts = np.stack([c for _, c, _ in runs], axis=-2)  # (..., seed, 4)
     p = np.full(mcc.shape, np.nan)
@@ -858,8 +866,8 @@ def mcc_grids(ds: xr.Dataset, options: MCCOptions | None = None, *,
                                               cka_thresholds, per_thresholds)})
 
 
-def _run_grid(ds: xr.Dataset, options: MCCOptions, cka_thresholds: tuple[float, ...],
-              per_thresholds: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray, dict]:
+def run_grid(ds: xr.Dataset, options: MCCOptions, cka_thresholds: tuple[float, ...],
+             per_thresholds: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray, dict]:
     """One run's grid: MCC (size, column, per, cka), its 2 x 2 counts (..., 4) as
     :func:`~lmdynamics.estimators.mcc.joint_counts` gives them, and the steps used."""
     last = final_step(ds)

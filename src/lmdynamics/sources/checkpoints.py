@@ -26,6 +26,7 @@ files lack); whatever is still missing, unexpected or of the wrong shape after t
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 import re
 from collections.abc import Callable
@@ -39,6 +40,8 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from lmdynamics import families
 from lmdynamics.families import Family, UnknownFamilyError
+
+log = logging.getLogger(__name__)
 
 #: Architectures :func:`load_model` builds (``config.json`` key ``architectures``).
 KNOWN_ARCHITECTURES = tuple(a for f in families.registry().values() for a in f.architectures)
@@ -268,8 +271,9 @@ def load_model(directory: Path | str, *, dtype: torch.dtype = torch.float32,
     the faster of the two on CPU (docs/benchmarks/2026-11-29.md).
 
     The tensors are read here (:func:`read_state_dict`: safetensors, or a pickle with
-    ``weights_only=True``) and must all be floating point, except the boolean and integer
-    buffers transformers itself ignores on load; before the model is allocated, the
+    ``weights_only=True``); the family's legacy buffers are dropped by name
+    (:func:`drop_legacy_buffers`); the rest must all be floating point, except the boolean
+    and integer buffers transformers itself ignores on load; before the model is allocated, the
     parameters ``config.json`` implies (counted on the meta device) must not exceed twice
     the values the file holds. The tensors are then loaded through
     ``from_pretrained(None, config=..., state_dict=...)`` in float32, so both key namings
@@ -288,20 +292,36 @@ def load_model(directory: Path | str, *, dtype: torch.dtype = torch.float32,
     config = read_model_config(directory, family)
     path = weights_path(directory)
     state = read_state_dict(path)
+    with torch.device("meta"):  # allocates nothing: names and counts only
+        meta = config_family(config).model_cls(config.model_type)(config)
+    state = drop_legacy_buffers(state, config_family(config), set(meta.state_dict()), path)
     _refuse_non_float(state, path)
-    _check_weights_fit(config, state, path)
+    _check_weights_fit(meta, state, path)
     model = _load_state(config, state, path, attention)
     return _cast(model, dtype=dtype, device=device).eval()
 
 
-def _check_weights_fit(config: PretrainedConfig, state: dict[str, torch.Tensor],
+def drop_legacy_buffers(state: dict[str, torch.Tensor], family: Family, model_keys: set[str],
+                        path: Path) -> dict[str, torch.Tensor]:
+    """``state`` without the keys that are ``family``'s :attr:`~Family.legacy_buffers`
+    (persistent non-parameter buffers older transformers wrote, e.g. GPT-2's
+    ``attn.masked_bias``) and that the model built from the config does not have
+    (``model_keys``, its ``state_dict`` names); each dropped name is logged. Nothing else
+    is dropped: an unknown key still fails the strict load."""
+    dropped = sorted(k for k in state if family.is_legacy_buffer(k) and k not in model_keys)
+    if dropped:
+        log.info("%s: dropped %d persistent buffers of older transformers that are not "
+                 "parameters (%s)", path, len(dropped), _short(dropped, 4))
+    return {k: v for k, v in state.items() if k not in set(dropped)}
+
+
+def _check_weights_fit(meta: torch.nn.Module, state: dict[str, torch.Tensor],
                        path: Path) -> None:
     """Refuse a config that implies more than :data:`MAX_IMPLIED_RATIO` times the values the
-    file holds, before the model is allocated (the count is taken on the meta device, which
-    allocates nothing), so a hostile size costs at most that multiple of the file's memory;
-    smaller differences are named key by key by the strict check that follows."""
-    with torch.device("meta"):
-        implied = n_parameters(config_family(config).model_cls(config.model_type)(config))
+    file holds, before the model is allocated (``meta``: the model built on the meta device,
+    which allocates nothing), so a hostile size costs at most that multiple of the file's
+    memory; smaller differences are named key by key by the strict check that follows."""
+    implied = n_parameters(meta)
     held = sum(t.numel() for t in state.values() if t.is_floating_point())
     if implied > MAX_IMPLIED_RATIO * held:
         raise CheckpointMismatchError(
@@ -448,3 +468,88 @@ class ReferenceWeights:
     def __getitem__(self, name: str) -> torch.Tensor:
         """The tensor ``name`` as float32 on CPU."""
         return self.raw(name).float()
+
+
+#: safetensors' dtype codes of floating-point tensors (the only ones a tensor digest covers);
+#: torch's dtypes of a pickle are written in the same codes, so both layouts digest alike.
+FLOAT_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
+               torch.bfloat16: "BF16"}
+#: The safetensors format's largest header (its specification: 100 MB).
+MAX_HEADER = 100_000_000
+#: Bytes read at a time while digesting.
+DIGEST_BLOCK = 1 << 24
+
+
+def _tensor_digest(code: str, shape: list[int]) -> Any:
+    """A sha256 already fed with a tensor's dtype code and shape (so equal bytes of another
+    dtype or shape never share a digest)."""
+    import hashlib
+
+    return hashlib.sha256(f"{code}|{','.join(map(str, shape))}|".encode())
+
+
+def weights_digests(directory: Path | str, family: Family) -> tuple[str, dict[str, str]]:
+    """(sha256 of the weights file, {tensor name: sha256 of its dtype, shape and bytes}).
+
+    The tensor digests cover every floating-point tensor of the file under the name the file
+    gives it, except ``family``'s :attr:`~Family.legacy_buffers`; they are what the content
+    audit compares across the steps of a run (:mod:`lmdynamics.reduction.audit`: which tensors
+    of which step equal another step's, Pythia issue #206). A safetensors file is read once,
+    in order, its header's byte ranges hashed as they pass (memory: one block); a pickle is
+    read with :func:`read_state_dict`.
+    """
+    import hashlib
+
+    path = weights_path(directory)
+    if path.suffix != ".safetensors":
+        from lmdynamics.store import file_sha256
+
+        tensors = {}
+        for name, t in read_state_dict(path).items():
+            if t.dtype in FLOAT_CODES and not family.is_legacy_buffer(name):
+                digest = _tensor_digest(FLOAT_CODES[t.dtype], list(t.shape))
+                digest.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+                tensors[name] = digest.hexdigest()
+        return file_sha256(path), tensors
+    whole = hashlib.sha256()
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        whole.update(head)
+        try:
+            length = int.from_bytes(head, "little")
+            if len(head) != 8 or length > min(MAX_HEADER, path.stat().st_size - 8):
+                raise ValueError(f"header length {length} beyond the file or the format's "
+                                 f"{MAX_HEADER}-byte limit")
+            header_bytes = fh.read(length)
+            header = json.loads(header_bytes)
+            if not isinstance(header, dict) or len(head) != 8 or len(header_bytes) != length:
+                raise ValueError("truncated header")
+            spans = sorted((int(v["data_offsets"][0]), int(v["data_offsets"][1]), k,
+                            v["dtype"], list(v["shape"]))
+                           for k, v in header.items() if k != "__metadata__")
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            raise CorruptCheckpointError(f"{path}: unreadable safetensors header ({exc})") \
+                from exc
+        whole.update(header_bytes)
+        position, tensors = 0, {}
+        for begin, end, name, code, shape in spans:
+            if begin < position or end < begin:
+                raise CorruptCheckpointError(f"{path}: tensor {name!r} overlaps another")
+            whole.update(fh.read(begin - position))  # padding, if any
+            keep = code in FLOAT_CODES.values() and not family.is_legacy_buffer(name)
+            digest = _tensor_digest(code, shape) if keep else None
+            remaining = end - begin
+            while remaining:
+                block = fh.read(min(DIGEST_BLOCK, remaining))
+                if not block:
+                    raise CorruptCheckpointError(f"{path}: truncated in tensor {name!r}")
+                whole.update(block)
+                if digest is not None:
+                    digest.update(block)
+                remaining -= len(block)
+            if digest is not None:
+                tensors[name] = digest.hexdigest()
+            position = end
+        while block := fh.read(DIGEST_BLOCK):
+            whole.update(block)
+    return whole.hexdigest(), tensors

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import httpx2
 from huggingface_hub import HfApi, constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
@@ -45,6 +45,9 @@ from lmdynamics.sources.checkpoints import CONFIG_NAME, SAFETENSORS_NAME, read_m
 from lmdynamics.sources.revision import REVISION_FILE
 from lmdynamics.sources.schedule import nearest_step
 from lmdynamics.store import file_sha256, write_text_atomic
+
+if TYPE_CHECKING:
+    from lmdynamics.sources.blobs import SharedBlobs
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -368,9 +371,22 @@ def verify_download(path: Path, remote: RemoteFile, label: str = "") -> str:
 
 
 def _fetch(repo: str, remote: RemoteFile, commit: str, staging: Path, *, retries: int,
-           backoff: float) -> tuple[Path, str]:
-    """Download one file into ``staging`` and verify it; returns (path, sha256)."""
+           backoff: float, blobs: SharedBlobs | None = None) -> tuple[Path, str]:
+    """Download one file into ``staging`` and verify it; returns (path, sha256). With
+    ``blobs``, a blob another planned revision serves is taken from there when a download
+    already holds it (and verified all the same), and kept there when fetched."""
     t0 = time.perf_counter()
+    etag = remote.etag.strip('"').lower()
+    if blobs is not None and blobs.take(etag, remote.size, staging / remote.name):
+        try:
+            sha = verify_download(staging / remote.name, remote, f" of {repo}@{commit[:12]}")
+        except CorruptDownloadError as exc:  # a damaged kept copy: drop it, fetch the blob
+            log.warning("kept blob %s is damaged (%s); fetching it again", etag[:12], exc)
+            blobs.path(etag).unlink(missing_ok=True)
+        else:
+            log.info("%s: blob %s is served by another planned revision too: taken from %s, "
+                     "not fetched again", remote.name, etag[:12], blobs.directory)
+            return staging / remote.name, sha
 
     def get() -> str:
         try:
@@ -386,6 +402,8 @@ def _fetch(repo: str, remote: RemoteFile, commit: str, staging: Path, *, retries
     path = Path(with_retries(get, what=f"{repo}@{commit[:12]}: download {remote.name}",
                              retries=retries, backoff=backoff))
     sha = verify_download(path, remote, f" of {repo}@{commit[:12]}")
+    if blobs is not None:
+        blobs.keep(sha, path)
     seconds = time.perf_counter() - t0
     log.info("%s: %.1f MB in %.1fs (%.1f MB/s), sha256 %s", remote.name, remote.size / 1e6,
              seconds, remote.size / 1e6 / max(seconds, 1e-9), sha)
@@ -433,13 +451,15 @@ def convert_to_safetensors(paths: list[Path], out: Path,
 
 def download_revision(repo: str, revision: str, out_dir: Path | str, *,
                       retries: int = _HUB["retries"], backoff: float = _HUB["backoff"],
-                      min_free_bytes: int = 0) -> dict:
+                      min_free_bytes: int = 0, blobs: SharedBlobs | None = None) -> dict:
     """Fetch ``config.json`` and the weights of ``repo`` at ``revision`` into ``out_dir``.
 
     Writes ``out_dir/{config.json, model.safetensors, revision.json}`` (the record last);
     downloads go to a hidden staging folder next to ``out_dir`` that is removed afterwards.
     Returns the record: ``repo``, ``revision``, ``commit``, ``weights_files`` (name, bytes,
     sha256 each), ``converted``, ``sha256`` and ``bytes`` of ``model.safetensors``.
+    ``blobs``: the weight blobs several planned revisions share
+    (:class:`lmdynamics.sources.blobs.SharedBlobs`), each fetched once.
     """
     out_dir = Path(out_dir)
     api = HfApi()
@@ -471,7 +491,8 @@ def download_revision(repo: str, revision: str, out_dir: Path | str, *,
         shutil.rmtree(stale, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        fetched = [_fetch(repo, r, commit, staging, retries=retries, backoff=backoff)
+        fetched = [_fetch(repo, r, commit, staging, retries=retries, backoff=backoff,
+                          blobs=blobs if r.name != CONFIG_NAME else None)
                    for r in remotes]
         config_path = fetched[0][0]
         read_model_config(config_path.parent)  # refuses remote code / unknown architectures
@@ -501,4 +522,7 @@ def download_revision(repo: str, revision: str, out_dir: Path | str, *,
         write_text_atomic(json.dumps(record, indent=2) + "\n", out_dir / REVISION_FILE)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    if blobs is not None:
+        for entry in record["weights_files"]:
+            blobs.release(entry["sha256"], blobs.downloaded)
     return record

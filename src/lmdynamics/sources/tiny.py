@@ -192,10 +192,12 @@ def train_updates(model: torch.nn.Module, tokens: np.ndarray, *, final_step: int
                   batch_size: int, seq_len: int, lr: float, warmup: int, seed: int,
                   extra_loss: Callable[[torch.nn.Module], torch.Tensor] | None = None,
                   after_update: Callable[[int, float], None] | None = None,
+                  lr_at: Callable[[int], float] | None = None,
                   ) -> tuple[np.ndarray, np.ndarray]:
     """The tiny suite's optimisation: ``final_step`` AdamW updates of ``model``.
 
-    Update ``u`` sets the learning rate :func:`learning_rate` ``(u)``, takes batch
+    Update ``u`` sets the learning rate :func:`learning_rate` ``(u)`` (or ``lr_at(u)``, another
+    schedule, when given), takes batch
     :func:`training_batch` ``(tokens, u)`` (onto the model's device), back-propagates the
     language-model loss plus ``extra_loss(model)`` if given (an intervention's term), clips
     the gradient norm at :data:`GRAD_CLIP` and steps; then ``after_update(u + 1, loss)`` (e.g.
@@ -216,8 +218,10 @@ def train_updates(model: torch.nn.Module, tokens: np.ndarray, *, final_step: int
     losses = np.empty(final_step, dtype=np.float64)
     extras = np.zeros(final_step, dtype=np.float64)
     for update in range(final_step):
+        rate = (learning_rate(update, lr=lr, warmup=warmup, final_step=final_step)
+                if lr_at is None else lr_at(update))
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(update, lr=lr, warmup=warmup, final_step=final_step)
+            group["lr"] = rate
         batch = torch.from_numpy(training_batch(tokens, update, batch_size=batch_size,
                                                 seq_len=seq_len, seed=seed)).to(device)
         loss = model(input_ids=batch, labels=batch).loss

@@ -21,7 +21,12 @@ says where a suite's checkpoints are and what is known about them, each fact cit
 - ``schedule`` (the steps saved, as a list or ``[start, stop, every]`` ranges, or unknown),
   ``final_step``, ``tokens_per_step``;
 - ``eval_data``: where the eval batch comes from (``pile_last_batch``: the last training batch
-  of a preshuffled Pile dataset; ``tokens`` / ``text``: a local file the config names).
+  of a preshuffled Pile dataset; ``tokens`` / ``text``: a local file the config names);
+- ``schedule.first``: the earliest step that has a revision, when it is not 0 (OLMo-1B-hf);
+- ``known_defects``: revisions the suite's own trackers report as defective (sizes, seeds,
+  steps, kind, source URL; :class:`KnownDefect`), which ``lmdynamics plan`` and the pre-flight
+  hub audit report; what a run leaves out is decided from the hashes the hub serves, so a
+  defect fixed upstream stops being flagged (:mod:`lmdynamics.hub_audit`).
 
 ``facts_from: pythia`` takes the sizes' shapes, the schedule, the final step and the tokens
 per step from :mod:`lmdynamics.sources.pythia`, the one place the Pythia facts are written.
@@ -73,6 +78,29 @@ class Shape:
 
 
 @dataclass(frozen=True)
+class KnownDefect:
+    """A defect of served revisions, as a suite's tracker documents it (``known_defects``)."""
+
+    sizes: tuple[str, ...]
+    steps: tuple[int, ...]
+    kind: str
+    source: str
+    seeds: tuple[int, ...] | None = None
+    note: str = ""
+    fixed: bool = False
+
+    def covers(self, size: str, seed: int | None, step: int) -> bool:
+        """Whether the revision of (``size``, ``seed``, ``step``) is one it names."""
+        return (size in self.sizes and step in self.steps
+                and (self.seeds is None or seed is None or seed in self.seeds))
+
+    def describe(self) -> str:
+        """One line: the kind, the note and the source."""
+        fixed = " (reported fixed upstream)" if self.fixed else ""
+        return f"{self.kind}{fixed}: {self.note.strip() or 'see the source'} ({self.source})"
+
+
+@dataclass(frozen=True)
 class Suite:
     """A checkpoint suite (see the module docstring for the meaning of each field)."""
 
@@ -89,6 +117,13 @@ class Suite:
     seeds: tuple[int, ...] = ()
     tokens_per_step: int | None = None
     origin: str = ""
+    first_step: int | None = None
+    known_defects: tuple[KnownDefect, ...] = ()
+
+    def defects_of(self, size: str, seed: int | None, step: int) -> list[KnownDefect]:
+        """The :attr:`known_defects` that name the revision of (``size``, ``seed``, ``step``)
+        of this definition's repos."""
+        return [d for d in self.known_defects if d.covers(size, seed, step)]
 
     @property
     def discover(self) -> bool:
@@ -394,6 +429,20 @@ def _semantic_errors(data: Mapping[str, Any]) -> list[str]:
     steps = _expand_schedule(schedule) if not errors else None
     if final is not None and steps is not None and final not in steps:
         errors.append(f"key 'final_step': {final} is not in the schedule")
+    first = schedule.get("first")
+    if first is not None and steps is not None and first != min(steps):
+        errors.append(f"key 'schedule.first': {first} is not the schedule's earliest step "
+                      f"{min(steps)}")
+    labels = list(sizes) if isinstance(sizes, (list, Mapping)) else []
+    for i, defect in enumerate(data.get("known_defects") or []):
+        unknown = [s for s in defect["sizes"] if s not in labels]
+        if unknown:
+            errors.append(f"key 'known_defects.{i}.sizes': {unknown} are not sizes of the "
+                          f"suite; sizes: {', '.join(labels)}")
+        odd = [k for k in defect.get("seeds") or [] if k not in seeds]
+        if odd:
+            errors.append(f"key 'known_defects.{i}.seeds': {odd} are not seeds of the suite; "
+                          f"seeds: {seeds}")
     return errors
 
 
@@ -462,7 +511,16 @@ def _build(data: Mapping[str, Any], origin: str) -> Suite:
         final, per_step = data.get("final_step"), data.get("tokens_per_step")
     repos = {size: {int(k): v for k, v in by_seed.items()}
              for size, by_seed in (data.get("repos") or {}).items()}
+    defects = tuple(
+        KnownDefect(sizes=tuple(d["sizes"]), steps=tuple(d["steps"]), kind=d["kind"],
+                    source=d["source"], seeds=tuple(d["seeds"]) if d.get("seeds") else None,
+                    note=d.get("note", ""), fixed=bool(d.get("fixed", False)))
+        for d in data.get("known_defects") or [])
+    first = (data.get("schedule") or {}).get("first")
+    if first is None and schedule is not None:
+        first = min(schedule)
     return Suite(name=data["name"], family=data["family"], sizes=sizes, revisions=revisions,
                  schedule=schedule, final_step=final, eval_data=dict(data["eval_data"]),
                  sources=tuple(data["sources"]), repo=data.get("repo"), repos=repos,
-                 seeds=tuple(data.get("seeds") or ()), tokens_per_step=per_step, origin=origin)
+                 seeds=tuple(data.get("seeds") or ()), tokens_per_step=per_step, origin=origin,
+                 first_step=first, known_defects=defects)
