@@ -103,6 +103,7 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM  # noqa: E402
 from lmdynamics.estimators.sparsity import ELEMENT_STATS  # noqa: E402
 from lmdynamics.extraction.conjecture import StatsOptions  # noqa: E402
 from lmdynamics.extraction.extract import (  # noqa: E402
+    ExtractionOptions,
     activation_encoding,
     extract_checkpoint,
     extraction_dataset,
@@ -267,7 +268,7 @@ def bench_extraction(a: argparse.Namespace, root: Path) -> None:
     np.save(batch, np.random.default_rng(0).integers(0, cfg.vocab_size,
                                                      (a.sequences, a.seq_len + 1)))
     tokens = min(4096, a.sequences * a.seq_len)
-    kw = {"tokens": tokens, "device": a.device, "dtype": a.dtype}
+    kw = {"tokens": tokens, "options": ExtractionOptions(device=a.device, dtype=a.dtype)}
     print(f"\n## 1. extraction: pythia-{a.arch} architecture, {a.sequences} x {a.seq_len} "
           f"tokens, {a.dtype} on {a.device}, {tokens} sampled tokens")
     stats_options = reference_options(init, final, root)

@@ -48,18 +48,21 @@ def chunk_shapes(shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
 
 def tiny_stores(root: Path) -> list[Path]:
     """Train the 497k tiny size briefly and extract three checkpoints (real activations)."""
-    from lmdynamics.extraction.extract import extract_checkpoint
-    from lmdynamics.sources.tiny import eval_batch, load_corpus, train_tiny_model
+    from lmdynamics.extraction.extract import ExtractionOptions, extract_checkpoint
+    from lmdynamics.options import resolve
+    from lmdynamics.sources.tiny import TRAINING_KEYS, eval_batch, load_corpus, train_tiny_model
 
     corpus = load_corpus()
     spec = {"hidden_size": 96, "num_layers": 4, "num_heads": 4}
     train_tiny_model(spec, size="497k", out_dir=root / "ckpt", loss_csv=root / "loss.csv",
-                     final_step=128, log_until=64, interval=64, corpus=corpus)
+                     final_step=128, log_until=64, interval=64, corpus=corpus, seed=0,
+                     **resolve("tiny", keys=TRAINING_KEYS))
     batch = root / "batch.npy"
     np.save(batch, eval_batch(corpus, final_step=128, batch_size=16, seq_len=128, seed=0))
     return [extract_checkpoint(root / "ckpt" / f"step{s}", batch, root / f"step{s}.zarr",
                                tokens=1024, seed=0, size="497k", step=s, model_name="tiny",
-                               revision=f"step{s}", device="cpu")
+                               revision=f"step{s}",
+                               options=ExtractionOptions(device="cpu"))
             for s in (0, 64, 128)]
 
 

@@ -54,7 +54,8 @@ def good_stores(tmp_path_factory) -> Path:
 
 
 def _reduce(stores: list[Path], out: Path) -> None:
-    run(["reduce", *map(str, stores), "--final-step", str(FINAL), "--out", str(out)])
+    run(["reduce", *map(str, stores), "--options", json.dumps({"final_step": FINAL}),
+         "--out", str(out)])
 
 
 # --------------------------------------------------------------------------- broken stores
@@ -98,7 +99,8 @@ def test_reduce_command_exits_nonzero_naming_the_store(good_stores, tmp_path):
     stores = copy_stores(good_stores, tmp_path / "extract")
     BROKEN_STORES["missing_array"][0](stores[1])
     proc = subprocess.run([sys.executable, "-m", "lmdynamics", "reduce", *map(str, stores),
-                           "--final-step", str(FINAL), "--out", str(tmp_path / "s.zarr")],
+                           "--options", json.dumps({"final_step": FINAL}),
+                           "--out", str(tmp_path / "s.zarr")],
                           capture_output=True, text=True, env=_env(), timeout=300)
     assert proc.returncode != 0
     assert f"{stores[1]} lacks activations" in proc.stderr and "--forcerun" in proc.stderr

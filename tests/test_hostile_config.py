@@ -317,8 +317,13 @@ def test_accepted_path_reaches_the_command_as_one_literal_argument(template, tmp
     TALLY["shell executed"] += executed
     assert not executed
     pile = [c for c in calls if c[0] == "pile-batch"]
-    assert len(pile) == 1 and f"--tokens-path={value}" in pile[0], pile
+    assert len(pile) == 1 and _options_of(pile[0])["hub"]["tokens_path"] == value, pile
     TALLY["correct result"] += 1
+
+
+def _options_of(argv: list[str]) -> dict:
+    """The ``--options`` JSON of a recorded ``lmdynamics`` call, parsed."""
+    return json.loads(argv[argv.index("--options") + 1])
 
 
 def test_snakemake_runs_a_hostile_path_literally(tmp_path):
@@ -336,8 +341,10 @@ def test_snakemake_runs_a_hostile_path_literally(tmp_path):
     TALLY["shell executed"] += marker.exists()
     assert not marker.exists()
     (call,) = recorded_calls(tmp_path)
-    assert call[:3] == ["pile-batch", "--dataset", "EleutherAI/pile-deduped-pythia-preshuffled"]
-    assert f"--tokens-path={value}" in call
+    hub = _options_of(call)["hub"]
+    assert call[0] == "pile-batch"
+    assert hub["dataset"] == "EleutherAI/pile-deduped-pythia-preshuffled"
+    assert hub["tokens_path"] == value
     TALLY["correct result"] += 1
 
 
@@ -637,7 +644,8 @@ def test_a_bad_config_in_plan_is_one_line(tmp_path, capsys):
 def test_a_missing_file_is_one_line(tmp_path, capsys):
     TALLY["tried"] += 1
     out = tmp_path / "e.npy"
-    assert cli.main(["hub-eval-batch", str(tmp_path / "none.npy"), "--sequences", "2",
+    assert cli.main(["hub-eval-batch", str(tmp_path / "none.npy"),
+                     "--options", '{"hub": {"sequences": 2}}',
                      "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert re.search(r"^lmdynamics hub-eval-batch: error: .*none\.npy", err, flags=re.M)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +17,7 @@ from lmdynamics.estimators.mcc import ALTERNATIVES
 from lmdynamics.estimators.measures import MEASURES, REFERENCES
 from lmdynamics.estimators.rank import PER_DIVISORS
 from lmdynamics.extraction import extract, paper_code
+from lmdynamics.extraction.conjecture import StatsOptions
 from lmdynamics.reduction.cka import CKAOptions
 from lmdynamics.reduction.measures import MeasureOptions
 from lmdynamics.report import figures, tables
@@ -76,6 +78,18 @@ def test_options_classes_take_fields_and_defaults_from_the_schema():
     metrics = options.defaults("metrics")
     assert CKAOptions() == CKAOptions.from_config(metrics, seed=options.resolve("seed"))
     assert MeasureOptions() == MeasureOptions.from_config(options.resolve("measures"))
+    assert extract.ExtractionOptions() == extract.ExtractionOptions.from_config(
+        options.resolve("extraction"), options.resolve("sampling"))
+    conjecture = options.resolve("conjecture")
+    assert StatsOptions(Path("ref")) == StatsOptions.from_config(Path("ref"), conjecture, seed=0)
+    assert StatsOptions("ref").spectrum_fit == tuple(conjecture["spectrum_fit"])
+    # library functions restate no option default: these take them from the caller
+    import inspect
+
+    from lmdynamics.sources.tiny import TRAINING_KEYS, train_tiny_model
+
+    params = inspect.signature(train_tiny_model).parameters
+    assert all(params[k].default is inspect.Parameter.empty for k in (*TRAINING_KEYS, "seed"))
     # every measure has its schema entry, and its parameters are keys of it
     section = options.section_schema("measures")["properties"]
     assert list(section) == list(MEASURES)
@@ -126,36 +140,103 @@ def _schema_leaves(node, path=()):
         yield ".".join(path), node["default"]
 
 
-def test_every_cli_default_of_an_option_is_the_schema_default():
-    """Every flag of every subcommand whose name is a config key has the schema's default
-    for that key (or none): the command line restates no default of its own."""
+#: Flags whose name is a config key's but whose value is one job's, worked out by the workflow
+#: from the config and the suite (not the key's value), or a file: flag -> the commands.
+PER_JOB_FLAGS = {
+    "--revision": {"download", "extract"},  # the branch of one step (suite revision pattern)
+    "--repo": {"download"},  # the repository of one size and seed
+    "--seeds": {"training-loss"},  # the replicate of each loss CSV
+    "--tokenizer": {"suite-eval-batch"},  # eval_data.tokenizer, else the suite's, else its repo
+    "--metrics": {"figure", "measure-figure", "mcc"},  # the metrics store (a path)
+    "--final-step": {"audit"},  # config final_step itself (merged from main; to move)
+    "--reference": {"extract"},  # the size's reference store (a path)
+}
+#: Subcommands of the intervention study, which reads its own section
+#: (``interventions.schema.yaml``) and is not walked here yet.
+INTERVENTION_COMMANDS = {"intervention-run", "intervention-summarise", "intervention-figures"}
+
+
+#: A value of each required top-level config key (they have no default).
+REQUIRED = {"final_step": 8, "source": "tiny", "tokens": 32, "steps": [0, 8], "sizes": ["a"],
+            "suite": "tiny"}
+
+
+def _config_key_names() -> set[str]:
+    """Every top-level config key and every key of a top-level section."""
+    names = set()
+    for key, node in options.schema()["properties"].items():
+        names.add(key)
+        names.update(options._resolve_ref(node).get("properties", {}))
+    return names
+
+
+def _flags_naming_config_keys(commands) -> tuple[int, list[str]]:
+    """(flags walked, ``command --flag`` of each flag named after a config key) of
+    ``commands`` ({name: (add_arguments, func)}), but :data:`PER_JOB_FLAGS`."""
     import argparse
+    import re
 
-    from lmdynamics.cli import COMMANDS
-
-    by_name: dict[str, list] = {}
-    for dotted, default in _schema_leaves(options.schema()):
-        by_name.setdefault(dotted.rsplit(".", 1)[-1], []).append(default)
-    checked, wrong = 0, []
-    for name, (add_arguments, _) in COMMANDS.items():
+    keys, wrong, walked = _config_key_names(), [], 0
+    for name, (add_arguments, _) in commands.items():
         parser = argparse.ArgumentParser()
         add_arguments(parser)
-        for key, allowed in by_name.items():
-            default = parser.get_default(key)  # None: no such flag, or no default
-            if default in (None, ""):
-                continue
-            checked += 1
-            if default not in allowed:
-                wrong.append(f"{name} --{key}: {default!r}, schema {allowed!r}")
-    assert checked >= 10 and not wrong, wrong
+        for flag in set(re.findall(r"(?<![\w-])--[a-z0-9][a-z0-9-]*", parser.format_help())):
+            walked += 1
+            if (flag[2:].replace("-", "_") in keys
+                    and name not in PER_JOB_FLAGS.get(flag, ())):
+                wrong.append(f"{name} {flag}")
+    return walked, wrong
+
+
+def test_no_flag_names_a_config_key_and_every_read_is_a_schema_key():
+    """Config keys reach a subcommand only through ``--options`` (what the schema gives, with
+    its defaults): no flag of any subcommand is named after a config key, but for the per-job
+    values of :data:`PER_JOB_FLAGS`; and every entry of ``commands.READS`` names a key of the
+    schema and parses to the schema's default."""
+    from lmdynamics.cli import COMMANDS
+    from lmdynamics.commands import READS
+
+    walked, wrong = _flags_naming_config_keys(
+        {k: v for k, v in COMMANDS.items() if k not in INTERVENTION_COMMANDS})
+    assert walked > 50 and not wrong, wrong
+    required = options.schema()["required"]
+    for name, reads in READS.items():
+        given = {s: REQUIRED[s] for s in reads if s in required}  # no default
+        if "tiny.schedule" in reads:  # required in its section
+            given["tiny"] = {"schedule": {"log_until": 4, "interval": 4}}
+        parsed = options.parse(json.dumps(given), reads)
+        for entry in reads:
+            section, _, key = entry.partition(".")
+            if section in given and (not key or key in given[section]):
+                want = given[section][key] if key else given[section]
+                assert (parsed[section][key] if key else parsed[section]) == want, (name, entry)
+            elif key:
+                assert key in options.section_schema(section)["properties"], (name, entry)
+                assert parsed[section][key] == options.defaults(section).get(key), (name, entry)
+            else:
+                assert parsed[section] == options.resolve(section), (name, entry)
+
+
+def test_the_flag_walk_refuses_a_flag_named_after_a_config_key():
+    """The walk above fails on a subcommand with a flag named after a config key."""
+    def add(p):
+        p.add_argument("--out")
+        p.add_argument("--lr", type=float, default=3e-3)
+        p.add_argument("--retries", type=int)
+
+    walked, wrong = _flags_naming_config_keys({"planted": (add, None)})
+    assert walked == 4 and sorted(wrong) == ["planted --lr", "planted --retries"]
 
 
 def test_a_job_gets_only_what_it_reads():
     from lmdynamics.commands import READS
 
-    parsed = options.parse(None, READS["reference"])
-    assert parsed == {"conjecture": {"top_k": options.defaults("conjecture")["top_k"]}}
-    extract = options.parse(None, READS["extract"])
+    parsed = options.parse('{"final_step": 8}', READS["reference"])
+    assert parsed == {"conjecture": {"top_k": options.defaults("conjecture")["top_k"]},
+                      "final_step": 8}
+    with pytest.raises(ValueError, match="tokens required by this step and not given"):
+        options.parse(None, READS["extract"])
+    extract = options.parse('{"tokens": 32}', READS["extract"])
     assert "figure_steps" not in extract["conjecture"] and "top_k" in extract["conjecture"]
     with pytest.raises(ValueError, match="unknown section"):
         options.parse('{"metrics": {}}', READS["reference"])
@@ -165,7 +246,7 @@ def test_a_key_a_job_reads_reruns_it_and_another_does_not():
     from lmdynamics.commands import READS
 
     config = {s: options.resolve(s) for s in ("tokens", "seed", "extraction", "sampling",
-                                             "conjecture", "family")}
+                                             "conjecture", "family")} | {"final_step": 8}
 
     def changed(section, key, value):
         return {**config, section: {**config[section], key: value}}

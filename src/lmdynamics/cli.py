@@ -16,7 +16,7 @@ import os
 import socket
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 # The intervention study's subcommands register themselves on COMMANDS when imported.
@@ -27,49 +27,40 @@ from lmdynamics.threads import pin_threads
 log = logging.getLogger("lmdynamics")
 
 
-def _default(section: str, key: str | None = None):
-    """The schema's default of config ``section`` (or of its ``key``): a flag's default."""
-    from lmdynamics.options import defaults, resolve
-
-    return resolve(section) if key is None else defaults(section)[key]
-
-
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", required=True)
     p.add_argument("--hidden-size", type=int, required=True)
     p.add_argument("--num-layers", type=int, required=True)
     p.add_argument("--num-heads", type=int, required=True)
-    p.add_argument("--final-step", type=int, required=True)
-    p.add_argument("--log-until", type=int, required=True)
-    p.add_argument("--interval", type=int, required=True)
-    p.add_argument("--batch-size", type=int, default=_default("tiny", "batch_size"))
-    p.add_argument("--seq-len", type=int, default=_default("tiny", "seq_len"))
-    p.add_argument("--lr", type=float, default=_default("tiny", "lr"))
-    p.add_argument("--warmup", type=int, default=_default("tiny", "warmup"))
-    p.add_argument("--seed", type=int, default=_default("seed"))
+    _replicate_arg(p)
+    _options_arg(p, *READS["train-tiny"])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out-dir", type=Path, required=True)
     p.add_argument("--loss-csv", type=Path, required=True)
-    p.add_argument("--family", default="gpt_neox",
-                   help="model family (lmdynamics.families): gpt_neox | llama | gpt2")
+
+
+def _replicate_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--replicate", type=int, default=0,
+                   help="tiny: seed replicate k (config seeds), trained with config seed + k")
 
 
 @command("train-tiny", _train_args, threads=True)
 def _train(a: argparse.Namespace) -> None:
+    from lmdynamics import families
     from lmdynamics.sources.tiny import train_tiny_model
 
+    opts = _options(a)
+    tiny = dict(opts["tiny"])
+    schedule = tiny.pop("schedule")
     spec = {"hidden_size": a.hidden_size, "num_layers": a.num_layers, "num_heads": a.num_heads}
     train_tiny_model(spec, size=a.size, out_dir=a.out_dir, loss_csv=a.loss_csv,
-                     final_step=a.final_step, log_until=a.log_until, interval=a.interval,
-                     batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr, warmup=a.warmup,
-                     seed=a.seed, threads=a.threads, family=a.family)
+                     final_step=_final_step(opts), **schedule, **tiny,
+                     seed=opts["seed"] + a.replicate, threads=a.threads,
+                     family=opts["family"] or families.DEFAULT)
 
 
 def _eval_batch_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--final-step", type=int, required=True)
-    p.add_argument("--batch-size", type=int, default=_default("tiny", "batch_size"))
-    p.add_argument("--seq-len", type=int, default=_default("tiny", "seq_len"))
-    p.add_argument("--seed", type=int, default=_default("seed"))
+    _options_arg(p, *READS["tiny-eval-batch"])
     p.add_argument("--out", type=Path, required=True)
 
 
@@ -78,10 +69,11 @@ def _tiny_eval_batch(a: argparse.Namespace) -> None:
     from lmdynamics.sources.tiny import eval_batch, load_corpus
     from lmdynamics.store import write_array_atomic
 
-    batch = eval_batch(load_corpus(), final_step=a.final_step, batch_size=a.batch_size,
-                       seq_len=a.seq_len, seed=a.seed)
+    opts = _options(a)
+    batch = eval_batch(load_corpus(), final_step=_final_step(opts), **opts["tiny"],
+                       seed=opts["seed"])
     write_array_atomic(batch, a.out)
-    log.info("eval batch (last training batch, update %d): %s -> %s", a.final_step - 1,
+    log.info("eval batch (last training batch, update %d): %s -> %s", _final_step(opts) - 1,
              batch.shape, a.out)
 
 
@@ -146,10 +138,7 @@ def _stats_options(a: argparse.Namespace, conjecture: dict, seed: int):
 
     if a.reference is None:
         return None
-    return StatsOptions(a.reference,
-                        max_elements=conjecture["max_elements"], top_k=conjecture["top_k"],
-                        embedding_tokens=conjecture["embedding_tokens"],
-                        spectrum_fit=tuple(conjecture["spectrum_fit"]), seed=seed)
+    return StatsOptions.from_config(a.reference, conjecture, seed=seed)
 
 
 def _checkpoint_steps(a: argparse.Namespace) -> list:
@@ -171,22 +160,19 @@ def _checkpoint_steps(a: argparse.Namespace) -> list:
 
 @command("extract", _extract_args, threads=True)
 def _extract(a: argparse.Namespace) -> None:
-    from lmdynamics.extraction.extract import extract_checkpoints
+    from lmdynamics.extraction.extract import ExtractionOptions, extract_checkpoints
     from lmdynamics.extraction.local import extract_local
 
     opts = _options(a)
-    ex = opts["extraction"]
     run = extract_checkpoints if a.local_settle is None else functools.partial(
         extract_local, settle_seconds=a.local_settle, wait_seconds=a.local_wait)
     run(_checkpoint_steps(a), a.eval_batch, tokens=opts["tokens"],
                         seed=opts["seed"], size=a.size, model_name=a.model,
-                        device=ex["device"], dtype=ex["dtype"],
-                        micro_batch=ex["micro_batch"], sampling=opts["sampling"]["protocol"],
-                        attention_activation=ex["attention_activation"],
-                        attention_implementation=ex["attention_implementation"],
-                        gradient_protocol=ex["gradient_protocol"], family=opts["family"],
+                        options=ExtractionOptions.from_config(opts["extraction"],
+                                                              opts["sampling"]),
+                        family=opts["family"],
                         stats=_stats_options(a, opts["conjecture"], opts["seed"]),
-                        replicate=a.replicate, grad_sub_batches=ex["grad_sub_batches"])
+                        replicate=a.replicate)
 
 
 def _reference_args(p: argparse.ArgumentParser) -> None:
@@ -196,7 +182,6 @@ def _reference_args(p: argparse.ArgumentParser) -> None:
                    help="final-step model directory of the size")
     p.add_argument("--size", required=True)
     p.add_argument("--model", default="", help="model name recorded in the store")
-    p.add_argument("--final-step", type=int, default=None, help="recorded in the store")
     _options_arg(p, *READS["reference"])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, required=True)
@@ -211,29 +196,14 @@ def _reference(a: argparse.Namespace) -> None:
     opts = _options(a)
     build_reference(a.init_checkpoint, a.final_checkpoint, a.out, size=a.size,
                     top_k=opts["conjecture"]["top_k"], model_name=a.model,
-                    final_step=a.final_step)
+                    final_step=opts["final_step"])
     log.info("reference store of %s -> %s", a.size, a.out)
 
 
 def _gradient_batches_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--source", required=True, help="tiny | hub")
     p.add_argument("--step", type=int, required=True, help="the checkpoint c")
-    p.add_argument("--batch-size", type=int, default=_default("tiny", "batch_size"),
-                   help="tiny: sequences per batch")
-    p.add_argument("--seq-len", type=int, default=_default("tiny", "seq_len"),
-                   help="tiny: bytes per sequence")
-    p.add_argument("--seed", type=int, default=_default("seed"), help="tiny: data order seed")
-    p.add_argument("--dataset", default=None,
-                   help="hub: the preshuffled Pile (default: the schema's hub.dataset)")
-    p.add_argument("--dataset-revision", default=_default("hub", "dataset_revision"),
-                   help="hub: its revision")
-    p.add_argument("--tokens-path", default="",
-                   help="hub: local shards folder or concatenated file instead of the hub "
-                        "(empty: read from the hub)")
-    p.add_argument("--retries", type=int, default=_default("hub", "retries"),
-                   help="hub: retries of transient errors")
-    p.add_argument("--backoff", type=float, default=_default("hub", "backoff"),
-                   help="hub: first wait (s), doubled")
+    _replicate_arg(p)
+    _options_arg(p, *READS["gradient-batches"])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--record", type=Path, default=None, help="hub: .json provenance")
 
@@ -244,14 +214,16 @@ def _gradient_batches(a: argparse.Namespace) -> None:
     from lmdynamics.extraction.paper_code import hub_gradient_batches, tiny_gradient_batches
     from lmdynamics.store import write_array_atomic, write_text_atomic
 
+    opts = _options(a)
     records: list[dict] = []
-    if a.source == "tiny":
-        batches = tiny_gradient_batches(a.step, batch_size=a.batch_size, seq_len=a.seq_len,
-                                        seed=a.seed)
-    elif a.source == "hub":
-        batches, records = hub_gradient_batches(a.step, _token_source(a))
+    if opts["source"] == "tiny":
+        batches = tiny_gradient_batches(a.step, **opts["tiny"],
+                                        seed=opts["seed"] + a.replicate)
+    elif opts["source"] == "hub":
+        batches, records = hub_gradient_batches(a.step, _token_source(opts["hub"]))
     else:
-        raise ValueError(f"--source {a.source!r}: allowed tiny, hub")
+        raise ValueError(f"source {opts['source']!r}: gradient batches of the tiny and hub "
+                         "sources only")
     if a.record is not None:
         write_text_atomic(json.dumps({"step": a.step, "batches": records}, indent=2) + "\n",
                           a.record)
@@ -270,20 +242,29 @@ def _options_arg(p: argparse.ArgumentParser, *reads: str) -> None:
     p.set_defaults(option_sections=reads)
 
 
-def _token_source(a: argparse.Namespace):
-    """The Pile's tokens: local shards (``--tokens-path``) or the hub dataset (``--dataset``,
-    else the default suite definition's, Pythia-deduped's) read by range requests."""
+def _token_source(hub: Mapping):
+    """The Pile's tokens: local shards (config ``hub.tokens_path``) or the hub dataset
+    (``hub.dataset``, else the default suite definition's, Pythia-deduped's) read by range
+    requests."""
     from lmdynamics.config import DEFAULT_SUITE
     from lmdynamics.sources.hub import set_default_timeout
     from lmdynamics.sources.pile import HubTokens, LocalTokens
     from lmdynamics.sources.suites import load_suite
 
-    if a.tokens_path:
-        return LocalTokens(a.tokens_path)
+    if hub["tokens_path"]:
+        return LocalTokens(hub["tokens_path"])
     set_default_timeout()
-    dataset = a.dataset or load_suite(DEFAULT_SUITE).eval_data["dataset"]
-    return HubTokens(dataset, a.dataset_revision,
-                     retries=a.retries, backoff=a.backoff)
+    dataset = hub["dataset"] or load_suite(DEFAULT_SUITE).eval_data["dataset"]
+    return HubTokens(dataset, hub["dataset_revision"],
+                     retries=hub["retries"], backoff=hub["backoff"])
+
+
+def _final_step(opts: dict) -> int:
+    """Config ``final_step`` of a step's ``--options`` (no default: the step needs it)."""
+    if opts["final_step"] is None:
+        raise ValueError("--options: final_step not given; this step needs the run's final "
+                         "step, e.g. --options '{\"final_step\": 143000}'")
+    return opts["final_step"]
 
 
 def _options(a: argparse.Namespace) -> dict:
@@ -294,8 +275,7 @@ def _options(a: argparse.Namespace) -> dict:
 
 def _reduce_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("stores", nargs="+", type=Path)
-    p.add_argument("--final-step", type=int, required=True)
-    _options_arg(p, "metrics", "seed", "measures")
+    _options_arg(p, *READS["reduce"])
     p.add_argument("--out", type=Path, required=True)
 
 
@@ -307,7 +287,8 @@ def _reduce(a: argparse.Namespace) -> None:
 
     opts = _options(a)
     metrics = opts["metrics"]
-    reduce_size(a.stores, a.out, final_step=a.final_step, per_divisor=metrics["per_divisor"],
+    reduce_size(a.stores, a.out, final_step=_final_step(opts),
+                per_divisor=metrics["per_divisor"],
                 per_truncate=metrics["per_truncate"],
                 cka_options=CKAOptions.from_config(metrics, seed=opts["seed"]),
                 measure_options=MeasureOptions.from_config(opts["measures"]))
@@ -421,7 +402,7 @@ def _mcc(a: argparse.Namespace) -> None:
 
 def _reduce_stats_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("stores", nargs="+", type=Path)
-    p.add_argument("--final-step", type=int, required=True)
+    _options_arg(p, *READS["reduce-stats"])
     p.add_argument("--out", type=Path, required=True)
 
 
@@ -429,7 +410,7 @@ def _reduce_stats_args(p: argparse.ArgumentParser) -> None:
 def _reduce_stats(a: argparse.Namespace) -> None:
     from lmdynamics.reduction.stats import reduce_stats
 
-    reduce_stats(a.stores, a.out, final_step=a.final_step)
+    reduce_stats(a.stores, a.out, final_step=_final_step(_options(a)))
 
 
 def _combine_stats_args(p: argparse.ArgumentParser) -> None:
@@ -466,13 +447,6 @@ def _stats_figure(a: argparse.Namespace) -> None:
 # Subcommands of the hub source: download, pile-batch, hub-eval-batch, audit, plan.
 
 
-def _retry_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--retries", type=int, default=_default("hub", "retries"),
-                   help="retries of transient hub errors")
-    p.add_argument("--backoff", type=float, default=_default("hub", "backoff"),
-                   help="first wait (s), doubled each time")
-
-
 def _download_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repo", required=True, help="e.g. EleutherAI/pythia-70m-deduped")
     which = p.add_mutually_exclusive_group(required=True)
@@ -483,15 +457,13 @@ def _download_args(p: argparse.ArgumentParser) -> None:
                             "'step(?P<step>[0-9]+)-tokens[0-9]+B'")
     p.add_argument("--step", type=int, default=None, help="the step, with --revision-pattern")
     p.add_argument("--out-dir", type=Path, required=True)
-    p.add_argument("--min-free-gb", type=float, default=_default("hub", "min_free_gb"),
-                   help="fail before writing if the download would leave less free disk")
+    _options_arg(p, *READS["download"])
     p.add_argument("--hub-audit", type=Path, default=None,
                    help="tables/hub_audit.csv: weight blobs several planned revisions serve are "
                         "fetched once (with --blob-dir)")
     p.add_argument("--blob-dir", type=Path, default=None,
                    help="where a shared blob is kept until every revision serving it is "
                         "downloaded (default: .blobs beside the size folders)")
-    _retry_args(p)
 
 
 @command("download", _download_args)
@@ -501,14 +473,15 @@ def _download(a: argparse.Namespace) -> None:
 
     from lmdynamics.sources.hub import download_revision, resolve_revision, set_default_timeout
 
+    hub = _options(a)["hub"]
+    retry = {"retries": hub["retries"], "backoff": hub["backoff"]}
     disable_progress_bars()
     set_default_timeout()
     revision = a.revision
     if a.revision_pattern is not None:
         if a.step is None:
             raise ValueError("--revision-pattern needs --step (the step whose branch to find)")
-        revision = resolve_revision(a.repo, a.step, a.revision_pattern, retries=a.retries,
-                                    backoff=a.backoff)
+        revision = resolve_revision(a.repo, a.step, a.revision_pattern, **retry)
         log.info("step %d of %s is branch %s", a.step, a.repo, revision)
     blobs = None
     if a.hub_audit is not None:
@@ -517,22 +490,16 @@ def _download(a: argparse.Namespace) -> None:
 
         blob_dir = a.blob_dir or a.out_dir.parent.parent.parent / ".blobs"
         blobs = SharedBlobs(blob_dir, read_audit(a.hub_audit))
-    record = download_revision(a.repo, revision, a.out_dir, retries=a.retries,
-                               backoff=a.backoff, min_free_bytes=int(a.min_free_gb * 1e9),
-                               blobs=blobs)
+    record = download_revision(a.repo, revision, a.out_dir, **retry,
+                               min_free_bytes=int(hub["min_free_gb"] * 1e9), blobs=blobs)
     log.info("revision record: %s", json.dumps(record))
 
 
 def _pile_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default=None,
-                   help="default: the pythia-deduped suite definition's dataset")
-    p.add_argument("--dataset-revision", default=_default("hub", "dataset_revision"))
-    p.add_argument("--tokens-path", type=Path, default=None,
-                   help="local shards folder or concatenated file instead of the hub")
+    _options_arg(p, *READS["pile-batch"])
     p.add_argument("--batch", type=int, required=True, help="training batch index (142999)")
     p.add_argument("--out", type=Path, required=True, help=".npy uint16 (1024, 2049)")
     p.add_argument("--record", type=Path, required=True, help=".json provenance")
-    _retry_args(p)
 
 
 @command("pile-batch", _pile_args)
@@ -541,7 +508,7 @@ def _pile_batch(a: argparse.Namespace) -> None:
     from lmdynamics.sources.pile import read_sequences
     from lmdynamics.store import write_array_atomic, write_text_atomic
 
-    tokens, record = read_sequences(_token_source(a), a.batch)
+    tokens, record = read_sequences(_token_source(_options(a)["hub"]), a.batch)
     write_array_atomic(tokens, a.out)
     write_text_atomic(json.dumps(record, indent=2) + "\n", a.record)
     log.info("batch %d: %s tokens from %s -> %s", a.batch, tokens.shape, record["source"], a.out)
@@ -549,7 +516,7 @@ def _pile_batch(a: argparse.Namespace) -> None:
 
 def _select_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("batch", type=Path, help=".npy (sequences, 2049) from pile-batch")
-    p.add_argument("--sequences", type=int, required=True)
+    _options_arg(p, *READS["hub-eval-batch"])
     p.add_argument("--out", type=Path, required=True)
 
 
@@ -560,22 +527,18 @@ def _hub_eval_batch(a: argparse.Namespace) -> None:
     from lmdynamics.store import load_token_array, write_array_atomic
 
     tokens = load_token_array(a.batch, ndim=2, what="training batch (sequences, 2049 tokens)")
-    batch = select_eval_batch(tokens, a.sequences)
+    batch = select_eval_batch(tokens, _options(a)["hub"]["sequences"])
     write_array_atomic(batch, a.out)
     log.info("eval batch %s -> %s", batch.shape, a.out)
 
 
 def _suite_eval_args(p: argparse.ArgumentParser) -> None:
-    from lmdynamics.sources.eval_data import BIN_DTYPES
-
     p.add_argument("source", type=Path, help=".npy / .bin token ids, or UTF-8 text")
-    p.add_argument("--sequences", type=int, required=True)
-    p.add_argument("--seq-len", type=int, required=True)
+    _options_arg(p, *READS["suite-eval-batch"])
     p.add_argument("--vocab", type=int, default=0, help="the suite's vocabulary (0: unknown)")
-    p.add_argument("--dtype", choices=BIN_DTYPES, default=None, help="token dtype of a .bin")
-    p.add_argument("--tokenizer", default=None, help="text: a local folder or hub id")
-    p.add_argument("--allow-download", action="store_true",
-                   help="text: let the tokenizer be downloaded (else local files only)")
+    p.add_argument("--tokenizer", default=None,
+                   help="text: a local folder or hub id (the workflow gives config "
+                        "eval_data.tokenizer, else the suite's tokenizer, else its repo)")
     p.add_argument("--out", type=Path, required=True)
 
 
@@ -585,11 +548,11 @@ def _suite_eval_batch(a: argparse.Namespace) -> None:
     from lmdynamics.sources.eval_data import eval_batch
     from lmdynamics.store import write_array_atomic
 
-    if a.sequences < 1 or a.seq_len < 2:
-        raise ValueError(f"--sequences {a.sequences} --seq-len {a.seq_len}: allowed >= 1, >= 2")
-    batch = eval_batch(a.source, sequences=a.sequences, seq_len=a.seq_len,
-                       vocab=a.vocab or None, dtype=a.dtype, tokenizer=a.tokenizer,
-                       allow_download=a.allow_download)
+    opts = _options(a)
+    data = opts["eval_data"]
+    batch = eval_batch(a.source, sequences=opts["hub"]["sequences"], seq_len=data["seq_len"],
+                       vocab=a.vocab or None, dtype=data["dtype"], tokenizer=a.tokenizer,
+                       allow_download=data["allow_download"])
     write_array_atomic(batch, a.out)
     log.info("eval batch %s from %s -> %s (sha256 %s)", batch.shape, a.source, a.out,
              hashlib.sha256(batch.tobytes()).hexdigest())

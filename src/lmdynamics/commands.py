@@ -37,7 +37,21 @@ READS: dict[str, tuple[str, ...]] = {
                 "conjecture.top_k", "conjecture.embedding_tokens", "conjecture.spectrum_fit",
                 "family"),
     # Only top_k shapes the reference store (the final checkpoint's top-k directions).
-    "reference": ("conjecture.top_k",),
+    "reference": ("conjecture.top_k", "final_step"),
+    "reduce": ("metrics", "seed", "measures", "final_step"),
+    "reduce-stats": ("final_step",),
+    "train-tiny": ("tiny.batch_size", "tiny.seq_len", "tiny.lr", "tiny.warmup",
+                   "tiny.schedule", "seed", "family", "final_step"),
+    "tiny-eval-batch": ("tiny.batch_size", "tiny.seq_len", "seed", "final_step"),
+    "gradient-batches": ("source", "tiny.batch_size", "tiny.seq_len", "seed", "hub.dataset",
+                         "hub.dataset_revision", "hub.tokens_path", "hub.retries",
+                         "hub.backoff"),
+    "download": ("hub.retries", "hub.backoff", "hub.min_free_gb"),
+    "pile-batch": ("hub.dataset", "hub.dataset_revision", "hub.tokens_path", "hub.retries",
+                   "hub.backoff"),
+    "hub-eval-batch": ("hub.sequences",),
+    "suite-eval-batch": ("hub.sequences", "eval_data.seq_len", "eval_data.dtype",
+                         "eval_data.allow_download"),
     # The drawings and Table 1 read the policy for flagged revisions, not the audit's
     # tolerance (which decides what is flagged: tables/defective.csv, their input).
     "figure": ("figures", "metrics", "audit.defective"),

@@ -30,7 +30,7 @@ import copy
 import functools
 import importlib.resources
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -112,13 +112,18 @@ def with_defaults(node: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str
     return _merge(_defaults_of(node), given)
 
 
-def resolve(section: str, given: Any = None) -> Any:
+def resolve(section: str, given: Any = None, keys: Collection[str] | None = None) -> Any:
     """``given`` (config section ``section``, or a subset of it) checked against the schema,
     with the schema's defaults filled in. Raises ValueError listing every bad key as
-    ``section.key: value — what is allowed``."""
+    ``section.key: value — what is allowed``. ``keys``: only these keys of the section are
+    read (the section's other keys, required ones too, are neither checked nor filled in; a
+    read key without a default that ``given`` leaves out is None)."""
     from lmdynamics.validation import schema_errors
 
     node = section_schema(section)
+    if keys is not None:
+        node = {**node, "properties": {k: v for k, v in node["properties"].items() if k in keys},
+                "required": [k for k in node.get("required", ()) if k in keys]}
     is_object = node.get("type") == "object"
     if given is None:
         given = {} if is_object else node.get("default")
@@ -128,7 +133,12 @@ def resolve(section: str, given: Any = None) -> Any:
     errors = schema_errors({section: given}, {**root, "properties": {section: node}})
     if errors:
         raise ValueError("invalid options: " + "; ".join(errors))
-    return _merge(defaults(section), given) if is_object else given
+    if not is_object:
+        return given
+    filled = _merge(defaults(section), given)
+    if keys is None:
+        return filled
+    return {k: filled.get(k) for k in node["properties"]}  # unset without a default: None
 
 
 def _heads(reads: Sequence[str]) -> list[str]:
@@ -136,9 +146,8 @@ def _heads(reads: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(entry.partition(".")[0] for entry in reads))
 
 
-def _only(chosen: dict[str, Any], reads: Sequence[str]) -> dict[str, Any]:
-    """``chosen`` ({section: value}) cut to ``reads``: a ``section.key`` entry keeps only the
-    keys of its section that ``reads`` names; a ``section`` entry keeps the whole section."""
+def _keys(reads: Sequence[str]) -> dict[str, set[str] | None]:
+    """The keys ``reads`` names of each of its sections (None: the whole section)."""
     keys: dict[str, set[str] | None] = {}
     for entry in reads:
         section, _, key = entry.partition(".")
@@ -146,6 +155,13 @@ def _only(chosen: dict[str, Any], reads: Sequence[str]) -> dict[str, Any]:
             keys[section] = None
         elif keys.get(section, set()) is not None:
             keys.setdefault(section, set()).add(key)
+    return keys
+
+
+def _only(chosen: dict[str, Any], reads: Sequence[str]) -> dict[str, Any]:
+    """``chosen`` ({section: value}) cut to ``reads``: a ``section.key`` entry keeps only the
+    keys of its section that ``reads`` names; a ``section`` entry keeps the whole section."""
+    keys = _keys(reads)
     return {s: chosen[s] if keys[s] is None else {k: v for k, v in chosen[s].items()
                                                   if k in keys[s]}
             for s in keys}
@@ -156,7 +172,8 @@ def parse(text: str | None, reads: Sequence[str]) -> dict[str, Any]:
     or one key of it, ``section.key``): a JSON object ``{section: value}`` inline, or the path
     of a file holding one (``None``: all defaults). Every section is checked and completed by
     :func:`resolve`, then cut to what the job reads (so code reading a key its list lacks
-    fails); sections it does not read are refused."""
+    fails); sections it does not read are refused, and a required top-level key it reads
+    (``tokens``) must be given."""
     sections = _heads(reads)
     value: Any = {}
     if text is not None:
@@ -180,7 +197,13 @@ def parse(text: str | None, reads: Sequence[str]) -> dict[str, Any]:
         if unknown:
             raise ValueError(f"{source}: unknown section(s) {', '.join(unknown)}; this step "
                              "reads " + ", ".join(sections))
-    return _only({s: resolve(s, value.get(s)) for s in sections}, reads)
+    keys = _keys(reads)
+    parsed = {s: resolve(s, value.get(s), keys[s]) for s in sections}
+    missing = [s for s in sections if parsed[s] is None and s in schema().get("required", ())]
+    if missing:
+        raise ValueError(f"--options: config key(s) {', '.join(missing)} required by this step "
+                         f"and not given; give e.g. --options '{{\"{missing[0]}\": ...}}'")
+    return _only(parsed, reads)
 
 
 def job_options(config: Mapping[str, Any], *reads: str) -> str:

@@ -210,11 +210,7 @@ class Recorder:
             conj = cfg["conjecture"]
             stats = refs = None
             if conj["enabled"]:
-                stats = StatsOptions(self.store(step), max_elements=conj["max_elements"],
-                                     top_k=conj["top_k"],
-                                     embedding_tokens=conj["embedding_tokens"],
-                                     spectrum_fit=tuple(conj["spectrum_fit"]),
-                                     seed=cfg["seed"])
+                stats = StatsOptions.from_config(self.store(step), conj, seed=cfg["seed"])
                 refs = LiveReference(self._init_weights(model, step),
                                      twin.config.hidden_size, twin.config.num_attention_heads)
             out = extract_model(

@@ -45,7 +45,8 @@ def suite(tmp_path_factory) -> Path:
         ck = root / "checkpoints" / size
         tiny.train_tiny_model(spec, size=size, out_dir=ck, loss_csv=root / f"{size}.csv",
                               final_step=FINAL, log_until=4, interval=4, batch_size=4,
-                              seq_len=32, lr=1e-2, warmup=1, threads=1, corpus=corpus)
+                              seq_len=32, lr=1e-2, warmup=1, seed=0, threads=1,
+                              corpus=corpus)
         build_reference(ck / "step0", ck / f"step{FINAL}", root / "reference" / f"{size}.zarr",
                         size=size, top_k=4, final_step=FINAL)
         for step in STEPS:
@@ -81,8 +82,10 @@ def test_param_names():
 
 
 def test_stats_options_are_checked(tmp_path):
-    for kw, match in [({"top_k": 0}, "top_k=0"), ({"spectrum_fit": (0.5, 0.5)}, "spectrum_fit"),
-                      ({"max_elements": 3}, "max_elements=3")]:
+    for kw, match in [({"top_k": 0}, "conjecture.top_k': 0"),
+                      ({"spectrum_fit": (0.5, 0.5)}, "spectrum_fit"),
+                      ({"spectrum_fit": (0.2, 1.5)}, "spectrum_fit.1': 1.5"),
+                      ({"max_elements": 3}, "conjecture.max_elements': 3")]:
         with pytest.raises(ValueError, match=match):
             StatsOptions(tmp_path, **kw)
 

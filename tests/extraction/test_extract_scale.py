@@ -145,9 +145,10 @@ def test_extraction_stores_sub_batch_gradient_spectra(tmp_path):
     save_checkpoint(_model(), tmp_path / "ckpt")
     np.save(tmp_path / "eval.npy", _batch(n_seq=8, seq_len=16).numpy())
     common = {"tokens": 12, "seed": 0, "size": "s", "step": 7, "model_name": "m",
-              "revision": "step7", "device": "cpu"}
+              "revision": "step7"}
     out = ex.extract_checkpoint(tmp_path / "ckpt", tmp_path / "eval.npy", tmp_path / "a.zarr",
-                                grad_sub_batches=4, **common)
+                                options=ex.ExtractionOptions(device="cpu", grad_sub_batches=4),
+                                **common)
     ds = open_store(out).load()
     assert ds["grad_sub_singular_values"].dims == ("sub_batch", "component", "layer", "k")
     assert ds["grad_sub_singular_values"].shape == (4, 2, 2, 16)
@@ -158,7 +159,9 @@ def test_extraction_stores_sub_batch_gradient_spectra(tmp_path):
                                atol=1e-5 * expected.max())
     # without sub-batches: the store of before, the same values for everything else
     plain = open_store(ex.extract_checkpoint(tmp_path / "ckpt", tmp_path / "eval.npy",
-                                             tmp_path / "b.zarr", grad_sub_batches=0,
+                                             tmp_path / "b.zarr",
+                                             options=ex.ExtractionOptions(device="cpu",
+                                                                          grad_sub_batches=0),
                                              **common)).load()
     assert "grad_sub_singular_values" not in plain and "grad_sub_batches" not in plain.attrs
     for var in plain.data_vars:

@@ -8,7 +8,11 @@ import torch
 import xarray as xr
 from transformers import GPTNeoXForCausalLM
 
-from lmdynamics.extraction.extract import extract_checkpoint, sample_token_positions
+from lmdynamics.extraction.extract import (
+    ExtractionOptions,
+    extract_checkpoint,
+    sample_token_positions,
+)
 from lmdynamics.extraction.paper_code import (
     gradient_steps,
     paper_code_gradient_singular_values,
@@ -139,10 +143,11 @@ def test_extract_with_paper_code_options(tmp_path):
     grads = torch.stack([batch_of(5, 3), batch_of(6, 3)])
     np.save(tmp_path / "grads.npy", grads.numpy())
     common = {"tokens": 12, "seed": 0, "size": "s", "step": 7, "model_name": "m",
-              "revision": "step7", "device": "cpu"}
+              "revision": "step7"}
     out = extract_checkpoint(tmp_path / "ckpt", tmp_path / "eval.npy", tmp_path / "s.zarr",
-                             attention_activation="paper_code",
-                             gradient_protocol="paper_code",
+                             options=ExtractionOptions(device="cpu",
+                                                       attention_activation="paper_code",
+                                                       gradient_protocol="paper_code"),
                              gradient_batches=tmp_path / "grads.npy", **common)
     ds = xr.open_zarr(out, consolidated=False)
     assert ds.attrs["attention_activation"] == "paper_code"
@@ -151,18 +156,19 @@ def test_extract_with_paper_code_options(tmp_path):
     np.testing.assert_allclose(ds.grad_singular_values.values, expected, rtol=1e-5, atol=1e-8)
     with pytest.raises(ValueError, match="--gradient-batches"):
         extract_checkpoint(tmp_path / "ckpt", tmp_path / "eval.npy", tmp_path / "t.zarr",
-                           gradient_protocol="paper_code", **common)
-    with pytest.raises(ValueError, match="gradient_protocol='last'.*eval_batch, paper_code"):
-        extract_checkpoint(tmp_path / "ckpt", tmp_path / "eval.npy", tmp_path / "t.zarr",
-                           gradient_protocol="last", **common)
-    with pytest.raises(ValueError, match="attention_activation='qkv'"):
-        extract_checkpoint(tmp_path / "ckpt", tmp_path / "eval.npy", tmp_path / "t.zarr",
-                           attention_activation="qkv", **common)
+                           options=ExtractionOptions(device="cpu",
+                                                     gradient_protocol="paper_code"), **common)
+    with pytest.raises(ValueError, match="extraction.gradient_protocol.*last.*eval_batch, "
+                                         "paper_code"):
+        ExtractionOptions(gradient_protocol="last")
+    with pytest.raises(ValueError, match="extraction.attention_activation.*qkv"):
+        ExtractionOptions(attention_activation="qkv")
 
 
 def test_paper_code_config_plans_hub_gradient_batches_with_quoted_paths(tmp_path, workflow_copy):
     """config/paper_code.yaml: 27 gradient_batches jobs whose shell line passes
     hub.tokens_path as one quoted argument (a space in it does not split it)."""
+    import json
     import shlex
 
     from support.workflow import snakemake
@@ -177,6 +183,5 @@ def test_paper_code_config_plans_hub_gradient_batches_with_quoted_paths(tmp_path
     lines = [line for line in out.splitlines() if "lmdynamics gradient-batches" in line]
     assert len(lines) == 27, out[-3000:]
     argv = shlex.split(lines[0].split("Shell command: ", 1)[-1].split(" > ")[0])
-    assert f"--tokens-path={local}" in argv  # one item: a path may start with '-'
-
-    assert argv[argv.index("--source") + 1] == "hub"
+    options = json.loads(argv[argv.index("--options") + 1])  # one item, whatever the path
+    assert options["hub"]["tokens_path"] == str(local) and options["source"] == "hub"

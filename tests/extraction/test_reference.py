@@ -52,10 +52,10 @@ def trained(tmp_path_factory) -> Path:
                                        seed=0), root / "eval_batch.npy")
     tiny.train_tiny_model(SPEC, size="a", out_dir=root / "ck", loss_csv=root / "loss.csv",
                           final_step=FINAL, log_until=MID, interval=MID, batch_size=4,
-                          seq_len=32, lr=1e-2, warmup=1, threads=1, corpus=corpus)
+                          seq_len=32, lr=1e-2, warmup=1, seed=0, threads=1, corpus=corpus)
     cli.run(["reference", "--init-checkpoint", str(root / "ck/step0"), "--final-checkpoint",
-             str(root / f"ck/step{FINAL}"), "--size", "a", "--final-step", str(FINAL),
-             "--options", json.dumps({"conjecture": {"top_k": TOP_K}}),
+             str(root / f"ck/step{FINAL}"), "--size", "a",
+             "--options", json.dumps({"conjecture": {"top_k": TOP_K}, "final_step": FINAL}),
              "--out", str(root / "ref.zarr")])
     return root
 
@@ -177,7 +177,8 @@ def test_a_store_of_other_options_size_or_model_is_refused(trained, tmp_path):
     corpus = tiny.load_corpus()
     tiny.train_tiny_model({"hidden_size": 24, "num_layers": 2, "num_heads": 2}, size="a",
                           out_dir=other, loss_csv=tmp_path / "l.csv", final_step=1, log_until=1,
-                          interval=1, batch_size=2, seq_len=16, lr=1e-2, warmup=1, threads=1,
+                          interval=1, batch_size=2, seq_len=16, lr=1e-2, warmup=1, seed=0,
+                          threads=1,
                           corpus=corpus)
     build_reference(other / "step0", other / "step1", tmp_path / "other.zarr", size="a",
                     top_k=TOP_K)

@@ -300,7 +300,7 @@ def test_extraction_with_statistics_on_published_files(tmp_path, kind):
     import xarray as xr
 
     from lmdynamics.extraction.conjecture import StatsOptions
-    from lmdynamics.extraction.extract import extract_checkpoint
+    from lmdynamics.extraction.extract import ExtractionOptions, extract_checkpoint
     from lmdynamics.extraction.reference import build_reference
 
     directory = tmp_path / kind
@@ -311,7 +311,7 @@ def test_extraction_with_statistics_on_published_files(tmp_path, kind):
                                 top_k=2, model_name=kind)
     out = extract_checkpoint(directory, batch, tmp_path / "out.zarr", tokens=8, seed=0,
                              size="s", step=0, model_name=kind, revision="main",
-                             device="cpu", family=FAMILY[kind],
+                             options=ExtractionOptions(device="cpu"), family=FAMILY[kind],
                              stats=StatsOptions(reference, top_k=2))
     ds = xr.open_zarr(out, consolidated=False)
     family = families.get(FAMILY[kind])

@@ -15,7 +15,8 @@ import xarray as xr
 
 from lmdynamics.cli import run
 from lmdynamics.estimators.rank import effective_rank, proportional_effective_rank
-from lmdynamics.extraction.extract import extract_checkpoint
+from lmdynamics.extraction.extract import ExtractionOptions, extract_checkpoint
+from lmdynamics.options import defaults
 from lmdynamics.reduction.cka import CKAOptions
 from lmdynamics.reduction.metrics import combine_sizes, reduce_size, tidy_metrics
 from lmdynamics.report import figures
@@ -38,13 +39,14 @@ def stores(tmp_path_factory) -> list:
     corpus = load_corpus()
     train_tiny_model(SPEC, size="t", out_dir=root / "ckpt", loss_csv=root / "loss.csv",
                      final_step=FINAL, log_until=8, interval=8, batch_size=BATCH,
-                     seq_len=SEQ_LEN, warmup=2, threads=1, corpus=corpus)
+                     seq_len=SEQ_LEN, lr=defaults("tiny")["lr"], warmup=2, seed=0,
+                     threads=1, corpus=corpus)
     np.save(root / "eval.npy", eval_batch(corpus, final_step=FINAL, batch_size=BATCH,
                                           seq_len=SEQ_LEN, seed=0))
     return [extract_checkpoint(root / "ckpt" / f"step{s}", root / "eval.npy",
                                root / f"extract/step{s}.zarr", tokens=TOKENS, seed=0,
                                size="t", step=s, model_name="tiny-t", revision=f"step{s}",
-                               device="cpu") for s in STEPS]
+                               options=ExtractionOptions(device="cpu")) for s in STEPS]
 
 
 @pytest.fixture(scope="module")
@@ -248,15 +250,16 @@ def test_figures_from_the_combined_store(reduced, tmp_path, monkeypatch, name, e
 def test_reduce_command_line(stores, tmp_path):
     out = tmp_path / "cli.zarr"
     options = {"metrics": {"per_truncate": False, "standardize": True,
-                           "bootstrap": {"samples": 30, "level": 0.8}}, "seed": 1}
-    run(["reduce", *map(str, stores), "--final-step", str(FINAL), "--options",
+                           "bootstrap": {"samples": 30, "level": 0.8}}, "seed": 1,
+               "final_step": FINAL}
+    run(["reduce", *map(str, stores), "--options",
          json.dumps(options), "--out", str(out)])
     ds = open_store(out)
     assert ds.attrs["per_truncate"] is False and ds.attrs["standardize"] is True
     assert ds.attrs["bootstrap_level"] == 0.8 and "cka_debiased_standardized_low" in ds
     with pytest.raises(ValueError, match="metrics.standardize': 'maybe'"):
-        run(["reduce", str(stores[0]), "--final-step", "8", "--options",
-             '{"metrics": {"standardize": "maybe"}}', "--out", str(out)])
+        run(["reduce", str(stores[0]), "--options",
+             '{"metrics": {"standardize": "maybe"}, "final_step": 8}', "--out", str(out)])
     with pytest.raises(ValueError, match=r"metrics.bootstrap.level=1.5.*\(0, 1\)"):
         CKAOptions(bootstrap_level=1.5)
     with pytest.raises(ValueError, match="metrics.bootstrap.samples=-1"):

@@ -11,6 +11,7 @@ hostile eval batches.
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -40,7 +41,8 @@ def good_stores(tmp_path_factory):
 
 
 def _reduce(stores, out) -> None:
-    run(["reduce", *map(str, stores), "--final-step", str(FINAL), "--out", str(out)])
+    run(["reduce", *map(str, stores), "--options", json.dumps({"final_step": FINAL}),
+         "--out", str(out)])
 
 
 def _assert_one_line_naming(message: str, store, fragment: str) -> None:

@@ -23,7 +23,7 @@ from safetensors.numpy import load_file
 from lmdynamics.cli import run
 from lmdynamics.estimators.cca import ActivationPair, CenteredSVD, unit_correlations
 from lmdynamics.estimators.measures import MEASURES, chosen
-from lmdynamics.extraction.extract import extract_checkpoint
+from lmdynamics.extraction.extract import ExtractionOptions, extract_checkpoint
 from lmdynamics.extraction.names import MEASURE_INPUTS
 from lmdynamics.options import defaults
 from lmdynamics.reduction.measures import MeasureOptions
@@ -60,13 +60,15 @@ def run_dir(tmp_path_factory):
     corpus = load_corpus()
     train_tiny_model(SPEC, size="t", out_dir=root / "ckpt", loss_csv=root / "loss.csv",
                      final_step=FINAL, log_until=8, interval=8, batch_size=BATCH,
-                     seq_len=SEQ_LEN, warmup=2, threads=1, corpus=corpus)
+                     seq_len=SEQ_LEN, lr=defaults("tiny")["lr"], warmup=2, seed=0,
+                     threads=1, corpus=corpus)
     np.save(root / "eval.npy", eval_batch(corpus, final_step=FINAL, batch_size=BATCH,
                                           seq_len=SEQ_LEN, seed=0))
     for s in STEPS:
         extract_checkpoint(root / "ckpt" / f"step{s}", root / "eval.npy",
                            root / f"extract/step{s}.zarr", tokens=TOKENS, seed=0, size="t",
-                           step=s, model_name="tiny-t", revision=f"step{s}", device="cpu")
+                           step=s, model_name="tiny-t", revision=f"step{s}",
+                           options=ExtractionOptions(device="cpu"))
     return root
 
 
@@ -253,11 +255,11 @@ def test_measure_options_choose_what_is_computed(run_dir, tmp_path):
     assert json.loads(ds.attrs["measures"]) == {}
     # the command line: --options picks measures and data
     out = tmp_path / "some.zarr"
-    opts = {"measures": {name: {"data": []} for name in MEASURES}}
+    opts = {"measures": {name: {"data": []} for name in MEASURES}, "final_step": FINAL}
     opts["measures"]["gini"] = {"data": ["weights"]}
     opts["measures"]["svcca"] = {"data": ["activations"], "reference": ["pairwise"],
                                  "variance": 0.5}
-    run(["reduce", *map(str, stores(run_dir)), "--final-step", str(FINAL), "--options",
+    run(["reduce", *map(str, stores(run_dir)), "--options",
          json.dumps(opts), "--out", str(out)])
     got = open_store(out)
     assert "gini_weight" in got and "gini_grad" not in got and "hoyer_weight" not in got

@@ -101,19 +101,22 @@ def test_hostile_eval_files_give_one_line_naming_the_file(tmp_path, name, write,
     assert "\n" not in message and str(path) in message and expected in message, message
 
 
+OPTIONS = '{"hub": {"sequences": 2}, "eval_data": {"seq_len": 33}}'
+
+
 def test_suite_eval_batch_command_writes_the_batch_and_says_its_sha256(tmp_path, capsys,
                                                                        caplog):
     caplog.set_level("INFO", logger="lmdynamics")
     np.save(tmp_path / "t.npy", np.arange(200, dtype=np.uint16))
     out = tmp_path / "eval_batch.npy"
-    assert main(["suite-eval-batch", str(tmp_path / "t.npy"), "--sequences", "2", "--seq-len",
-                 "33", "--vocab", "512", "--out", str(out)]) == 0
+    assert main(["suite-eval-batch", str(tmp_path / "t.npy"), "--options",
+                 OPTIONS, "--vocab", "512", "--out", str(out)]) == 0
     batch = np.load(out)
     assert batch.shape == (2, 33) and batch.dtype == np.int64
     assert hashlib.sha256(batch.tobytes()).hexdigest() in caplog.text
     capsys.readouterr()
-    assert main(["suite-eval-batch", str(tmp_path / "t.npy"), "--sequences", "2", "--seq-len",
-                 "33", "--vocab", "50", "--out", str(tmp_path / "x.npy")]) == 1
+    assert main(["suite-eval-batch", str(tmp_path / "t.npy"), "--options",
+                 OPTIONS, "--vocab", "50", "--out", str(tmp_path / "x.npy")]) == 1
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith("lmdynamics suite-eval-batch: error: eval_data.path ")
     assert "token id 65 >= the suite's vocabulary size 50" in err[0]

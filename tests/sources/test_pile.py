@@ -139,14 +139,15 @@ def test_eval_batch_selection_checks_the_vocabulary():
 GRADIENT_BYTES = 2 * 128 * 2049 * 2
 
 
-def _gradient_batches(tmp_path, step: int, *extra: str):
+def _gradient_batches(tmp_path, step: int, **hub: str):
     import json
 
     from lmdynamics.cli import run
 
     out, record = tmp_path / f"step{step}.npy", tmp_path / f"step{step}.json"
-    run(["gradient-batches", "--source", "hub", "--step", str(step), "--retries", "1",
-          "--backoff", "0.01", *extra, "--out", str(out), "--record", str(record)])
+    options = {"source": "hub", "hub": {"retries": 1, "backoff": 0.01, **hub}}
+    run(["gradient-batches", "--step", str(step), "--options", json.dumps(options),
+         "--out", str(out), "--record", str(record)])
     return np.load(out), json.loads(record.read_text())
 
 
@@ -172,8 +173,8 @@ def test_hub_gradient_batches_from_local_shards_touch_no_network(tmp_path):
         for batch in (995, 996):
             fh.seek(batch * 1024 * 4098)
             fh.write(expected_batch(batch, 0, 128).astype("<u2").tobytes())
-    tokens, record = _gradient_batches(tmp_path, 1000, "--tokens-path", str(folder),
-                                       "--dataset", "no/such-dataset")
+    tokens, record = _gradient_batches(tmp_path, 1000, tokens_path=str(folder),
+                                       dataset="no/such-dataset")
     np.testing.assert_array_equal(tokens[0], expected_batch(995, 0, 128))
     np.testing.assert_array_equal(tokens[1], expected_batch(996, 0, 128))
     assert {r["source"] for r in record["batches"]} == {"local"}

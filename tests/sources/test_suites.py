@@ -238,7 +238,8 @@ def test_download_command_fetches_a_revision_of_each_suite(suite_name, monkeypat
             expected = torch.load(io.BytesIO(gpt2_files(10, 400000, TEST_VOCAB)[
                 "pytorch_model.bin"]), weights_only=True)
         assert arch in KNOWN_ARCHITECTURES
-        run(["download", "--repo", repo, *args, "--out-dir", str(out), "--retries", "0"])
+        run(["download", "--repo", repo, *args, "--out-dir", str(out),
+             "--options", '{"hub": {"retries": 0}}'])
         commit = hub.state.repo("models", repo).branches[branch]
     record = json.loads((out / "revision.json").read_text())
     assert record["revision"] == branch and record["commit"] == commit

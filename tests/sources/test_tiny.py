@@ -10,12 +10,14 @@ import pandas as pd
 import pytest
 import torch
 
+from lmdynamics.options import defaults
 from lmdynamics.sources import tiny
 from lmdynamics.sources.checkpoints import SAFETENSORS_NAME, load_model
 
 SPEC = {"hidden_size": 16, "num_layers": 1, "num_heads": 2}
 SHORT = {"final_step": 8, "log_until": 4, "interval": 2, "batch_size": 4, "seq_len": 32,
-         "threads": 1}
+         "threads": 1, "seed": 0, "lr": defaults("tiny")["lr"],
+         "warmup": defaults("tiny")["warmup"]}
 
 
 @pytest.fixture(scope="module")

@@ -205,12 +205,6 @@ def model_name(size, seed):
     return hub_repo(config, SUITE, size, seed)
 
 
-def training_seed(seed):
-    """The tiny suite's training seed of replicate ``seed``: config ``seed`` + k, so that
-    replicate 0 is the run of a configuration without ``seeds``."""
-    return config["seed"] + int(seed)
-
-
 def revision(step):
     """The revision name of a step; for a discover suite, a label until the download job
     has read the branch from the hub (its revision.json, which the store records)."""

@@ -22,13 +22,12 @@ rule reference:
     params:
         options=job_options(config, *READS["reference"]),
         model=lambda wc: model_name(wc.size, wc.seed),
-        final_step=FINAL_STEP,
         init=lambda wc, input: os.path.dirname(input.init_weights),
         final=lambda wc, input: os.path.dirname(input.final_weights),
     shell:
         "lmdynamics reference --init-checkpoint {params.init:q}"
         " --final-checkpoint {params.final:q} --size {wildcards.size:q}"
-        " --model {params.model:q} --final-step {params.final_step:q}"
+        " --model {params.model:q}"
         " --options {params.options:q} --threads {threads:q}"
         " --out {output:q} > {log:q} 2>&1"
 
@@ -45,9 +44,9 @@ rule reduce_stats:
     conda:
         ENV
     params:
-        final_step=FINAL_STEP,
+        options=job_options(config, *READS["reduce-stats"]),
     shell:
-        "lmdynamics reduce-stats {input:q} --final-step {params.final_step:q}"
+        "lmdynamics reduce-stats {input:q} --options {params.options:q}"
         " --out {output:q} > {log:q} 2>&1"
 
 

@@ -111,26 +111,10 @@ rule gradient_batches:
             1 if config["source"] == "hub" and not config["hub"]["tokens_path"] else 0
         ),
     params:
-        source=config["source"],
-        batch_size=config["tiny"]["batch_size"],
-        seq_len=config["tiny"]["seq_len"],
-        seed=lambda wc: (
-            training_seed(wc.seed) if "seed" in wc.keys() else config["seed"]
-        ),
-        dataset=config["hub"]["dataset"],
-        dataset_revision=config["hub"]["dataset_revision"],
-        local=(
-            [f"--tokens-path={config['hub']['tokens_path']}"]
-            if config["hub"]["tokens_path"]
-            else []
-        ),
-        retries=config["hub"]["retries"],
-        backoff=config["hub"]["backoff"],
+        replicate=lambda wc: wc.seed if "seed" in wc.keys() else 0,
+        options=job_options(config, *READS["gradient-batches"]),
     shell:
-        "lmdynamics gradient-batches --source {params.source:q} --step {wildcards.step:q}"
-        " --batch-size {params.batch_size:q} --seq-len {params.seq_len:q}"
-        " --seed {params.seed:q}"
-        " --dataset {params.dataset:q} --dataset-revision {params.dataset_revision:q}"
-        " {params.local:q} --retries {params.retries:q}"
-        " --backoff {params.backoff:q} --out {output.npy:q} --record {output.record:q}"
+        "lmdynamics gradient-batches --step {wildcards.step:q}"
+        " --replicate {params.replicate:q} --options {params.options:q}"
+        " --out {output.npy:q} --record {output.record:q}"
         " > {log:q} 2>&1"

@@ -59,15 +59,14 @@ rule download:
     params:
         repo=lambda wc: model_name(wc.size, wc.seed),
         revision=download_revision,
-        hub=config["hub"],
+        options=job_options(config, *READS["download"]),
         out_dir=lambda wc, output: os.path.dirname(output.config),
     shell:
         "lmdynamics download --repo {params.repo:q} "
         + REVISION_FLAGS
         + " {params.revision:q}"
-        " --out-dir {params.out_dir:q} --min-free-gb {params.hub[min_free_gb]:q}"
+        " --out-dir {params.out_dir:q} --options {params.options:q}"
         " --hub-audit {input.audit:q}"
-        " --retries {params.hub[retries]:q} --backoff {params.hub[backoff]:q}"
         " > {log:q} 2>&1"
 
 
@@ -86,19 +85,11 @@ if not EVAL_FROM_FILE:
         resources:
             network=0 if config["hub"]["tokens_path"] else 1,
         params:
-            hub=config["hub"],
-            # one argument, so that a path starting with '-' is still read as the path
-            local=(
-                [f"--tokens-path={config['hub']['tokens_path']}"]
-                if config["hub"]["tokens_path"]
-                else []
-            ),
+            options=job_options(config, *READS["pile-batch"]),
             batch=FINAL_STEP - 1,
         shell:
-            "lmdynamics pile-batch --dataset {params.hub[dataset]:q}"
-            " --dataset-revision {params.hub[dataset_revision]:q} {params.local:q}"
-            " --batch {params.batch:q} --retries {params.hub[retries]:q}"
-            " --backoff {params.hub[backoff]:q} --out {output.npy:q}"
+            "lmdynamics pile-batch --options {params.options:q}"
+            " --batch {params.batch:q} --out {output.npy:q}"
             " --record {output.record:q} > {log:q} 2>&1"
 
     rule hub_eval_batch:
@@ -111,9 +102,9 @@ if not EVAL_FROM_FILE:
         conda:
             ENV
         params:
-            sequences=config["hub"]["sequences"],
+            options=job_options(config, *READS["hub-eval-batch"]),
         shell:
-            "lmdynamics hub-eval-batch {input:q} --sequences {params.sequences:q}"
+            "lmdynamics hub-eval-batch {input:q} --options {params.options:q}"
             " --out {output:q} > {log:q} 2>&1"
 
 
@@ -133,25 +124,15 @@ if EVAL_FROM_FILE:
         resources:
             network=1 if config["eval_data"]["allow_download"] else 0,
         params:
-            sequences=config["hub"]["sequences"],
-            eval_data=config["eval_data"],
+            options=job_options(config, *READS["suite-eval-batch"]),
             vocab=suite_vocab(config, SUITE) or 0,
             tokenizer=(
                 config["eval_data"]["tokenizer"]
                 or SUITE.eval_data.get("tokenizer")
                 or model_name(SIZES[0], SEEDS[0])
             ),
-            dtype=(
-                ["--dtype", config["eval_data"]["dtype"]]
-                if config["eval_data"]["dtype"]
-                else []
-            ),
-            download=(
-                ["--allow-download"] if config["eval_data"]["allow_download"] else []
-            ),
         shell:
             # '=' and '--': a path or tokenizer starting with '-' is still read as one
-            "lmdynamics suite-eval-batch --sequences {params.sequences:q}"
-            " --seq-len {params.eval_data[seq_len]:q} --vocab {params.vocab:q}"
-            " --tokenizer={params.tokenizer:q} {params.dtype:q} {params.download:q}"
+            "lmdynamics suite-eval-batch --options {params.options:q}"
+            " --vocab {params.vocab:q} --tokenizer={params.tokenizer:q}"
             " --out {output:q} -- {input:q} > {log:q} 2>&1"

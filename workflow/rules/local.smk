@@ -16,23 +16,15 @@ rule local_eval_batch:
     resources:
         network=1 if config["eval_data"]["allow_download"] else 0,
     params:
-        sequences=config["hub"]["sequences"],
-        eval_data=config["eval_data"],
+        options=job_options(config, *READS["suite-eval-batch"]),
         tokenizer=(
             [f"--tokenizer={config['eval_data']['tokenizer']}"]
             if config["eval_data"]["tokenizer"]
             else []
         ),
-        dtype=(
-            ["--dtype", config["eval_data"]["dtype"]]
-            if config["eval_data"]["dtype"]
-            else []
-        ),
-        download=(["--allow-download"] if config["eval_data"]["allow_download"] else []),
     shell:
-        "lmdynamics suite-eval-batch --sequences {params.sequences:q}"
-        " --seq-len {params.eval_data[seq_len]:q} {params.tokenizer:q} {params.dtype:q}"
-        " {params.download:q} --out {output:q} -- {input:q} > {log:q} 2>&1"
+        "lmdynamics suite-eval-batch --options {params.options:q} {params.tokenizer:q}"
+        " --out {output:q} -- {input:q} > {log:q} 2>&1"
 
 
 # A step with a checkpoint folder is extracted from it (rule extract); a step without one

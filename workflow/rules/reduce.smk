@@ -14,11 +14,10 @@ rule reduce_size:
     conda:
         ENV
     params:
-        final_step=FINAL_STEP,
-        options=job_options(config, "metrics", "seed", "measures"),
+        options=job_options(config, *READS["reduce"]),
     shell:
-        "lmdynamics reduce {input:q} --final-step {params.final_step:q}"
-        " --options {params.options:q} --out {output:q} > {log:q} 2>&1"
+        "lmdynamics reduce {input:q} --options {params.options:q}"
+        " --out {output:q} > {log:q} 2>&1"
 
 
 rule combine:

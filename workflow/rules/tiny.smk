@@ -1,5 +1,5 @@
 # The embedded tiny suite: trained locally, one job per (size, seed) (replicate k trains with
-# config seed + k: training_seed), checkpoints on a Pythia-like schedule; the eval batch is
+# config seed + k: lmdynamics train-tiny --replicate k), checkpoints on a Pythia-like schedule; the eval batch is
 # the last training batch of replicate 0 (config seed), one file for every replicate.
 
 
@@ -24,20 +24,14 @@ rule train_tiny:
     threads: 1
     params:
         spec=lambda wc: config["tiny"]["models"][wc.size],
-        tiny=lambda wc: {k: v for k, v in config["tiny"].items() if k != "models"},
         out_dir=lambda wc: f"{RESULTS}/checkpoints/{wc.size}/seed{wc.seed}",
-        final_step=FINAL_STEP,
-        seed=lambda wc: training_seed(wc.seed),
-        family=config["family"],
+        options=job_options(config, *READS["train-tiny"]),
     shell:
-        "lmdynamics train-tiny --size {wildcards.size:q} --family {params.family:q}"
+        "lmdynamics train-tiny --size {wildcards.size:q} --replicate {wildcards.seed:q}"
+        " --options {params.options:q}"
         " --hidden-size {params.spec[hidden_size]:q}"
         " --num-layers {params.spec[num_layers]:q}"
-        " --num-heads {params.spec[num_heads]:q} --final-step {params.final_step:q}"
-        " --log-until {params.tiny[schedule][log_until]:q}"
-        " --interval {params.tiny[schedule][interval]:q}"
-        " --batch-size {params.tiny[batch_size]:q} --seq-len {params.tiny[seq_len]:q}"
-        " --lr {params.tiny[lr]:q} --warmup {params.tiny[warmup]:q} --seed {params.seed:q}"
+        " --num-heads {params.spec[num_heads]:q}"
         " --threads {threads:q} --out-dir {params.out_dir:q} --loss-csv {output.loss:q}"
         " > {log:q} 2>&1"
 
@@ -50,14 +44,10 @@ rule tiny_eval_batch:
     conda:
         ENV
     params:
-        final_step=FINAL_STEP,
-        batch_size=config["tiny"]["batch_size"],
-        seq_len=config["tiny"]["seq_len"],
-        seed=config["seed"],
+        options=job_options(config, *READS["tiny-eval-batch"]),
     shell:
-        "lmdynamics tiny-eval-batch --final-step {params.final_step:q}"
-        " --batch-size {params.batch_size:q} --seq-len {params.seq_len:q}"
-        " --seed {params.seed:q} --out {output:q} > {log:q} 2>&1"
+        "lmdynamics tiny-eval-batch --options {params.options:q}"
+        " --out {output:q} > {log:q} 2>&1"
 
 
 rule training_loss:

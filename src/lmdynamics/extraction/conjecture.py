@@ -12,8 +12,8 @@ variables that the extraction job merges into the per-pair store (layout:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +34,7 @@ from lmdynamics.extraction.stats import (
     distribution_summary,
     embedding_correlation,
 )
+from lmdynamics.options import defaults, resolve
 
 if TYPE_CHECKING:
     from lmdynamics.extraction.reference import ReferenceStore
@@ -55,6 +56,11 @@ PARAM_STATS: tuple[str, ...] = ("norm", "grad_norm", "dist_init", "rel_dist_init
 
 
 
+_DEFAULTS = defaults("conjecture")
+#: The keys of config section ``conjecture`` that :class:`StatsOptions` holds.
+STATS_KEYS = ("max_elements", "top_k", "embedding_tokens", "spectrum_fit")
+
+
 @dataclass(frozen=True)
 class StatsOptions:
     """What :func:`checkpoint_stats` needs besides the model.
@@ -64,26 +70,34 @@ class StatsOptions:
     quantiles and fits (moments and max |x| use every element). ``top_k``: singular
     directions compared with the final checkpoint's. ``embedding_tokens``: rows of the
     embedding correlation. ``spectrum_fit``: rank window (fractions) of the power-law fit.
+    Defaults, ranges and their checks: config section ``conjecture`` of the schema
+    (:func:`lmdynamics.options.resolve`); ``seed``: config ``seed``.
     """
 
     reference: Path
-    max_elements: int = 1 << 16
-    top_k: int = 30
-    embedding_tokens: int = 256
-    spectrum_fit: tuple[float, float] = (0.0, 0.5)
-    seed: int = 0
+    max_elements: int = _DEFAULTS["max_elements"]
+    top_k: int = _DEFAULTS["top_k"]
+    embedding_tokens: int = _DEFAULTS["embedding_tokens"]
+    spectrum_fit: tuple[float, float] = tuple(_DEFAULTS["spectrum_fit"])
+    seed: int = resolve("seed")
+
+    @classmethod
+    def from_config(cls, reference: Path, conjecture: Mapping[str, Any], *,
+                    seed: int) -> StatsOptions:
+        """The options of config section ``conjecture`` (as :func:`lmdynamics.options.resolve`
+        returns it) and the config's ``seed``, for the reference store ``reference``."""
+        return cls(Path(reference), seed=seed,
+                   **{k: tuple(v) if k == "spectrum_fit" else v
+                      for k, v in conjecture.items() if k in STATS_KEYS})
 
     def __post_init__(self) -> None:
+        resolve("conjecture", {k: list(v) if k == "spectrum_fit" else v
+                               for k, v in asdict(self).items() if k in STATS_KEYS})
+        resolve("seed", self.seed)
         lo, hi = self.spectrum_fit
-        checks = [("max_elements", self.max_elements, self.max_elements >= 16, ">= 16"),
-                  ("top_k", self.top_k, self.top_k >= 1, ">= 1"),
-                  ("embedding_tokens", self.embedding_tokens, self.embedding_tokens >= 2,
-                   ">= 2"),
-                  ("spectrum_fit", self.spectrum_fit, 0.0 <= lo < hi <= 1.0,
-                   "two fractions 0 <= lo < hi <= 1")]
-        for name, value, ok, allowed in checks:
-            if not ok:
-                raise ValueError(f"{name}={value!r}: allowed {allowed}")
+        if not lo < hi:
+            raise ValueError(f"conjecture.spectrum_fit={list(self.spectrum_fit)!r}: allowed "
+                             "two fractions lo < hi")
 
 
 class ResidualRecorder:

@@ -30,8 +30,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,7 @@ from lmdynamics.extraction.passes import (
 from lmdynamics.extraction.positions import sample_token_positions
 from lmdynamics.extraction.reference import ReferenceStore
 from lmdynamics.heap import reuse_freed_memory
-from lmdynamics.options import defaults
+from lmdynamics.options import defaults, resolve
 from lmdynamics.sources.checkpoints import (
     CorruptCheckpointError,
     config_family,
@@ -96,6 +96,35 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 #: Token sampling protocols (config ``sampling.protocol``).
 SAMPLING_PROTOCOLS = ("random_positions", "paper_code")
+
+
+@dataclass(frozen=True)
+class ExtractionOptions:
+    """How a checkpoint is run: the keys of config section ``extraction`` and the token
+    sampling protocol (config ``sampling.protocol``). Their defaults, allowed values and
+    ranges are the schema's (:func:`lmdynamics.options.resolve` checks them); their meaning:
+    :func:`extract_checkpoint`.
+    """
+
+    device: str = _DEFAULTS["device"]
+    dtype: str = _DEFAULTS["dtype"]
+    micro_batch: int = _DEFAULTS["micro_batch"]
+    attention_activation: str = _DEFAULTS["attention_activation"]
+    attention_implementation: str = _DEFAULTS["attention_implementation"]
+    gradient_protocol: str = _DEFAULTS["gradient_protocol"]
+    grad_sub_batches: int = _DEFAULTS["grad_sub_batches"]
+    sampling: str = defaults("sampling")["protocol"]
+
+    @classmethod
+    def from_config(cls, extraction: Mapping[str, Any],
+                    sampling: Mapping[str, Any]) -> ExtractionOptions:
+        """The options of config sections ``extraction`` and ``sampling`` (as
+        :func:`lmdynamics.options.resolve` returns them)."""
+        return cls(**extraction, sampling=sampling["protocol"])
+
+    def __post_init__(self) -> None:
+        resolve("extraction", {k: v for k, v in asdict(self).items() if k != "sampling"})
+        resolve("sampling", {"protocol": self.sampling})
 
 
 def token_positions(protocol: str, n_sequences: int, seq_len: int, n_tokens: int, seed: int,
@@ -184,24 +213,19 @@ def warn_nonfinite(ds: xr.Dataset) -> None:
 
 def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path | str, *,
                        tokens: int, seed: int, size: str, step: int, model_name: str,
-                       revision: str, device: str = "auto", dtype: str = "float32",
-                       micro_batch: int | None = None,
-                       sampling: str = "random_positions",
-                       attention_activation: str = "residual_write",
-                       attention_implementation: str = "sdpa",
-                       gradient_protocol: str = "eval_batch",
+                       revision: str, options: ExtractionOptions = ExtractionOptions(),
                        gradient_batches: Path | str | None = None,
                        stats: StatsOptions | None = None,
                        family: str | None = None, replicate: int = 0,
-                       grad_sub_batches: int = _DEFAULTS["grad_sub_batches"],
                        extra_attrs: dict[str, Any] | None = None) -> Path:
     """Load one checkpoint, run the eval batch through it and write its store to ``out``.
 
     ``replicate``: the seed replicate the checkpoint belongs to (config ``seeds``), recorded
     as attr ``seed`` (``token_seed`` is the seed of the sampled token positions).
 
-    ``micro_batch`` sequences per forward/backward; None or 0: :func:`default_micro_batch`.
-    ``attention_implementation``: :data:`lmdynamics.sources.checkpoints.ATTENTION_IMPLEMENTATIONS`.
+    ``options`` (:class:`ExtractionOptions`): ``micro_batch`` sequences per
+    forward/backward, 0: :func:`default_micro_batch`; ``attention_implementation``:
+    :data:`lmdynamics.sources.checkpoints.ATTENTION_IMPLEMENTATIONS`.
     On CPU the process keeps freed memory for reuse (:func:`reuse_freed_memory`).
     ``family``: the configured model family (:mod:`lmdynamics.families`; None: the one its
     ``config.json`` names); the checkpoint must be of it, and it is recorded in the store's
@@ -222,6 +246,11 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
     fingerprint`). The pass itself is :func:`extract_model`'s.
     """
     t0 = time.perf_counter()
+    device, dtype, micro_batch = options.device, options.dtype, options.micro_batch
+    attention_activation, gradient_protocol = (options.attention_activation,
+                                               options.gradient_protocol)
+    attention_implementation, sampling = options.attention_implementation, options.sampling
+    grad_sub_batches = options.grad_sub_batches
     dev = resolve_device(device)
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: allowed {', '.join(DTYPES)}")

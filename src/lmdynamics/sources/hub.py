@@ -40,6 +40,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
+from lmdynamics.options import defaults
 from lmdynamics.sources.checkpoints import CONFIG_NAME, SAFETENSORS_NAME, read_model_config
 from lmdynamics.sources.revision import REVISION_FILE
 from lmdynamics.sources.schedule import nearest_step
@@ -50,6 +51,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+#: Schema defaults of config section ``hub`` (retries and backoff of every hub request).
+_HUB = defaults("hub")
 
 #: HTTP statuses worth retrying (timeouts, rate limits, server errors).
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
@@ -100,7 +103,8 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
-def with_retries(func: Callable[[], T], *, what: str, retries: int = 5, backoff: float = 2.0,
+def with_retries(func: Callable[[], T], *, what: str, retries: int = _HUB["retries"],
+                 backoff: float = _HUB["backoff"],
                  max_wait: float = 60.0, sleep: Callable[[float], None] = time.sleep) -> T:
     """Call ``func``; on a transient error wait ``backoff * 2**i`` s (at most ``max_wait``)
     and try again, ``retries`` times; then raise :class:`HubError` naming ``what``."""
@@ -218,8 +222,8 @@ def _missing_revision(api: HfApi, repo: str, revision: str, retries: int,
                             f"({constants.ENDPOINT}); {hint}")
 
 
-def resolve_revision(repo: str, step: int, pattern: str, *, retries: int = 5,
-                     backoff: float = 2.0) -> str:
+def resolve_revision(repo: str, step: int, pattern: str, *, retries: int = _HUB["retries"],
+                     backoff: float = _HUB["backoff"]) -> str:
     """The branch of ``repo`` holding ``step``, found in ``list_repo_refs`` by ``pattern``
     (a regular expression with a named group ``step``), for suites whose revision names
     carry facts not computable from the step (OLMo's ``step<N>-tokens<M>B``)."""
@@ -445,9 +449,9 @@ def convert_to_safetensors(paths: list[Path], out: Path,
     safetensors.torch.save_file(state, out, metadata={"format": "pt"})
 
 
-def download_revision(repo: str, revision: str, out_dir: Path | str, *, retries: int = 5,
-                      backoff: float = 2.0, min_free_bytes: int = 0,
-                      blobs: SharedBlobs | None = None) -> dict:
+def download_revision(repo: str, revision: str, out_dir: Path | str, *,
+                      retries: int = _HUB["retries"], backoff: float = _HUB["backoff"],
+                      min_free_bytes: int = 0, blobs: SharedBlobs | None = None) -> dict:
     """Fetch ``config.json`` and the weights of ``repo`` at ``revision`` into ``out_dir``.
 
     Writes ``out_dir/{config.json, model.safetensors, revision.json}`` (the record last);

@@ -23,10 +23,13 @@ from typing import Protocol
 
 import numpy as np
 
+from lmdynamics.options import defaults
 from lmdynamics.sources.pythia import BATCH_SEQUENCES, SEQUENCE_TOKENS
 
 #: Bytes per token (uint16, little endian).
 TOKEN_BYTES = 2
+#: Schema defaults of config section ``hub`` (retries and backoff of the range reads).
+_HUB = defaults("hub")
 #: Shard file names of the preshuffled data, in any folder of the repository.
 SHARD_PATTERN = re.compile(r"(?:^|/)document-(\d{5})-of-(\d{5})\.bin$")
 
@@ -217,8 +220,8 @@ class HubTokens:
     refused rather than streamed a 30 GB shard.
     """
 
-    def __init__(self, repo: str, revision: str | None = None, *, retries: int = 5,
-                 backoff: float = 2.0):
+    def __init__(self, repo: str, revision: str | None = None, *,
+                 retries: int = _HUB["retries"], backoff: float = _HUB["backoff"]):
         from huggingface_hub import HfApi, constants
 
         from lmdynamics.sources.hub import with_retries

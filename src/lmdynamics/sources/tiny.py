@@ -240,10 +240,14 @@ def train_updates(model: torch.nn.Module, tokens: np.ndarray, *, final_step: int
     return losses, extras
 
 
+#: The keys of config section ``tiny`` that set how :func:`train_tiny_model` trains.
+TRAINING_KEYS = ("batch_size", "seq_len", "lr", "warmup")
+
+
 def train_tiny_model(spec: Mapping[str, int], *, size: str, out_dir: Path | str,
                      loss_csv: Path | str, final_step: int, log_until: int, interval: int,
-                     batch_size: int = 16, seq_len: int = 128, lr: float = 3e-3,
-                     warmup: int = 16, seed: int = 0, threads: int | None = None,
+                     batch_size: int, seq_len: int, lr: float, warmup: int, seed: int,
+                     threads: int | None = None,
                      corpus: np.ndarray | None = None,
                      family: str = families.DEFAULT) -> pd.DataFrame:
     """Train one size of the tiny suite; save its checkpoints and training loss.
@@ -267,6 +271,9 @@ def train_tiny_model(spec: Mapping[str, int], *, size: str, out_dir: Path | str,
         Sequences per batch and tokens per sequence (:func:`training_batch`).
     lr, warmup : float, int
         Peak learning rate and warmup updates (:func:`learning_rate`).
+        ``batch_size``, ``seq_len``, ``lr``, ``warmup`` (:data:`TRAINING_KEYS`) are config
+        section ``tiny``'s: ``lmdynamics.options.resolve("tiny", given, TRAINING_KEYS)``
+        gives them with the schema's defaults.
     seed : int
         Seeds the model initialisation (``torch.manual_seed``) and the data order.
     threads : int, optional
