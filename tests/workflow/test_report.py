@@ -10,7 +10,9 @@ import zipfile
 import pytest
 import yaml
 
+from lmdynamics.options import resolve
 from lmdynamics.report import conjecture as conjecture_figures
+from lmdynamics.report.registry import measure_category, measure_figures
 from support.workflow import REPO, snakemake
 
 pytestmark = pytest.mark.slow
@@ -18,6 +20,8 @@ pytestmark = pytest.mark.slow
 TINY = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
 RESULTS = "results/tiny"
 FIGURES = [f"figure{i}" for i in range(1, 6)]
+#: The measure figures the tiny config turns on (its section measures, defaults filled in).
+MEASURES = measure_figures(resolve("measures", TINY.get("measures")))
 #: Every figure and table of a tiny run, with a phrase its caption must contain.
 REPORTED = {
     **{f"{RESULTS}/figures/{f}.png": f"paper Fig. {f[-1]}" for f in FIGURES},
@@ -26,6 +30,8 @@ REPORTED = {
     **{f"{RESULTS}/figures/conjecture_{f}.png": "Conjecture post"
        for f in conjecture_figures.STATS_FIGURES},
     f"{RESULTS}/tables/checkpoint_audit.csv": "Checkpoint audit",
+    f"{RESULTS}/tables/defective.csv": "Revisions the checkpoint audits flagged",
+    **{f"{RESULTS}/figures/measure_{m}.png": "not in the paper" for m in MEASURES},
     f"{RESULTS}/figures/training_loss.png": "Training loss",
     f"{RESULTS}/training_loss.csv": "Training loss",
     f"{RESULTS}/tables/mcc.csv": "Table 1 (paper Table 1)",
@@ -52,6 +58,10 @@ def check_report(data: dict[str, object]) -> None:
                    if f"{RESULTS}/figures/{f}.png" in sum(sub.values(), [])]
         assert name.startswith(f"Figure {f[-1]}:"), name
         assert sum(categories[name].values(), []) == [f"{RESULTS}/figures/{f}.png"]
+    # one category per measure, holding exactly its figure
+    for m in MEASURES:
+        assert sum(categories[measure_category(m)].values(), []) == [
+            f"{RESULTS}/figures/measure_{m}.png"]
     (table1,) = [c for c in categories if c.startswith("Table 1")]
     assert sorted(sum(categories[table1].values(), [])) == [
         f"{RESULTS}/figures/mcc_sensitivity.png", f"{RESULTS}/tables/mcc.csv",
