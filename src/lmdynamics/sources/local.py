@@ -48,13 +48,18 @@ class LocalRunError(ValueError):
     """A ``source: local`` configuration does not match what is on disk."""
 
 
-def template_fields(template: str) -> list[str]:
-    """The ``{field}`` names of a path template, refusing any but :data:`FIELDS`."""
+def template_fields(template: str, key: str = "local.path") -> list[str]:
+    """The ``{field}`` names of a path template (config key ``key``), refusing any but
+    :data:`FIELDS` and any other brace (``str.format`` would fail on a stray one, or read
+    ``{{step}}`` as the text ``{step}``)."""
     names = re.findall(r"\{([^{}]*)\}", template)
     bad = [n for n in names if n not in FIELDS]
     if bad:
-        raise LocalRunError(f"config key 'local.path': {template!r} has {{{bad[0]}}}; allowed "
+        raise LocalRunError(f"config key '{key}': {template!r} has {{{bad[0]}}}; allowed "
                             "fields: {size}, {seed}, {step}")
+    if re.search(r"[{}]", re.sub(r"\{[^{}]*\}", "", template)):
+        raise LocalRunError(f"config key '{key}': {template!r} has a stray brace; allowed: "
+                            "braces only around the fields {size}, {seed}, {step}")
     return names
 
 
@@ -132,8 +137,11 @@ def safetensors_whole(path: Path) -> str | None:
             return "header is not complete JSON"
     if not isinstance(header, dict):
         return "header is not a JSON object"
-    ends = [int(v["data_offsets"][1]) for k, v in header.items()
-            if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v]
+    try:
+        ends = [int(v["data_offsets"][1]) for k, v in header.items()
+                if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v]
+    except (TypeError, ValueError, IndexError, KeyError):
+        return "a tensor's data_offsets is not a [begin, end] pair of integers"
     expected = 8 + n + max(ends, default=0)
     if expected != size:
         return f"the header's tensors end at byte {expected}, the file has {size}"
@@ -198,7 +206,7 @@ def wait_complete(directory: Path | str, step: int, *,
             raise IncompleteCheckpointError(
                 f"{directory}: checkpoint of step {step} is not complete ({why}); not read. "
                 f"Rerun once it is written, or raise local.wait_seconds ({wait_seconds:g})")
-        time.sleep(min(poll, max(0.0, deadline - time.monotonic())) or poll)
+        time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
 
 
 def fingerprint(directory: Path | str) -> dict[str, Any]:
@@ -313,7 +321,7 @@ def errors(config: Mapping[str, Any]) -> list[str]:
             if "{step}" not in local["recorded"]:
                 return [f"config key 'local.recorded': {local['recorded']!r} has no {{step}}; "
                         "allowed: a template such as 'runs/{size}/lmdynamics/step{step}.zarr'"]
-            template_fields(local["recorded"])
+            template_fields(local["recorded"], "local.recorded")
         if len(seeds_of(config)) > 1 and "{seed}" not in local["path"]:
             return [f"config key 'local.path': {local['path']!r} has no {{seed}} but seeds "
                     f"lists {len(seeds_of(config))} replicates; allowed: a template with "
