@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import struct
 import time
 import zipfile
@@ -482,6 +483,22 @@ def test_completeness_settles_on_the_newest_file(tmp_path):
     os.utime(folder / "sub", (T0 + 500, T0 + 500))
     assert not local.completeness(folder, 100, 60, now=T0 + 59)[0]
     assert local.completeness(folder, 100, 60, now=T0 + 61) == (True, "unchanged for 61 s")
+
+
+def test_completeness_of_a_folder_removed_while_read(tmp_path, monkeypatch):
+    """A Trainer with ``save_total_limit`` deletes old checkpoint folders while discovery
+    reads them: such a folder is not complete, and nothing raises."""
+    folder = checkpoint(tmp_path / "checkpoint-100")
+    whole = local.safetensors_whole
+
+    def rotated(path):
+        why = whole(path)
+        shutil.rmtree(folder)
+        return why
+
+    monkeypatch.setattr(local, "safetensors_whole", rotated)
+    ok, why = local.completeness(folder, 99, 60)
+    assert not ok and why.startswith("a file went away while it was read ("), why
 
 
 def test_completeness_uses_the_clock(tmp_path):

@@ -172,9 +172,17 @@ def completeness(directory: Path | str, step: int, settle_seconds: float,
 
     Complete: ``config.json`` and a whole weights file (:func:`safetensors_whole`,
     :func:`bin_whole`), and either ``trainer_state.json`` names ``step`` or no file in the
-    folder was modified in the last ``settle_seconds``.
+    folder was modified in the last ``settle_seconds``. A folder removed or rewritten while
+    it is read (a Trainer's ``save_total_limit`` rotating checkpoints) is not complete.
     """
-    directory = Path(directory)
+    try:
+        return _completeness(Path(directory), step, settle_seconds, now)
+    except FileNotFoundError as err:
+        return False, f"a file went away while it was read ({err.filename})"
+
+
+def _completeness(directory: Path, step: int, settle_seconds: float,
+                  now: float | None) -> tuple[bool, str]:
     if not (directory / "config.json").is_file():
         return False, "no config.json yet"
     weights = weight_file(directory)
