@@ -148,11 +148,14 @@ PER_JOB_FLAGS = {
     "--seeds": {"training-loss"},  # the replicate of each loss CSV
     "--tokenizer": {"suite-eval-batch"},  # eval_data.tokenizer, else the suite's, else its repo
     "--metrics": {"figure", "measure-figure", "mcc"},  # the metrics store (a path)
-    "--final-step": {"audit"},  # config final_step itself (merged from main; to move)
     "--reference": {"extract"},  # the size's reference store (a path)
+    # the architecture of one size: its entry of tiny.models
+    "--hidden-size": {"train-tiny"},
+    "--num-layers": {"train-tiny"},
+    "--num-heads": {"train-tiny"},
 }
-#: Subcommands of the intervention study, which reads its own section
-#: (``interventions.schema.yaml``) and is not walked here yet.
+#: Subcommands of the intervention study: they read its own schema
+#: (``interventions.schema.yaml``), so their flags are walked against that schema's keys.
 INTERVENTION_COMMANDS = {"intervention-run", "intervention-summarise", "intervention-figures"}
 
 
@@ -161,22 +164,30 @@ REQUIRED = {"final_step": 8, "source": "tiny", "tokens": 32, "steps": [0, 8], "s
             "suite": "tiny"}
 
 
-def _config_key_names() -> set[str]:
-    """Every top-level config key and every key of a top-level section."""
-    names = set()
-    for key, node in options.schema()["properties"].items():
-        names.add(key)
-        names.update(options._resolve_ref(node).get("properties", {}))
+def _config_key_names(schema: str = "config") -> set[str]:
+    """Every key name of schema ``schema`` (``config`` or ``interventions``), at any depth."""
+    names: set[str] = set()
+
+    def walk(node):
+        node = options._resolve_ref(node) if isinstance(node, dict) else node
+        for key, sub in (node.get("properties") or {}).items():
+            names.add(key)
+            walk(sub)
+        for sub in node.get("additionalProperties", None), node.get("items", None):
+            if isinstance(sub, dict):
+                walk(sub)
+
+    walk(options.schema(schema))
     return names
 
 
-def _flags_naming_config_keys(commands) -> tuple[int, list[str]]:
-    """(flags walked, ``command --flag`` of each flag named after a config key) of
-    ``commands`` ({name: (add_arguments, func)}), but :data:`PER_JOB_FLAGS`."""
+def _flags_naming_config_keys(commands, schema: str = "config") -> tuple[int, list[str]]:
+    """(flags walked, ``command --flag`` of each flag named after a key of schema ``schema``)
+    of ``commands`` ({name: (add_arguments, func)}), but :data:`PER_JOB_FLAGS`."""
     import argparse
     import re
 
-    keys, wrong, walked = _config_key_names(), [], 0
+    keys, wrong, walked = _config_key_names(schema), [], 0
     for name, (add_arguments, _) in commands.items():
         parser = argparse.ArgumentParser()
         add_arguments(parser)
@@ -199,6 +210,9 @@ def test_no_flag_names_a_config_key_and_every_read_is_a_schema_key():
     walked, wrong = _flags_naming_config_keys(
         {k: v for k, v in COMMANDS.items() if k not in INTERVENTION_COMMANDS})
     assert walked > 50 and not wrong, wrong
+    walked, wrong = _flags_naming_config_keys(
+        {k: v for k, v in COMMANDS.items() if k in INTERVENTION_COMMANDS}, "interventions")
+    assert walked > 15 and not wrong, wrong
     required = options.schema()["required"]
     for name, reads in READS.items():
         given = {s: REQUIRED[s] for s in reads if s in required}  # no default
@@ -226,6 +240,9 @@ def test_the_flag_walk_refuses_a_flag_named_after_a_config_key():
 
     walked, wrong = _flags_naming_config_keys({"planted": (add, None)})
     assert walked == 4 and sorted(wrong) == ["planted --lr", "planted --retries"]
+    # and on an intervention subcommand with a flag named after a key of its own schema
+    walked, wrong = _flags_naming_config_keys({"planted": (add, None)}, "interventions")
+    assert walked == 4 and sorted(wrong) == ["planted --lr"]
 
 
 def test_a_job_gets_only_what_it_reads():

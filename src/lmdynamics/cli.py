@@ -583,15 +583,14 @@ def _adopt_store(a: argparse.Namespace) -> None:
 def _audit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("stores", nargs="+", type=Path)
     p.add_argument("--out", type=Path, required=True, help="tables/checkpoint_audit.csv")
-    g = p.add_argument_group("content audit (with --defects)")
-    g.add_argument("--final-step", type=int, default=None, help="the run's final step")
+    g = p.add_argument_group("content audit (with --defects; the run's final step from --options)")
     g.add_argument("--tensor-audit", type=Path, default=None,
                    help="tables/tensor_audit.csv: tensors equal to other steps' ones")
     g.add_argument("--defects", type=Path, default=None,
                    help="tables/defective.csv: every flagged revision, both audits")
     g.add_argument("--hub-audit", type=Path, default=None,
                    help="tables/hub_audit.csv of the pre-flight audit (hub suites)")
-    _options_arg(p, "audit")
+    _options_arg(p, *READS["audit"])
 
 
 @command("audit", _audit_args)
@@ -610,15 +609,16 @@ def _audit(a: argparse.Namespace) -> None:
     from lmdynamics.reduction.audit import content_audit, revision_facts
     from lmdynamics.store import write_text_atomic
 
-    if a.final_step is None or a.tensor_audit is None:
-        raise ValueError("audit --defects needs --final-step and --tensor-audit")
-    opts = _options(a)["audit"]
+    if a.tensor_audit is None:
+        raise ValueError("audit --defects needs --tensor-audit")
+    options = _options(a)
+    final_step, opts = _final_step(options), options["audit"]
     hub_rows = []
     if a.hub_audit is not None:
         from lmdynamics.hub_audit import defect_rows, read_audit
 
         hub_rows = defect_rows(read_audit(a.hub_audit))
-    tensors, rows = content_audit([revision_facts(p) for p in a.stores], a.final_step,
+    tensors, rows = content_audit([revision_facts(p) for p in a.stores], final_step,
                                   opts["trajectory_tolerance"],
                                   {(r["size"], r["seed"], r["step"]) for r in hub_rows})
     write_text_atomic(tensors.to_csv(index=False), a.tensor_audit)

@@ -57,6 +57,9 @@ READS: dict[str, tuple[str, ...]] = {
     "figure": ("figures", "metrics", "audit.defective"),
     "stats-figure": ("figures", "conjecture", "audit.defective"),
     "mcc": ("mcc", "metrics", "audit.defective"),
+    # The content audit: its tolerance and policy, and the run's final step (the trajectory's
+    # end).
+    "audit": ("audit", "final_step"),
     # What the pre-flight audit asks and how; the rest of the hub section changes nothing it
     # finds.
     "hub-audit": ("source", "suite", "suite_file", "sizes", "seeds", "steps", "final_step",

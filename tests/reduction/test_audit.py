@@ -178,10 +178,10 @@ def test_audit_command_writes_the_defects_and_fail_stops_naming_them(tmp_path):
                    "same_as_main": True, "same_as_final": False, "shared_shards": "",
                    "no_weights": False, "defective": True, "kind": "same_as_main",
                    "reason": "serves main's", "known_defects": ""}]).to_csv(hub, index=False)
-    args = ["audit", *map(str, stores), "--out", str(tmp_path / "c.csv"), "--final-step", "30",
+    args = ["audit", *map(str, stores), "--out", str(tmp_path / "c.csv"),
             "--tensor-audit", str(tmp_path / "t.csv"), "--defects", str(tmp_path / "d.csv"),
             "--hub-audit", str(hub)]
-    run(args)
+    run([*args, "--options", json.dumps({"final_step": 30})])
     found = defects.read_defects(tmp_path / "d.csv")
     assert [(r.step, r.audit, r.kind) for r in found.itertuples()] == [
         (10, "hub", "same_as_main"), (20, "content", "tensors_equal")]
@@ -192,4 +192,4 @@ def test_audit_command_writes_the_defects_and_fail_stops_naming_them(tmp_path):
     with pytest.raises(defects.DefectiveRevisionsError,
                        match=r"^the content audit flagged 1 revision\(s\) .*a seed 0 step 20 "
                              r"\(tensors_equal\)"):
-        run([*args, "--options", json.dumps({"audit": {"defective": "fail"}})])
+        run([*args, "--options", json.dumps({"final_step": 30, "audit": {"defective": "fail"}})])

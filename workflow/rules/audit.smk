@@ -24,11 +24,10 @@ rule checkpoint_audit:
     conda:
         ENV
     params:
-        final_step=FINAL_STEP,
-        options=job_options(config, "audit"),
+        options=job_options(config, *READS["audit"]),
         hub=lambda wc, input: ["--hub-audit", input.hub[0]] if input.hub else [],
     shell:
         "lmdynamics audit {input.stores:q} --out {output.audit:q}"
-        " --final-step {params.final_step:q} --tensor-audit {output.tensors:q}"
+        " --tensor-audit {output.tensors:q}"
         " --defects {output.defects:q} {params.hub:q} --options {params.options:q}"
         " > {log:q} 2>&1"
