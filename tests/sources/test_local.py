@@ -230,6 +230,15 @@ def test_discover_steps_with_seed_and_nested_folders(tmp_path):
     assert local.discover_steps(template, "s", 1) == [8]
 
 
+def test_discover_steps_with_the_step_twice(tmp_path):
+    """A template naming the step twice matches only folders where both are the same."""
+    template = f"{tmp_path}/runs/{{size}}/step{{step}}/checkpoint-{{step}}"
+    for step in (8, 64):
+        checkpoint(local.checkpoint_dir(template, "s", 0, step), step)
+    checkpoint(tmp_path / "runs/s/step8/checkpoint-64", 64)  # the two numbers differ
+    assert local.discover_steps(template, "s", 0) == [8, 64]
+
+
 def test_discover_steps_with_relative_templates(tmp_path, monkeypatch):
     checkpoint(tmp_path / "runs/s/checkpoint-10", 10)
     checkpoint(tmp_path / "runs/s/checkpoint-20", 20)

@@ -82,8 +82,9 @@ def _glob(template: str, size: str, seed: int) -> dict[int, Path]:
                             "a template such as 'runs/{size}/checkpoint-{step}'")
     parent, slash, name_head = head.rpartition("/")
     base = Path(parent or "/") if slash else Path(".")
-    pattern = re.compile(re.escape(name_head) + r"(0|[1-9][0-9]{0,9})" + re.escape(tail)
-                         + r"\Z")
+    # a later {step} in the template is the same number (a backreference)
+    pattern = re.compile(re.escape(name_head) + r"(0|[1-9][0-9]{0,9})"
+                         + r"\1".join(map(re.escape, tail.split("{step}"))) + r"\Z")
     found: dict[int, Path] = {}
     if not base.is_dir():
         return found
