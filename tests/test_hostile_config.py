@@ -36,7 +36,7 @@ from lmdynamics import cli
 from lmdynamics.config import ConfigError, check_config, load_config
 from lmdynamics.options import schema_path
 from lmdynamics.validation import LABEL_PATTERN, PATTERN_HINTS, yaml_errors
-from support.workflow import REPO, copy_workflow, snakemake
+from support.workflow import REPO, snakemake
 
 SCHEMA_PATH = schema_path()
 TINY = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
@@ -298,12 +298,13 @@ TOKENS_PATHS = ["shards $(touch {m})", "a`touch {m}`b", "x; touch {m}", "my shar
 
 
 @pytest.mark.parametrize("template", TOKENS_PATHS)
-def test_accepted_path_reaches_the_command_as_one_literal_argument(template, tmp_path):
+def test_accepted_path_reaches_the_command_as_one_literal_argument(template, tmp_path,
+                                                                   workflow_copy):
     """hub.tokens_path is any path: every command of the hub workflow, run by bash with a
     stand-in lmdynamics, gets it as one argument, and nothing else runs."""
     marker = tmp_path / "MARKER"
     value = template.format(m=marker)
-    workdir = copy_workflow(tmp_path / "wf")
+    workdir = workflow_copy
     (workdir / value).mkdir(parents=True)
     overlay = {**HUB_OVERLAY, "hub": {"tokens_path": value}}
     (workdir / "config/hostile.yaml").write_text(yaml.safe_dump(overlay))
@@ -326,11 +327,11 @@ def _options_of(argv: list[str]) -> dict:
     return json.loads(argv[argv.index("--options") + 1])
 
 
-def test_snakemake_runs_a_hostile_path_literally(tmp_path):
+def test_snakemake_runs_a_hostile_path_literally(tmp_path, workflow_copy):
     """A real run (Snakemake's own shell) of the pile_batch job with a hostile tokens_path."""
     marker = tmp_path / "MARKER"
     value = f"shards $(touch {marker}); touch {marker}"
-    workdir = copy_workflow(tmp_path / "wf")
+    workdir = workflow_copy
     (workdir / value).mkdir(parents=True)
     overlay = {**HUB_OVERLAY, "hub": {"tokens_path": value}}
     (workdir / "config/hostile.yaml").write_text(yaml.safe_dump(overlay))
@@ -348,10 +349,10 @@ def test_snakemake_runs_a_hostile_path_literally(tmp_path):
     TALLY["correct result"] += 1
 
 
-def test_snakemake_refuses_shell_in_dataset_revision_before_any_job(tmp_path):
+def test_snakemake_refuses_shell_in_dataset_revision_before_any_job(tmp_path, workflow_copy):
     """The issue's case: hub.dataset_revision "main$(touch ...)" ran as shell code."""
     marker = tmp_path / "MARKER"
-    workdir = copy_workflow(tmp_path / "wf")
+    workdir = workflow_copy
     overlay = {**HUB_OVERLAY, "hub": {"dataset_revision": f"main$(touch {marker})"}}
     (workdir / "config/hostile.yaml").write_text(yaml.safe_dump(overlay))
     TALLY["tried"] += 1
@@ -366,7 +367,7 @@ def test_snakemake_refuses_shell_in_dataset_revision_before_any_job(tmp_path):
     TALLY["clear error"] += 1
 
 
-def test_snakemake_refuses_shell_in_every_string_key_before_any_job(tmp_path):
+def test_snakemake_refuses_shell_in_every_string_key_before_any_job(tmp_path, workflow_copy):
     """All string keys but the path at once, through Snakemake: each one named, no job run."""
     marker = tmp_path / "MARKER"
     config = copy.deepcopy(PYTHIA_SMALL)
@@ -383,7 +384,7 @@ def test_snakemake_refuses_shell_in_every_string_key_before_any_job(tmp_path):
         set_value(config, path, value)
         # a list's item is named by its index (sizes.0, measures.gini.data.0)
         expected.append(dotted((*path[:-1], "0")) if path[-1] == "[]" else dotted(path))
-    workdir = copy_workflow(tmp_path / "wf")
+    workdir = workflow_copy
     (workdir / "config/hostile.yaml").write_text(yaml.safe_dump(config))
     TALLY["tried"] += len(expected)
     proc = snakemake_with(fake_cli(tmp_path), workdir, "--configfile", "config/hostile.yaml")
@@ -515,8 +516,8 @@ def test_deeply_nested_values_are_refused_not_crashed(key):
     TALLY["clear error"] += 1
 
 
-def test_snakemake_refuses_float_and_nan_config_overrides(tmp_path):
-    workdir = copy_workflow(tmp_path)
+def test_snakemake_refuses_float_and_nan_config_overrides(workflow_copy):
+    workdir = workflow_copy
     TALLY["tried"] += 3
     proc = snakemake(workdir, "-n", "--configfile", "config/tiny.yaml", "--config", "tokens=1e3",
                      "seed=nan", "final_step=100000000000", check=False)
@@ -585,8 +586,8 @@ def test_aliases_cannot_make_the_yaml_pass_grow():
     assert yaml_errors(small) == []
 
 
-def test_snakemake_refuses_a_config_file_with_yaml_pitfalls(tmp_path):
-    workdir = copy_workflow(tmp_path)
+def test_snakemake_refuses_a_config_file_with_yaml_pitfalls(workflow_copy):
+    workdir = workflow_copy
     (workdir / "config/bad.yaml").write_text("seed: 0777\ntokens: 512\ntokens: 256\n")
     TALLY["tried"] += 2
     proc = snakemake(workdir, "-n", "--configfile", "config/tiny.yaml", "config/bad.yaml",

@@ -12,7 +12,7 @@ import yaml
 
 from lmdynamics.config import ConfigError, check_config, load_config
 from lmdynamics.options import schema_path
-from support.workflow import REPO, copy_workflow, snakemake
+from support.workflow import REPO, snakemake
 
 SCHEMA = schema_path()
 TINY = yaml.safe_load((REPO / "config/tiny.yaml").read_text())
@@ -90,8 +90,8 @@ def _write_config(workdir, **updates) -> str:
     return "config/run.yaml"
 
 
-def test_dry_run_with_paper_options_lists_gradient_batches_and_new_figures(tmp_path):
-    workdir = copy_workflow(tmp_path)
+def test_dry_run_with_paper_options_lists_gradient_batches_and_new_figures(workflow_copy):
+    workdir = workflow_copy
     cfg = _write_config(workdir, **copy.deepcopy(PAPER_OPTIONS))
     out = snakemake(workdir, "--configfile", cfg, "-n", "--quiet", "rules").stdout
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", out, re.MULTILINE))
@@ -104,8 +104,8 @@ def test_dry_run_with_paper_options_lists_gradient_batches_and_new_figures(tmp_p
 
 
 @pytest.mark.slow
-def test_paper_code_options_end_to_end_on_a_reduced_tiny_suite(tmp_path):
-    workdir = copy_workflow(tmp_path)
+def test_paper_code_options_end_to_end_on_a_reduced_tiny_suite(workflow_copy):
+    workdir = workflow_copy
     cfg = _write_config(workdir, sizes=["42k"], steps=[0, 8, 64], final_step=64, tokens=128,
                         **copy.deepcopy(PAPER_OPTIONS))
     snakemake(workdir, "--configfile", cfg)

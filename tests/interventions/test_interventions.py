@@ -63,7 +63,7 @@ from lmdynamics.interventions.variants import (
 )
 from lmdynamics.options import schema
 from lmdynamics.sources.tiny import learning_rate, model_config, train_updates
-from support.workflow import REPO, copy_workflow, snakemake
+from support.workflow import REPO, snakemake
 
 TINY_ARCH = {"hidden_size": 8, "num_layers": 2, "num_heads": 2}
 
@@ -629,8 +629,8 @@ def _planned_runs(proc: subprocess.CompletedProcess) -> list[str]:
             for m in [re.search(r"output: \S*/runs/(\S+?)_metrics\.csv", b)] if m]
 
 
-def test_adding_a_variant_seed_or_contrast_reruns_no_run(tmp_path):
-    workdir = copy_workflow(tmp_path)
+def test_adding_a_variant_seed_or_contrast_reruns_no_run(workflow_copy):
+    workdir = workflow_copy
     cfg = _write(workdir, QUICK)
     target = "results/interventions/quick/runs/up/s8/seed0_metrics.csv"
     snakemake(workdir, target, "--configfile", cfg)
@@ -647,15 +647,15 @@ def test_adding_a_variant_seed_or_contrast_reruns_no_run(tmp_path):
     assert "up/s8/seed0" in set(_planned_runs(proc))
 
 
-def test_default_tiny_run_has_no_intervention_rules(tmp_path):
-    workdir = copy_workflow(tmp_path)
+def test_default_tiny_run_has_no_intervention_rules(workflow_copy):
+    workdir = workflow_copy
     proc = snakemake(workdir, "-n", "--configfile", "config/tiny.yaml")
     # rule names only: paths in the output may contain the word (a checkout named so)
     assert "rule intervention" not in proc.stdout and "intervention_" not in proc.stdout
 
 
-def test_decisive_and_gpu_configs_plan_every_run(tmp_path):
-    workdir = copy_workflow(tmp_path)
+def test_decisive_and_gpu_configs_plan_every_run(workflow_copy):
+    workdir = workflow_copy
     tokens = workdir / "tokens.npy"
     np.save(tokens, np.random.default_rng(0).integers(0, 50304, 100_000).astype(np.uint16))
     (workdir / "config" / "tokens.yaml").write_text(
@@ -670,8 +670,8 @@ def test_decisive_and_gpu_configs_plan_every_run(tmp_path):
         assert runs == expected
 
 
-def test_bad_intervention_config_is_one_line_naming_the_key(tmp_path):
-    workdir = copy_workflow(tmp_path)
+def test_bad_intervention_config_is_one_line_naming_the_key(workflow_copy):
+    workdir = workflow_copy
     cfg = _write(workdir, {**QUICK, "variants": {**QUICK["variants"], "x": {"kind": "warp"}}})
     proc = snakemake(workdir, "interventions", "-n", "--configfile", cfg, check=False)
     assert proc.returncode != 0
@@ -679,8 +679,8 @@ def test_bad_intervention_config_is_one_line_naming_the_key(tmp_path):
 
 
 @pytest.mark.slow
-def test_quick_study_through_the_workflow(tmp_path):
-    workdir = copy_workflow(tmp_path)
+def test_quick_study_through_the_workflow(workflow_copy):
+    workdir = workflow_copy
     cfg = _write(workdir, {**TINY_STUDY, "name": "quick"})
     snakemake(workdir, "interventions", "--configfile", cfg)
     out = workdir / "results/interventions/quick"

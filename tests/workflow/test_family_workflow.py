@@ -11,11 +11,11 @@ import xarray as xr
 import yaml
 
 from lmdynamics import families
-from support.workflow import copy_workflow, mini_config, snakemake
+from support.workflow import mini_config, snakemake
 
 
-def _run(tmp_path, family: str, **overlay):
-    workdir = copy_workflow(tmp_path)
+def _configure(workdir, family: str, **overlay):
+    """config/family.yaml in ``workdir`` (a copy of the workflow): the mini suite on ``family``."""
     config = {**mini_config(), "family": family, **overlay}
     (workdir / "config/family.yaml").write_text(yaml.safe_dump(config))
     return workdir, config
@@ -23,8 +23,8 @@ def _run(tmp_path, family: str, **overlay):
 
 @pytest.mark.slow  # about 3 minutes each on 2 cores (measured: llama 168 s, gpt2 239 s)
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
-def test_the_dag_runs_end_to_end_on_another_family(tmp_path, name):
-    workdir, config = _run(tmp_path, name)
+def test_the_dag_runs_end_to_end_on_another_family(workflow_copy, name):
+    workdir, config = _configure(workflow_copy, name)
     snakemake(workdir, "--configfile", "config/family.yaml")
     results = workdir / "results" / config["suite"]
     family = families.get(name)
@@ -48,8 +48,8 @@ def test_the_dag_runs_end_to_end_on_another_family(tmp_path, name):
     assert (results / "tables/mcc.md").stat().st_size > 0
 
 
-def test_paper_code_attention_with_another_family_is_refused_in_one_line(tmp_path):
-    workdir, _ = _run(tmp_path, "gpt2", extraction={
+def test_paper_code_attention_with_another_family_is_refused_in_one_line(workflow_copy):
+    workdir, _ = _configure(workflow_copy, "gpt2", extraction={
         **mini_config()["extraction"], "attention_activation": "paper_code"})
     proc = snakemake(workdir, "--configfile", "config/family.yaml", "-n", check=False)
     assert proc.returncode != 0
@@ -58,8 +58,8 @@ def test_paper_code_attention_with_another_family_is_refused_in_one_line(tmp_pat
     assert lines and "'gpt2'" in lines[0] and "residual_write" in lines[0]
 
 
-def test_an_unknown_family_is_refused_naming_the_known_ones(tmp_path):
-    workdir, _ = _run(tmp_path, "mamba")
+def test_an_unknown_family_is_refused_naming_the_known_ones(workflow_copy):
+    workdir, _ = _configure(workflow_copy, "mamba")
     proc = snakemake(workdir, "--configfile", "config/family.yaml", "-n", check=False)
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr

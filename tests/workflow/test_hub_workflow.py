@@ -18,7 +18,7 @@ import xarray as xr
 import yaml
 
 from support.hub_server import HubServer, add_pythia, token_at, use_endpoint
-from support.workflow import copy_workflow, snakemake
+from support.workflow import snakemake
 
 RESULTS = "results/pythia"
 STEPS = [0, 1, 512, 143000]
@@ -29,10 +29,11 @@ OVERLAY = {"sizes": ["70m"], "steps": STEPS, "tokens": 512,
            "measures": {"pwcca": {"data": ["activations"]}, "svcca": {"data": ["activations"]}}}
 
 
-def test_the_paper_grid_dry_run_is_offline_and_lists_135_extractions(tmp_path, monkeypatch):
+def test_the_paper_grid_dry_run_is_offline_and_lists_135_extractions(workflow_copy,
+                                                                       monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: no request
-    workdir = copy_workflow(tmp_path / "wf")
+    workdir = workflow_copy
     proc = snakemake(workdir, "-n", "--configfile", "config/config.yaml", "--quiet", "rules")
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", proc.stdout, flags=re.M))
     assert counts["extract"] == "135"
@@ -42,8 +43,9 @@ def test_the_paper_grid_dry_run_is_offline_and_lists_135_extractions(tmp_path, m
 
 
 @pytest.mark.slow
-def test_pythia_config_runs_end_to_end_through_the_hub_client(tmp_path, monkeypatch):
-    workdir = copy_workflow(tmp_path / "wf")
+def test_pythia_config_runs_end_to_end_through_the_hub_client(tmp_path, workflow_copy,
+                                                                monkeypatch):
+    workdir = workflow_copy
     (workdir / "config/test_hub.yaml").write_text(yaml.safe_dump(OVERLAY))
     args = ("--configfile", "config/config.yaml", "config/test_hub.yaml",
             "--resources", "network=2")
@@ -166,11 +168,11 @@ def suite_config(workdir, overlay: dict) -> str:
 
 
 @pytest.mark.parametrize("name", list(SUITE_RUNS))
-def test_every_shipped_suite_plans_offline(name, tmp_path, monkeypatch):
+def test_every_shipped_suite_plans_offline(name, workflow_copy, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: no request
     overlay, extractions = SUITE_RUNS[name]
-    workdir = copy_workflow(tmp_path / "wf")
+    workdir = workflow_copy
     configfile = suite_config(workdir, overlay)
     # one dry run: its job table (counts) and every job's shell command
     commands = snakemake(workdir, "-n", "-p", "--configfile", configfile).stdout

@@ -34,7 +34,7 @@ from support.hub_server import (
     add_olmo,
     use_endpoint,
 )
-from support.workflow import copy_workflow, snakemake
+from support.workflow import snakemake
 
 STEPS_205 = [0, 3000, 13000, 63000, 73000, 143000]
 FAST = {"tokens": 64, "extraction": {"device": "cpu", "dtype": "float32"},
@@ -80,8 +80,8 @@ def _weight_gets(hub, repo: str = "") -> list[int]:
 
 @pytest.mark.slow
 def test_205_pattern_fail_stops_before_extraction_and_exclude_leaves_them_out(
-        tmp_path, monkeypatch):
-    workdir = copy_workflow(tmp_path / "wf")
+        tmp_path, workflow_copy, monkeypatch):
+    workdir = workflow_copy
     configfile = _config(workdir, {"suite": "pythia", "sizes": ["70m", "2.8b"],
                                    "steps": STEPS_205})
     (workdir / "config/fail.yaml").write_text(yaml.safe_dump({"audit": {"defective": "fail"}}))
@@ -161,12 +161,13 @@ def test_205_pattern_fail_stops_before_extraction_and_exclude_leaves_them_out(
 
 
 @pytest.mark.slow
-def test_olmo_1b_hf_style_repo_runs_under_the_shipped_definition(tmp_path, monkeypatch):
+def test_olmo_1b_hf_style_repo_runs_under_the_shipped_definition(tmp_path, workflow_copy,
+                                                                  monkeypatch):
     """No step0 branch, first step1000, an irregular last branch: the Conjecture reference is
     the earliest revision, Table 1's early step exists, nothing is flagged."""
     steps = [1000, 20000, 738020]
     last = {738020: "step738020-tokens3094B"}  # OLMo-1B-hf's last branch, as the hub names it
-    workdir = copy_workflow(tmp_path / "wf")
+    workdir = workflow_copy
     np.save(workdir / "tokens.npy", np.arange(16 * 33, dtype=np.uint16) % 500)
     configfile = _config(workdir, {
         "suite": "olmo-1b", "sizes": ["1B"], "steps": steps, "final_step": 738020,
@@ -200,11 +201,12 @@ def test_olmo_1b_hf_style_repo_runs_under_the_shipped_definition(tmp_path, monke
 
 
 @pytest.mark.slow
-def test_mistral_gpt2_style_repo_runs_under_the_shipped_definition(tmp_path, monkeypatch):
+def test_mistral_gpt2_style_repo_runs_under_the_shipped_definition(tmp_path, workflow_copy,
+                                                                     monkeypatch):
     """transformers-4.x ``pytorch_model.bin`` files with the persistent attention buffers
     load (the gpt2 family drops exactly those) and the whole DAG runs."""
     steps = [0, 100, 400000]
-    workdir = copy_workflow(tmp_path / "wf")
+    workdir = workflow_copy
     np.save(workdir / "tokens.npy", np.arange(16 * 33, dtype=np.uint16) % 500)
     configfile = _config(workdir, {
         "suite": "mistral-gpt2", "sizes": ["small"], "seeds": [21], "steps": steps,
