@@ -312,7 +312,7 @@ def extract_model(model: torch.nn.Module, fam: families.Family, batch_array: np.
     """
     t0 = time.perf_counter()
     dev = next(model.parameters()).device
-    batch = torch.as_tensor(batch_array, dtype=torch.long)
+    batch = torch.tensor(batch_array, dtype=torch.long)  # a copy: the array may be read-only
     check_vocabulary(batch, model.config.vocab_size, eval_batch_source)
     seq_idx, pos_idx = token_positions(sampling, *batch.shape, tokens, seed,
                                        context=model.config.max_position_embeddings)
