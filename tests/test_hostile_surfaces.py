@@ -469,6 +469,23 @@ def test_weights_replaced_after_the_download_are_refused(tmp_path):
             WeightsMismatchError, "not a revision record")
 
 
+def test_another_revisions_download_with_its_record_is_refused(tmp_path):
+    """Step 256's download (weights and revision.json) copied into step 512's folder: the
+    sha256 agrees with the record, the record's revision is not the job's."""
+    folder = downloaded(tmp_path)
+    sha = file_sha256(folder / "model.safetensors")
+    assert verified_revision_attrs(folder, sha, "step512")["revision"] == "step512"
+    correct("checkpoints")
+    record = json.loads((folder / "revision.json").read_text())
+    (folder / "revision.json").write_text(json.dumps({**record, "revision": "step256"}))
+    refused("checkpoints", lambda: verified_revision_attrs(folder, sha, "step512"),
+            WeightsMismatchError, "records own/x@step256, but this job extracts revision "
+                                  "step512: another revision's download is in its folder")
+    # a discover suite's label is not a branch name: only the weights are checked
+    assert verified_revision_attrs(folder, sha, "discovered-step512")["revision"] == "step256"
+    correct("checkpoints")
+
+
 def test_extraction_refuses_weights_that_are_not_the_downloads(tmp_path):
     """Through extract_checkpoint: the weights are checked before the model is loaded, and
     the download is discarded so the next run fetches it again."""

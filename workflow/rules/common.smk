@@ -23,6 +23,7 @@ from lmdynamics.commands import READS
 from lmdynamics.options import job_options, schema_path
 from lmdynamics.plan import parameters
 from lmdynamics.sources import local
+from lmdynamics.sources.revision import DISCOVERED_PREFIX
 from lmdynamics.report.registry import (
     REPORT_CATEGORIES,
     STATS_FIGURES,
@@ -210,7 +211,7 @@ def revision(step):
     has read the branch from the hub (its revision.json, which the store records)."""
     if config["source"] != "hub":
         return f"step{step}"
-    return hub_revision(config, SUITE, step) or f"discovered-step{step}"
+    return hub_revision(config, SUITE, step) or f"{DISCOVERED_PREFIX}step{step}"
 
 
 # A discover suite's download job reads the branch of its step from the hub's branch list

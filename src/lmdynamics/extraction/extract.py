@@ -270,9 +270,9 @@ def extract_checkpoint(checkpoint: Path | str, eval_batch: Path | str, out: Path
         try:
             weights_sha, tensor_sha256 = weights_digests(checkpoint, fam)
         except CorruptCheckpointError:  # unreadable: say first whether it is the download's
-            verified_revision_attrs(checkpoint, weights_sha256(checkpoint))
+            verified_revision_attrs(checkpoint, weights_sha256(checkpoint), revision)
             raise
-        hub_attrs = verified_revision_attrs(checkpoint, weights_sha)
+        hub_attrs = verified_revision_attrs(checkpoint, weights_sha, revision)
     except (WeightsMismatchError, CorruptCheckpointError) as exc:
         raise discard_corrupt_download(checkpoint, exc) from exc
     try:

@@ -49,18 +49,31 @@ class WeightsMismatchError(CorruptCheckpointError):
     """A checkpoint's weights are not the ones its ``revision.json`` records."""
 
 
-def verified_revision_attrs(checkpoint: Path | str, weights_sha256: str) -> dict:
+#: Prefix of the revision label the workflow gives a step of a ``discover`` suite before its
+#: download has read the branch name from the hub (``workflow/rules/common.smk``).
+DISCOVERED_PREFIX = "discovered-"
+
+
+def verified_revision_attrs(checkpoint: Path | str, weights_sha256: str,
+                            revision: str | None = None) -> dict:
     """:func:`revision_attrs`, after checking that the weights' sha256 (``weights_sha256``,
-    of the file extraction loads) is the one the download recorded: weights replaced after
-    the download, or another step's copied in, raise :class:`WeightsMismatchError` (one
-    line; the caller discards the download, :func:`discard_corrupt_download`); an unreadable
-    record too. Checkpoints not from the hub: ``{}``."""
+    of the file extraction loads) is the one the download recorded, and that the record is
+    of ``revision`` (the job's revision name; not checked when None or a ``discover`` label,
+    :data:`DISCOVERED_PREFIX`): weights replaced after the download, or another step's
+    download copied in with its record, raise :class:`WeightsMismatchError` (one line; the
+    caller discards the download, :func:`discard_corrupt_download`); an unreadable record
+    too. Checkpoints not from the hub: ``{}``."""
     path = Path(checkpoint) / REVISION_FILE
     try:
         attrs = revision_attrs(checkpoint)
     except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
         raise WeightsMismatchError(f"{path}: not a revision record ({type(exc).__name__}: "
                                    f"{exc})") from None
+    if (attrs and revision and not revision.startswith(DISCOVERED_PREFIX)
+            and attrs["revision"] != revision):
+        raise WeightsMismatchError(
+            f"{path}: records {attrs['hub_repo']}@{attrs['revision']}, but this job extracts "
+            f"revision {revision}: another revision's download is in its folder")
     if attrs and attrs["hub_weights_sha256"] != weights_sha256:
         raise WeightsMismatchError(
             f"{weights_path(checkpoint)}: sha256 {weights_sha256}, {path} records "
