@@ -45,6 +45,7 @@ from lmdynamics.sources.revision import (
     verified_revision_attrs,
 )
 from lmdynamics.store import TokenArrayError, file_sha256, load_token_array
+from support.hub_server import HubServer, use_endpoint
 from support.workflow import REPO
 
 SCHEMA = schema_path()
@@ -395,16 +396,23 @@ def test_a_hostile_refs_listing_is_one_line(refs, expected):
     refused("revision discovery", lambda: branch_names(refs, "own/x"), HubError, expected)
 
 
-def test_an_html_refs_listing_is_one_line():
-    """The client parses the listing with ``response.json()``, which raises
-    ``json.JSONDecodeError`` on an HTML page (a proxy's login page, a wrong HF_ENDPOINT)."""
-    class Api:
-        def list_repo_refs(self, repo):
-            return json.loads("<!DOCTYPE html><html>login</html>")
+def test_an_html_refs_listing_is_one_line(monkeypatch, tmp_path):
+    """The real ``huggingface_hub`` client against the loopback hub answering the refs
+    listing with a 200 HTML page (a proxy's login page, a wrong HF_ENDPOINT): the client's
+    ``response.json()`` raises ``JSONDecodeError``, and the user gets one line."""
+    from huggingface_hub import HfApi
 
-    refused("revision discovery",
-            lambda: list_branches(Api(), "own/x", retries=0, backoff=0.0), HubError,
-            "own/x: the hub's refs listing is not a JSON listing of branches (JSONDecodeError")
+    with HubServer() as hub:
+        hub.add_model("own/x", "main", {"config.json": b"{}"})
+        use_endpoint(monkeypatch, hub, tmp_path)
+        hub.fault(r"^/api/models/own/x/refs", "body", status=200, times=5,
+                  body=b"<!DOCTYPE html><html><body>Sign in to continue</body></html>")
+        refused("revision discovery",
+                lambda: list_branches(HfApi(endpoint=hub.url), "own/x", retries=0,
+                                      backoff=0.0), HubError,
+                "own/x: the hub's refs listing is not a JSON listing of branches "
+                "(JSONDecodeError")
+        assert [m for m, p, st, _ in hub.state.requests if "/refs" in p] == ["GET"]
 
 
 @pytest.mark.parametrize("sha", ["../../etc/passwd", "A" * 40, "0" * 39, None, 12, "0" * 64])

@@ -112,7 +112,8 @@ class Fault:
 
     kinds: ``status`` (answer ``status``), ``slow`` (sleep ``delay`` s first), ``drop`` (send
     half the body then close: a dropped connection), ``short`` (serve a truncated file with
-    a matching Content-Length), ``corrupt`` (flip bytes, same length).
+    a matching Content-Length), ``corrupt`` (flip bytes, same length), ``body`` (answer
+    ``status`` with ``body`` as ``content_type``: a proxy's login page, a wrong endpoint).
     """
 
     pattern: str
@@ -121,6 +122,8 @@ class Fault:
     method: str | None = None
     status: int = 503
     delay: float = 0.0
+    body: bytes = b""
+    content_type: str = "text/html; charset=utf-8"
     hits: int = 0
 
     def matches(self, method: str, path: str) -> bool:
@@ -201,6 +204,10 @@ class Handler(BaseHTTPRequestHandler):
                 time.sleep(fault.delay)
             if fault and fault.kind == "status":
                 self._send(fault.status, b"injected failure", {}, method, path)
+                return
+            if fault and fault.kind == "body":
+                self._send(fault.status, fault.body, {"Content-Type": fault.content_type},
+                           method, path)
                 return
             if m := API.match(path):
                 self._api(method, path, *m.groups(), blobs="blobs=true" in query.lower())
