@@ -88,3 +88,33 @@ def test_reductions_figures_and_tables_do_not_import_torch(entry):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(  # this checkout's package
         [str(PACKAGE.parent), *filter(None, [os.environ.get("PYTHONPATH")])])}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def _workflow_imports() -> list[str]:
+    """The ``lmdynamics`` modules the workflow's rule files import while Snakemake parses
+    them (``from lmdynamics.x import ...`` and ``import lmdynamics.x`` lines), but the
+    intervention study's (included only when a config has a section ``interventions``; its
+    parse builds the study's runs)."""
+    import re
+
+    rules = PACKAGE.parents[1] / "workflow" / "rules"
+    found = set()
+    for smk in rules.glob("*.smk"):
+        if smk.name.startswith("interventions"):
+            continue
+        found.update(re.findall(r"^(?:from|import)\s+(lmdynamics(?:\.\w+)*)", smk.read_text(),
+                                re.MULTILINE))
+    return sorted(found)
+
+
+def test_parsing_the_workflow_does_not_import_torch():
+    """Every ``snakemake`` call (each rerun check, dry run and job submission) parses the rule
+    files: what they import must start without torch (importing it and transformers took 3 s
+    of every call, 0.3 s without)."""
+    modules = _workflow_imports()
+    assert "lmdynamics.config" in modules and "lmdynamics.sources.suites" in modules, modules
+    code = (f"import sys, {', '.join(modules)}; heavy = [m for m in ('torch', 'transformers') "
+            "if m in sys.modules]; assert not heavy, heavy")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(PACKAGE.parent), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)

@@ -23,7 +23,7 @@ from lmdynamics.commands import READS
 from lmdynamics.options import job_options, schema_path
 from lmdynamics.plan import parameters
 from lmdynamics.sources import local
-from lmdynamics.sources.revision import DISCOVERED_PREFIX
+from lmdynamics.sources.suites import DISCOVERED_PREFIX
 from lmdynamics.report.registry import (
     REPORT_CATEGORIES,
     STATS_FIGURES,

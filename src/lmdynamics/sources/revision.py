@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from lmdynamics.sources.checkpoints import CorruptCheckpointError, weights_path
+from lmdynamics.sources.suites import DISCOVERED_PREFIX
 
 #: Name of the record inside a checkpoint directory.
 REVISION_FILE = "revision.json"
@@ -47,11 +48,6 @@ def discard_corrupt_download(checkpoint: Path | str, exc: Exception) -> Exceptio
 
 class WeightsMismatchError(CorruptCheckpointError):
     """A checkpoint's weights are not the ones its ``revision.json`` records."""
-
-
-#: Prefix of the revision label the workflow gives a step of a ``discover`` suite before its
-#: download has read the branch name from the hub (``workflow/rules/common.smk``).
-DISCOVERED_PREFIX = "discovered-"
 
 
 def verified_revision_attrs(checkpoint: Path | str, weights_sha256: str,

@@ -53,6 +53,12 @@ from lmdynamics.validation import REPO_ID_PATTERN
 MAX_STEPS = 100_000
 
 
+
+#: Prefix of the revision label the workflow gives a step of a ``discover`` suite until its
+#: download has read the branch name from the hub (``revision.json`` then holds the branch).
+DISCOVERED_PREFIX = "discovered-"
+
+
 class SuiteError(ValueError):
     """A suite definition is not valid or not found; the message names file, key and fix."""
 
