@@ -70,7 +70,6 @@ import argparse
 import datetime
 import logging
 import os
-import platform
 import re
 import resource
 import shutil
@@ -112,6 +111,7 @@ from lmdynamics.extraction.extract import (  # noqa: E402
 from lmdynamics.extraction.names import MEASURE_INPUTS  # noqa: E402
 from lmdynamics.extraction.passes import Extraction  # noqa: E402
 from lmdynamics.extraction.reference import build_reference  # noqa: E402
+from lmdynamics.interventions.machine import machine_facts  # noqa: E402
 from lmdynamics.reduction.cka import CKAOptions, cka_dataset  # noqa: E402
 from lmdynamics.reduction.measures import MeasureOptions  # noqa: E402
 from lmdynamics.reduction.metrics import reduce_size  # noqa: E402
@@ -129,14 +129,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def machine() -> str:
     """CPU model, cores, torch threads, GPU (if any), date."""
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = machine_facts("cpu")["cpu"] or "unknown CPU"
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     pinned = ", ".join(f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", *THREAD_VARIABLES)

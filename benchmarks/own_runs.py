@@ -66,7 +66,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -95,6 +94,7 @@ from transformers import (  # noqa: E402
     TrainingArguments,
 )
 
+from lmdynamics.interventions.machine import machine_facts  # noqa: E402
 from lmdynamics.plan import store_bytes  # noqa: E402
 from lmdynamics.record import TrainerCallback  # noqa: E402
 
@@ -113,14 +113,7 @@ EVAL = {"tokens": 64, "sequences": 4, "seq_len": 33}
 
 def machine() -> str:
     """CPU model, cores, torch and transformers versions and threads, date, load average."""
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = machine_facts("cpu")["cpu"] or "unknown CPU"
     pinned = ", ".join(f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", *THREAD_VARIABLES)
                        if k in os.environ)
     return (f"{datetime.datetime.now().isoformat(timespec='minutes')}; CPU {cpu}, "
