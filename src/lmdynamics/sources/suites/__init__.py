@@ -52,8 +52,6 @@ from lmdynamics.validation import REPO_ID_PATTERN
 #: Most checkpoints a definition's schedule may list (bounds the work of reading a file).
 MAX_STEPS = 100_000
 
-
-
 #: Prefix of the revision label the workflow gives a step of a ``discover`` suite until its
 #: download has read the branch name from the hub (``revision.json`` then holds the branch).
 DISCOVERED_PREFIX = "discovered-"
